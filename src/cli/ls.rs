@@ -1,0 +1,36 @@
+//! `cjepa ls`: stored records, newest first.
+
+use std::path::PathBuf;
+
+use cjepa::store::Store;
+
+/// Arguments of `cjepa ls`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Store folder (default `.cjepa`).
+    #[arg(long)]
+    store: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let store = Store::open(&super::default_store(&a.store), false, "cjepa ls")?;
+    let mut recs = store.records()?;
+    recs.sort_by(|a, b| b.finished.cmp(&a.finished));
+    for r in recs {
+        let status = match r.status {
+            cjepa::store::Status::Succeeded if r.artifacts_deleted => "gc'd",
+            cjepa::store::Status::Succeeded => "ok",
+            cjepa::store::Status::Failed => "FAILED",
+        };
+        println!(
+            "{}  {:<7} {:<14} {:<40} {:>8.1}s  {}",
+            &r.key[..12],
+            status,
+            r.kind,
+            format!("{}/{}", r.pipeline, r.stage_id),
+            r.secs,
+            r.finished.format("%Y-%m-%d %H:%M")
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,109 @@
+//! clap definitions and dispatch; one file per subcommand.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod bench;
+mod dag;
+mod gc;
+mod ls;
+mod printer;
+mod report;
+mod run;
+mod schema;
+mod show;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Reproduce and extend C-JEPA as cached, resumable pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "cjepa", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options shared by commands that read a pipeline file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    /// The pipeline YAML file.
+    pub pipeline: PathBuf,
+    /// Override a value: `--set pretrain.params.epochs=5` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    pub sets: Vec<String>,
+    /// Store folder (default: the file's `store:` or `.cjepa` next to the file).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run what is missing in a pipeline (cached stages are skipped).
+    Run(run::Args),
+    /// Per stage: fresh / stale / missing / failed, and with --explain what changed.
+    Status(status::Args),
+    /// Print the stage DAG as mermaid or dot.
+    Dag(dag::Args),
+    /// List stored records.
+    Ls(ls::Args),
+    /// Show one record (key or key prefix).
+    Show(show::Args),
+    /// Delete artifacts no pipeline references (metrics are kept).
+    Gc(gc::Args),
+    /// Tables of stored metrics.
+    Report(report::Args),
+    /// JSON Schema of the pipeline file.
+    Schema,
+    /// Benchmarks of the engine.
+    Bench(bench::Args),
+    /// Run one stage from a job file (used by executors).
+    #[command(hide = true)]
+    ExecStage {
+        /// The job file.
+        job: PathBuf,
+    },
+}
+
+/// Parse arguments and run; returns the exit code.
+pub fn main() -> anyhow::Result<i32> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    match cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Status(a) => status::run(a),
+        Cmd::Dag(a) => dag::run(a),
+        Cmd::Ls(a) => ls::run(a),
+        Cmd::Show(a) => show::run(a),
+        Cmd::Gc(a) => gc::run(a),
+        Cmd::Report(a) => report::run(a),
+        Cmd::Schema => schema::run(),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
+    }
+}
+
+/// Load a pipeline with its overrides; the store folder honours `--store`.
+pub fn load(a: &PipelineArgs) -> anyhow::Result<cjepa::spec::Pipeline> {
+    let mut p = cjepa::spec::load_pipeline(
+        &a.pipeline,
+        &cjepa::spec::LoadOptions {
+            sets: a.sets.clone(),
+        },
+    )?;
+    if let Some(s) = &a.store {
+        p.store_dir = s.clone();
+    }
+    Ok(p)
+}
+
+/// Store folder for commands without a pipeline.
+pub fn default_store(s: &Option<PathBuf>) -> PathBuf {
+    s.clone().unwrap_or_else(|| PathBuf::from(".cjepa"))
+}

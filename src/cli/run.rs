@@ -1,0 +1,142 @@
+//! `cjepa run PIPELINE`: plan, skip what is cached, run the rest; `--dry-run` says what would run and why.
+
+use std::io::IsTerminal;
+
+use cjepa::exec::local::{self, Decision, Outcome, RunOptions};
+use cjepa::store::Store;
+
+use super::printer::Printer;
+use super::PipelineArgs;
+
+/// Arguments of `cjepa run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// Only these stages (ids or instance ids), with their upstream.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Rerun these stages and their dependents even if cached.
+    #[arg(long)]
+    force: Vec<String>,
+    /// Stages run at once.
+    #[arg(long, short = 'j', default_value_t = 1)]
+    jobs: usize,
+    /// CPU threads in the pool (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Keep running independent stages after a failure.
+    #[arg(long)]
+    keep_going: bool,
+    /// Say what would run and why, run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// If the store is in use, wait for it instead of failing.
+    #[arg(long)]
+    wait: bool,
+    /// Device: auto, cpu, cuda (not part of stage keys).
+    #[arg(long)]
+    device: Option<String>,
+    /// Plain progress lines even on a terminal.
+    #[arg(long)]
+    plain: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let pipeline = super::load(&a.p)?;
+    let plan = cjepa::plan::build(&pipeline)?;
+    let opts = RunOptions {
+        only: a.only.clone(),
+        force: a.force.clone(),
+        jobs: a.jobs.max(1),
+        threads: a.threads.unwrap_or_else(num_cpus::get),
+        gpus: detect_gpus(),
+        keep_going: a.keep_going,
+        device: a
+            .device
+            .clone()
+            .unwrap_or_else(|| pipeline.spec.defaults.device.clone()),
+        worker_exe: None,
+        interrupted: if a.dry_run {
+            Default::default()
+        } else {
+            cjepa::exec::signals::install()
+        },
+    };
+    let store = Store::open(
+        &pipeline.store_dir,
+        a.wait,
+        &format!("cjepa run {}", pipeline.file.display()),
+    )?;
+    if a.dry_run {
+        let d = local::decide(&plan, &store, &opts)?;
+        let mut n_run = 0;
+        for (s, d) in plan.stages.iter().zip(&d) {
+            match d {
+                Decision::Cached => println!("cached  {:<40} {}", s.inst.id, &s.key[..12]),
+                Decision::Run(why) => {
+                    n_run += 1;
+                    println!(
+                        "run     {:<40} {}  {}",
+                        s.inst.id,
+                        &s.key[..12],
+                        why.join("; ")
+                    );
+                }
+                Decision::NotSelected => {}
+            }
+        }
+        println!("{n_run} of {} stages would run", plan.stages.len());
+        return Ok(0);
+    }
+    let tty = std::io::stderr().is_terminal() && !a.plain;
+    let mut printer = Printer::new(tty);
+    let summary = local::run(&plan, &store, &opts, &mut printer)?;
+    printer.finish();
+    let (mut cached, mut ran, mut failed, mut skipped, mut not_started) = (0, 0, 0, 0, 0);
+    for (id, o) in &summary.outcomes {
+        match o {
+            Outcome::Cached => cached += 1,
+            Outcome::Ran { .. } => ran += 1,
+            Outcome::Failed(_) => failed += 1,
+            Outcome::Skipped { because } => {
+                skipped += 1;
+                eprintln!("skipped {id}: upstream {because} failed");
+            }
+            Outcome::Interrupted => {
+                eprintln!("interrupted {id}: checkpointed; run the same command to resume")
+            }
+            Outcome::NotStarted => {
+                not_started += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{ran} ran, {cached} cached, {failed} failed, {skipped} skipped ({} store: {})",
+        pipeline.name,
+        pipeline.store_dir.display()
+    );
+    if not_started > 0 && !summary.interrupted {
+        eprintln!("{not_started} stages not started after the failure (pass --keep-going to run independent stages anyway)");
+    }
+    if summary.interrupted {
+        return Ok(130);
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn detect_gpus() -> Vec<u32> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+            return v.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+        }
+        let mut n = 0;
+        while candle_core::Device::new_cuda(n).is_ok() {
+            n += 1;
+        }
+        (0..n as u32).collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    Vec::new()
+}

@@ -1,0 +1,47 @@
+//! `cjepa status PIPELINE [--explain]`: fresh / stale / missing / failed per stage.
+
+use cjepa::store::{Lookup, Store};
+
+use super::PipelineArgs;
+
+/// Arguments of `cjepa status`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// For stale stages, print the exact fields that changed since the stored record.
+    #[arg(long)]
+    explain: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let pipeline = super::load(&a.p)?;
+    let plan = cjepa::plan::build(&pipeline)?;
+    let store = Store::open(&pipeline.store_dir, false, "cjepa status")?;
+    for s in &plan.stages {
+        let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
+            .map(|c| format!(" (checkpoint at step {})", c.step))
+            .unwrap_or_default();
+        let (state, why): (&str, Vec<String>) = match store.lookup(&s.key)? {
+            Lookup::Hit(_) => ("fresh", vec![]),
+            Lookup::Failed(r) => ("failed", vec![r.error.unwrap_or_default()]),
+            Lookup::Miss(reason) => match store.latest_key(&pipeline.name, &s.inst.id)? {
+                Some(old) if old != s.key => {
+                    let why = match store.get(&old)? {
+                        Some(Ok(rec)) => cjepa::plan::key::explain(&rec.key_input, &s.key_input),
+                        _ => vec!["previous record unreadable".into()],
+                    };
+                    ("stale", why)
+                }
+                _ => ("missing", reason.into_iter().collect()),
+            },
+        };
+        println!("{state:<8} {:<40} {}{ckpt}", s.inst.id, &s.key[..12]);
+        if a.explain {
+            for w in why {
+                println!("           {}: {w}", s.inst.id);
+            }
+        }
+    }
+    Ok(0)
+}

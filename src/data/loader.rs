@@ -1,0 +1,252 @@
+//! A small deterministic parallel batch loader.
+//!
+//! * The sample order of epoch `e` is a Fisher-Yates shuffle driven by ChaCha8 seeded from
+//!   blake3(seed, e) (or the identity order when shuffling is off).
+//! * Each sample's augmentation RNG is ChaCha8 seeded from blake3(seed, e, sample index), so a
+//!   batch does not depend on thread scheduling, on the batch size, or on which batches were
+//!   loaded before it: a resumed run can start at batch `k` of epoch `e` and reproduce it exactly.
+//! * Samples of a batch are loaded in parallel with rayon; results keep the batch order.
+
+use std::path::PathBuf;
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::transforms::{decode_rgb, Chw, Transform};
+use super::DataError;
+
+/// Something that can produce sample `index` as a CHW image plus a class label.
+pub trait Source: Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// True when there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Load sample `index`; all randomness must come from `rng`.
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<(Chw, usize), DataError>;
+}
+
+/// `(path, label)` samples decoded from disk and passed through a [`Transform`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSamples {
+    /// The samples (e.g. `ImageFolder::samples`, `Clevr::samples(task)`).
+    pub samples: Vec<(PathBuf, usize)>,
+    /// Preprocessing applied to every sample.
+    pub transform: Transform,
+}
+
+impl Source for ImageSamples {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<(Chw, usize), DataError> {
+        let (path, label) = self.samples.get(index).ok_or_else(|| {
+            DataError::param(
+                "index",
+                format!("sample {index} out of range (0..{})", self.samples.len()),
+            )
+        })?;
+        let img = decode_rgb(path)?;
+        Ok((self.transform.apply(&img, rng), *label))
+    }
+}
+
+/// Loader settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Shuffle every epoch (train) or keep the source order (eval).
+    pub shuffle: bool,
+    /// Drop the last incomplete batch.
+    pub drop_last: bool,
+    /// Base seed for shuffling and augmentation.
+    pub seed: u64,
+}
+
+/// One batch, images stacked as `[B, C, H, W]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `B * C * H * W` values.
+    pub images: Vec<f32>,
+    /// `[B, C, H, W]`.
+    pub shape: [usize; 4],
+    /// Class label per sample.
+    pub labels: Vec<usize>,
+    /// Source index per sample.
+    pub indices: Vec<usize>,
+}
+
+fn derive_seed(parts: &[u64]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"cjepa.data.loader.v1");
+    for p in parts {
+        h.update(&p.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The augmentation RNG of sample `index` in epoch `epoch`.
+pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
+    ChaCha8Rng::from_seed(derive_seed(&[seed, epoch, index as u64]))
+}
+
+/// Deterministic permutation of `0..n` for one epoch (Fisher-Yates on ChaCha8).
+pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::from_seed(derive_seed(&[seed, epoch, u64::MAX]));
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+/// Load the given sample indices as one batch, in parallel, deterministically.
+pub fn load_batch<S: Source + ?Sized>(
+    source: &S,
+    indices: &[usize],
+    seed: u64,
+    epoch: u64,
+) -> Result<Batch, DataError> {
+    let items: Vec<Result<(Chw, usize), DataError>> = indices
+        .par_iter()
+        .map(|&i| source.get(i, &mut sample_rng(seed, epoch, i)))
+        .collect();
+    let mut images = Vec::new();
+    let mut labels = Vec::with_capacity(indices.len());
+    let mut shape = [indices.len(), 0, 0, 0];
+    for (k, item) in items.into_iter().enumerate() {
+        let (chw, label) = item?;
+        let s = chw.shape();
+        if k == 0 {
+            shape[1..].copy_from_slice(&s);
+            images.reserve(indices.len() * chw.data.len());
+        } else if s[..] != shape[1..] {
+            return Err(DataError::param(
+                "transform",
+                format!("sample {} has shape {s:?} but the batch has {:?}; use a transform with a fixed output size", indices[k], &shape[1..]),
+            ));
+        }
+        images.extend_from_slice(&chw.data);
+        labels.push(label);
+    }
+    Ok(Batch {
+        images,
+        shape,
+        labels,
+        indices: indices.to_vec(),
+    })
+}
+
+/// Batches over a [`Source`].
+pub struct Loader<'a, S: Source + ?Sized> {
+    source: &'a S,
+    cfg: LoaderConfig,
+}
+
+impl<'a, S: Source + ?Sized> Loader<'a, S> {
+    /// A loader; `batch_size` must be > 0.
+    pub fn new(source: &'a S, cfg: LoaderConfig) -> Result<Self, DataError> {
+        if cfg.batch_size == 0 {
+            return Err(DataError::param("batch_size", "must be at least 1"));
+        }
+        Ok(Loader { source, cfg })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// Sample order of an epoch.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        if self.cfg.shuffle {
+            epoch_permutation(self.source.len(), self.cfg.seed, epoch)
+        } else {
+            (0..self.source.len()).collect()
+        }
+    }
+
+    /// Batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let n = self.source.len();
+        if self.cfg.drop_last {
+            n / self.cfg.batch_size
+        } else {
+            n.div_ceil(self.cfg.batch_size)
+        }
+    }
+
+    /// Batch `k` of epoch `epoch` (random access, e.g. to resume).
+    pub fn batch(&self, epoch: u64, k: usize) -> Result<Batch, DataError> {
+        self.batch_from_order(&self.epoch_order(epoch), epoch, k)
+    }
+
+    fn batch_from_order(&self, order: &[usize], epoch: u64, k: usize) -> Result<Batch, DataError> {
+        if k >= self.num_batches() {
+            return Err(DataError::param(
+                "batch",
+                format!(
+                    "batch {k} out of range (epoch has {} batches)",
+                    self.num_batches()
+                ),
+            ));
+        }
+        let b = self.cfg.batch_size;
+        let end = ((k + 1) * b).min(order.len());
+        load_batch(self.source, &order[k * b..end], self.cfg.seed, epoch)
+    }
+
+    /// Iterate the batches of `epoch` starting at batch `start`.
+    pub fn iter_epoch(&self, epoch: u64, start: usize) -> EpochIter<'_, 'a, S> {
+        EpochIter {
+            loader: self,
+            order: self.epoch_order(epoch),
+            epoch,
+            next: start,
+        }
+    }
+}
+
+/// Iterator over one epoch's batches.
+pub struct EpochIter<'l, 'a, S: Source + ?Sized> {
+    loader: &'l Loader<'a, S>,
+    order: Vec<usize>,
+    epoch: u64,
+    next: usize,
+}
+
+impl<S: Source + ?Sized> Iterator for EpochIter<'_, '_, S> {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.loader.num_batches() {
+            return None;
+        }
+        let k = self.next;
+        self.next += 1;
+        Some(self.loader.batch_from_order(&self.order, self.epoch, k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_deterministic_permutation() {
+        let a = epoch_permutation(100, 7, 3);
+        assert_eq!(a, epoch_permutation(100, 7, 3));
+        assert_ne!(a, epoch_permutation(100, 7, 4));
+        assert_ne!(a, epoch_permutation(100, 8, 3));
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        assert!(epoch_permutation(0, 1, 1).is_empty());
+    }
+}

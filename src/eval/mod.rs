@@ -1,0 +1,7 @@
+//! Evaluation metrics, each an exact port of its reference tool (tested against golden vectors):
+//! COCO (RLE, COCOeval), ADE20K mIoU, DAVIS-2017 J&F, CLEVR Count/Dist labels.
+
+pub mod clevr;
+pub mod coco;
+pub mod davis;
+pub mod segmentation;

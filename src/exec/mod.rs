@@ -1,0 +1,11 @@
+//! Running stages: the job file, the `exec-stage` worker, the local scheduler with its resource
+//! pool, the checkpointer handed to stages, progress files and signal handling.
+
+pub mod checkpoint;
+pub mod job;
+pub mod local;
+pub mod pool;
+pub mod proc;
+pub mod progress;
+pub mod signals;
+pub mod worker;

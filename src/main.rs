@@ -1,0 +1,19 @@
+//! The `cjepa` command line: parse, dispatch, print the error chain, exit
+//! 0 (ok) / 1 (a stage failed) / 2 (usage, config, internal error) / 130 (interrupted).
+
+mod cli;
+
+fn main() {
+    let code = match cli::main() {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<cjepa::Error>()
+                .map(|e| e.exit_code())
+                .unwrap_or(2);
+            eprintln!("error: {e:#}");
+            code
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,196 @@
+//! Building blocks of the ViT encoder and the predictor, all with a working backward pass.
+//!
+//! candle's fused `softmax_last_dim` and `layer_norm` (also used by `candle_nn::LayerNorm`) record
+//! no backward op, so gradients would silently stop there (CANDLE.md). Everything here is built
+//! from differentiable primitives. Weight names follow the official I-JEPA `state_dict`
+//! (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`).
+
+use candle_core::{Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use super::config::VitConfig;
+use super::error::Result;
+
+/// Softmax over the last axis. The row max is detached (softmax is shift invariant), which keeps
+/// the backward graph small without changing the gradient.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// LayerNorm over the last axis (biased variance) without affine parameters.
+pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    Ok(xc.broadcast_mul(&rstd)?)
+}
+
+/// Affine LayerNorm (`weight`, `bias`) with a backward pass.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Weight 1, bias 0 at init.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// Normalises the last axis.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xn = layer_norm_plain(x, self.eps)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// `y = x W^T + b` over the last axis, PyTorch layout `weight = (out, in)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Weight N(0, init_std^2) (the official trunc-normal at +-2 absolute), bias 0.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: init_std,
+            },
+        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Applies the layer to `(..., in)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(1);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = y.dim(1)?;
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Multi-head self-attention without mask; `qkv` channels are (3, heads, head_dim).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `attn.qkv` (dim -> 3 dim) and `attn.proj` (dim -> dim).
+    pub fn new(dim: usize, num_heads: usize, cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        let qkv = Linear::new(dim, 3 * dim, cfg.qkv_bias, cfg.init_std, vb.pp("qkv"))?;
+        let proj = Linear::new(dim, dim, true, cfg.init_std, vb.pp("proj"))?;
+        let head_dim = dim / num_heads;
+        Ok(Self {
+            qkv,
+            proj,
+            num_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `(B, T, E) -> (B, T, E)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
+        let h = self.num_heads;
+        let hd = e / h;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, h, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = q.matmul(&k.t()?)?.affine(self.scale, 0.0)?;
+        let attn = softmax_last(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// `fc2(GELU_erf(fc1(x)))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    /// `mlp.fc1` (dim -> hidden) and `mlp.fc2` (hidden -> dim).
+    pub fn new(dim: usize, hidden: usize, init_std: f64, vb: VarBuilder) -> Result<Self> {
+        let fc1 = Linear::new(dim, hidden, true, init_std, vb.pp("fc1"))?;
+        let fc2 = Linear::new(hidden, dim, true, init_std, vb.pp("fc2"))?;
+        Ok(Self { fc1, fc2 })
+    }
+
+    /// Applies the MLP to the last axis.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?.gelu_erf()?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// Pre-norm transformer block: `x += attn(norm1(x)); x += mlp(norm2(x))`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// One block of width `dim` (encoder: D, predictor: Dp).
+    pub fn new(dim: usize, num_heads: usize, cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(dim, cfg.ln_eps, vb.pp("norm1"))?,
+            attn: Attention::new(dim, num_heads, cfg, vb.pp("attn"))?,
+            norm2: LayerNorm::new(dim, cfg.ln_eps, vb.pp("norm2"))?,
+            mlp: Mlp::new(dim, cfg.mlp_hidden(dim), cfg.init_std, vb.pp("mlp"))?,
+        })
+    }
+
+    /// `(B, T, E) -> (B, T, E)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        Ok((x + y)?)
+    }
+}

@@ -1,0 +1,26 @@
+//! Networks of I-JEPA / C-JEPA: the ViT encoder, the predictor and their building blocks
+//! (METHOD.md §1-§2; shapes and orders pinned by `golden/model/README.md`).
+//!
+//! - `config`: [`VitConfig`] with the registry presets;
+//! - `pos_embed`: fixed 2-D sin-cos position embedding;
+//! - `layers`: LayerNorm, Linear, attention, MLP, block (all differentiable);
+//! - `tokens`: `apply_masks` and `repeat_interleave_batch`;
+//! - `vit`: the encoder; `predictor`: the predictor;
+//! - `masks`: the multi-block mask sampler;
+//! - `jepa`: the three networks with their variables (init, load, EMA pairs).
+
+pub mod config;
+pub mod error;
+pub mod jepa;
+pub mod layers;
+pub mod masks;
+pub mod pos_embed;
+pub mod predictor;
+pub mod tokens;
+pub mod vit;
+
+pub use config::VitConfig;
+pub use error::ModelError;
+pub use jepa::JepaNetworks;
+pub use predictor::{Predictor, PredictorTrace};
+pub use vit::VisionTransformer;

@@ -1,0 +1,125 @@
+//! Semantic stage keys: blake3 over the canonical JSON of {key-format version, kind, kind
+//! version, the resolved config minus defaults and non-semantic fields, upstream keys, file
+//! fingerprints}. Paths, devices, worker counts and logging cadence are never hashed.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::stages::{StageKind, NON_SEMANTIC};
+use crate::util::canon;
+
+/// Bump when the key format itself changes (invalidates every key).
+pub const KEY_VERSION: u32 = 1;
+
+/// The JSON that is hashed (and stored, to explain reruns).
+pub fn key_input(
+    kind: StageKind,
+    config: &Value,
+    upstream: &BTreeMap<String, String>,
+    extra: &Value,
+) -> Value {
+    let mut params = config["params"].clone();
+    if let Some(m) = params.as_object_mut() {
+        for k in NON_SEMANTIC {
+            m.remove(*k);
+        }
+        // dataset paths are replaced by the fingerprint of their file list
+        if kind == StageKind::Dataset {
+            m.remove("path");
+        }
+    }
+    let mut defaults = kind.default_params();
+    if let Some(m) = defaults.as_object_mut() {
+        for k in NON_SEMANTIC {
+            m.remove(*k);
+        }
+    }
+    let mut v = json!({
+        "v": KEY_VERSION,
+        "kind": kind.name(),
+        "kind_version": kind.version(),
+        "params": canon::diff_from_default(&params, &defaults),
+        "upstream": upstream,
+    });
+    if let Some(s) = config.get("seed").filter(|s| s.as_u64() != Some(0)) {
+        v["seed"] = s.clone();
+    }
+    if let Some(m) = config.get("model") {
+        v["model"] = m.clone();
+    }
+    if !extra.is_null() {
+        v["inputs"] = extra.clone();
+    }
+    v
+}
+
+/// The key of a key input.
+pub fn hash(key_input: &Value) -> String {
+    canon::hash(key_input)
+}
+
+/// Why a stage's key changed: field changes, and upstream stages whose keys changed.
+pub fn explain(old: &Value, new: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("upstream");
+        }
+        v
+    };
+    out.extend(canon::changes(&strip(old), &strip(new)));
+    let (ou, nu) = (&old["upstream"], &new["upstream"]);
+    let mut names: Vec<&String> = ou
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .collect();
+    names.extend(nu.as_object().into_iter().flatten().map(|(k, _)| k));
+    names.sort();
+    names.dedup();
+    for n in names {
+        if ou.get(n) != nu.get(n) {
+            out.push(format!("upstream {n} changed"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_semantic_and_defaults_do_not_change_keys() {
+        let up = BTreeMap::new();
+        let a = json!({"params": {"cmd": "x", "inputs": [], "outputs": [], "metrics": null, "vars": {}}, "seed": 0});
+        let b = json!({"params": {"cmd": "x", "inputs": [], "outputs": [], "metrics": null, "vars": {}, "device": "cuda"}, "seed": 0});
+        let ka = hash(&key_input(StageKind::Command, &a, &up, &Value::Null));
+        let kb = hash(&key_input(StageKind::Command, &b, &up, &Value::Null));
+        assert_eq!(ka, kb);
+        let c = json!({"params": {"cmd": "y"}, "seed": 0});
+        assert_ne!(
+            ka,
+            hash(&key_input(StageKind::Command, &c, &up, &Value::Null))
+        );
+        let d = json!({"params": {"cmd": "x"}, "seed": 1});
+        assert_ne!(
+            ka,
+            hash(&key_input(StageKind::Command, &d, &up, &Value::Null))
+        );
+    }
+
+    #[test]
+    fn upstream_keys_matter_and_are_explained() {
+        let cfg = json!({"params": {"cmd": "x"}, "seed": 0});
+        let u1: BTreeMap<_, _> = [("data".to_string(), "aa".to_string())].into();
+        let u2: BTreeMap<_, _> = [("data".to_string(), "bb".to_string())].into();
+        let k1 = key_input(StageKind::Command, &cfg, &u1, &Value::Null);
+        let k2 = key_input(StageKind::Command, &cfg, &u2, &Value::Null);
+        assert_ne!(hash(&k1), hash(&k2));
+        assert_eq!(explain(&k1, &k2), vec!["upstream data changed".to_string()]);
+    }
+}

@@ -1,0 +1,177 @@
+//! The plan: matrix instances resolved into full configs, keyed, in a petgraph DAG.
+//! Pure: no store access, no running.
+
+pub mod graph_fmt;
+pub mod key;
+pub mod select;
+
+use std::collections::BTreeMap;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+use crate::spec::matrix::{apply_own, expand};
+use crate::spec::types::ModelRef;
+use crate::spec::{registry, Instance, Pipeline, Resources};
+use crate::stages::StageKind;
+
+/// One planned stage instance.
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    /// Matrix instance (id, stage, coordinates, upstream indices).
+    pub inst: Instance,
+    /// Kind.
+    pub kind: StageKind,
+    /// Resolved config: `{params, model?, seed}` with every default filled in.
+    pub config: Value,
+    /// The JSON that is hashed into `key`.
+    pub key_input: Value,
+    /// Stage key (blake3 hex).
+    pub key: String,
+    /// Retries on failure.
+    pub retries: u32,
+    /// Resources.
+    pub resources: Resources,
+}
+
+/// A whole plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// Instances, upstream first.
+    pub stages: Vec<PlannedStage>,
+    /// Edges upstream -> downstream (node index = stage index).
+    pub graph: DiGraph<usize, ()>,
+}
+
+impl Plan {
+    /// Index of an instance id.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.inst.id == id)
+    }
+
+    /// Indices of the direct dependents of `i`.
+    pub fn dependents(&self, i: usize) -> Vec<usize> {
+        self.graph
+            .neighbors(NodeIndex::new(i))
+            .map(|n| n.index())
+            .collect()
+    }
+}
+
+/// Build the plan of a loaded pipeline.
+pub fn build(p: &Pipeline) -> Result<Plan> {
+    let insts = expand(p)?;
+    let mut stages: Vec<PlannedStage> = Vec::with_capacity(insts.len());
+    let mut model_cache: BTreeMap<String, Value> = BTreeMap::new();
+    for inst in insts {
+        let spec = &p.spec.stages[&inst.stage];
+        let kind = StageKind::parse(&spec.kind).expect("validated");
+        let at = |field: &str| {
+            vec!["stages", inst.stage.as_str(), field]
+                .into_iter()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let err = |field: &str, msg: String| {
+            let path = at(field);
+            let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+            p.err_at(&refs, format!("stage `{}`: {msg}", inst.id))
+        };
+        let mut params = spec.merged_params().map_err(|m| err("params", m))?;
+        let mut model = match &spec.model {
+            None => None,
+            Some(m) => Some(resolve_model(p, m, &mut model_cache).map_err(|m| err("model", m))?),
+        };
+        let mut model_map = model.take().unwrap_or_default();
+        apply_own(&inst.own, &mut params, &mut model_map);
+        let has_model = spec.model.is_some() || !model_map.is_empty();
+        if has_model && !kind.takes_model() {
+            return Err(err(
+                "model",
+                format!("kind `{}` takes no `model:`", kind.name()),
+            ));
+        }
+        let resolved = kind.resolve_params(&params).map_err(|m| err("params", m))?;
+        let extra = kind
+            .key_inputs(&resolved, &p.dir)
+            .map_err(|m| err("params", m))?;
+        let seed = p.spec.defaults.seed;
+        let mut config = json!({ "params": resolved, "seed": seed });
+        if has_model {
+            config["model"] = Value::Object(model_map);
+        }
+        let upstream: BTreeMap<String, String> = inst
+            .upstream
+            .iter()
+            .map(|(name, ui)| (name.clone(), stages[*ui].key.clone()))
+            .collect();
+        let key_input = key::key_input(kind, &config, &upstream, &extra);
+        let key = key::hash(&key_input);
+        stages.push(PlannedStage {
+            retries: spec.retries.unwrap_or(p.spec.defaults.retries),
+            resources: spec.resources.clone(),
+            inst,
+            kind,
+            config,
+            key_input,
+            key,
+        });
+    }
+    let mut graph = DiGraph::new();
+    for i in 0..stages.len() {
+        graph.add_node(i);
+    }
+    for (i, s) in stages.iter().enumerate() {
+        for (_, u) in &s.inst.upstream {
+            graph.add_edge(NodeIndex::new(*u), NodeIndex::new(i), ());
+        }
+    }
+    petgraph::algo::toposort(&graph, None)
+        .map_err(|_| Error::Usage("internal: plan has a cycle".into()))?;
+    Ok(Plan {
+        pipeline: p.clone(),
+        stages,
+        graph,
+    })
+}
+
+fn resolve_model(
+    p: &Pipeline,
+    m: &ModelRef,
+    cache: &mut BTreeMap<String, Value>,
+) -> std::result::Result<Map<String, Value>, String> {
+    let (name, inline) = match m {
+        ModelRef::Preset(n) => (Some(n.clone()), Map::new()),
+        ModelRef::Inline(map) => {
+            let mut map = map.clone();
+            let n = map
+                .remove("preset")
+                .and_then(|v| v.as_str().map(str::to_string));
+            (n, map)
+        }
+    };
+    let mut base = match name {
+        Some(n) => {
+            if !cache.contains_key(&n) {
+                let (v, _) = registry::load("models", &n, &p.dir)?;
+                cache.insert(n.clone(), v);
+            }
+            cache[&n]
+                .as_object()
+                .cloned()
+                .ok_or_else(|| format!("preset `{n}` is not a mapping"))?
+        }
+        None => Map::new(),
+    };
+    for (k, v) in inline {
+        if !base.is_empty() && !base.contains_key(&k) {
+            let hint = crate::spec::suggest::did_you_mean(&k, base.keys().map(String::as_str));
+            return Err(format!("unknown model field `{k}`{hint}"));
+        }
+        base.insert(k, v);
+    }
+    Ok(base)
+}

@@ -1,0 +1,152 @@
+//! Stage kinds. Dispatch is a `match` on the closed [`StageKind`] enum; each kind lives in its
+//! own file with its params struct (serde, defaults, `deny_unknown_fields`), its implementation
+//! version (bump it when a change alters results) and its `run` function.
+
+pub mod command;
+pub mod context;
+#[cfg(feature = "test-stages")]
+pub mod counter;
+pub mod dataset;
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use context::{StageContext, StageOutput};
+
+use crate::error::Result;
+
+/// Every stage kind the engine knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StageKind {
+    /// Records a dataset (path + format), fingerprinted by its file list.
+    Dataset,
+    /// Runs an external program (DVC-style).
+    Command,
+    /// Test-only: counts steps with checkpoints (resume tests).
+    #[cfg(feature = "test-stages")]
+    Counter,
+}
+
+/// Fields never hashed into a stage key (device choice, worker counts, logging cadence).
+pub const NON_SEMANTIC: &[&str] = &[
+    "device",
+    "workers",
+    "threads",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_secs",
+    "progress",
+];
+
+impl StageKind {
+    /// All kinds, in documentation order.
+    pub fn all() -> &'static [StageKind] {
+        &[
+            StageKind::Dataset,
+            StageKind::Command,
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter,
+        ]
+    }
+
+    /// Names accepted in `kind:`.
+    pub fn names() -> Vec<&'static str> {
+        Self::all().iter().map(|k| k.name()).collect()
+    }
+
+    /// The `kind:` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Dataset => "dataset",
+            StageKind::Command => "command",
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter => "counter",
+        }
+    }
+
+    /// Parse a `kind:` name.
+    pub fn parse(s: &str) -> Option<StageKind> {
+        Self::all().iter().copied().find(|k| k.name() == s)
+    }
+
+    /// Implementation version, part of every key of this kind.
+    pub fn version(self) -> u32 {
+        match self {
+            StageKind::Dataset => dataset::VERSION,
+            StageKind::Command => command::VERSION,
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter => counter::VERSION,
+        }
+    }
+
+    /// Validate params (unknown keys rejected) and return them with every default filled in.
+    pub fn resolve_params(self, params: &Map<String, Value>) -> std::result::Result<Value, String> {
+        match self {
+            StageKind::Dataset => resolve::<dataset::Params>(params),
+            StageKind::Command => resolve::<command::Params>(params),
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter => resolve::<counter::Params>(params),
+        }
+    }
+
+    /// The params of an empty stage of this kind (hash only what differs from these).
+    pub fn default_params(self) -> Value {
+        match self {
+            StageKind::Dataset => serde_json::to_value(dataset::Params::default()),
+            StageKind::Command => serde_json::to_value(command::Params::default()),
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter => serde_json::to_value(counter::Params::default()),
+        }
+        .expect("params serialise")
+    }
+
+    /// Whether this kind takes a `model:` preset.
+    pub fn takes_model(self) -> bool {
+        false
+    }
+
+    /// Extra key inputs that depend on files (dataset fingerprints, command input digests).
+    pub fn key_inputs(
+        self,
+        params: &Value,
+        pipeline_dir: &Path,
+    ) -> std::result::Result<Value, String> {
+        match self {
+            StageKind::Dataset => dataset::key_inputs(params, pipeline_dir),
+            StageKind::Command => command::key_inputs(params, pipeline_dir),
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter => Ok(Value::Null),
+        }
+    }
+
+    /// Run the stage (inside `cjepa exec-stage`).
+    pub fn run(self, ctx: &mut StageContext) -> Result<StageOutput> {
+        match self {
+            StageKind::Dataset => dataset::run(ctx),
+            StageKind::Command => command::run(ctx),
+            #[cfg(feature = "test-stages")]
+            StageKind::Counter => counter::run(ctx),
+        }
+    }
+}
+
+/// Deserialize params into `P` (deny_unknown_fields) and back, filling defaults.
+pub fn resolve<P: DeserializeOwned + Serialize>(
+    params: &Map<String, Value>,
+) -> std::result::Result<Value, String> {
+    let p: P = serde_json::from_value(Value::Object(params.clone())).map_err(|e| {
+        let s = e.to_string();
+        crate::spec::suggest::unknown_field(&s)
+            .map(|(_, m)| m)
+            .unwrap_or(s)
+    })?;
+    serde_json::to_value(p).map_err(|e| e.to_string())
+}
+
+/// Read a stage's typed params from its resolved config.
+pub fn params_of<P: DeserializeOwned>(ctx: &StageContext) -> Result<P> {
+    Ok(serde_json::from_value(ctx.job.config["params"].clone())?)
+}

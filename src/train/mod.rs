@@ -1,0 +1,8 @@
+//! Training: schedules, our AdamW with parameter groups and saveable state, EMA, the
+//! JEPA + VICReg losses and the C-JEPA step.
+
+pub mod ema;
+pub mod loss;
+pub mod optim;
+pub mod schedules;
+pub mod step;

@@ -1,0 +1,5 @@
+//! Small pure helpers shared across the crate.
+
+pub mod atomic;
+pub mod canon;
+pub mod rng;
