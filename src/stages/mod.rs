@@ -2,6 +2,7 @@
 //! own file with its params struct (serde, defaults, `deny_unknown_fields`), its implementation
 //! version (bump it when a change alters results) and its `run` function.
 
+pub mod backbone;
 pub mod command;
 pub mod context;
 #[cfg(feature = "test-stages")]
@@ -85,7 +86,7 @@ impl StageKind {
     /// Validate params (unknown keys rejected) and return them with every default filled in.
     pub fn resolve_params(self, params: &Map<String, Value>) -> std::result::Result<Value, String> {
         match self {
-            StageKind::Dataset => resolve::<dataset::Params>(params),
+            StageKind::Dataset => dataset::resolve(params),
             StageKind::Command => resolve::<command::Params>(params),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => resolve::<counter::Params>(params),
