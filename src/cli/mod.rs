@@ -3,6 +3,7 @@
 
 mod bench;
 mod dag;
+mod data;
 mod gc;
 mod ls;
 mod printer;
@@ -55,6 +56,8 @@ enum Cmd {
     Report(report::Args),
     /// JSON Schema of the pipeline file.
     Schema,
+    /// Check or synthesise datasets.
+    Data(data::Args),
     /// Benchmarks of the engine.
     Bench(bench::Args),
     /// Run one stage from a job file (used by executors).
@@ -85,6 +88,7 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(a),
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Data(a) => data::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
     }
 }

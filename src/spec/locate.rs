@@ -30,7 +30,7 @@ pub fn locate(text: &str, path: &[&str]) -> Option<Pos> {
             }
             // flow mapping on one line: `params: { epochs: 5 }`
             if let Some(c) = find_flow_key(line, key) {
-                if indent > min_indent {
+                if indent > min_indent || i == start_line {
                     hit = Some((i, indent, c));
                     break;
                 }
@@ -100,7 +100,7 @@ mod tests {
             locate(Y, &["stages", "pretrain", "params", "batch"]),
             Some(Pos {
                 line: 7,
-                column: 27
+                column: 26
             })
         );
     }

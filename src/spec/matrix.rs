@@ -101,17 +101,15 @@ pub fn instance_id(stage: &str, coords: &BTreeMap<(String, String), Value>) -> S
     for (_, k) in coords.keys() {
         *count.entry(k).or_default() += 1;
     }
-    let parts: Vec<String> = coords
+    let mut parts: Vec<(String, String)> = coords
         .iter()
         .map(|((origin, k), v)| {
-            let name = if count[k.as_str()] > 1 {
-                format!("{origin}.{k}")
-            } else {
-                k.clone()
-            };
-            format!("{name}={}", canon::display_value(v))
+            let name = if count[k.as_str()] > 1 { format!("{origin}.{k}") } else { k.clone() };
+            (name, canon::display_value(v))
         })
         .collect();
+    parts.sort();
+    let parts: Vec<String> = parts.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("{stage}[{}]", parts.join(","))
 }
 

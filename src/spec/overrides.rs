@@ -2,6 +2,9 @@
 
 use serde_json::{Map, Value};
 
+/// Stage-level shorthands of `params` fields.
+const SUGAR: &[&str] = &["source", "format", "path", "cmd", "checkpoint"];
+
 /// One parsed `--set` override.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Override {
@@ -45,6 +48,13 @@ pub fn apply(doc: &mut Value, sets: &[Override]) -> Result<(), String> {
             .is_some_and(|s| s.contains_key(&path[0]));
         if is_stage && path[0] != "stages" {
             path.insert(0, "stages".into());
+        }
+        // `X.params.cmd` where the stage gives `cmd:` at stage level overrides that field
+        if path.len() == 4 && path[0] == "stages" && path[2] == "params" && SUGAR.contains(&path[3].as_str()) {
+            let at_stage = doc["stages"][&path[1]].get(&path[3]).is_some_and(|v| !v.is_null());
+            if at_stage {
+                path.remove(2);
+            }
         }
         let top = ["name", "store", "defaults", "stages"];
         if !top.contains(&path[0].as_str()) {

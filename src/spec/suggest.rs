@@ -2,16 +2,23 @@
 
 /// The candidate closest to `word` (Jaro-Winkler > 0.7 or edit distance <= 2), if any.
 pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let mut best: Option<(&str, f64)> = None;
+    // fewest edits first, then the highest Jaro-Winkler similarity
+    let mut best: Option<(&str, usize, f64)> = None;
     for c in candidates {
         let jw = strsim::jaro_winkler(word, c);
         let lev = strsim::levenshtein(word, c);
-        let score = if lev <= 2 { jw.max(0.9) } else { jw };
-        if score > 0.7 && best.map_or(true, |(_, s)| score > s) {
-            best = Some((c, score));
+        if !(lev <= 2 && lev < word.len().max(c.len()) || jw > 0.8) {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some((_, bl, bj)) => lev < bl || (lev == bl && jw > bj),
+        };
+        if better {
+            best = Some((c, lev, jw));
         }
     }
-    best.map(|(c, _)| c)
+    best.map(|(c, _, _)| c)
 }
 
 /// ` (did you mean `x`?)` or an empty string.
@@ -55,6 +62,8 @@ mod tests {
             Some("pretrain")
         );
         assert_eq!(nearest("zzzz", ["params", "needs"]), None);
+        assert_eq!(nearest("dta", ["a", "data"]), Some("data"));
+        assert_eq!(nearest("bb", ["a", "b"]), Some("b"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! One integration test binary: golden reference tests and tests driving the real `cjepa`.
 
 mod data_formats;
+mod engine;
+mod errors;
 mod golden;
 mod golden_clevr;
 mod golden_coco;
@@ -9,3 +11,6 @@ mod golden_masks;
 mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
+#[cfg(feature = "test-stages")]
+mod resume;
+mod util;

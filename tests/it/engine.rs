@@ -1,0 +1,214 @@
+//! The pipeline engine driven through the real binary: caching, reruns, matrix, resume, locking.
+
+use crate::util::{count, Ctx};
+
+const PIPE: &str = r#"
+name: t
+stages:
+  a:
+    kind: command
+    cmd: 'echo "{\"v\": 1}" > metrics.json; echo a > out.txt'
+    params: { outputs: [out.txt] }
+  b:
+    kind: command
+    needs: [a]
+    cmd: 'cat "$CJEPA_UPSTREAM_A/out.txt" > got.txt; echo "{\"n\": $(cat got.txt | wc -l)}" > metrics.json'
+    params: { outputs: [got.txt], vars: { lr: 0.1 } }
+    matrix: { vars.seed: [1, 2] }
+  c:
+    kind: command
+    needs: [b]
+    cmd: 'test -f "$CJEPA_UPSTREAM_B/got.txt"'
+"#;
+
+#[test]
+fn second_run_is_all_cached() {
+    let c = Ctx::new();
+    c.write("p.yaml", PIPE);
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert_eq!(count(&o.stderr, "done"), 5, "{}", o.all());
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert_eq!(count(&o.stderr, "cached"), 5, "{}", o.all());
+    assert_eq!(count(&o.stderr, "start"), 0, "{}", o.all());
+    // the invocation log and records are visible
+    let o = c.run(&["ls"]);
+    assert_eq!(count(&o.stdout, ""), 5, "{}", o.all());
+    let o = c.run(&["report", "p.yaml", "--format", "csv"]);
+    assert!(o.stdout.starts_with("stage,kind,key"), "{}", o.all());
+}
+
+#[test]
+fn editing_params_reruns_only_that_stage_and_dependents() {
+    let c = Ctx::new();
+    c.write("p.yaml", PIPE);
+    assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
+    let edited = PIPE.replace("vars: { lr: 0.1 }", "vars: { lr: 0.2 }");
+    c.write("p.yaml", &edited);
+    let o = c.run(&["status", "p.yaml", "--explain"]);
+    assert!(o.stdout.contains("params.vars.lr 0.1 -> 0.2"), "{}", o.all());
+    assert!(o.stdout.contains("upstream b changed"), "{}", o.all());
+    assert!(o.stdout.starts_with("fresh    a "), "{}", o.all());
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    let started: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("start")).collect();
+    assert_eq!(started.len(), 4, "{}", o.all());
+    assert!(started.iter().all(|l| !l.contains(" a ")), "{}", o.all());
+    // a number written differently (1e-1 vs 0.1) and a non-semantic field change nothing
+    c.write("p.yaml", &edited.replace("lr: 0.2", "lr: 2e-1"));
+    let o = c.run(&["run", "p.yaml", "--plain", "--dry-run"]);
+    assert!(o.stdout.contains("0 of 5 stages would run"), "{}", o.all());
+}
+
+#[test]
+fn new_matrix_value_runs_only_new_instances() {
+    let c = Ctx::new();
+    c.write("p.yaml", PIPE);
+    assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
+    c.write("p.yaml", &PIPE.replace("vars.seed: [1, 2]", "vars.seed: [1, 2, 3]"));
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    let started: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("start")).collect();
+    assert_eq!(started.len(), 2, "{}", o.all());
+    assert!(started.iter().all(|l| l.contains("seed=3")), "{}", o.all());
+}
+
+#[test]
+fn only_and_force_select_stages() {
+    let c = Ctx::new();
+    c.write("p.yaml", PIPE);
+    let o = c.run(&["run", "p.yaml", "--plain", "--only", "b[vars.seed=1]"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert_eq!(count(&o.stderr, "done"), 2, "{}", o.all());
+    let o = c.run(&["run", "p.yaml", "--plain", "--force", "b"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert_eq!(count(&o.stderr, "cached"), 1, "a stays cached: {}", o.all());
+    assert_eq!(count(&o.stderr, "done"), 4, "{}", o.all());
+    let o = c.run(&["run", "p.yaml", "--only", "bb"]);
+    assert_eq!(o.code, 2, "{}", o.all());
+    assert!(o.stderr.contains("did you mean `b`"), "{}", o.all());
+}
+
+#[test]
+fn failure_skips_dependents_by_name_and_exits_1() {
+    let c = Ctx::new();
+    c.write(
+        "p.yaml",
+        "stages:\n  bad: {kind: command, cmd: 'exit 3'}\n  after: {kind: command, cmd: 'true', needs: [bad]}\n  other: {kind: command, cmd: 'true'}\n",
+    );
+    let o = c.run(&["run", "p.yaml", "--plain", "--keep-going"]);
+    assert_eq!(o.code, 1, "{}", o.all());
+    assert!(o.stderr.contains("skipped  after: upstream bad failed"), "{}", o.all());
+    assert!(o.stderr.contains("done     other"), "{}", o.all());
+    let o = c.run(&["status", "p.yaml"]);
+    assert!(o.stdout.contains("failed   bad"), "{}", o.all());
+}
+
+#[test]
+fn retries_rerun_a_flaky_stage() {
+    let c = Ctx::new();
+    // fails on the first attempt, succeeds on the second (state kept in the work folder)
+    c.write(
+        "p.yaml",
+        "stages:\n  flaky:\n    kind: command\n    retries: 2\n    cmd: 'if [ -f tried ]; then true; else touch tried; exit 1; fi'\n",
+    );
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stderr.contains("(retrying)"), "{}", o.all());
+}
+
+#[test]
+fn concurrent_run_is_refused_naming_the_holder() {
+    let c = Ctx::new();
+    c.write("p.yaml", "stages:\n  slow: {kind: command, cmd: 'sleep 3'}\n");
+    let mut first = c.cmd().args(["run", "p.yaml"]).spawn().unwrap();
+    let lock = c.store().join("LOCK");
+    for _ in 0..100 {
+        if std::fs::read_to_string(&lock).is_ok_and(|s| s.contains("pid")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = c.run(&["run", "p.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.all());
+    assert!(o.stderr.contains("in use by pid"), "{}", o.all());
+    assert!(o.stderr.contains("--wait"), "{}", o.all());
+    // --wait queues behind the holder and then finds the stage cached
+    let o = c.run(&["run", "p.yaml", "--wait", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stderr.contains("cached"), "{}", o.all());
+    assert!(first.wait().unwrap().success());
+}
+
+#[test]
+fn corrupt_record_and_deleted_artifact_rerun() {
+    let c = Ctx::new();
+    c.write("p.yaml", PIPE);
+    assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
+    // delete an artifact of `a`
+    let arts = c.store().join("artifacts");
+    let out_a = walk(&arts).into_iter().find(|p| p.ends_with("out.txt")).unwrap();
+    std::fs::remove_file(&out_a).unwrap();
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stderr.contains("warning: a: artifact out.txt is missing"), "{}", o.all());
+    assert_eq!(count(&o.stderr, "done"), 1, "only a reruns (same key): {}", o.all());
+    // corrupt every record
+    {
+        let db = sled::open(c.store().join("db")).unwrap();
+        let t = db.open_tree("records").unwrap();
+        let keys: Vec<_> = t.iter().keys().map(|k| k.unwrap()).collect();
+        for k in keys {
+            t.insert(k, b"{not json".to_vec()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stderr.contains("corrupt record dropped"), "{}", o.all());
+    assert_eq!(count(&o.stderr, "done"), 5, "{}", o.all());
+}
+
+#[test]
+fn dag_schema_gc_show() {
+    let c = Ctx::new();
+    c.write("p.yaml", PIPE);
+    let o = c.run(&["dag", "p.yaml", "--format", "dot"]);
+    assert!(o.stdout.starts_with("digraph"), "{}", o.all());
+    assert_eq!(o.stdout.matches("->").count(), 4, "{}", o.all());
+    let o = c.run(&["dag", "p.yaml"]);
+    assert!(o.stdout.starts_with("flowchart LR"), "{}", o.all());
+    let o = c.run(&["schema"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(v["definitions"]["StageSpec"]["properties"]["kind"]["enum"].as_array().unwrap().len() >= 2);
+    assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
+    // gc with a pipeline that only has `a`: b and c lose artifacts, keep metrics
+    c.write("only_a.yaml", "name: t\nstages:\n  a:\n    kind: command\n    cmd: 'echo \"{\\\"v\\\": 1}\" > metrics.json; echo a > out.txt'\n    params: { outputs: [out.txt] }\n");
+    let o = c.run(&["gc", "only_a.yaml"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stdout.contains("4 artifact folders"), "{}", o.all());
+    let o = c.run(&["report", "p.yaml", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 5, "metrics survive gc: {}", o.all());
+    let o = c.run(&["run", "p.yaml", "--plain", "--dry-run"]);
+    assert!(o.stdout.contains("4 of 5 stages would run"), "{}", o.all());
+    let key = o.stdout.lines().find(|l| l.starts_with("cached")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    let o = c.run(&["show", &key]);
+    assert!(o.stdout.contains("\"stage_id\": \"a\""), "{}", o.all());
+}
+
+pub fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                v.extend(walk(&p));
+            } else {
+                v.push(p);
+            }
+        }
+    }
+    v
+}
