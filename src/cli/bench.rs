@@ -83,7 +83,7 @@ fn plan(n: usize, reps: usize) -> anyhow::Result<i32> {
     fs_err::write(
         &file,
         format!(
-            "name: bench\nstages:\n  sweep:\n    kind: command\n    cmd: 'echo {{}} > out.txt'\n    params: {{ outputs: [out.txt], vars: {{ lr: 0.001, epochs: 10 }} }}\n    matrix: {{ i: [{}] }}\n",
+            "name: bench\nstages:\n  sweep:\n    kind: command\n    cmd: 'echo {{}} > out.txt'\n    params: {{ outputs: [out.txt], vars: {{ lr: 0.001, epochs: 10 }} }}\n    matrix: {{ vars.i: [{}] }}\n",
             values.join(", ")
         ),
     )?;

@@ -104,7 +104,11 @@ pub fn instance_id(stage: &str, coords: &BTreeMap<(String, String), Value>) -> S
     let mut parts: Vec<(String, String)> = coords
         .iter()
         .map(|((origin, k), v)| {
-            let name = if count[k.as_str()] > 1 { format!("{origin}.{k}") } else { k.clone() };
+            let name = if count[k.as_str()] > 1 {
+                format!("{origin}.{k}")
+            } else {
+                k.clone()
+            };
             (name, canon::display_value(v))
         })
         .collect();

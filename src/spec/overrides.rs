@@ -50,8 +50,14 @@ pub fn apply(doc: &mut Value, sets: &[Override]) -> Result<(), String> {
             path.insert(0, "stages".into());
         }
         // `X.params.cmd` where the stage gives `cmd:` at stage level overrides that field
-        if path.len() == 4 && path[0] == "stages" && path[2] == "params" && SUGAR.contains(&path[3].as_str()) {
-            let at_stage = doc["stages"][&path[1]].get(&path[3]).is_some_and(|v| !v.is_null());
+        if path.len() == 4
+            && path[0] == "stages"
+            && path[2] == "params"
+            && SUGAR.contains(&path[3].as_str())
+        {
+            let at_stage = doc["stages"][&path[1]]
+                .get(&path[3])
+                .is_some_and(|v| !v.is_null());
             if at_stage {
                 path.remove(2);
             }

@@ -47,12 +47,20 @@ fn editing_params_reruns_only_that_stage_and_dependents() {
     let edited = PIPE.replace("vars: { lr: 0.1 }", "vars: { lr: 0.2 }");
     c.write("p.yaml", &edited);
     let o = c.run(&["status", "p.yaml", "--explain"]);
-    assert!(o.stdout.contains("params.vars.lr 0.1 -> 0.2"), "{}", o.all());
+    assert!(
+        o.stdout.contains("params.vars.lr 0.1 -> 0.2"),
+        "{}",
+        o.all()
+    );
     assert!(o.stdout.contains("upstream b changed"), "{}", o.all());
     assert!(o.stdout.starts_with("fresh    a "), "{}", o.all());
     let o = c.run(&["run", "p.yaml", "--plain"]);
     assert_eq!(o.code, 0, "{}", o.all());
-    let started: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("start")).collect();
+    let started: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("start"))
+        .collect();
     assert_eq!(started.len(), 4, "{}", o.all());
     assert!(started.iter().all(|l| !l.contains(" a ")), "{}", o.all());
     // a number written differently (1e-1 vs 0.1) and a non-semantic field change nothing
@@ -66,10 +74,17 @@ fn new_matrix_value_runs_only_new_instances() {
     let c = Ctx::new();
     c.write("p.yaml", PIPE);
     assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
-    c.write("p.yaml", &PIPE.replace("vars.seed: [1, 2]", "vars.seed: [1, 2, 3]"));
+    c.write(
+        "p.yaml",
+        &PIPE.replace("vars.seed: [1, 2]", "vars.seed: [1, 2, 3]"),
+    );
     let o = c.run(&["run", "p.yaml", "--plain"]);
     assert_eq!(o.code, 0, "{}", o.all());
-    let started: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("start")).collect();
+    let started: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("start"))
+        .collect();
     assert_eq!(started.len(), 2, "{}", o.all());
     assert!(started.iter().all(|l| l.contains("seed=3")), "{}", o.all());
 }
@@ -99,7 +114,11 @@ fn failure_skips_dependents_by_name_and_exits_1() {
     );
     let o = c.run(&["run", "p.yaml", "--plain", "--keep-going"]);
     assert_eq!(o.code, 1, "{}", o.all());
-    assert!(o.stderr.contains("skipped  after: upstream bad failed"), "{}", o.all());
+    assert!(
+        o.stderr.contains("skipped  after: upstream bad failed"),
+        "{}",
+        o.all()
+    );
     assert!(o.stderr.contains("done     other"), "{}", o.all());
     let o = c.run(&["status", "p.yaml"]);
     assert!(o.stdout.contains("failed   bad"), "{}", o.all());
@@ -121,7 +140,10 @@ fn retries_rerun_a_flaky_stage() {
 #[test]
 fn concurrent_run_is_refused_naming_the_holder() {
     let c = Ctx::new();
-    c.write("p.yaml", "stages:\n  slow: {kind: command, cmd: 'sleep 3'}\n");
+    c.write(
+        "p.yaml",
+        "stages:\n  slow: {kind: command, cmd: 'sleep 3'}\n",
+    );
     let mut first = c.cmd().args(["run", "p.yaml"]).spawn().unwrap();
     let lock = c.store().join("LOCK");
     for _ in 0..100 {
@@ -148,12 +170,24 @@ fn corrupt_record_and_deleted_artifact_rerun() {
     assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
     // delete an artifact of `a`
     let arts = c.store().join("artifacts");
-    let out_a = walk(&arts).into_iter().find(|p| p.ends_with("out.txt")).unwrap();
+    let out_a = walk(&arts)
+        .into_iter()
+        .find(|p| p.ends_with("out.txt"))
+        .unwrap();
     std::fs::remove_file(&out_a).unwrap();
     let o = c.run(&["run", "p.yaml", "--plain"]);
     assert_eq!(o.code, 0, "{}", o.all());
-    assert!(o.stderr.contains("warning: a: artifact out.txt is missing"), "{}", o.all());
-    assert_eq!(count(&o.stderr, "done"), 1, "only a reruns (same key): {}", o.all());
+    assert!(
+        o.stderr.contains("warning: a: artifact out.txt is missing"),
+        "{}",
+        o.all()
+    );
+    assert_eq!(
+        count(&o.stderr, "done"),
+        1,
+        "only a reruns (same key): {}",
+        o.all()
+    );
     // corrupt every record
     {
         let db = sled::open(c.store().join("db")).unwrap();
@@ -181,7 +215,13 @@ fn dag_schema_gc_show() {
     assert!(o.stdout.starts_with("flowchart LR"), "{}", o.all());
     let o = c.run(&["schema"]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-    assert!(v["definitions"]["StageSpec"]["properties"]["kind"]["enum"].as_array().unwrap().len() >= 2);
+    assert!(
+        v["definitions"]["StageSpec"]["properties"]["kind"]["enum"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 2
+    );
     assert_eq!(c.run(&["run", "p.yaml"]).code, 0);
     // gc with a pipeline that only has `a`: b and c lose artifacts, keep metrics
     c.write("only_a.yaml", "name: t\nstages:\n  a:\n    kind: command\n    cmd: 'echo \"{\\\"v\\\": 1}\" > metrics.json; echo a > out.txt'\n    params: { outputs: [out.txt] }\n");
@@ -190,10 +230,23 @@ fn dag_schema_gc_show() {
     assert!(o.stdout.contains("4 artifact folders"), "{}", o.all());
     let o = c.run(&["report", "p.yaml", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-    assert_eq!(v["rows"].as_array().unwrap().len(), 5, "metrics survive gc: {}", o.all());
+    assert_eq!(
+        v["rows"].as_array().unwrap().len(),
+        5,
+        "metrics survive gc: {}",
+        o.all()
+    );
     let o = c.run(&["run", "p.yaml", "--plain", "--dry-run"]);
     assert!(o.stdout.contains("4 of 5 stages would run"), "{}", o.all());
-    let key = o.stdout.lines().find(|l| l.starts_with("cached")).unwrap().split_whitespace().nth(2).unwrap().to_string();
+    let key = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cached"))
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
     let o = c.run(&["show", &key]);
     assert!(o.stdout.contains("\"stage_id\": \"a\""), "{}", o.all());
 }

@@ -5,20 +5,34 @@ use crate::util::Ctx;
 fn bad(yaml: &str, expect: &[&str]) {
     let c = Ctx::new();
     c.write("p.yaml", yaml);
-    for args in [&["run", "p.yaml"][..], &["status", "p.yaml"][..], &["dag", "p.yaml"][..]] {
+    for args in [
+        &["run", "p.yaml"][..],
+        &["status", "p.yaml"][..],
+        &["dag", "p.yaml"][..],
+    ] {
         let o = c.run(args);
         assert_eq!(o.code, 2, "{args:?}: {}", o.all());
         assert!(!o.stderr.contains("panicked"), "{}", o.all());
         for e in expect {
-            assert!(o.stderr.contains(e), "{args:?}: expected `{e}` in: {}", o.stderr);
+            assert!(
+                o.stderr.contains(e),
+                "{args:?}: expected `{e}` in: {}",
+                o.stderr
+            );
         }
     }
-    assert!(!c.store().join("db").exists(), "no store is created for a bad file");
+    assert!(
+        !c.store().join("db").exists(),
+        "no store is created for a bad file"
+    );
 }
 
 #[test]
 fn yaml_syntax_error_names_line_and_column() {
-    bad("stages:\n  a: {kind: command, cmd: 'x'\n  b: [\n", &["p.yaml:", "error"]);
+    bad(
+        "stages:\n  a: {kind: command, cmd: 'x'\n  b: [\n",
+        &["p.yaml:", "error"],
+    );
     let c = Ctx::new();
     c.write("p.yaml", "stages:\n  a:\n    kind: command\n   cmd: x\n");
     let o = c.run(&["run", "p.yaml"]);
@@ -28,25 +42,62 @@ fn yaml_syntax_error_names_line_and_column() {
 
 #[test]
 fn unknown_key_suggests_the_nearest() {
-    bad("stages:\n  a:\n    kind: command\n    cmd: 'true'\n    parms: {}\n", &["p.yaml:5:5", "unknown key `parms`", "did you mean `params`"]);
-    bad("stages:\n  a:\n    kind: command\n    cmd: 'true'\n    params: { ouputs: [x] }\n", &["p.yaml:5", "unknown key `ouputs`", "did you mean `outputs`", "stage `a`"]);
-    bad("name: x\nstagez: {}\n", &["p.yaml:2:1", "unknown key `stagez`", "did you mean `stages`"]);
+    bad(
+        "stages:\n  a:\n    kind: command\n    cmd: 'true'\n    parms: {}\n",
+        &["p.yaml:5:5", "unknown key `parms`", "did you mean `params`"],
+    );
+    bad(
+        "stages:\n  a:\n    kind: command\n    cmd: 'true'\n    params: { ouputs: [x] }\n",
+        &[
+            "p.yaml:5",
+            "unknown key `ouputs`",
+            "did you mean `outputs`",
+            "stage `a`",
+        ],
+    );
+    bad(
+        "name: x\nstagez: {}\n",
+        &[
+            "p.yaml:2:1",
+            "unknown key `stagez`",
+            "did you mean `stages`",
+        ],
+    );
 }
 
 #[test]
 fn unknown_kind_missing_need_cycle_type_error_empty() {
-    bad("stages:\n  a: {kind: comand, cmd: x}\n", &["p.yaml:2", "unknown kind `comand`", "did you mean `command`"]);
-    bad("stages:\n  a: {kind: command, cmd: x, needs: [dta]}\n  data: {kind: command, cmd: x}\n", &["needs `dta`", "did you mean `data`"]);
+    bad(
+        "stages:\n  a: {kind: comand, cmd: x}\n",
+        &[
+            "p.yaml:2",
+            "unknown kind `comand`",
+            "did you mean `command`",
+        ],
+    );
+    bad(
+        "stages:\n  a: {kind: command, cmd: x, needs: [dta]}\n  data: {kind: command, cmd: x}\n",
+        &["needs `dta`", "did you mean `data`"],
+    );
     bad(
         "stages:\n  a: {kind: command, cmd: x, needs: [c]}\n  b: {kind: command, cmd: x, needs: [a]}\n  c: {kind: command, cmd: x, needs: [b]}\n",
         &["cycle", "a -> c -> b -> a"],
     );
-    bad("stages:\n  a: {kind: command, cmd: x, retries: many}\n", &["p.yaml:2", "retries"]);
-    bad("stages:\n  a: {kind: command, cmd: x, params: {inputs: 3}}\n", &["stage `a`", "invalid type"]);
+    bad(
+        "stages:\n  a: {kind: command, cmd: x, retries: many}\n",
+        &["p.yaml:2", "retries"],
+    );
+    bad(
+        "stages:\n  a: {kind: command, cmd: x, params: {inputs: 3}}\n",
+        &["stage `a`", "invalid type"],
+    );
     bad("", &["empty"]);
     bad("name: x\nstages: {}\n", &["no stages"]);
     bad("stages:\n  a: {kind: command}\n", &["`cmd` is required"]);
-    bad("stages:\n  d: {kind: dataset, format: imagefolde, path: x}\n", &["did you mean `imagefolder`"]);
+    bad(
+        "stages:\n  d: {kind: dataset, format: imagefolde, path: x}\n",
+        &["did you mean `imagefolder`"],
+    );
 }
 
 #[test]

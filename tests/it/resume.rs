@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::util::Ctx;
 
-const PIPE: &str = "name: r\nstages:\n  count:\n    kind: counter\n    params: { steps: 40, sleep_ms: 50 }\n";
+const PIPE: &str =
+    "name: r\nstages:\n  count:\n    kind: counter\n    params: { steps: 40, sleep_ms: 50 }\n";
 
 fn final_acc(c: &Ctx) -> f64 {
     let o = c.run(&["report", "p.yaml", "--format", "json"]);
@@ -26,7 +27,10 @@ fn wait_for_checkpoint(c: &Ctx, min_step: u64) {
         if found {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

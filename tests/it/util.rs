@@ -32,7 +32,9 @@ impl Out {
 
 impl Ctx {
     pub fn new() -> Ctx {
-        Ctx { dir: tempfile::tempdir().expect("tempdir") }
+        Ctx {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
