@@ -27,6 +27,8 @@ enum What {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Data loader: decode + RandomResizedCrop + normalise, images/s per core.
+    Loader(super::bench_loader::Args),
     /// Report over many stored records.
     Report {
         /// Number of records.
@@ -42,6 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     match a.what {
         What::Plan { stages, reps } => plan(stages, reps),
         What::Report { records, reps } => report(records, reps),
+        What::Loader(a) => super::bench_loader::run(a),
     }
 }
 

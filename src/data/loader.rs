@@ -147,6 +147,8 @@ pub fn load_batch<S: Source + ?Sized>(
 pub struct Loader<'a, S: Source + ?Sized> {
     source: &'a S,
     cfg: LoaderConfig,
+    rank: usize,
+    world: usize,
 }
 
 impl<'a, S: Source + ?Sized> Loader<'a, S> {
@@ -155,7 +157,65 @@ impl<'a, S: Source + ?Sized> Loader<'a, S> {
         if cfg.batch_size == 0 {
             return Err(DataError::param("batch_size", "must be at least 1"));
         }
-        Ok(Loader { source, cfg })
+        Ok(Loader {
+            source,
+            cfg,
+            rank: 0,
+            world: 1,
+        })
+    }
+
+    /// This rank's shard for data-parallel training: every rank walks the same global epoch order
+    /// and takes positions `rank, rank + world, ...` (the tail that does not divide evenly is
+    /// dropped, so all ranks see the same number of samples).
+    pub fn sharded(mut self, rank: usize, world: usize) -> Result<Self, DataError> {
+        if world == 0 || rank >= world {
+            return Err(DataError::param(
+                "rank",
+                format!("rank {rank} of world {world}"),
+            ));
+        }
+        self.rank = rank;
+        self.world = world;
+        Ok(self)
+    }
+
+    fn shard_len(&self) -> usize {
+        self.source.len() / self.world
+    }
+
+    /// Iterate the batches of `epoch` from batch `start`, loading up to `depth` batches ahead on
+    /// a background thread while `f` consumes them in order; `f` returns `false` to stop early.
+    pub fn for_each_prefetched<E: From<DataError>>(
+        &self,
+        epoch: u64,
+        start: usize,
+        depth: usize,
+        mut f: impl FnMut(usize, Batch) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let order = self.epoch_order(epoch);
+        let n = self.num_batches();
+        std::thread::scope(|scope| {
+            let (tx, rx) =
+                std::sync::mpsc::sync_channel::<(usize, Result<Batch, DataError>)>(depth.max(1));
+            let order = &order;
+            scope.spawn(move || {
+                for k in start..n {
+                    if tx
+                        .send((k, self.batch_from_order(order, epoch, k)))
+                        .is_err()
+                    {
+                        break; // consumer stopped
+                    }
+                }
+            });
+            for (k, b) in rx {
+                if !f(k, b?)? {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// The settings.
@@ -165,16 +225,24 @@ impl<'a, S: Source + ?Sized> Loader<'a, S> {
 
     /// Sample order of an epoch.
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        if self.cfg.shuffle {
+        let all: Vec<usize> = if self.cfg.shuffle {
             epoch_permutation(self.source.len(), self.cfg.seed, epoch)
         } else {
             (0..self.source.len()).collect()
+        };
+        if self.world == 1 {
+            return all;
         }
+        all.into_iter()
+            .skip(self.rank)
+            .step_by(self.world)
+            .take(self.shard_len())
+            .collect()
     }
 
     /// Batches per epoch.
     pub fn num_batches(&self) -> usize {
-        let n = self.source.len();
+        let n = self.shard_len();
         if self.cfg.drop_last {
             n / self.cfg.batch_size
         } else {
@@ -231,6 +299,77 @@ impl<S: Source + ?Sized> Iterator for EpochIter<'_, '_, S> {
         let k = self.next;
         self.next += 1;
         Some(self.loader.batch_from_order(&self.order, self.epoch, k))
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    struct Ids(usize);
+    impl Source for Ids {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn get(&self, index: usize, _rng: &mut ChaCha8Rng) -> Result<(Chw, usize), DataError> {
+            Ok((
+                Chw {
+                    channels: 1,
+                    height: 1,
+                    width: 1,
+                    data: vec![index as f32],
+                },
+                index,
+            ))
+        }
+    }
+
+    #[test]
+    fn shards_are_disjoint_and_cover_the_epoch() {
+        let src = Ids(103);
+        let cfg = LoaderConfig {
+            batch_size: 4,
+            shuffle: true,
+            drop_last: false,
+            seed: 3,
+        };
+        let mut seen = Vec::new();
+        for r in 0..3 {
+            let l = Loader::new(&src, cfg).unwrap().sharded(r, 3).unwrap();
+            assert_eq!(l.epoch_order(2).len(), 34);
+            seen.extend(l.epoch_order(2));
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 102, "disjoint, one sample of the tail dropped");
+        assert!(Loader::new(&src, cfg).unwrap().sharded(3, 3).is_err());
+    }
+
+    #[test]
+    fn prefetch_yields_the_same_batches_in_order() {
+        let src = Ids(37);
+        let cfg = LoaderConfig {
+            batch_size: 5,
+            shuffle: true,
+            drop_last: true,
+            seed: 9,
+        };
+        let l = Loader::new(&src, cfg).unwrap();
+        let direct: Vec<Vec<usize>> = l.iter_epoch(1, 2).map(|b| b.unwrap().labels).collect();
+        let mut pre = Vec::new();
+        l.for_each_prefetched::<DataError>(1, 2, 2, |_, b| {
+            pre.push(b.labels);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(direct, pre);
+        let mut n = 0;
+        l.for_each_prefetched::<DataError>(1, 0, 2, |_, _| {
+            n += 1;
+            Ok(n < 3)
+        })
+        .unwrap();
+        assert_eq!(n, 3);
     }
 }
 

@@ -1,0 +1,68 @@
+"""Pillow twin of `cjepa bench loader`: decode + RandomResizedCrop(224, bicubic) + flip + normalise.
+
+Uses torchvision's transforms when torchvision is installed, otherwise the same algorithm written
+with Pillow + numpy (torchvision's RandomResizedCrop on a PIL image is exactly: draw the box, then
+`img.resize(size, BICUBIC, box=...)`). Single process, one thread: images/s per core.
+"""
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def rrc_params(w, h, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * random.uniform(*scale)
+        ar = math.exp(random.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * ar)))
+        ch = int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return random.randint(0, w - cw), random.randint(0, h - ch), cw, ch
+    return 0, 0, w, h
+
+
+def pil_pipeline(path, size):
+    img = Image.open(path).convert("RGB")
+    x, y, cw, ch = rrc_params(*img.size)
+    img = img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+    if random.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return ((a - MEAN) / STD).transpose(2, 0, 1)
+
+
+def main():
+    root = Path(sys.argv[1])
+    size = int(sys.argv[2]) if len(sys.argv) > 2 else 224
+    files = sorted(p for p in (root / "train").rglob("*") if p.is_file())
+    try:
+        import torch
+        import torchvision.transforms as T
+
+        torch.set_num_threads(1)
+        tf = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+                        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN.tolist(), STD.tolist())])
+        fn, name = (lambda p: tf(Image.open(p).convert("RGB"))), "torchvision"
+    except ImportError:
+        fn, name = (lambda p: pil_pipeline(p, size)), "pillow+numpy"
+    for p in files[:16]:
+        fn(p)  # warm up
+    t0 = time.perf_counter()
+    for p in files:
+        fn(p)
+    rate = len(files) / (time.perf_counter() - t0)
+    print(f"{name}: {len(files)} images, {rate:.1f} images/s (1 thread)")
+    print(f"RESULT py_per_core={rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
