@@ -18,7 +18,7 @@ use super::DataError;
 pub const SPLITS: [&str; 2] = ["train", "val"];
 
 /// VTAB closest-object-distance thresholds.
-pub const DIST_THRESHOLDS: [f32; 7] = [0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0];
+pub use crate::eval::clevr::DIST_THRESHOLDS;
 
 /// Number of Count classes.
 pub const COUNT_CLASSES: usize = 8;
@@ -120,9 +120,11 @@ impl ClevrTask {
     }
 }
 
-/// `n_objects - 3` for 3..=10 objects, else `None`.
+/// `n_objects - 3` for 3..=10 objects, else `None` (the golden-tested [`crate::eval::clevr`] rule).
 pub fn count_label(n_objects: usize) -> Option<usize> {
-    (3..=10).contains(&n_objects).then(|| n_objects - 3)
+    crate::eval::clevr::count_label(n_objects)
+        .ok()
+        .map(usize::from)
 }
 
 /// Minimum over objects of `pixel_coords[2]`, each converted to f32 first (as TFDS does).
@@ -136,8 +138,10 @@ pub fn min_depth_f32(scene: &ClevrScene) -> Option<f32> {
 
 /// Largest `i` with `DIST_THRESHOLDS[i] < d` (f32 compare); `None` for `d <= 0`, `d > 100` or NaN.
 pub fn dist_label(d: f32) -> Option<usize> {
-    let i = DIST_THRESHOLDS.iter().rposition(|&t| t < d)?;
-    (i < DIST_CLASSES).then_some(i)
+    // f32 -> f64 is exact, and the eval rule compares in f32 again
+    crate::eval::clevr::dist_label(f64::from(d))
+        .ok()
+        .map(usize::from)
 }
 
 /// Accept the dataset root itself or a parent holding `CLEVR_v1.0/`.

@@ -2,4 +2,5 @@
 
 pub mod atomic;
 pub mod canon;
+pub mod numpy;
 pub mod rng;

@@ -92,38 +92,7 @@ pub struct CocoEvalResult {
 
 /// `np.mean` of a 1-D float64 array: numpy's pairwise sum divided by the length.
 pub fn numpy_mean(v: &[f64]) -> f64 {
-    (0.0 + pairwise_sum(v)) / v.len() as f64
-}
-
-fn pairwise_sum(a: &[f64]) -> f64 {
-    let n = a.len();
-    if n < 8 {
-        let mut res = 0.0;
-        for &x in a {
-            res += x;
-        }
-        res
-    } else if n <= 128 {
-        let mut r = [0.0f64; 8];
-        r.copy_from_slice(&a[..8]);
-        let mut i = 8;
-        while i < n - (n % 8) {
-            for j in 0..8 {
-                r[j] += a[i + j];
-            }
-            i += 8;
-        }
-        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        while i < n {
-            res += a[i];
-            i += 1;
-        }
-        res
-    } else {
-        let mut n2 = n / 2;
-        n2 -= n2 % 8;
-        pairwise_sum(&a[..n2]) + pairwise_sum(&a[n2..])
-    }
+    (0.0 + crate::util::numpy::numpy_sum(v)) / v.len() as f64
 }
 
 /// Mean over entries > -1, or -1 when there are none (`summarize`).
