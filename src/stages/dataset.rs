@@ -31,9 +31,9 @@ pub enum Source {
 /// Dataset formats.
 pub const FORMATS: &[&str] = &["imagefolder", "coco", "ade20k", "davis", "clevr"];
 
-/// Params of a `dataset` stage.
+/// Params of a `dataset` stage. Not `deny_unknown_fields`: serde does not support it together
+/// with `flatten` (every generator param was rejected); [`resolve`] rejects unknown keys instead.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Params {
     /// `path` (an existing folder).
     #[serde(default)]
@@ -170,6 +170,10 @@ pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Va
             "`format` must be one of {}{hint} (got `{fmt}`)",
             FORMATS.join(", ")
         ));
+    }
+    if params["source"] == "synth" {
+        // Generated from the params (already hashed) and the key: no files to fingerprint.
+        return Ok(Value::Null);
     }
     let Some(dir) = data_path(params, pipeline_dir) else {
         return Err("`path` is required: the folder holding the dataset".into());

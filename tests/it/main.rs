@@ -11,6 +11,7 @@ mod golden_masks;
 mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
+mod pretrain;
 #[cfg(feature = "test-stages")]
 mod resume;
 mod util;

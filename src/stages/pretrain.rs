@@ -1,0 +1,796 @@
+//! `pretrain` stage: I-JEPA / C-JEPA self-supervised pretraining (METHOD.md; I-JEPA arXiv
+//! 2301.08243, C-JEPA arXiv 2410.19560) on the `train/` split of an upstream `imagefolder` dataset.
+//!
+//! Each iteration: a batch of `RandomResizedCrop(img, crop_scale)` + ImageNet-normalised images (no
+//! flip), one multi-block mask draw for the batch, then [`train_step`] (targets, context encoder,
+//! predictor, JEPA (+ VICReg) loss, AdamW with this iteration's lr / wd, EMA with its momentum).
+//!
+//! Every random draw derives from (stage key, seed): the init from stream `init`, the data order and
+//! augmentations from stream `data` (per (epoch, sample) inside the loader), the masks of iteration
+//! `i` from stream `masks/i`. So the training state is only: the three networks, the AdamW moments
+//! and counts, the step and the logged series; that is what a checkpoint holds (`nets.safetensors`,
+//! `optim.safetensors`, `state.json`), and a run interrupted at any point (SIGTERM, or kill -9
+//! between checkpoints) and rerun finishes bit-identical on CPU.
+//!
+//! Artifacts: `encoder.safetensors` + `model.json` (the **target** encoder, official names, see
+//! [`super::backbone`]), `full.safetensors` (`encoder.` / `predictor.` / `target_encoder.`
+//! prefixed, like the golden weights) and `config.json` (resolved config + effective values).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::{backbone, params_of, StageContext, StageOutput};
+use crate::data::imagefolder::ImageFolder;
+use crate::data::loader::{ImageSamples, Loader, LoaderConfig};
+use crate::data::transforms::{RandomResizedCrop, Transform, IMAGENET_MEAN, IMAGENET_STD};
+use crate::error::{Error, Result};
+use crate::model::layers::layer_norm_plain;
+use crate::model::masks::{MaskConfig, MaskError, MaskSampler};
+use crate::model::{JepaNetworks, VitConfig};
+use crate::train::loss::{JepaLossKind, LossConfig, Method, VicTerms};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::schedules::{ScheduleConfig, Schedules};
+use crate::train::step::{train_step, Batch, StepError, StepHyper, StepLosses};
+use crate::util::rng::{derive_seed, stage_rng};
+
+/// Implementation version (part of the key).
+pub const VERSION: u32 = 1;
+
+/// Full checkpoint of the three networks (prefixed names).
+pub const FULL_FILE: &str = "full.safetensors";
+/// Resolved config written next to the weights.
+pub const CONFIG_FILE: &str = "config.json";
+const NETS_FILE: &str = "nets.safetensors";
+const OPTIM_FILE: &str = "optim.safetensors";
+const STATE_FILE: &str = "state.json";
+
+/// Loss section (`loss:`); defaults = C-JEPA (METHOD.md §4). `method: ijepa` zeroes `b_vic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossParams {
+    /// JEPA term: `smooth_l1` (official code) or `l2` (paper's formula).
+    pub kind: JepaLossKind,
+    /// Weight of the whole VICReg block.
+    pub b_vic: f64,
+    /// Invariance coefficient.
+    pub b_sim: f64,
+    /// Variance coefficient.
+    pub b_std: f64,
+    /// Covariance coefficient.
+    pub b_cov: f64,
+    /// `all`, `var_cov` or `invariance` (C-JEPA Table 3 ablation).
+    pub vic_terms: VicTerms,
+}
+
+impl Default for LossParams {
+    fn default() -> Self {
+        let c = LossConfig::default();
+        LossParams {
+            kind: c.kind,
+            b_vic: c.vic_weight,
+            b_sim: c.vic_sim_coeff,
+            b_std: c.vic_std_coeff,
+            b_cov: c.vic_cov_coeff,
+            vic_terms: c.vic_terms,
+        }
+    }
+}
+
+/// Mask section (`mask:`): the fields of [`MaskConfig`], except that `min_keep` left out means
+/// "the paper's 10, scaled to the grid" ([`MaskConfig::scaled_for_grid`]); given, it is used as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskParams {
+    /// Context blocks per image.
+    pub enc_blocks: usize,
+    /// Context block scale range.
+    pub enc_scale: [f64; 2],
+    /// Context aspect range.
+    pub enc_aspect: [f64; 2],
+    /// Target blocks per image.
+    pub pred_blocks: usize,
+    /// Target block scale range.
+    pub pred_scale: [f64; 2],
+    /// Target aspect range.
+    pub pred_aspect: [f64; 2],
+    /// A block counts only if it keeps more patches than this; absent = scaled to the grid.
+    pub min_keep: Option<usize>,
+    /// Context may overlap the targets.
+    pub allow_overlap: bool,
+    /// The official corner draw that never reaches the last row / column.
+    pub edge_quirk: bool,
+}
+
+impl Default for MaskParams {
+    fn default() -> Self {
+        let c = MaskConfig::default();
+        MaskParams {
+            enc_blocks: c.enc_blocks,
+            enc_scale: c.enc_scale,
+            enc_aspect: c.enc_aspect,
+            pred_blocks: c.pred_blocks,
+            pred_scale: c.pred_scale,
+            pred_aspect: c.pred_aspect,
+            min_keep: None,
+            allow_overlap: c.allow_overlap,
+            edge_quirk: c.edge_quirk,
+        }
+    }
+}
+
+impl MaskParams {
+    /// The sampler settings for a `grid x grid` patch grid.
+    pub fn config(&self, grid: usize) -> std::result::Result<MaskConfig, MaskError> {
+        let paper = MaskConfig::default().min_keep;
+        let c = MaskConfig {
+            enc_blocks: self.enc_blocks,
+            enc_scale: self.enc_scale,
+            enc_aspect: self.enc_aspect,
+            pred_blocks: self.pred_blocks,
+            pred_scale: self.pred_scale,
+            pred_aspect: self.pred_aspect,
+            min_keep: self.min_keep.unwrap_or(paper),
+            allow_overlap: self.allow_overlap,
+            edge_quirk: self.edge_quirk,
+        };
+        match self.min_keep {
+            Some(_) => c.validate(grid, grid).map(|_| c),
+            None => c.scaled_for_grid(grid, grid),
+        }
+    }
+}
+
+/// Params of a `pretrain` stage. Defaults = the paper (ViT-B/16 600-epoch run, METHOD.md §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Params {
+    /// `ijepa` or `cjepa`.
+    pub method: Method,
+    /// Loss terms and coefficients.
+    pub loss: LossParams,
+    /// Epochs (sets the schedules' length).
+    pub epochs: u64,
+    /// Global batch size.
+    pub batch: usize,
+    /// Training image side; overrides `model.img_size`.
+    pub img: Option<usize>,
+    /// Patch side; overrides `model.patch_size`.
+    pub patch: Option<usize>,
+    /// Peak learning rate (end of warmup).
+    pub lr: f64,
+    /// Learning rate the warmup starts from.
+    pub start_lr: f64,
+    /// Learning rate at the end of the cosine.
+    pub final_lr: f64,
+    /// Warmup epochs (may be fractional).
+    pub warmup_epochs: f64,
+    /// Weight decay at the start of its cosine.
+    pub wd: f64,
+    /// Weight decay at the end.
+    pub final_wd: f64,
+    /// EMA momentum start and end.
+    pub ema: [f64; 2],
+    /// Horizon of the schedules relative to the training length.
+    pub ipe_scale: f64,
+    /// Clip the global gradient norm to this value (none by default, like the paper).
+    pub clip_grad: Option<f64>,
+    /// Multi-block masking.
+    pub mask: MaskParams,
+    /// RandomResizedCrop area range.
+    pub crop_scale: [f64; 2],
+    /// Split of the dataset to train on.
+    pub split: String,
+    /// Stop after this many steps (schedules still follow `epochs`); for quick runs.
+    pub max_steps: Option<u64>,
+    /// Checkpoint every N steps (0: by time only). Not hashed.
+    pub checkpoint_every: u64,
+    /// Checkpoint every N seconds. Not hashed.
+    pub checkpoint_secs: u64,
+    /// Log loss terms every N steps (also the last step). Not hashed.
+    pub log_every: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        let s = ScheduleConfig::default();
+        Params {
+            method: Method::Cjepa,
+            loss: LossParams::default(),
+            epochs: 600,
+            batch: 2048,
+            img: None,
+            patch: None,
+            lr: s.ref_lr,
+            start_lr: s.start_lr,
+            final_lr: s.final_lr,
+            warmup_epochs: s.warmup_epochs,
+            wd: s.ref_wd,
+            final_wd: s.final_wd,
+            ema: s.ema,
+            ipe_scale: s.ipe_scale,
+            clip_grad: None,
+            mask: MaskParams::default(),
+            crop_scale: [0.3, 1.0],
+            split: "train".into(),
+            max_steps: None,
+            checkpoint_every: 0,
+            checkpoint_secs: 300,
+            log_every: 10,
+        }
+    }
+}
+
+impl Params {
+    /// The loss settings.
+    pub fn loss_config(&self) -> LossConfig {
+        LossConfig {
+            method: self.method,
+            kind: self.loss.kind,
+            vic_weight: self.loss.b_vic,
+            vic_sim_coeff: self.loss.b_sim,
+            vic_std_coeff: self.loss.b_std,
+            vic_cov_coeff: self.loss.b_cov,
+            vic_terms: self.loss.vic_terms,
+            ..LossConfig::default()
+        }
+    }
+
+    /// The schedule settings.
+    pub fn schedule_config(&self) -> ScheduleConfig {
+        ScheduleConfig {
+            start_lr: self.start_lr,
+            ref_lr: self.lr,
+            final_lr: self.final_lr,
+            warmup_epochs: self.warmup_epochs,
+            ref_wd: self.wd,
+            final_wd: self.final_wd,
+            ema: self.ema,
+            ipe_scale: self.ipe_scale,
+        }
+    }
+
+    /// The pretraining augmentation: RandomResizedCrop(img, crop_scale), no flip, ImageNet norm.
+    pub fn transform(&self, img: usize) -> Transform {
+        Transform::RandomResizedCrop {
+            rrc: RandomResizedCrop {
+                scale: (self.crop_scale[0], self.crop_scale[1]),
+                ..RandomResizedCrop::new(img as u32)
+            },
+            hflip: 0.0,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    /// Range checks that need no model or data; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let pos = [
+            ("epochs", self.epochs as f64),
+            ("batch", self.batch as f64),
+            ("log_every", self.log_every as f64),
+            ("img", self.img.unwrap_or(1) as f64),
+            ("patch", self.patch.unwrap_or(1) as f64),
+            ("max_steps", self.max_steps.unwrap_or(1) as f64),
+            ("clip_grad", self.clip_grad.unwrap_or(1.0)),
+        ];
+        for (f, v) in pos {
+            if v.is_nan() || v <= 0.0 {
+                return Err(format!("`{f}` must be > 0 (got {v})"));
+            }
+        }
+        let [a, b] = self.crop_scale;
+        if !(a > 0.0 && a <= b && b <= 1.0) {
+            return Err(format!(
+                "`crop_scale` must be [min, max] with 0 < min <= max <= 1 (got [{a}, {b}])"
+            ));
+        }
+        if self.split.is_empty() {
+            return Err("`split` must name a folder of the dataset (e.g. `train`)".into());
+        }
+        self.loss_config()
+            .validate()
+            .map_err(|e| format!("{e} (keys `loss.b_*`)"))?;
+        Schedules::from_config(&self.schedule_config(), 1, 1).map_err(|e| e.to_string())?;
+        let (_, w_std, w_cov) = self.loss_config().term_weights();
+        if self.batch < 2 && (w_std != 0.0 || w_cov != 0.0) {
+            return Err("`batch` must be >= 2 for the VICReg variance / covariance terms".into());
+        }
+        Ok(())
+    }
+}
+
+/// Validate params (unknown keys rejected, ranges checked) and fill in the defaults.
+pub fn resolve(params: &Map<String, Value>) -> std::result::Result<Value, String> {
+    let v = super::resolve::<Params>(params)?;
+    let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    p.validate()?;
+    Ok(v)
+}
+
+/// The last step's values (the final metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Last {
+    loss: f64,
+    loss_jepa: f64,
+    loss_sim: f64,
+    loss_std: f64,
+    loss_cov: f64,
+    target_std: f64,
+    lr: f64,
+}
+
+/// Everything besides the tensors that a checkpoint holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct TrainState {
+    /// Completed steps.
+    step: u64,
+    /// Logged series up to `step`.
+    series: BTreeMap<String, Vec<(u64, f64)>>,
+    /// Values of step `step`.
+    last: Last,
+}
+
+impl TrainState {
+    fn push(&mut self, name: &str, value: f64) {
+        if value.is_finite() {
+            let s = self.step;
+            self.series.entry(name.into()).or_default().push((s, value));
+        }
+    }
+}
+
+/// Run the pretraining.
+pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
+    let id = ctx.job.id.clone();
+    let fail = |m: String| Error::stage(&id, m);
+    let p: Params = params_of(ctx)?;
+    p.validate().map_err(&fail)?;
+    let cfg = model_config(ctx, &p)?;
+    let grid = cfg.grid_size();
+    let mask_cfg = p.mask.config(grid).map_err(|e| fail(e.to_string()))?;
+    let sampler =
+        MaskSampler::new(mask_cfg.clone(), grid, grid).map_err(|e| fail(e.to_string()))?;
+    let loss_cfg = p.loss_config();
+    let dev = backbone::device(ctx)?;
+    let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
+
+    let root = dataset_root(ctx)?;
+    let folder = ImageFolder::open(&root, &p.split).map_err(|e| fail(e.to_string()))?;
+    let n_images = folder.samples.len();
+    let source = ImageSamples {
+        samples: folder.samples,
+        transform: p.transform(cfg.img_size),
+    };
+    let loader = Loader::new(
+        &source,
+        LoaderConfig {
+            batch_size: p.batch,
+            shuffle: true,
+            drop_last: true,
+            seed: derive_seed(&key, seed, "data"),
+        },
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let ipe = loader.num_batches() as u64;
+    if ipe == 0 {
+        return Err(fail(format!(
+            "split `{}` of {} has {n_images} images, fewer than one batch of {}; lower `batch`",
+            p.split,
+            root.display(),
+            p.batch
+        )));
+    }
+    let sched = Schedules::from_config(&p.schedule_config(), ipe, p.epochs)
+        .map_err(|e| fail(e.to_string()))?;
+    let total = p
+        .max_steps
+        .map_or(sched.total_iterations, |m| m.min(sched.total_iterations));
+
+    let adam = AdamWConfig {
+        clip_grad_norm: p.clip_grad,
+        ..AdamWConfig::default()
+    };
+    let (nets, mut opt, mut st) = match ctx.ckpt.load()? {
+        Some(c) => {
+            let bad = |e: String| fail(format!("checkpoint {}: {e}", c.path.display()));
+            let nets = JepaNetworks::from_safetensors(&cfg, &c.path.join(NETS_FILE), &dev)
+                .map_err(|e| bad(e.to_string()))?;
+            let mut opt = AdamW::new(nets.online_vars(), adam).map_err(|e| bad(e.to_string()))?;
+            let ost = candle_core::safetensors::load(c.path.join(OPTIM_FILE), &dev)?;
+            opt.load_state(&ost).map_err(|e| bad(e.to_string()))?;
+            let st: TrainState = serde_json::from_slice(&fs_err::read(c.path.join(STATE_FILE))?)?;
+            if st.step != c.step || st.step > total {
+                return Err(bad(format!("holds step {}, expected {}", st.step, c.step)));
+            }
+            ctx.log(format!("resumed from step {} of {total}", st.step));
+            (nets, opt, st)
+        }
+        None => {
+            let nets = JepaNetworks::new_random(&cfg, derive_seed(&key, seed, "init"), &dev)
+                .map_err(|e| fail(e.to_string()))?;
+            let opt = AdamW::new(nets.online_vars(), adam).map_err(|e| fail(e.to_string()))?;
+            (nets, opt, TrainState::default())
+        }
+    };
+    let resumed_from = st.step;
+    ctx.log(format!(
+        "{:?} on {n_images} images: {ipe} steps/epoch x {} epochs, training {total} steps; \
+         grid {grid}x{grid}, mask min_keep {}, device {:?}",
+        p.method, p.epochs, mask_cfg.min_keep, dev
+    ));
+
+    let t0 = Instant::now();
+    let mut epoch_iter = None;
+    while st.step < total {
+        if ctx.is_interrupted() {
+            save(ctx, &nets, &opt, &st)?;
+            return Err(Error::Interrupted);
+        }
+        let it = st.step;
+        let epoch = it / ipe;
+        let iter = match &mut epoch_iter {
+            Some((e, iter)) if *e == epoch => iter,
+            slot => {
+                &mut slot
+                    .insert((epoch, loader.iter_epoch(epoch, (it % ipe) as usize)))
+                    .1
+            }
+        };
+        let batch = iter
+            .next()
+            .ok_or_else(|| fail(format!("epoch {epoch} ended before step {it}")))?
+            .map_err(|e| fail(e.to_string()))?;
+        let images = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
+        let masks = sampler.sample(&mut stage_rng(&key, seed, &format!("masks/{it}")), p.batch);
+        let masks_enc = mask_tensors(&masks.enc, &dev)?;
+        let masks_pred = mask_tensors(&masks.pred, &dev)?;
+        let completed = it + 1;
+        let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
+        let target_std = if log_now {
+            collapse_monitor(&nets, &images, &loss_cfg).map_err(|e| fail(e.to_string()))?
+        } else {
+            f64::NAN
+        };
+        let hv = sched.at(it);
+        let hyper = StepHyper {
+            lr: hv.lr,
+            wd: hv.wd,
+            momentum: hv.momentum,
+        };
+        let b = Batch {
+            images: &images,
+            masks_enc: &masks_enc,
+            masks_pred: &masks_pred,
+        };
+        let l = train_step(&nets, &b, &loss_cfg, &mut opt, hyper).map_err(|e| match e {
+            StepError::NonFinite { .. } => fail(format!(
+                "diverged at step {completed} of {total}: {e}; the last good checkpoint ({}) is \
+                 kept; lower `lr` or set `clip_grad`",
+                match ctx.ckpt.load() {
+                    Ok(Some(c)) => format!("step {}", c.step),
+                    _ => "none yet".into(),
+                }
+            )),
+            e => fail(format!("step {completed}: {e}")),
+        })?;
+        st.step = completed;
+        // The monitor runs on logged steps only (always the last one): keep the latest value.
+        let monitor = if target_std.is_finite() {
+            target_std
+        } else {
+            st.last.target_std
+        };
+        st.last = last_values(&l, monitor, hv.lr);
+        if log_now {
+            log_step(&mut st, &l, target_std, hv.lr, hv.wd);
+            let secs = t0.elapsed().as_secs_f64();
+            ctx.log(format!(
+                "step {completed}/{total} epoch {} loss {:.5} (jepa {:.5} sim {:.4} std {:.4} \
+                 cov {:.4}) target_std {target_std:.4} lr {:.3e} | {:.1} img/s",
+                epoch + 1,
+                l.total,
+                l.jepa,
+                l.sim,
+                l.std,
+                l.cov,
+                hv.lr,
+                ((completed - resumed_from) as usize * p.batch) as f64 / secs.max(1e-9),
+            ));
+        }
+        ctx.progress
+            .set(completed, total, format!("loss {:.4}", l.total));
+        if completed < total && ctx.ckpt.due(completed) {
+            save(ctx, &nets, &opt, &st)?;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+
+    let out_dir = ctx.job.out_dir.clone();
+    write_artifacts(ctx, &out_dir, &nets, &cfg, &mask_cfg, ipe, total)?;
+    let mut out = StageOutput::default();
+    let m = &mut out.metrics;
+    let last = st.last;
+    for (k, v) in [
+        ("loss", last.loss),
+        ("loss_jepa", last.loss_jepa),
+        ("loss_sim", last.loss_sim),
+        ("loss_std", last.loss_std),
+        ("loss_cov", last.loss_cov),
+        ("target_std", last.target_std),
+        ("lr", last.lr),
+        ("steps", st.step as f64),
+        ("epochs", st.step as f64 / ipe as f64),
+    ] {
+        // JSON has no NaN: a non-finite value is left out rather than breaking the record.
+        if v.is_finite() {
+            m.insert(k.into(), v);
+        }
+    }
+    let trained = st.step - resumed_from;
+    if trained > 0 {
+        m.insert(
+            "images_per_sec".into(),
+            (trained as usize * p.batch) as f64 / secs.max(1e-9),
+        );
+    }
+    out.series = st.series;
+    out.info = json!({
+        "resumed_from": resumed_from,
+        "iterations_per_epoch": ipe,
+        "total_steps": total,
+        "train_images": n_images,
+        "mask_min_keep": mask_cfg.min_keep,
+    });
+    Ok(out)
+}
+
+/// The architecture: `config["model"]` with `img` / `patch` applied.
+fn model_config(ctx: &StageContext, p: &Params) -> Result<VitConfig> {
+    let id = &ctx.job.id;
+    let m = ctx
+        .job
+        .config
+        .get("model")
+        .filter(|m| !m.is_null())
+        .ok_or_else(|| {
+            Error::stage(
+                id,
+                "a pretrain stage needs `model:` (e.g. `model: vit_tiny` or \
+                 `model: { preset: vit_tiny, depth: 2 }`)",
+            )
+        })?;
+    let mut cfg: VitConfig = serde_json::from_value(m.clone())
+        .map_err(|e| Error::stage(id, format!("`model:` is not a valid ViT config: {e}")))?;
+    if let Some(i) = p.img {
+        cfg.img_size = i;
+    }
+    if let Some(s) = p.patch {
+        cfg.patch_size = s;
+    }
+    cfg.validate()
+        .map_err(|e| Error::stage(id, format!("model (with `img` / `patch` applied): {e}")))?;
+    Ok(cfg)
+}
+
+/// Root of the upstream `imagefolder` dataset.
+fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
+    let id = &ctx.job.id;
+    let ds: Vec<_> = ctx
+        .job
+        .upstream
+        .values()
+        .filter(|u| u.kind == "dataset")
+        .collect();
+    let fmt = |u: &crate::exec::job::UpstreamRef| {
+        u.info
+            .get("format")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let folders: Vec<_> = ds.iter().filter(|u| fmt(u) == "imagefolder").collect();
+    match folders.as_slice() {
+        [u] => Ok(super::dataset::root_of(u)),
+        [] => Err(Error::stage(
+            id,
+            match ds.first() {
+                Some(u) => format!(
+                    "upstream dataset `{}` has format `{}`; pretraining reads an `imagefolder` \
+                     dataset (train/<class>/*.jpg)",
+                    u.id,
+                    fmt(u)
+                ),
+                None => "a pretrain stage needs an `imagefolder` dataset stage in `needs`".into(),
+            },
+        )),
+        many => Err(Error::stage(
+            id,
+            format!(
+                "{} imagefolder datasets in `needs` ({}); keep one",
+                many.len(),
+                many.iter()
+                    .map(|u| u.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+/// `[M][B][K]` index lists as M tensors `(B, K)` of u32.
+fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> Result<Vec<Tensor>> {
+    lists
+        .iter()
+        .map(|per_image| {
+            let k = per_image.first().map_or(0, Vec::len);
+            let flat: Vec<u32> = per_image.iter().flatten().copied().collect();
+            Ok(Tensor::from_vec(flat, (per_image.len(), k), dev)?)
+        })
+        .collect()
+}
+
+/// Collapse monitor: mean over feature dims of the batch std of z_t, the per-image mean of the
+/// layer-normed target-encoder output (the target of the VICReg terms). 0 means collapse.
+fn collapse_monitor(
+    nets: &JepaNetworks,
+    images: &Tensor,
+    cfg: &LossConfig,
+) -> std::result::Result<f64, StepError> {
+    let h = nets.target_encoder.forward_features(images, None)?.detach();
+    let z = layer_norm_plain(&h, cfg.target_ln_eps)?.mean(1)?;
+    let b = z.dim(0)?;
+    if b < 2 {
+        return Ok(f64::NAN);
+    }
+    let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+    let std = (zc.sqr()?.sum(0)? / (b - 1) as f64)?.sqrt()?.mean_all()?;
+    Ok(std.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn last_values(l: &StepLosses, target_std: f64, lr: f64) -> Last {
+    Last {
+        loss: l.total as f64,
+        loss_jepa: l.jepa as f64,
+        loss_sim: l.sim as f64,
+        loss_std: l.std as f64,
+        loss_cov: l.cov as f64,
+        target_std,
+        lr,
+    }
+}
+
+fn log_step(st: &mut TrainState, l: &StepLosses, target_std: f64, lr: f64, wd: f64) {
+    for (name, v) in [
+        ("loss", l.total as f64),
+        ("loss_jepa", l.jepa as f64),
+        ("loss_sim", l.sim as f64),
+        ("loss_std", l.std as f64),
+        ("loss_cov", l.cov as f64),
+        ("target_std", target_std),
+        ("lr", lr),
+        ("wd", wd),
+        ("grad_norm", l.optim.grad_norm.unwrap_or(f64::NAN)),
+    ] {
+        st.push(name, v);
+    }
+}
+
+/// Save the training state after `st.step` completed steps.
+fn save(ctx: &mut StageContext, nets: &JepaNetworks, opt: &AdamW, st: &TrainState) -> Result<()> {
+    let weights = nets.state_tensors();
+    let optim = opt
+        .state_tensors()
+        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+    let state = serde_json::to_vec(st)?;
+    ctx.ckpt.save(st.step, |dir| {
+        candle_core::safetensors::save(&weights, dir.join(NETS_FILE))?;
+        candle_core::safetensors::save(&optim, dir.join(OPTIM_FILE))?;
+        fs_err::write(dir.join(STATE_FILE), &state)?;
+        Ok(())
+    })?;
+    ctx.log(format!("checkpoint at step {}", st.step));
+    Ok(())
+}
+
+fn write_artifacts(
+    ctx: &StageContext,
+    dir: &std::path::Path,
+    nets: &JepaNetworks,
+    cfg: &VitConfig,
+    mask: &MaskConfig,
+    ipe: u64,
+    total: u64,
+) -> Result<()> {
+    let all = nets.state_tensors();
+    let prefix = format!("{}.", crate::model::jepa::TARGET_ENCODER);
+    let target: HashMap<String, Tensor> = all
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone())))
+        .collect();
+    backbone::save(dir, cfg, &target)?;
+    candle_core::safetensors::save(&all, dir.join(FULL_FILE))?;
+    let mut config = ctx.job.config.clone();
+    config["effective"] = json!({
+        "model": cfg,
+        "mask": mask,
+        "iterations_per_epoch": ipe,
+        "total_steps": total,
+    });
+    crate::util::atomic::write_json(&dir.join(CONFIG_FILE), &config)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_params_are_the_paper_defaults() {
+        let p: Params = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(p, Params::default());
+        assert_eq!(p.loss_config(), LossConfig::cjepa());
+        assert_eq!(p.schedule_config(), ScheduleConfig::default());
+        p.validate().unwrap();
+        let back: Params = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn unknown_and_bad_fields_are_named() {
+        let e = resolve(json!({"epoch": 3}).as_object().unwrap()).unwrap_err();
+        assert!(e.contains("epoch"), "{e}");
+        let e = resolve(json!({"loss": {"b_vik": 1}}).as_object().unwrap()).unwrap_err();
+        assert!(e.contains("b_vik"), "{e}");
+        let e = resolve(json!({"crop_scale": [0.5, 0.2]}).as_object().unwrap()).unwrap_err();
+        assert!(e.contains("crop_scale"), "{e}");
+        let e = resolve(json!({"batch": 1}).as_object().unwrap()).unwrap_err();
+        assert!(e.contains("batch"), "{e}");
+        let ok = resolve(json!({"batch": 1, "method": "ijepa"}).as_object().unwrap()).unwrap();
+        assert_eq!(ok["loss"]["b_vic"], json!(0.001));
+        let v = resolve(
+            json!({"loss": {"vic_terms": "var_cov", "kind": "l2"}})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let p: Params = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            p.loss_config().term_weights(),
+            (0.0, 0.001 * 25.0, 0.001 * 1.0)
+        );
+        assert_eq!(p.loss_config().kind, JepaLossKind::L2);
+    }
+
+    #[test]
+    fn mask_min_keep_scales_unless_given() {
+        let m = MaskParams::default();
+        assert_eq!(m.config(14).unwrap().min_keep, 10);
+        let small = m.config(4).unwrap();
+        assert!(small.min_keep < 10);
+        MaskSampler::new(small, 4, 4).unwrap();
+        let given = MaskParams {
+            min_keep: Some(10),
+            ..MaskParams::default()
+        };
+        let e = given.config(4).unwrap_err().to_string();
+        assert!(e.contains("min_keep"), "{e}");
+    }
+
+    #[test]
+    fn transform_is_rrc_without_flip() {
+        let p = Params::default();
+        match p.transform(32) {
+            Transform::RandomResizedCrop { rrc, hflip, .. } => {
+                assert_eq!(rrc.size, 32);
+                assert_eq!(rrc.scale, (0.3, 1.0));
+                assert_eq!(hflip, 0.0);
+            }
+            t => panic!("{t:?}"),
+        }
+    }
+}
