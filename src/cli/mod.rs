@@ -3,6 +3,7 @@
 
 mod bench;
 mod dag;
+mod eval_coco;
 mod gc;
 mod ls;
 mod printer;
@@ -57,6 +58,8 @@ enum Cmd {
     Schema,
     /// Benchmarks of the engine.
     Bench(bench::Args),
+    /// COCO box / mask AP of a results file (temporary name of `cjepa eval coco`).
+    EvalCoco(eval_coco::Args),
     /// Run one stage from a job file (used by executors).
     #[command(hide = true)]
     ExecStage {
@@ -85,6 +88,7 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(a),
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::EvalCoco(a) => eval_coco::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
     }
 }

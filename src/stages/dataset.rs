@@ -31,9 +31,9 @@ pub enum Source {
 /// Dataset formats.
 pub const FORMATS: &[&str] = &["imagefolder", "coco", "ade20k", "davis", "clevr"];
 
-/// Params of a `dataset` stage.
+/// Params of a `dataset` stage. Unknown keys are rejected by [`resolve`], not by serde:
+/// `deny_unknown_fields` would also reject every generator param caught by the `flatten` below.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Params {
     /// `path` (an existing folder).
     #[serde(default)]
@@ -170,6 +170,10 @@ pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Va
             "`format` must be one of {}{hint} (got `{fmt}`)",
             FORMATS.join(", ")
         ));
+    }
+    if params["source"].as_str() == Some("synth") {
+        // Generated data: the resolved generator params (already in the key) define it.
+        return Ok(Value::Null);
     }
     let Some(dir) = data_path(params, pipeline_dir) else {
         return Err("`path` is required: the folder holding the dataset".into());

@@ -3,6 +3,7 @@
 //! version (bump it when a change alters results) and its `run` function.
 
 pub mod backbone;
+pub mod coco_detection;
 pub mod command;
 pub mod context;
 #[cfg(feature = "test-stages")]
@@ -26,6 +27,8 @@ pub enum StageKind {
     Dataset,
     /// Runs an external program (DVC-style).
     Command,
+    /// COCO detection + instance segmentation on the ViT (AP^box / AP^mask).
+    CocoDetection,
     /// Test-only: counts steps with checkpoints (resume tests).
     #[cfg(feature = "test-stages")]
     Counter,
@@ -48,6 +51,7 @@ impl StageKind {
         &[
             StageKind::Dataset,
             StageKind::Command,
+            StageKind::CocoDetection,
             #[cfg(feature = "test-stages")]
             StageKind::Counter,
         ]
@@ -63,6 +67,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => "dataset",
             StageKind::Command => "command",
+            StageKind::CocoDetection => "coco_detection",
             #[cfg(feature = "test-stages")]
             StageKind::Counter => "counter",
         }
@@ -78,6 +83,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::VERSION,
             StageKind::Command => command::VERSION,
+            StageKind::CocoDetection => coco_detection::VERSION,
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::VERSION,
         }
@@ -88,6 +94,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::resolve(params),
             StageKind::Command => resolve::<command::Params>(params),
+            StageKind::CocoDetection => coco_detection::resolve(params),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => resolve::<counter::Params>(params),
         }
@@ -98,6 +105,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => serde_json::to_value(dataset::Params::default()),
             StageKind::Command => serde_json::to_value(command::Params::default()),
+            StageKind::CocoDetection => serde_json::to_value(coco_detection::Params::default()),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => serde_json::to_value(counter::Params::default()),
         }
@@ -106,7 +114,7 @@ impl StageKind {
 
     /// Whether this kind takes a `model:` preset.
     pub fn takes_model(self) -> bool {
-        false
+        matches!(self, StageKind::CocoDetection)
     }
 
     /// Extra key inputs that depend on files (dataset fingerprints, command input digests).
@@ -118,6 +126,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::key_inputs(params, pipeline_dir),
             StageKind::Command => command::key_inputs(params, pipeline_dir),
+            StageKind::CocoDetection => Ok(Value::Null),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => Ok(Value::Null),
         }
@@ -128,6 +137,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::run(ctx),
             StageKind::Command => command::run(ctx),
+            StageKind::CocoDetection => coco_detection::run(ctx),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::run(ctx),
         }
