@@ -5,6 +5,7 @@ mod bench;
 mod bench_loader;
 mod dag;
 mod data;
+mod eval_coco;
 mod gc;
 mod ls;
 mod printer;
@@ -61,6 +62,8 @@ enum Cmd {
     Data(data::Args),
     /// Benchmarks of the engine.
     Bench(bench::Args),
+    /// COCO box / mask AP of a results file (temporary name of `cjepa eval coco`).
+    EvalCoco(eval_coco::Args),
     /// Run one stage from a job file (used by executors).
     #[command(hide = true)]
     ExecStage {
@@ -90,6 +93,7 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Data(a) => data::run(a),
+        Cmd::EvalCoco(a) => eval_coco::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
     }
 }

@@ -19,6 +19,7 @@ pub mod check;
 pub mod clevr;
 pub mod coco;
 pub mod davis;
+pub mod detection;
 pub mod imagefolder;
 pub mod loader;
 pub mod synth;

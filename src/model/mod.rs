@@ -10,6 +10,7 @@
 //! - `jepa`: the three networks with their variables (init, load, EMA pairs).
 
 pub mod config;
+pub mod detect;
 pub mod error;
 pub mod jepa;
 pub mod layers;

@@ -3,6 +3,7 @@
 //! version (bump it when a change alters results) and its `run` function.
 
 pub mod backbone;
+pub mod coco_detection;
 pub mod command;
 pub mod context;
 #[cfg(feature = "test-stages")]
@@ -29,6 +30,8 @@ pub enum StageKind {
     Command,
     /// I-JEPA / C-JEPA self-supervised pretraining.
     Pretrain,
+    /// COCO detection + instance segmentation on the ViT (AP^box / AP^mask).
+    CocoDetection,
     /// Test-only: counts steps with checkpoints (resume tests).
     #[cfg(feature = "test-stages")]
     Counter,
@@ -52,6 +55,7 @@ impl StageKind {
             StageKind::Dataset,
             StageKind::Command,
             StageKind::Pretrain,
+            StageKind::CocoDetection,
             #[cfg(feature = "test-stages")]
             StageKind::Counter,
         ]
@@ -68,6 +72,7 @@ impl StageKind {
             StageKind::Dataset => "dataset",
             StageKind::Command => "command",
             StageKind::Pretrain => "pretrain",
+            StageKind::CocoDetection => "coco_detection",
             #[cfg(feature = "test-stages")]
             StageKind::Counter => "counter",
         }
@@ -84,6 +89,7 @@ impl StageKind {
             StageKind::Dataset => dataset::VERSION,
             StageKind::Command => command::VERSION,
             StageKind::Pretrain => pretrain::VERSION,
+            StageKind::CocoDetection => coco_detection::VERSION,
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::VERSION,
         }
@@ -95,6 +101,7 @@ impl StageKind {
             StageKind::Dataset => dataset::resolve(params),
             StageKind::Command => resolve::<command::Params>(params),
             StageKind::Pretrain => pretrain::resolve(params),
+            StageKind::CocoDetection => coco_detection::resolve(params),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => resolve::<counter::Params>(params),
         }
@@ -106,6 +113,7 @@ impl StageKind {
             StageKind::Dataset => serde_json::to_value(dataset::Params::default()),
             StageKind::Command => serde_json::to_value(command::Params::default()),
             StageKind::Pretrain => serde_json::to_value(pretrain::Params::default()),
+            StageKind::CocoDetection => serde_json::to_value(coco_detection::Params::default()),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => serde_json::to_value(counter::Params::default()),
         }
@@ -114,7 +122,7 @@ impl StageKind {
 
     /// Whether this kind takes a `model:` preset.
     pub fn takes_model(self) -> bool {
-        matches!(self, StageKind::Pretrain)
+        matches!(self, StageKind::Pretrain | StageKind::CocoDetection)
     }
 
     /// Extra key inputs that depend on files (dataset fingerprints, command input digests).
@@ -127,6 +135,7 @@ impl StageKind {
             StageKind::Dataset => dataset::key_inputs(params, pipeline_dir),
             StageKind::Command => command::key_inputs(params, pipeline_dir),
             StageKind::Pretrain => Ok(Value::Null),
+            StageKind::CocoDetection => Ok(Value::Null),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => Ok(Value::Null),
         }
@@ -138,6 +147,7 @@ impl StageKind {
             StageKind::Dataset => dataset::run(ctx),
             StageKind::Command => command::run(ctx),
             StageKind::Pretrain => pretrain::run(ctx),
+            StageKind::CocoDetection => coco_detection::run(ctx),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::run(ctx),
         }

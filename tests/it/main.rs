@@ -1,6 +1,7 @@
 //! One integration test binary: golden reference tests and tests driving the real `cjepa`.
 
 mod data_formats;
+mod detect;
 mod engine;
 mod errors;
 mod golden;

@@ -1,0 +1,918 @@
+//! `coco_detection` stage: COCO object detection and instance segmentation on the pretrained ViT
+//! (the AP^box / AP^mask columns of C-JEPA's Table 1), with the detector of
+//! [`crate::model::detect`] (simple feature pyramid + FCOS + Mask R-CNN mask head).
+//!
+//! Training (EVALS.md §2.4-2.5, scaled down): LSJ-style augmentation at `img_size`
+//! ([`crate::data::detection`]), AdamW ([`crate::train::optim`]) with ViTDet's layer-wise lr
+//! decay on the backbone (`rate^(depth + 1 - layer_id)`, patch embedding = layer 0, block i =
+//! layer i + 1, everything else 1.0), no weight decay on biases and norms, linear warmup from
+//! `warmup_factor` then cosine or step decay. `backbone: finetune` trains the encoder with the
+//! heads (the paper's protocol); `backbone: frozen` trains only the pyramid and heads on detached
+//! features (a cheap, clearly labelled variant). In-stage checkpoints hold the trainable weights,
+//! the optimiser moments and the loss series; every random draw derives from the stage key, so a
+//! resumed run is bit-identical on CPU.
+//!
+//! Evaluation: every val image is resized (longer side `img_size`), detected, and its masks pasted
+//! at the original resolution; the exact COCOeval ([`crate::eval::coco`]) gives the 12 + 12
+//! stats, stored ×100 as `ap_box`, `ap50_box`, `ap75_box`, `aps_box`, `apm_box`, `apl_box`,
+//! `ar1_box`, `ar10_box`, `ar100_box`, `ars_box`, `arm_box`, `arl_box` and the same with `_mask`
+//! (a stat pycocotools reports as -1, i.e. no ground truth in that area range, is left out).
+//! Artifacts: `results.json` (COCO results format, compressed RLE masks; `cjepa eval-coco` on it
+//! reproduces the metrics), `eval.json`, `eval.txt`, `detector.safetensors`, `config.json`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::backbone::{self, Backbone};
+use super::{dataset, params_of, StageContext, StageOutput};
+use crate::data::coco::CocoDataset;
+use crate::data::detection::{eval_image, train_sample, LsjConfig, TrainSample};
+use crate::data::transforms::Chw;
+use crate::error::{Error, Result};
+use crate::eval::coco as ce;
+use crate::model::detect::box_coding::{self, BoxXyxy};
+use crate::model::detect::fcos::{self, Assignment, GtBox, LevelInfo, LossConfig};
+use crate::model::detect::init::SeededInit;
+use crate::model::detect::mask_head::{mask_target, paste};
+use crate::model::detect::nn::sigmoid;
+use crate::model::detect::{Detector, DetectorConfig};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::util::rng::{derive_seed, stage_rng};
+
+/// Implementation version (part of the key).
+pub const VERSION: u32 = 1;
+
+/// Whether the encoder is trained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackboneMode {
+    /// Encoder trained with the heads (layer-wise lr decay).
+    #[default]
+    Finetune,
+    /// Encoder frozen; pyramid and heads trained on its features.
+    Frozen,
+}
+
+/// Shape of the learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Half-cosine to 0 at `steps`.
+    #[default]
+    Cosine,
+    /// x0.1 at each of `milestones` (fractions of `steps`), ViTDet's schedule.
+    Step,
+}
+
+fn d_checkpoint() -> String {
+    "upstream".into()
+}
+fn d_size() -> usize {
+    512
+}
+fn d_scale_range() -> [f64; 2] {
+    [0.1, 2.0]
+}
+fn d_half() -> f64 {
+    0.5
+}
+fn d_steps() -> u64 {
+    5000
+}
+fn d_batch() -> usize {
+    16
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_wd() -> f64 {
+    0.1
+}
+fn d_layer_decay() -> f64 {
+    0.7
+}
+fn d_warmup() -> u64 {
+    250
+}
+fn d_warmup_factor() -> f64 {
+    1e-3
+}
+fn d_milestones() -> Vec<f64> {
+    // ViTDet: 163889 and 177546 of 184375 iterations
+    vec![0.889, 0.963]
+}
+fn d_eval_batch() -> usize {
+    4
+}
+
+/// Params of a `coco_detection` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// Encoder weights: `upstream` (a pretrain / finetune stage in `needs`), `random` or a path.
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint: String,
+    /// `finetune` (paper protocol) or `frozen` (cheap variant).
+    #[serde(default)]
+    pub backbone: BackboneMode,
+    /// Side of the square input (a multiple of 2 x patch size).
+    #[serde(default = "d_size")]
+    pub img_size: usize,
+    /// Range of the LSJ scale factor.
+    #[serde(default = "d_scale_range")]
+    pub scale_range: [f64; 2],
+    /// Horizontal flip probability.
+    #[serde(default = "d_half")]
+    pub flip_prob: f64,
+    /// Optimiser steps.
+    #[serde(default = "d_steps")]
+    pub steps: u64,
+    /// Images per step.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// AdamW weight decay (not on biases and norms).
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// Layer-wise lr decay of the encoder (1 = none).
+    #[serde(default = "d_layer_decay")]
+    pub layer_decay: f64,
+    /// Linear warmup steps.
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: u64,
+    /// lr factor at step 0 of the warmup.
+    #[serde(default = "d_warmup_factor")]
+    pub warmup_factor: f64,
+    /// Decay after warmup.
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// Fractions of `steps` where `schedule: step` multiplies the lr by 0.1.
+    #[serde(default = "d_milestones")]
+    pub milestones: Vec<f64>,
+    /// Clip the global gradient 2-norm (all parameters together) to this value.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+    /// Detector architecture, loss and test settings.
+    #[serde(default)]
+    pub head: DetectorConfig,
+    /// Images per evaluation forward pass.
+    #[serde(default = "d_eval_batch")]
+    pub eval_batch_size: usize,
+    /// Checkpoint every N steps (not hashed; 0 = by time only).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Log the losses every N steps (not hashed; 0 = never).
+    #[serde(default)]
+    pub log_every: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("defaults")
+    }
+}
+
+/// Validate and fill defaults (unknown keys rejected).
+pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
+    let v = super::resolve::<Params>(params)?;
+    let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    p.validate()?;
+    Ok(v)
+}
+
+impl Params {
+    fn validate(&self) -> std::result::Result<(), String> {
+        let [lo, hi] = self.scale_range;
+        if !(lo > 0.0 && hi >= lo) {
+            return Err(format!(
+                "`scale_range` [{lo}, {hi}] must be positive with min <= max"
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.flip_prob) {
+            return Err("`flip_prob` must lie in [0, 1]".into());
+        }
+        if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
+            return Err("`steps`, `batch_size` and `eval_batch_size` must be positive".into());
+        }
+        if !(self.lr > 0.0) || !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            return Err("`lr` must be > 0 and `layer_decay` in (0, 1]".into());
+        }
+        if self.milestones.iter().any(|m| !(0.0..=1.0).contains(m)) {
+            return Err("`milestones` are fractions of `steps` in [0, 1]".into());
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !(c > 0.0) {
+                return Err("`clip_grad_norm` must be > 0 (or absent)".into());
+            }
+        }
+        self.head.validate().map_err(|e| e.to_string())
+    }
+
+    /// Learning-rate factor (of `lr`) applied at 0-based `step`.
+    pub fn lr_factor(&self, step: u64) -> f64 {
+        let main = |s: u64| -> f64 {
+            match self.schedule {
+                LrSchedule::Cosine => {
+                    0.5 * (1.0 + (std::f64::consts::PI * s as f64 / self.steps as f64).cos())
+                }
+                LrSchedule::Step => {
+                    let passed = self
+                        .milestones
+                        .iter()
+                        .filter(|&&m| s >= (m * self.steps as f64).round() as u64)
+                        .count();
+                    0.1f64.powi(passed as i32)
+                }
+            }
+        };
+        if step < self.warmup_steps {
+            let a = step as f64 / self.warmup_steps as f64;
+            let (start, end) = (self.warmup_factor * main(0), main(self.warmup_steps));
+            start + (end - start) * a
+        } else {
+            main(step)
+        }
+    }
+}
+
+/// ViTDet's `get_vit_lr_decay_rate` on encoder parameter names (official I-JEPA names).
+pub fn layer_scale(name: &str, depth: usize, rate: f64) -> f64 {
+    let id = if name.starts_with("patch_embed") || name.starts_with("pos_embed") {
+        0
+    } else if let Some(i) = name
+        .strip_prefix("blocks.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+    {
+        i + 1
+    } else {
+        depth + 1
+    };
+    rate.powi((depth + 1 - id) as i32)
+}
+
+/// One optimiser per lr scale (the AdamW has one lr per step).
+struct Group {
+    scale: f64,
+    names: HashSet<String>,
+    opt: AdamW,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct TrainState {
+    step: u64,
+    loss: Vec<(u64, f64)>,
+    cls: Vec<(u64, f64)>,
+    mask: Vec<(u64, f64)>,
+}
+
+const WEIGHTS: &str = "weights.safetensors";
+const OPTIM: &str = "optim.safetensors";
+const STATE: &str = "state.json";
+
+/// The upstream `dataset` stage of format coco.
+fn coco_upstream(ctx: &StageContext) -> Result<&crate::exec::job::UpstreamRef> {
+    let u = ctx.job.upstream.values().find(|u| {
+        u.kind == "dataset" && u.info.get("format").and_then(|f| f.as_str()) == Some("coco")
+    });
+    u.ok_or_else(|| {
+        Error::stage(
+            &ctx.job.id,
+            "coco_detection needs a `dataset` stage with `format: coco` in `needs`",
+        )
+    })
+}
+
+fn stack(images: &[&Chw], dev: &Device) -> Result<Tensor> {
+    let c = images[0];
+    let mut data = Vec::with_capacity(images.len() * c.data.len());
+    for im in images {
+        data.extend_from_slice(&im.data);
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), c.channels, c.height, c.width),
+        dev,
+    )?)
+}
+
+/// Run the stage.
+pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
+    let p: Params = params_of(ctx)?;
+    let id = ctx.job.id.clone();
+    let serr = |e: &dyn std::fmt::Display| Error::stage(&id, e.to_string());
+    p.validate().map_err(|m| serr(&m))?;
+    let dev = backbone::device(ctx)?;
+    let root = dataset::root_of(coco_upstream(ctx)?);
+    let train = CocoDataset::open(&root, "train").map_err(|e| serr(&e))?;
+    let val = CocoDataset::open(&root, "val").map_err(|e| serr(&e))?;
+    if train.categories != val.categories {
+        return Err(serr(
+            &"the train and val splits have different `categories`",
+        ));
+    }
+    let k = train.categories.len();
+    let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
+    let patch = bb.cfg.patch_size;
+    if p.img_size % (2 * patch) != 0 {
+        return Err(serr(&format!(
+            "`img_size` {} must be a multiple of 2 x patch_size = {}",
+            p.img_size,
+            2 * patch
+        )));
+    }
+    let det_vars = VarMap::new();
+    let init_seed = derive_seed(&ctx.job.key, ctx.job.seed, "detector-init");
+    let det = Detector::new(
+        &p.head,
+        k,
+        bb.cfg.embed_dim,
+        patch,
+        SeededInit::var_builder(&det_vars, init_seed, &dev),
+    )
+    .map_err(|e| serr(&e))?;
+    ctx.log(format!(
+        "coco_detection: backbone {} ({:?}), {k} classes, {} train / {} val images, input {}px, strides {:?}",
+        bb.source,
+        p.backbone,
+        train.file.images.len(),
+        val.file.images.len(),
+        p.img_size,
+        det.strides()
+    ));
+
+    // Trainable variables (sorted names) and their optimiser groups.
+    let mut trainable: Vec<(String, Var, f64)> = sorted_vars(&det_vars, "det.")
+        .into_iter()
+        .map(|(n, v)| (n, v, 1.0))
+        .collect();
+    if p.backbone == BackboneMode::Finetune {
+        for (n, v) in sorted_vars(&bb.varmap, "backbone.") {
+            let s = layer_scale(&n["backbone.".len()..], bb.cfg.depth, p.layer_decay);
+            trainable.push((n, v, s));
+        }
+    }
+    let mut by_scale: BTreeMap<u64, Vec<(String, Var)>> = BTreeMap::new();
+    for (n, v, s) in &trainable {
+        by_scale
+            .entry(s.to_bits())
+            .or_default()
+            .push((n.clone(), v.clone()));
+    }
+    let ocfg = AdamWConfig::default();
+    let mut groups: Vec<Group> = by_scale
+        .into_iter()
+        .map(|(bits, vars)| {
+            Ok(Group {
+                scale: f64::from_bits(bits),
+                names: vars.iter().map(|(n, _)| n.clone()).collect(),
+                opt: AdamW::new(vars, ocfg.clone()).map_err(|e| serr(&e))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    let mut st = TrainState::default();
+    let mut resumed = 0;
+    if let Some(c) = ctx.ckpt.load()? {
+        let w = candle_core::safetensors::load(c.path.join(WEIGHTS), &dev)?;
+        for (n, v, _) in &trainable {
+            let t = w
+                .get(n)
+                .ok_or_else(|| serr(&format!("checkpoint {} has no `{n}`", c.path.display())))?;
+            v.set(t)?;
+        }
+        let o = candle_core::safetensors::load(c.path.join(OPTIM), &dev)?;
+        for g in &mut groups {
+            let mine: HashMap<String, Tensor> = o
+                .iter()
+                .filter(|(key, _)| {
+                    key.rsplit_once('.')
+                        .is_some_and(|(n, _)| g.names.contains(n))
+                })
+                .map(|(key, t)| (key.clone(), t.clone()))
+                .collect();
+            g.opt.load_state(&mine).map_err(|e| serr(&e))?;
+        }
+        st = serde_json::from_slice(&fs_err::read(c.path.join(STATE))?)?;
+        resumed = st.step;
+        ctx.log(format!("resumed from step {}", st.step));
+    }
+
+    let lsj = LsjConfig {
+        size: p.img_size,
+        scale_range: (p.scale_range[0], p.scale_range[1]),
+        flip_prob: p.flip_prob,
+    };
+    let ids: Vec<u64> = train.file.images.iter().map(|i| i.id).collect();
+    let bpe = ids.len() / p.batch_size;
+    if bpe == 0 {
+        return Err(serr(&format!(
+            "{} training images are fewer than batch_size {}",
+            ids.len(),
+            p.batch_size
+        )));
+    }
+    let mut perm: Option<(u64, Vec<usize>)> = None;
+    let frozen = p.backbone == BackboneMode::Frozen;
+    while st.step < p.steps {
+        if ctx.is_interrupted() {
+            save(ctx, &st, &trainable, &groups)?;
+            return Err(Error::Interrupted);
+        }
+        let step = st.step;
+        let (epoch, kb) = (step / bpe as u64, (step % bpe as u64) as usize);
+        if perm.as_ref().map(|x| x.0) != Some(epoch) {
+            let mut order: Vec<usize> = (0..ids.len()).collect();
+            order.shuffle(&mut stage_rng(
+                &ctx.job.key,
+                ctx.job.seed,
+                &format!("perm/{epoch}"),
+            ));
+            perm = Some((epoch, order));
+        }
+        let order = &perm.as_ref().expect("set").1;
+        let batch: Vec<usize> = order[kb * p.batch_size..(kb + 1) * p.batch_size].to_vec();
+        let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
+        let samples: Vec<TrainSample> = batch
+            .par_iter()
+            .map(|&i| {
+                let mut rng = stage_rng(&key, seed, &format!("aug/{epoch}/{i}"));
+                train_sample(&train, ids[i], &lsj, &mut rng)
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| serr(&e))?;
+        let mut rng = stage_rng(&key, seed, &format!("mask-rois/{step}"));
+        let out = forward_loss(&det, &bb, frozen, &samples, &p.head, &dev, &mut rng)
+            .map_err(|e| serr(&format!("step {step}: {e}")))?;
+        let total = out.total.to_scalar::<f32>()?;
+        if !total.is_finite() {
+            return Err(serr(&format!(
+                "non-finite loss {total} at step {step}; lower `lr` or set `clip_grad_norm`"
+            )));
+        }
+        let grads = out.total.backward()?;
+        let mut named: Vec<HashMap<String, Tensor>> =
+            groups.iter().map(|g| g.opt.named_grads(&grads)).collect();
+        drop(grads);
+        if let Some(max) = p.clip_grad_norm {
+            let mut sq = 0f64;
+            for m in &named {
+                for g in m.values() {
+                    sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                }
+            }
+            let coef = max / (sq.sqrt() + 1e-6);
+            if coef < 1.0 {
+                for m in &mut named {
+                    for g in m.values_mut() {
+                        *g = g.affine(coef, 0.0)?;
+                    }
+                }
+            }
+        }
+        let lr = p.lr * p.lr_factor(step);
+        for (g, m) in groups.iter_mut().zip(&named) {
+            g.opt
+                .step_named(m, lr * g.scale, p.weight_decay)
+                .map_err(|e| serr(&e))?;
+        }
+        st.step += 1;
+        st.loss.push((st.step, total as f64));
+        st.cls.push((st.step, out.cls as f64));
+        st.mask.push((st.step, out.mask as f64));
+        let msg = format!(
+            "loss {total:.4} (cls {:.4} box {:.4} ctr {:.4} mask {:.4}, {} pos, {} mask rois) lr {lr:.2e}",
+            out.cls, out.reg, out.ctr, out.mask, out.num_pos, out.num_rois
+        );
+        ctx.progress.set(st.step, p.steps, &msg);
+        if p.log_every > 0 && (st.step % p.log_every == 0 || st.step == 1) {
+            ctx.log(format!("step {}/{}: {msg}", st.step, p.steps));
+        }
+        if st.step < p.steps && ctx.ckpt.due(st.step) {
+            save(ctx, &st, &trainable, &groups)?;
+        }
+    }
+
+    // Evaluation on val.
+    ctx.log(format!(
+        "evaluating on {} val images",
+        val.file.images.len()
+    ));
+    let (entries, json_results) = detect_all(ctx, &det, &bb, &val, &p, &dev)?;
+    let gt_path = CocoDataset::annotation_path(&root, "val");
+    let gt = ce::CocoDataset::from_file(&gt_path).map_err(|e| serr(&e))?;
+    let dt = ce::CocoResults::from_entries(entries, "results.json", &gt, ce::DetArea::LoadRes)
+        .map_err(|e| serr(&e))?;
+    let bbox = ce::evaluate(&gt, &dt, ce::IouType::Bbox).map_err(|e| serr(&e))?;
+    let segm = ce::evaluate(&gt, &dt, ce::IouType::Segm).map_err(|e| serr(&e))?;
+    let mut categories: Vec<(i64, String)> = gt
+        .categories
+        .iter()
+        .map(|c| (c.id, c.name.clone()))
+        .collect();
+    categories.sort_by_key(|c| c.0);
+    let report = ce::CocoReport {
+        bbox: Some(bbox),
+        segm: Some(segm),
+        categories,
+    };
+    ctx.log(report.to_text());
+
+    let out_dir = ctx.job.out_dir.clone();
+    crate::util::atomic::write_json(&out_dir.join("results.json"), &json_results)?;
+    crate::util::atomic::write_json(&out_dir.join("eval.json"), &report.to_json())?;
+    fs_err::write(out_dir.join("eval.txt"), report.to_text())?;
+    let weights: HashMap<String, Tensor> = trainable
+        .iter()
+        .map(|(n, v, _)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&weights, out_dir.join("detector.safetensors"))?;
+    crate::util::atomic::write_json(
+        &out_dir.join("config.json"),
+        &json!({
+            "params": p,
+            "vit": bb.cfg,
+            "backbone_source": bb.source,
+            "num_classes": k,
+            "category_ids": train.categories.ids(),
+            "strides": det.strides(),
+        }),
+    )?;
+
+    let mut o = StageOutput::default();
+    for (r, suffix) in [(&report.bbox, "box"), (&report.segm, "mask")] {
+        let r = r.as_ref().expect("evaluated");
+        for (name, v) in STAT_NAMES.iter().zip(r.stats) {
+            if v >= 0.0 {
+                o.metrics.insert(format!("{name}_{suffix}"), 100.0 * v);
+            }
+        }
+    }
+    o.metrics.insert("steps".into(), st.step as f64);
+    if let Some(&(_, l)) = st.loss.last() {
+        o.metrics.insert("final_loss".into(), l);
+    }
+    o.series.insert("loss".into(), st.loss);
+    o.series.insert("loss_cls".into(), st.cls);
+    o.series.insert("loss_mask".into(), st.mask);
+    o.info = json!({
+        "backbone": bb.source,
+        "protocol": match p.backbone { BackboneMode::Finetune => "fine-tune", BackboneMode::Frozen => "frozen" },
+        "img_size": p.img_size,
+        "steps": p.steps,
+        "batch_size": p.batch_size,
+        "detections": json_results.len(),
+        "resumed_from": resumed,
+    });
+    Ok(o)
+}
+
+/// Names of the 12 COCOeval stats, in `stats` order.
+pub const STAT_NAMES: [&str; 12] = [
+    "ap", "ap50", "ap75", "aps", "apm", "apl", "ar1", "ar10", "ar100", "ars", "arm", "arl",
+];
+
+fn sorted_vars(vm: &VarMap, prefix: &str) -> Vec<(String, Var)> {
+    let data = vm.data().lock().expect("varmap lock");
+    let mut v: Vec<(String, Var)> = data
+        .iter()
+        .map(|(n, v)| (format!("{prefix}{n}"), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn save(
+    ctx: &mut StageContext,
+    st: &TrainState,
+    trainable: &[(String, Var, f64)],
+    groups: &[Group],
+) -> Result<()> {
+    let weights: HashMap<String, Tensor> = trainable
+        .iter()
+        .map(|(n, v, _)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let mut optim = HashMap::new();
+    for g in groups {
+        optim.extend(
+            g.opt
+                .state_tensors()
+                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?,
+        );
+    }
+    let state = serde_json::to_vec(st)?;
+    ctx.ckpt.save(st.step, |dir| {
+        candle_core::safetensors::save(&weights, dir.join(WEIGHTS))?;
+        candle_core::safetensors::save(&optim, dir.join(OPTIM))?;
+        fs_err::write(dir.join(STATE), &state)?;
+        Ok(())
+    })
+}
+
+/// Losses of one training batch.
+struct StepOut {
+    total: Tensor,
+    cls: f32,
+    reg: f32,
+    ctr: f32,
+    mask: f32,
+    num_pos: usize,
+    num_rois: usize,
+}
+
+fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+}
+
+/// Level and location centre of a flattened location index.
+fn location_of(levels: &[LevelInfo], loc: usize) -> (LevelInfo, f32, f32) {
+    let l = *levels
+        .iter()
+        .rev()
+        .find(|l| loc >= l.offset)
+        .expect("location in range");
+    let r = loc - l.offset;
+    let (x, y) = l.location(r / l.w, r % l.w);
+    (l, x, y)
+}
+
+fn forward_loss(
+    det: &Detector,
+    bb: &Backbone,
+    frozen: bool,
+    samples: &[TrainSample],
+    cfg: &DetectorConfig,
+    dev: &Device,
+    rng: &mut impl Rng,
+) -> Result<StepOut> {
+    let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), dev)?;
+    let fmap = Detector::feature_map(&bb.encoder, &images).map_err(model_err)?;
+    let fmap = if frozen { fmap.detach() } else { fmap };
+    let feats = det.neck.forward(&fmap).map_err(model_err)?;
+    let out = det.fcos.forward(&feats, det.strides()).map_err(model_err)?;
+    let gts: Vec<Vec<GtBox>> = samples
+        .iter()
+        .map(|s| {
+            s.instances
+                .iter()
+                .map(|i| GtBox {
+                    bbox: i.bbox,
+                    class: i.class,
+                })
+                .collect()
+        })
+        .collect();
+    let radius = cfg.center_radius as f32;
+    let assigns: Vec<Assignment> = gts
+        .iter()
+        .map(|g| fcos::assign(&out.levels, g, radius))
+        .collect();
+    let lcfg = LossConfig {
+        alpha: cfg.focal_alpha,
+        gamma: cfg.focal_gamma,
+    };
+    let fl = fcos::losses(&out, &assigns, &gts, &lcfg).map_err(model_err)?;
+
+    // Mask RoIs: every ground-truth box, plus the predicted boxes of positive locations that
+    // overlap their ground truth by IoU >= 0.5; at most `mask_rois_per_image` per image.
+    let reg = out.reg.detach().to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    let s = samples[0].image.width as f32;
+    let mut rois: Vec<(usize, BoxXyxy)> = Vec::new();
+    let mut classes = Vec::new();
+    let mut targets = Vec::new();
+    let m = cfg.mask_size();
+    for (b, (a, smp)) in assigns.iter().zip(samples).enumerate() {
+        let mut cands: Vec<(BoxXyxy, usize)> = smp
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(g, i)| (i.bbox, g))
+            .collect();
+        for (loc, g) in a.positives() {
+            let (l, x, y) = location_of(&out.levels, loc);
+            let d = &reg[b][loc];
+            let pb = box_coding::clip(
+                &box_coding::decode(x, y, l.stride as f32, &[d[0], d[1], d[2], d[3]]),
+                s,
+                s,
+            );
+            if box_coding::iou(&pb, &smp.instances[g].bbox) >= 0.5 {
+                cands.push((pb, g));
+            }
+        }
+        if cands.len() > cfg.mask_rois_per_image {
+            // rand's partial_shuffle returns the chosen elements as its first slice
+            let (chosen, _) = cands.partial_shuffle(rng, cfg.mask_rois_per_image);
+            cands = chosen.to_vec();
+        }
+        for (bx, g) in cands {
+            let inst = &smp.instances[g];
+            targets.extend(mask_target(&inst.mask, (s as usize, s as usize), &bx, m));
+            rois.push((b, bx));
+            classes.push(inst.class);
+        }
+    }
+    let num_rois = rois.len();
+    let mut total = ((&fl.cls + &fl.reg)? + &fl.ctr)?;
+    let mut mask_l = 0f32;
+    if num_rois > 0 {
+        let logits = det.mask_logits(&feats, &rois).map_err(model_err)?;
+        let ml = det
+            .mask
+            .loss(&logits, &classes, targets)
+            .map_err(model_err)?;
+        mask_l = scalar(&ml)?;
+        total = (total + (ml * cfg.mask_loss_weight)?)?;
+    }
+    Ok(StepOut {
+        cls: scalar(&fl.cls)?,
+        reg: scalar(&fl.reg)?,
+        ctr: scalar(&fl.ctr)?,
+        mask: mask_l,
+        num_pos: fl.num_pos,
+        num_rois,
+        total,
+    })
+}
+
+fn model_err(e: crate::model::ModelError) -> Error {
+    Error::Data(format!("detector: {e}"))
+}
+
+/// Detections of every val image: the in-memory results (for COCOeval) and their JSON form.
+fn detect_all(
+    ctx: &mut StageContext,
+    det: &Detector,
+    bb: &Backbone,
+    val: &CocoDataset,
+    p: &Params,
+    dev: &Device,
+) -> Result<(Vec<ce::ResultEntry>, Vec<Value>)> {
+    let id = ctx.job.id.clone();
+    let k = val.categories.len();
+    let m = p.head.mask_size();
+    let post = p.head.post();
+    let mut entries = Vec::new();
+    let mut json_out = Vec::new();
+    let n = val.file.images.len();
+    for (ci, chunk) in val.file.images.chunks(p.eval_batch_size).enumerate() {
+        if ctx.is_interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let ims = chunk
+            .par_iter()
+            .map(|im| eval_image(val, im, p.img_size))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::stage(&id, e.to_string()))?;
+        let images = stack(&ims.iter().map(|e| &e.image).collect::<Vec<_>>(), dev)?;
+        let fmap = Detector::feature_map(&bb.encoder, &images)
+            .map_err(model_err)?
+            .detach();
+        let feats = det.neck.forward(&fmap).map_err(model_err)?;
+        let out = det.fcos.forward(&feats, det.strides()).map_err(model_err)?;
+        let cls = sigmoid(&out.cls.detach())
+            .map_err(model_err)?
+            .to_vec3::<f32>()?;
+        let ctr = sigmoid(&out.ctr.detach())
+            .map_err(model_err)?
+            .to_vec2::<f32>()?;
+        let reg = out.reg.detach().to_vec3::<f32>()?;
+        let mut dets = Vec::new();
+        for (b, e) in ims.iter().enumerate() {
+            let flat_cls: Vec<f32> = cls[b].concat();
+            let flat_reg: Vec<f32> = reg[b].concat();
+            let valid = (e.valid.0 as f32, e.valid.1 as f32);
+            for d in fcos::postprocess(&flat_cls, &ctr[b], &flat_reg, &out.levels, k, valid, &post)
+            {
+                dets.push((b, d));
+            }
+        }
+        let boxes: Vec<(usize, BoxXyxy)> = dets.iter().map(|(b, d)| (*b, d.bbox)).collect();
+        let probs = if boxes.is_empty() {
+            Vec::new()
+        } else {
+            let logits = det.mask_logits(&feats, &boxes).map_err(model_err)?;
+            let classes: Vec<usize> = dets.iter().map(|(_, d)| d.class).collect();
+            let sel = det
+                .mask
+                .select_class(&logits.detach(), &classes)
+                .map_err(model_err)?;
+            sigmoid(&sel)
+                .map_err(model_err)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        let rows: Vec<(ce::ResultEntry, Value)> = dets
+            .par_iter()
+            .enumerate()
+            .map(|(i, (b, d))| {
+                let e = &ims[*b];
+                let (w0, h0) = e.orig;
+                let (sx, sy) = e.scale;
+                let bo = box_coding::clip(
+                    &[
+                        d.bbox[0] / sx,
+                        d.bbox[1] / sy,
+                        d.bbox[2] / sx,
+                        d.bbox[3] / sy,
+                    ],
+                    w0 as f32,
+                    h0 as f32,
+                );
+                let mask = paste(&probs[i * m * m..(i + 1) * m * m], m, &bo, (h0, w0), 0.5);
+                let rle = ce::Rle::encode_row_major(&mask, h0, w0).expect("mask size");
+                let counts = rle.to_compressed();
+                let cat = val
+                    .categories
+                    .to_category_id(d.class)
+                    .expect("class in range");
+                let xywh = box_coding::xyxy_to_xywh(&bo);
+                let score = d.score as f64;
+                let entry = ce::ResultEntry {
+                    image_id: e.image_id as i64,
+                    category_id: cat as i64,
+                    score,
+                    bbox: Some(xywh),
+                    segmentation: Some(ce::Segmentation::Rle(rle)),
+                };
+                let js = json!({
+                    "image_id": e.image_id,
+                    "category_id": cat,
+                    "bbox": xywh,
+                    "score": score,
+                    "segmentation": {"size": [h0, w0], "counts": counts},
+                });
+                (entry, js)
+            })
+            .collect();
+        for (e, j) in rows {
+            entries.push(e);
+            json_out.push(j);
+        }
+        let done = ((ci + 1) * p.eval_batch_size).min(n) as u64;
+        ctx.progress.set(done, n as u64, "evaluating");
+    }
+    Ok((entries, json_out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_defaults_and_rejections() {
+        let p = Params::default();
+        assert_eq!(p.checkpoint, "upstream");
+        assert_eq!(p.img_size, 512);
+        let bad = serde_json::json!({"img_sise": 3});
+        assert!(resolve(bad.as_object().unwrap())
+            .unwrap_err()
+            .contains("img_sise"));
+        let bad = serde_json::json!({"scale_range": [2.0, 1.0]});
+        assert!(resolve(bad.as_object().unwrap()).is_err());
+        let ok = serde_json::json!({"head": {"fpn_dim": 32}, "backbone": "frozen"});
+        let v = resolve(ok.as_object().unwrap()).unwrap();
+        assert_eq!(v["head"]["fpn_dim"], 32);
+        assert_eq!(v["head"]["roi_size"], 14);
+    }
+
+    #[test]
+    fn lr_schedule_warmup_cosine_and_step() {
+        let mut p = Params {
+            steps: 100,
+            warmup_steps: 10,
+            warmup_factor: 0.001,
+            ..Default::default()
+        };
+        assert!((p.lr_factor(0) - 0.001).abs() < 1e-12);
+        let end = p.lr_factor(10);
+        assert!((p.lr_factor(5) - (0.001 + (end - 0.001) * 0.5)).abs() < 1e-12);
+        assert!((p.lr_factor(50) - 0.5).abs() < 1e-12);
+        assert!(p.lr_factor(99) < 0.01);
+        p.schedule = LrSchedule::Step;
+        p.milestones = vec![0.5, 0.9];
+        assert_eq!(p.lr_factor(20), 1.0);
+        assert!((p.lr_factor(50) - 0.1).abs() < 1e-12);
+        assert!((p.lr_factor(95) - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn layer_decay_follows_vitdet() {
+        // depth 12, rate 0.7: patch embed 0.7^13, block 11 0.7^1, final norm 1
+        let r = |n| layer_scale(n, 12, 0.7);
+        assert!((r("patch_embed.proj.weight") - 0.7f64.powi(13)).abs() < 1e-15);
+        assert!((r("blocks.0.attn.qkv.weight") - 0.7f64.powi(12)).abs() < 1e-15);
+        assert!((r("blocks.11.mlp.fc1.bias") - 0.7).abs() < 1e-15);
+        assert_eq!(r("norm.weight"), 1.0);
+    }
+}
