@@ -270,10 +270,23 @@ pub fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn quickstart_and_examples_plan() {
     let c = Ctx::new();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for (file, n) in [("pipelines/quickstart.yaml", 7), ("pipelines/examples/pretrain_tiny.yaml", 3)] {
+    for (file, n) in [
+        ("pipelines/quickstart.yaml", 7),
+        ("pipelines/examples/pretrain_tiny.yaml", 3),
+    ] {
         let store = c.path().join(file.replace('/', "_"));
-        let o = c.run(&["run", root.join(file).to_str().unwrap(), "--dry-run", "--store", store.to_str().unwrap()]);
+        let o = c.run(&[
+            "run",
+            root.join(file).to_str().unwrap(),
+            "--dry-run",
+            "--store",
+            store.to_str().unwrap(),
+        ]);
         assert_eq!(o.code, 0, "{file}: {}", o.all());
-        assert!(o.stdout.contains(&format!("{n} of {n} stages would run")), "{file}: {}", o.all());
+        assert!(
+            o.stdout.contains(&format!("{n} of {n} stages would run")),
+            "{file}: {}",
+            o.all()
+        );
     }
 }
