@@ -189,6 +189,10 @@ fn tiny_pipeline_runs_then_is_cached() {
         assert!(full.contains_key("predictor.mask_token"));
         let model: Value =
             serde_json::from_slice(&std::fs::read(art.join("model.json")).unwrap()).unwrap();
+        // What evaluation stages do with it (`backbone::load` of an upstream pretrain stage).
+        let cfg: cjepa::model::VitConfig = serde_json::from_value(model.clone()).unwrap();
+        cjepa::stages::backbone::build("probe", cfg, &enc, &candle_core::Device::Cpu, "t".into())
+            .unwrap();
         assert_eq!(
             (model["img_size"].as_u64(), model["depth"].as_u64()),
             (Some(32), Some(2))

@@ -15,6 +15,15 @@
 //! Artifacts: `encoder.safetensors` + `model.json` (the **target** encoder, official names, see
 //! [`super::backbone`]), `full.safetensors` (`encoder.` / `predictor.` / `target_encoder.`
 //! prefixed, like the golden weights) and `config.json` (resolved config + effective values).
+//!
+//! Metrics: the last step's `loss`, `loss_jepa`, `loss_sim`, `loss_std`, `loss_cov` (raw VICReg
+//! terms, also computed for I-JEPA where they carry no weight), `target_std` (collapse monitor:
+//! mean over feature dims of the batch std of the pooled, layer-normed target features; 0 =
+//! collapse), `lr`, `steps`, `epochs`, and `images_per_sec` (wall clock of the steps run by this
+//! process: the only value a resumed run does not reproduce). The same terms plus `wd` and
+//! (with `clip_grad`) `grad_norm` are series every `log_every` steps, the first and the last.
+
+mod params;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -22,19 +31,20 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+
+pub use params::{resolve, LossParams, MaskParams, Params};
 
 use super::{backbone, params_of, StageContext, StageOutput};
 use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::{ImageSamples, Loader, LoaderConfig};
-use crate::data::transforms::{RandomResizedCrop, Transform, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 use crate::model::layers::layer_norm_plain;
-use crate::model::masks::{MaskConfig, MaskError, MaskSampler};
+use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
-use crate::train::loss::{JepaLossKind, LossConfig, Method, VicTerms};
+use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::schedules::{ScheduleConfig, Schedules};
+use crate::train::schedules::Schedules;
 use crate::train::step::{train_step, Batch, StepError, StepHyper, StepLosses};
 use crate::util::rng::{derive_seed, stage_rng};
 
@@ -48,269 +58,6 @@ pub const CONFIG_FILE: &str = "config.json";
 const NETS_FILE: &str = "nets.safetensors";
 const OPTIM_FILE: &str = "optim.safetensors";
 const STATE_FILE: &str = "state.json";
-
-/// Loss section (`loss:`); defaults = C-JEPA (METHOD.md §4). `method: ijepa` zeroes `b_vic`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossParams {
-    /// JEPA term: `smooth_l1` (official code) or `l2` (paper's formula).
-    pub kind: JepaLossKind,
-    /// Weight of the whole VICReg block.
-    pub b_vic: f64,
-    /// Invariance coefficient.
-    pub b_sim: f64,
-    /// Variance coefficient.
-    pub b_std: f64,
-    /// Covariance coefficient.
-    pub b_cov: f64,
-    /// `all`, `var_cov` or `invariance` (C-JEPA Table 3 ablation).
-    pub vic_terms: VicTerms,
-}
-
-impl Default for LossParams {
-    fn default() -> Self {
-        let c = LossConfig::default();
-        LossParams {
-            kind: c.kind,
-            b_vic: c.vic_weight,
-            b_sim: c.vic_sim_coeff,
-            b_std: c.vic_std_coeff,
-            b_cov: c.vic_cov_coeff,
-            vic_terms: c.vic_terms,
-        }
-    }
-}
-
-/// Mask section (`mask:`): the fields of [`MaskConfig`], except that `min_keep` left out means
-/// "the paper's 10, scaled to the grid" ([`MaskConfig::scaled_for_grid`]); given, it is used as is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MaskParams {
-    /// Context blocks per image.
-    pub enc_blocks: usize,
-    /// Context block scale range.
-    pub enc_scale: [f64; 2],
-    /// Context aspect range.
-    pub enc_aspect: [f64; 2],
-    /// Target blocks per image.
-    pub pred_blocks: usize,
-    /// Target block scale range.
-    pub pred_scale: [f64; 2],
-    /// Target aspect range.
-    pub pred_aspect: [f64; 2],
-    /// A block counts only if it keeps more patches than this; absent = scaled to the grid.
-    pub min_keep: Option<usize>,
-    /// Context may overlap the targets.
-    pub allow_overlap: bool,
-    /// The official corner draw that never reaches the last row / column.
-    pub edge_quirk: bool,
-}
-
-impl Default for MaskParams {
-    fn default() -> Self {
-        let c = MaskConfig::default();
-        MaskParams {
-            enc_blocks: c.enc_blocks,
-            enc_scale: c.enc_scale,
-            enc_aspect: c.enc_aspect,
-            pred_blocks: c.pred_blocks,
-            pred_scale: c.pred_scale,
-            pred_aspect: c.pred_aspect,
-            min_keep: None,
-            allow_overlap: c.allow_overlap,
-            edge_quirk: c.edge_quirk,
-        }
-    }
-}
-
-impl MaskParams {
-    /// The sampler settings for a `grid x grid` patch grid.
-    pub fn config(&self, grid: usize) -> std::result::Result<MaskConfig, MaskError> {
-        let paper = MaskConfig::default().min_keep;
-        let c = MaskConfig {
-            enc_blocks: self.enc_blocks,
-            enc_scale: self.enc_scale,
-            enc_aspect: self.enc_aspect,
-            pred_blocks: self.pred_blocks,
-            pred_scale: self.pred_scale,
-            pred_aspect: self.pred_aspect,
-            min_keep: self.min_keep.unwrap_or(paper),
-            allow_overlap: self.allow_overlap,
-            edge_quirk: self.edge_quirk,
-        };
-        match self.min_keep {
-            Some(_) => c.validate(grid, grid).map(|_| c),
-            None => c.scaled_for_grid(grid, grid),
-        }
-    }
-}
-
-/// Params of a `pretrain` stage. Defaults = the paper (ViT-B/16 600-epoch run, METHOD.md §5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Params {
-    /// `ijepa` or `cjepa`.
-    pub method: Method,
-    /// Loss terms and coefficients.
-    pub loss: LossParams,
-    /// Epochs (sets the schedules' length).
-    pub epochs: u64,
-    /// Global batch size.
-    pub batch: usize,
-    /// Training image side; overrides `model.img_size`.
-    pub img: Option<usize>,
-    /// Patch side; overrides `model.patch_size`.
-    pub patch: Option<usize>,
-    /// Peak learning rate (end of warmup).
-    pub lr: f64,
-    /// Learning rate the warmup starts from.
-    pub start_lr: f64,
-    /// Learning rate at the end of the cosine.
-    pub final_lr: f64,
-    /// Warmup epochs (may be fractional).
-    pub warmup_epochs: f64,
-    /// Weight decay at the start of its cosine.
-    pub wd: f64,
-    /// Weight decay at the end.
-    pub final_wd: f64,
-    /// EMA momentum start and end.
-    pub ema: [f64; 2],
-    /// Horizon of the schedules relative to the training length.
-    pub ipe_scale: f64,
-    /// Clip the global gradient norm to this value (none by default, like the paper).
-    pub clip_grad: Option<f64>,
-    /// Multi-block masking.
-    pub mask: MaskParams,
-    /// RandomResizedCrop area range.
-    pub crop_scale: [f64; 2],
-    /// Split of the dataset to train on.
-    pub split: String,
-    /// Stop after this many steps (schedules still follow `epochs`); for quick runs.
-    pub max_steps: Option<u64>,
-    /// Checkpoint every N steps (0: by time only). Not hashed.
-    pub checkpoint_every: u64,
-    /// Checkpoint every N seconds. Not hashed.
-    pub checkpoint_secs: u64,
-    /// Log loss terms every N steps (also the last step). Not hashed.
-    pub log_every: u64,
-}
-
-impl Default for Params {
-    fn default() -> Self {
-        let s = ScheduleConfig::default();
-        Params {
-            method: Method::Cjepa,
-            loss: LossParams::default(),
-            epochs: 600,
-            batch: 2048,
-            img: None,
-            patch: None,
-            lr: s.ref_lr,
-            start_lr: s.start_lr,
-            final_lr: s.final_lr,
-            warmup_epochs: s.warmup_epochs,
-            wd: s.ref_wd,
-            final_wd: s.final_wd,
-            ema: s.ema,
-            ipe_scale: s.ipe_scale,
-            clip_grad: None,
-            mask: MaskParams::default(),
-            crop_scale: [0.3, 1.0],
-            split: "train".into(),
-            max_steps: None,
-            checkpoint_every: 0,
-            checkpoint_secs: 300,
-            log_every: 10,
-        }
-    }
-}
-
-impl Params {
-    /// The loss settings.
-    pub fn loss_config(&self) -> LossConfig {
-        LossConfig {
-            method: self.method,
-            kind: self.loss.kind,
-            vic_weight: self.loss.b_vic,
-            vic_sim_coeff: self.loss.b_sim,
-            vic_std_coeff: self.loss.b_std,
-            vic_cov_coeff: self.loss.b_cov,
-            vic_terms: self.loss.vic_terms,
-            ..LossConfig::default()
-        }
-    }
-
-    /// The schedule settings.
-    pub fn schedule_config(&self) -> ScheduleConfig {
-        ScheduleConfig {
-            start_lr: self.start_lr,
-            ref_lr: self.lr,
-            final_lr: self.final_lr,
-            warmup_epochs: self.warmup_epochs,
-            ref_wd: self.wd,
-            final_wd: self.final_wd,
-            ema: self.ema,
-            ipe_scale: self.ipe_scale,
-        }
-    }
-
-    /// The pretraining augmentation: RandomResizedCrop(img, crop_scale), no flip, ImageNet norm.
-    pub fn transform(&self, img: usize) -> Transform {
-        Transform::RandomResizedCrop {
-            rrc: RandomResizedCrop {
-                scale: (self.crop_scale[0], self.crop_scale[1]),
-                ..RandomResizedCrop::new(img as u32)
-            },
-            hflip: 0.0,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-        }
-    }
-
-    /// Range checks that need no model or data; the message names the field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let pos = [
-            ("epochs", self.epochs as f64),
-            ("batch", self.batch as f64),
-            ("log_every", self.log_every as f64),
-            ("img", self.img.unwrap_or(1) as f64),
-            ("patch", self.patch.unwrap_or(1) as f64),
-            ("max_steps", self.max_steps.unwrap_or(1) as f64),
-            ("clip_grad", self.clip_grad.unwrap_or(1.0)),
-        ];
-        for (f, v) in pos {
-            if v.is_nan() || v <= 0.0 {
-                return Err(format!("`{f}` must be > 0 (got {v})"));
-            }
-        }
-        let [a, b] = self.crop_scale;
-        if !(a > 0.0 && a <= b && b <= 1.0) {
-            return Err(format!(
-                "`crop_scale` must be [min, max] with 0 < min <= max <= 1 (got [{a}, {b}])"
-            ));
-        }
-        if self.split.is_empty() {
-            return Err("`split` must name a folder of the dataset (e.g. `train`)".into());
-        }
-        self.loss_config()
-            .validate()
-            .map_err(|e| format!("{e} (keys `loss.b_*`)"))?;
-        Schedules::from_config(&self.schedule_config(), 1, 1).map_err(|e| e.to_string())?;
-        let (_, w_std, w_cov) = self.loss_config().term_weights();
-        if self.batch < 2 && (w_std != 0.0 || w_cov != 0.0) {
-            return Err("`batch` must be >= 2 for the VICReg variance / covariance terms".into());
-        }
-        Ok(())
-    }
-}
-
-/// Validate params (unknown keys rejected, ranges checked) and fill in the defaults.
-pub fn resolve(params: &Map<String, Value>) -> std::result::Result<Value, String> {
-    let v = super::resolve::<Params>(params)?;
-    let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    p.validate()?;
-    Ok(v)
-}
 
 /// The last step's values (the final metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -723,74 +470,4 @@ fn write_artifacts(
     });
     crate::util::atomic::write_json(&dir.join(CONFIG_FILE), &config)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_params_are_the_paper_defaults() {
-        let p: Params = serde_json::from_value(json!({})).unwrap();
-        assert_eq!(p, Params::default());
-        assert_eq!(p.loss_config(), LossConfig::cjepa());
-        assert_eq!(p.schedule_config(), ScheduleConfig::default());
-        p.validate().unwrap();
-        let back: Params = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
-        assert_eq!(back, p);
-    }
-
-    #[test]
-    fn unknown_and_bad_fields_are_named() {
-        let e = resolve(json!({"epoch": 3}).as_object().unwrap()).unwrap_err();
-        assert!(e.contains("epoch"), "{e}");
-        let e = resolve(json!({"loss": {"b_vik": 1}}).as_object().unwrap()).unwrap_err();
-        assert!(e.contains("b_vik"), "{e}");
-        let e = resolve(json!({"crop_scale": [0.5, 0.2]}).as_object().unwrap()).unwrap_err();
-        assert!(e.contains("crop_scale"), "{e}");
-        let e = resolve(json!({"batch": 1}).as_object().unwrap()).unwrap_err();
-        assert!(e.contains("batch"), "{e}");
-        let ok = resolve(json!({"batch": 1, "method": "ijepa"}).as_object().unwrap()).unwrap();
-        assert_eq!(ok["loss"]["b_vic"], json!(0.001));
-        let v = resolve(
-            json!({"loss": {"vic_terms": "var_cov", "kind": "l2"}})
-                .as_object()
-                .unwrap(),
-        )
-        .unwrap();
-        let p: Params = serde_json::from_value(v).unwrap();
-        assert_eq!(
-            p.loss_config().term_weights(),
-            (0.0, 0.001 * 25.0, 0.001 * 1.0)
-        );
-        assert_eq!(p.loss_config().kind, JepaLossKind::L2);
-    }
-
-    #[test]
-    fn mask_min_keep_scales_unless_given() {
-        let m = MaskParams::default();
-        assert_eq!(m.config(14).unwrap().min_keep, 10);
-        let small = m.config(4).unwrap();
-        assert!(small.min_keep < 10);
-        MaskSampler::new(small, 4, 4).unwrap();
-        let given = MaskParams {
-            min_keep: Some(10),
-            ..MaskParams::default()
-        };
-        let e = given.config(4).unwrap_err().to_string();
-        assert!(e.contains("min_keep"), "{e}");
-    }
-
-    #[test]
-    fn transform_is_rrc_without_flip() {
-        let p = Params::default();
-        match p.transform(32) {
-            Transform::RandomResizedCrop { rrc, hflip, .. } => {
-                assert_eq!(rrc.size, 32);
-                assert_eq!(rrc.scale, (0.3, 1.0));
-                assert_eq!(hflip, 0.0);
-            }
-            t => panic!("{t:?}"),
-        }
-    }
 }
