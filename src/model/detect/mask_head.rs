@@ -1,7 +1,7 @@
 //! Mask R-CNN's mask head (He et al., arXiv 1703.06870; detectron2 `MaskRCNNConvUpsampleHead`
 //! with ViTDet's LN): RoIAlign `P x P` features -> `num_convs` x (conv 3x3 -> LN -> ReLU) ->
 //! deconv 2x2 s2 -> ReLU -> conv 1x1 to one `2P x 2P` logit map per class; the map of the
-//! box's class is used (class-specific masks).
+//! box's class is used (class-specific masks). Maps are channels-last.
 //!
 //! Training targets follow detectron2 (`BitMasks.crop_and_resize`): the instance's binary mask at
 //! input resolution is RoIAligned into the box (`aligned`, adaptive sampling) and thresholded at
@@ -57,7 +57,7 @@ impl MaskHead {
         })
     }
 
-    /// `(R, C, P, P)` -> logits `(R, K, 2P, 2P)`.
+    /// `(R, P, P, C)` -> logits `(R, 2P, 2P, K)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (conv, norm) in &self.convs {
@@ -67,9 +67,9 @@ impl MaskHead {
         self.predictor.forward(&h)
     }
 
-    /// The logit map of each RoI's class: `(R, K, M, M)` -> `(R, M, M)`.
+    /// The logit map of each RoI's class: `(R, M, M, K)` -> `(R, M, M)`.
     pub fn select_class(&self, logits: &Tensor, classes: &[usize]) -> Result<Tensor> {
-        let (r, k, m, m2) = logits.dims4()?;
+        let (r, m, m2, k) = logits.dims4()?;
         if classes.len() != r || classes.iter().any(|&c| c >= k) || k != self.num_classes {
             return Err(ModelError::Input {
                 what: "mask classes",
@@ -79,11 +79,11 @@ impl MaskHead {
         let idx: Vec<u32> = classes
             .iter()
             .enumerate()
-            .map(|(i, &c)| (i * k + c) as u32)
+            .flat_map(|(i, &c)| (0..m * m2).map(move |j| ((i * m * m2 + j) * k + c) as u32))
             .collect();
-        let idx = Tensor::from_vec(idx, r, logits.device())?;
+        let idx = Tensor::from_vec(idx, r * m * m2, logits.device())?;
         Ok(logits
-            .reshape((r * k, m * m2))?
+            .flatten_all()?
             .index_select(&idx, 0)?
             .reshape((r, m, m2))?)
     }
@@ -221,9 +221,20 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
         let head = MaskHead::new(4, 2, 3, vb).unwrap();
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 7, 7), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 7, 4), &dev).unwrap()).unwrap();
         let logits = head.forward(x.as_tensor()).unwrap();
-        assert_eq!(logits.dims(), &[2, 3, 14, 14]);
+        assert_eq!(logits.dims(), &[2, 14, 14, 3]);
+        // the selected map is channel `class` of each roi
+        let sel = head.select_class(&logits, &[2, 0]).unwrap();
+        let at = |t: &Tensor, idx: &[usize]| {
+            let mut t = t.clone();
+            for &i in idx {
+                t = t.get(i).unwrap();
+            }
+            t.to_scalar::<f32>().unwrap()
+        };
+        assert_eq!(at(&sel, &[0, 3, 5]), at(&logits, &[0, 3, 5, 2]));
+        assert_eq!(at(&sel, &[1, 7, 1]), at(&logits, &[1, 7, 1, 0]));
         let l = head.loss(&logits, &[2, 0], vec![1.0; 2 * 14 * 14]).unwrap();
         let v = l.to_scalar::<f32>().unwrap();
         assert!((v - 2f32.ln()).abs() < 0.05, "near log 2 at init: {v}");
