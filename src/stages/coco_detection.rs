@@ -829,8 +829,7 @@ fn detect_all(
                     w0 as f32,
                     h0 as f32,
                 );
-                let mask = paste(&probs[i * m * m..(i + 1) * m * m], m, &bo, (h0, w0), 0.5);
-                let rle = ce::Rle::encode_row_major(&mask, h0, w0).expect("mask size");
+                let rle = paste(&probs[i * m * m..(i + 1) * m * m], m, &bo, (h0, w0), 0.5).to_rle();
                 let counts = rle.to_compressed();
                 let cat = val
                     .categories

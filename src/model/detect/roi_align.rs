@@ -259,7 +259,6 @@ pub fn roi_align(
 
 /// Literal port of torchvision's CPU `roi_align` forward on one level: `feat` is `(N, C, H, W)`
 /// row-major, `rois` are `(image, box)` pairs, `scale = 1 / stride`. Returns `(K, C, P, P)`.
-#[allow(clippy::too_many_arguments)]
 pub fn roi_align_naive(
     feat: &[f32],
     (n, c, h, w): (usize, usize, usize, usize),
@@ -268,9 +267,21 @@ pub fn roi_align_naive(
     cfg: &RoiAlignConfig,
 ) -> Vec<f32> {
     assert_eq!(feat.len(), n * c * h * w, "feature size");
+    let at = |b: usize, ch: usize, y: usize, x: usize| feat[((b * c + ch) * h + y) * w + x];
+    roi_align_with(at, (c, h, w), rois, scale, cfg)
+}
+
+/// [`roi_align_naive`] reading the map through `at(image, channel, row, col)` (so a `u8` mask
+/// needs no conversion).
+pub fn roi_align_with(
+    at: impl Fn(usize, usize, usize, usize) -> f32,
+    (c, h, w): (usize, usize, usize),
+    rois: &[(usize, BoxXyxy)],
+    scale: f32,
+    cfg: &RoiAlignConfig,
+) -> Vec<f32> {
     let p = cfg.output;
     let mut out = vec![0f32; rois.len() * c * p * p];
-    let at = |b: usize, ch: usize, y: usize, x: usize| feat[((b * c + ch) * h + y) * w + x];
     for (k, &(b, bx)) in rois.iter().enumerate() {
         let offset = if cfg.aligned { 0.5 } else { 0.0 };
         let roi_start_w = bx[0] * scale - offset;
