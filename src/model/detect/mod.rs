@@ -14,16 +14,19 @@
 //!
 //! Parts, one file each: [`init`] (seeded parameter creation), [`nn`] (conv / deconv / LN / losses
 //! with a backward), [`neck`] (simple feature pyramid), [`fcos`] (head, targets, losses,
-//! decoding), [`box_coding`], [`nms`], [`roi_align`], [`mask_head`] (head, targets, pasting).
+//! decoding), [`box_coding`], [`nms`], [`roi_align`], [`mask_head`] (head, targets, pasting),
+//! [`train`] (the losses of a batch), [`infer`] (detections with masks).
 
 pub mod box_coding;
 pub mod fcos;
+pub mod infer;
 pub mod init;
 pub mod mask_head;
 pub mod neck;
 pub mod nms;
 pub mod nn;
 pub mod roi_align;
+pub mod train;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
