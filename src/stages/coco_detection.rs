@@ -22,10 +22,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
-use rand::Rng;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -34,16 +33,15 @@ use serde_json::{json, Value};
 use super::backbone::{self, Backbone};
 use super::{dataset, params_of, StageContext, StageOutput};
 use crate::data::coco::CocoDataset;
-use crate::data::detection::{eval_image, train_sample, LsjConfig, TrainSample};
+use crate::data::detection::{eval_image, train_sample, Instance, LsjConfig, TrainSample};
 use crate::data::transforms::Chw;
 use crate::error::{Error, Result};
 use crate::eval::coco as ce;
-use crate::model::detect::box_coding::{self, BoxXyxy};
-use crate::model::detect::fcos::{self, Assignment, GtBox, LevelInfo, LossConfig};
+use crate::model::detect::box_coding;
+use crate::model::detect::fcos::Detection;
 use crate::model::detect::init::SeededInit;
-use crate::model::detect::mask_head::{mask_target, paste};
-use crate::model::detect::nn::sigmoid;
-use crate::model::detect::{Detector, DetectorConfig};
+use crate::model::detect::mask_head::paste;
+use crate::model::detect::{infer, train, Detector, DetectorConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::util::rng::{derive_seed, stage_rng};
 
@@ -452,7 +450,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| serr(&e))?;
         let mut rng = stage_rng(&key, seed, &format!("mask-rois/{step}"));
-        let out = forward_loss(&det, &bb, frozen, &samples, &p.head, &dev, &mut rng)
+        let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), &dev)?;
+        let instances: Vec<Vec<Instance>> = samples.into_iter().map(|s| s.instances).collect();
+        let out = train::forward_loss(&det, &bb.encoder, frozen, &images, &instances, &mut rng)
             .map_err(|e| serr(&format!("step {step}: {e}")))?;
         let total = out.total.to_scalar::<f32>()?;
         if !total.is_finite() {
@@ -619,132 +619,6 @@ fn save(
     })
 }
 
-/// Losses of one training batch.
-struct StepOut {
-    total: Tensor,
-    cls: f32,
-    reg: f32,
-    ctr: f32,
-    mask: f32,
-    num_pos: usize,
-    num_rois: usize,
-}
-
-fn scalar(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
-}
-
-/// Level and location centre of a flattened location index.
-fn location_of(levels: &[LevelInfo], loc: usize) -> (LevelInfo, f32, f32) {
-    let l = *levels
-        .iter()
-        .rev()
-        .find(|l| loc >= l.offset)
-        .expect("location in range");
-    let r = loc - l.offset;
-    let (x, y) = l.location(r / l.w, r % l.w);
-    (l, x, y)
-}
-
-fn forward_loss(
-    det: &Detector,
-    bb: &Backbone,
-    frozen: bool,
-    samples: &[TrainSample],
-    cfg: &DetectorConfig,
-    dev: &Device,
-    rng: &mut impl Rng,
-) -> Result<StepOut> {
-    let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), dev)?;
-    let fmap = Detector::feature_map(&bb.encoder, &images).map_err(model_err)?;
-    let fmap = if frozen { fmap.detach() } else { fmap };
-    let feats = det.neck.forward(&fmap).map_err(model_err)?;
-    let out = det.fcos.forward(&feats, det.strides()).map_err(model_err)?;
-    let gts: Vec<Vec<GtBox>> = samples
-        .iter()
-        .map(|s| {
-            s.instances
-                .iter()
-                .map(|i| GtBox {
-                    bbox: i.bbox,
-                    class: i.class,
-                })
-                .collect()
-        })
-        .collect();
-    let radius = cfg.center_radius as f32;
-    let assigns: Vec<Assignment> = gts
-        .iter()
-        .map(|g| fcos::assign(&out.levels, g, radius))
-        .collect();
-    let lcfg = LossConfig {
-        alpha: cfg.focal_alpha,
-        gamma: cfg.focal_gamma,
-    };
-    let fl = fcos::losses(&out, &assigns, &gts, &lcfg).map_err(model_err)?;
-
-    // Mask RoIs: every ground-truth box, plus the predicted boxes of positive locations that
-    // overlap their ground truth by IoU >= 0.5; at most `mask_rois_per_image` per image.
-    let reg = out.reg.detach().to_dtype(DType::F32)?.to_vec3::<f32>()?;
-    let s = samples[0].image.width as f32;
-    let mut rois: Vec<(usize, BoxXyxy)> = Vec::new();
-    let mut classes = Vec::new();
-    let mut targets = Vec::new();
-    let m = cfg.mask_size();
-    for (b, (a, smp)) in assigns.iter().zip(samples).enumerate() {
-        let mut cands: Vec<(BoxXyxy, usize)> = smp
-            .instances
-            .iter()
-            .enumerate()
-            .map(|(g, i)| (i.bbox, g))
-            .collect();
-        for (loc, g) in a.positives() {
-            let (l, x, y) = location_of(&out.levels, loc);
-            let d = &reg[b][loc];
-            let pb = box_coding::clip(
-                &box_coding::decode(x, y, l.stride as f32, &[d[0], d[1], d[2], d[3]]),
-                s,
-                s,
-            );
-            if box_coding::iou(&pb, &smp.instances[g].bbox) >= 0.5 {
-                cands.push((pb, g));
-            }
-        }
-        if cands.len() > cfg.mask_rois_per_image {
-            // rand's partial_shuffle returns the chosen elements as its first slice
-            let (chosen, _) = cands.partial_shuffle(rng, cfg.mask_rois_per_image);
-            cands = chosen.to_vec();
-        }
-        for (bx, g) in cands {
-            let inst = &smp.instances[g];
-            targets.extend(mask_target(&inst.mask, (s as usize, s as usize), &bx, m));
-            rois.push((b, bx));
-            classes.push(inst.class);
-        }
-    }
-    let num_rois = rois.len();
-    let mut total = ((&fl.cls + &fl.reg)? + &fl.ctr)?;
-    let mut mask_l = 0f32;
-    if num_rois > 0 {
-        let logits = det.mask_logits(&feats, &rois).map_err(model_err)?;
-        let ml = det
-            .mask
-            .loss(&logits, &classes, targets)
-            .map_err(model_err)?;
-        mask_l = scalar(&ml)?;
-        total = (total + (ml * cfg.mask_loss_weight)?)?;
-    }
-    Ok(StepOut {
-        cls: scalar(&fl.cls)?,
-        reg: scalar(&fl.reg)?,
-        ctr: scalar(&fl.ctr)?,
-        mask: mask_l,
-        num_pos: fl.num_pos,
-        num_rois,
-        total,
-    })
-}
-
 fn model_err(e: crate::model::ModelError) -> Error {
     Error::Data(format!("detector: {e}"))
 }
@@ -759,9 +633,7 @@ fn detect_all(
     dev: &Device,
 ) -> Result<(Vec<ce::ResultEntry>, Vec<Value>)> {
     let id = ctx.job.id.clone();
-    let k = val.categories.len();
     let m = p.head.mask_size();
-    let post = p.head.post();
     let mut entries = Vec::new();
     let mut json_out = Vec::new();
     let n = val.file.images.len();
@@ -775,62 +647,30 @@ fn detect_all(
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::stage(&id, e.to_string()))?;
         let images = stack(&ims.iter().map(|e| &e.image).collect::<Vec<_>>(), dev)?;
-        let fmap = Detector::feature_map(&bb.encoder, &images)
-            .map_err(model_err)?
-            .detach();
-        let feats = det.neck.forward(&fmap).map_err(model_err)?;
-        let out = det.fcos.forward(&feats, det.strides()).map_err(model_err)?;
-        let cls = sigmoid(&out.cls.detach())
-            .map_err(model_err)?
-            .to_vec3::<f32>()?;
-        let ctr = sigmoid(&out.ctr.detach())
-            .map_err(model_err)?
-            .to_vec2::<f32>()?;
-        let reg = out.reg.detach().to_vec3::<f32>()?;
-        let mut dets = Vec::new();
-        for (b, e) in ims.iter().enumerate() {
-            let flat_cls: Vec<f32> = cls[b].concat();
-            let flat_reg: Vec<f32> = reg[b].concat();
-            let valid = (e.valid.0 as f32, e.valid.1 as f32);
-            for d in fcos::postprocess(&flat_cls, &ctr[b], &flat_reg, &out.levels, k, valid, &post)
-            {
-                dets.push((b, d));
-            }
-        }
-        let boxes: Vec<(usize, BoxXyxy)> = dets.iter().map(|(b, d)| (*b, d.bbox)).collect();
-        let probs = if boxes.is_empty() {
-            Vec::new()
-        } else {
-            let logits = det.mask_logits(&feats, &boxes).map_err(model_err)?;
-            let classes: Vec<usize> = dets.iter().map(|(_, d)| d.class).collect();
-            let sel = det
-                .mask
-                .select_class(&logits.detach(), &classes)
-                .map_err(model_err)?;
-            sigmoid(&sel)
-                .map_err(model_err)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
-        };
-        let rows: Vec<(ce::ResultEntry, Value)> = dets
-            .par_iter()
+        let valid: Vec<(f32, f32)> = ims
+            .iter()
+            .map(|e| (e.valid.0 as f32, e.valid.1 as f32))
+            .collect();
+        let found = infer::detect(det, &bb.encoder, &images, &valid).map_err(model_err)?;
+        let flat: Vec<(usize, &Detection, &Vec<f32>)> = found
+            .iter()
             .enumerate()
-            .map(|(i, (b, d))| {
-                let e = &ims[*b];
+            .flat_map(|(b, f)| f.dets.iter().zip(&f.masks).map(move |(d, mk)| (b, d, mk)))
+            .collect();
+        let rows: Vec<(ce::ResultEntry, Value)> = flat
+            .par_iter()
+            .map(|&(b, d, probs)| {
+                let e = &ims[b];
                 let (w0, h0) = e.orig;
                 let (sx, sy) = e.scale;
-                let bo = box_coding::clip(
-                    &[
-                        d.bbox[0] / sx,
-                        d.bbox[1] / sy,
-                        d.bbox[2] / sx,
-                        d.bbox[3] / sy,
-                    ],
-                    w0 as f32,
-                    h0 as f32,
-                );
-                let mask = paste(&probs[i * m * m..(i + 1) * m * m], m, &bo, (h0, w0), 0.5);
-                let rle = ce::Rle::encode_row_major(&mask, h0, w0).expect("mask size");
+                let bx = [
+                    d.bbox[0] / sx,
+                    d.bbox[1] / sy,
+                    d.bbox[2] / sx,
+                    d.bbox[3] / sy,
+                ];
+                let bo = box_coding::clip(&bx, w0 as f32, h0 as f32);
+                let rle = paste(probs, m, &bo, (h0, w0), 0.5).to_rle();
                 let counts = rle.to_compressed();
                 let cat = val
                     .categories

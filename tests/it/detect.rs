@@ -161,7 +161,7 @@ fn tiny_pipeline_runs_end_to_end_and_caches() {
     let params = serde_yaml::to_string(&tiny_params()).unwrap();
     let params: String = params.lines().map(|l| format!("      {l}\n")).collect();
     let yaml = format!(
-        "name: detect_test\ndefaults:\n  device: cpu\nstages:\n  coco:\n    kind: dataset\n    source: synth\n    format: coco\n    params: {{train_images: 4, val_images: 3, width: 96, height: 96, max_objects: 3}}\n  detect:\n    kind: coco_detection\n    needs: [coco]\n    model: {TINY_MODEL}\n    params:\n{params}"
+        "name: detect_test\ndefaults:\n  device: cpu\nstages:\n  coco:\n    kind: dataset\n    source: synth\n    format: coco\n    params: {{train_images: 4, val_images: 3, width: 96, height: 96, max_objects: 3}}\n  detect:\n    kind: coco_detection\n    needs: [coco]\n    model: {TINY_MODEL}\n    params:\n{params}  frozen:\n    kind: coco_detection\n    needs: [coco]\n    model: {TINY_MODEL}\n    params:\n      backbone: frozen\n{params}"
     );
     let file = d.path().join("p.yaml");
     std::fs::write(&file, yaml).unwrap();
@@ -173,7 +173,7 @@ fn tiny_pipeline_runs_end_to_end_and_caches() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("2 ran, 0 cached"), "{err}");
+    assert!(err.contains("3 ran, 0 cached"), "{err}");
     let out = cjepa()
         .arg("run")
         .arg(&file)
@@ -182,7 +182,7 @@ fn tiny_pipeline_runs_end_to_end_and_caches() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
-        out.status.success() && err.contains("0 ran, 2 cached"),
+        out.status.success() && err.contains("0 ran, 3 cached"),
         "{err}"
     );
 
@@ -209,6 +209,18 @@ fn tiny_pipeline_runs_end_to_end_and_caches() {
     ] {
         assert!(arts.join(f).is_file(), "{f}");
     }
+    // fine-tuning saves the encoder with the heads, the frozen variant only the heads
+    let keys = |r: &cjepa::store::Record| -> Vec<String> {
+        let f = store.artifact_dir(&r.key).join("detector.safetensors");
+        candle_core::safetensors::load(f, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect()
+    };
+    let (ft, fz) = (keys(&det), keys(&rec("frozen")));
+    assert!(ft.iter().any(|k| k.starts_with("backbone.blocks.1.")));
+    assert!(fz.iter().all(|k| k.starts_with("det.")) && !fz.is_empty());
+    assert_eq!(rec("frozen").info["protocol"], "frozen");
     drop(store);
     // The results file reproduces the stored metrics through the CLI.
     let gt = data_root.join("annotations/instances_val2017.json");

@@ -35,12 +35,12 @@ pub struct LevelInfo {
 }
 
 impl LevelInfo {
-    /// Levels of maps `(B, C, H, W)` with these strides.
+    /// Levels of maps `(B, H, W, C)` with these strides.
     pub fn of(feats: &[Tensor], strides: &[usize]) -> Result<Vec<LevelInfo>> {
         let mut off = 0;
         let mut out = Vec::new();
         for (f, &s) in feats.iter().zip(strides) {
-            let (_, _, h, w) = f.dims4()?;
+            let (_, h, w, _) = f.dims4()?;
             out.push(LevelInfo {
                 stride: s,
                 h,
@@ -143,12 +143,12 @@ impl FcosHead {
         self.num_classes
     }
 
-    /// Run the head on every level.
+    /// Run the head on every level (channels-last maps).
     pub fn forward(&self, feats: &[Tensor], strides: &[usize]) -> Result<FcosOutput> {
         let levels = LevelInfo::of(feats, strides)?;
         let (mut cls, mut reg, mut ctr) = (Vec::new(), Vec::new(), Vec::new());
         for (l, x) in feats.iter().enumerate() {
-            let (b, _, h, w) = x.dims4()?;
+            let (b, h, w, _) = x.dims4()?;
             let mut c = x.clone();
             for (conv, norm) in &self.cls_tower {
                 c = norm.forward(&conv.forward(&c)?)?.relu()?;
@@ -157,9 +157,7 @@ impl FcosHead {
             for (conv, norm) in &self.box_tower {
                 r = norm.forward(&conv.forward(&r)?)?.relu()?;
             }
-            let flat = |t: Tensor, k: usize| -> Result<Tensor> {
-                Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, k))?)
-            };
+            let flat = |t: Tensor, k: usize| -> Result<Tensor> { Ok(t.reshape((b, h * w, k))?) };
             cls.push(flat(self.cls_logits.forward(&c)?, self.num_classes)?);
             let d = self
                 .bbox_pred
@@ -498,7 +496,7 @@ mod tests {
         let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
         let head = FcosHead::new(3, 8, 1, 2, vb).unwrap();
         let f0 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 8, 8, 8), &dev).unwrap()).unwrap();
-        let f1 = Tensor::randn(0f32, 1.0, (2, 8, 4, 4), &dev).unwrap();
+        let f1 = Tensor::randn(0f32, 1.0, (2, 4, 4, 8), &dev).unwrap();
         let out = head
             .forward(&[f0.as_tensor().clone(), f1], &[4, 8])
             .unwrap();

@@ -1,7 +1,7 @@
 //! Mask R-CNN's mask head (He et al., arXiv 1703.06870; detectron2 `MaskRCNNConvUpsampleHead`
 //! with ViTDet's LN): RoIAlign `P x P` features -> `num_convs` x (conv 3x3 -> LN -> ReLU) ->
 //! deconv 2x2 s2 -> ReLU -> conv 1x1 to one `2P x 2P` logit map per class; the map of the
-//! box's class is used (class-specific masks).
+//! box's class is used (class-specific masks). Maps are channels-last.
 //!
 //! Training targets follow detectron2 (`BitMasks.crop_and_resize`): the instance's binary mask at
 //! input resolution is RoIAligned into the box (`aligned`, adaptive sampling) and thresholded at
@@ -15,7 +15,7 @@ use candle_nn::{Init, VarBuilder};
 use super::box_coding::BoxXyxy;
 use super::init::MSRA_FILL;
 use super::nn::{bce_with_logits, Conv2d, Deconv2x2, LayerNorm2d};
-use super::roi_align::{roi_align_naive, RoiAlignConfig};
+use super::roi_align::{roi_align_with, RoiAlignConfig};
 use crate::model::error::{ModelError, Result};
 
 /// The mask head.
@@ -57,7 +57,7 @@ impl MaskHead {
         })
     }
 
-    /// `(R, C, P, P)` -> logits `(R, K, 2P, 2P)`.
+    /// `(R, P, P, C)` -> logits `(R, 2P, 2P, K)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (conv, norm) in &self.convs {
@@ -67,9 +67,9 @@ impl MaskHead {
         self.predictor.forward(&h)
     }
 
-    /// The logit map of each RoI's class: `(R, K, M, M)` -> `(R, M, M)`.
+    /// The logit map of each RoI's class: `(R, M, M, K)` -> `(R, M, M)`.
     pub fn select_class(&self, logits: &Tensor, classes: &[usize]) -> Result<Tensor> {
-        let (r, k, m, m2) = logits.dims4()?;
+        let (r, m, m2, k) = logits.dims4()?;
         if classes.len() != r || classes.iter().any(|&c| c >= k) || k != self.num_classes {
             return Err(ModelError::Input {
                 what: "mask classes",
@@ -79,11 +79,11 @@ impl MaskHead {
         let idx: Vec<u32> = classes
             .iter()
             .enumerate()
-            .map(|(i, &c)| (i * k + c) as u32)
+            .flat_map(|(i, &c)| (0..m * m2).map(move |j| ((i * m * m2 + j) * k + c) as u32))
             .collect();
-        let idx = Tensor::from_vec(idx, r, logits.device())?;
+        let idx = Tensor::from_vec(idx, r * m * m2, logits.device())?;
         Ok(logits
-            .reshape((r * k, m * m2))?
+            .flatten_all()?
             .index_select(&idx, 0)?
             .reshape((r, m, m2))?)
     }
@@ -99,40 +99,106 @@ impl MaskHead {
 /// Training target of one RoI: the binary `mask` (`h x w`, row-major, input resolution) cropped to
 /// `bbox` and resampled to `m x m` with RoIAlign (aligned, adaptive sampling), `>= 0.5`.
 pub fn mask_target(mask: &[u8], (h, w): (usize, usize), bbox: &BoxXyxy, m: usize) -> Vec<f32> {
-    let f: Vec<f32> = mask
-        .iter()
-        .map(|&v| if v != 0 { 1.0 } else { 0.0 })
-        .collect();
+    assert_eq!(mask.len(), h * w, "mask size");
     let cfg = RoiAlignConfig {
         output: m,
         sampling_ratio: 0,
         aligned: true,
     };
-    roi_align_naive(&f, (1, 1, h, w), &[(0, *bbox)], 1.0, &cfg)
+    let at = |_: usize, _: usize, y: usize, x: usize| {
+        if mask[y * w + x] != 0 {
+            1.0
+        } else {
+            0.0
+        }
+    };
+    roi_align_with(at, (1, h, w), &[(0, *bbox)], 1.0, &cfg)
         .into_iter()
         .map(|v| if v >= 0.5 { 1.0 } else { 0.0 })
         .collect()
 }
 
-/// Paste `m x m` mask probabilities predicted for `bbox` into an `h x w` image (row-major 0/1).
+/// A binary mask that is zero outside a rectangle of an `h x w` image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoxMask {
+    /// Image `(height, width)`.
+    pub size: (usize, usize),
+    /// First column and row of the rectangle.
+    pub origin: (usize, usize),
+    /// Rectangle `(height, width)`.
+    pub rect: (usize, usize),
+    /// Row-major 0/1 values of the rectangle.
+    pub data: Vec<u8>,
+}
+
+impl BoxMask {
+    /// The full-image row-major mask.
+    pub fn to_full(&self) -> Vec<u8> {
+        let (h, w) = self.size;
+        let (x0, y0) = self.origin;
+        let (rh, rw) = self.rect;
+        let mut out = vec![0u8; h * w];
+        for r in 0..rh {
+            out[(y0 + r) * w + x0..(y0 + r) * w + x0 + rw]
+                .copy_from_slice(&self.data[r * rw..(r + 1) * rw]);
+        }
+        out
+    }
+
+    /// COCO RLE (column-major runs) of the full-image mask, visiting only the rectangle.
+    pub fn to_rle(&self) -> crate::eval::coco::Rle {
+        let (h, w) = self.size;
+        let (x0, y0) = self.origin;
+        let (rh, rw) = self.rect;
+        let mut counts: Vec<u32> = Vec::new();
+        let (mut cur, mut run) = (0u8, 0u64);
+        let mut push = |v: u8, n: u64| {
+            if n == 0 {
+                return;
+            }
+            if v != cur {
+                counts.push(run as u32);
+                cur = v;
+                run = 0;
+            }
+            run += n;
+        };
+        // column-major: the columns left of the rectangle, its columns, the columns right of it
+        push(0, (x0 * h) as u64);
+        for c in 0..rw {
+            push(0, y0 as u64);
+            for r in 0..rh {
+                push(self.data[r * rw + c], 1);
+            }
+            push(0, (h - y0 - rh) as u64);
+        }
+        push(0, ((w - x0 - rw) * h) as u64);
+        counts.push(run as u32);
+        crate::eval::coco::Rle { h, w, counts }
+    }
+}
+
+/// Paste `m x m` mask probabilities predicted for `bbox` into an `h x w` image, thresholded.
+/// Only the box's pixels (plus one) can be set: outside it every bilinear sample is below 0.5.
 pub fn paste(
     probs: &[f32],
     m: usize,
     bbox: &BoxXyxy,
     (h, w): (usize, usize),
     threshold: f32,
-) -> Vec<u8> {
-    let mut out = vec![0u8; h * w];
+) -> BoxMask {
     let (x0, y0, x1, y1) = (bbox[0], bbox[1], bbox[2], bbox[3]);
     let (bw, bh) = (x1 - x0, y1 - y0);
-    if !(bw > 0.0 && bh > 0.0) || m == 0 {
-        return out;
-    }
-    // Outside the box every sample is below 0.5 (see module doc), so only its pixels are visited.
-    let xs =
-        (x0.floor() as i64 - 1).max(0) as usize..((x1.ceil() as i64 + 1).max(0) as usize).min(w);
-    let ys =
-        (y0.floor() as i64 - 1).max(0) as usize..((y1.ceil() as i64 + 1).max(0) as usize).min(h);
+    let clampi = |v: f32, hi: usize| (v.max(0.0) as usize).min(hi);
+    let (cx0, cx1) = (clampi(x0.floor() - 1.0, w), clampi(x1.ceil() + 1.0, w));
+    let (cy0, cy1) = (clampi(y0.floor() - 1.0, h), clampi(y1.ceil() + 1.0, h));
+    let valid = bw > 0.0 && bh > 0.0 && m > 0 && cx1 > cx0 && cy1 > cy0;
+    let (rw, rh) = if valid {
+        (cx1 - cx0, cy1 - cy0)
+    } else {
+        (0, 0)
+    };
+    let mut data = vec![0u8; rw * rh];
     let val = |r: i64, c: i64| -> f32 {
         if r < 0 || c < 0 || r >= m as i64 || c >= m as i64 {
             0.0
@@ -140,13 +206,15 @@ pub fn paste(
             probs[r as usize * m + c as usize]
         }
     };
-    for y in ys {
+    for yi in 0..rh {
+        let y = cy0 + yi;
         // grid_sample, align_corners = False: source = ((g + 1) * m - 1) / 2
         let gy = ((y as f32 + 0.5 - y0) / bh) * 2.0 - 1.0;
         let sy = ((gy + 1.0) * m as f32 - 1.0) / 2.0;
         let y_lo = sy.floor();
         let ly = sy - y_lo;
-        for x in xs.clone() {
+        for xi in 0..rw {
+            let x = cx0 + xi;
             let gx = ((x as f32 + 0.5 - x0) / bw) * 2.0 - 1.0;
             let sx = ((gx + 1.0) * m as f32 - 1.0) / 2.0;
             let x_lo = sx.floor();
@@ -157,11 +225,16 @@ pub fn paste(
                 + ly * (1.0 - lx) * val(r + 1, c)
                 + ly * lx * val(r + 1, c + 1);
             if v >= threshold {
-                out[y * w + x] = 1;
+                data[yi * rw + xi] = 1;
             }
         }
     }
-    out
+    BoxMask {
+        size: (h, w),
+        origin: (cx0, cy0),
+        rect: (rh, rw),
+        data,
+    }
 }
 
 #[cfg(test)]
@@ -194,7 +267,10 @@ mod tests {
     #[test]
     fn paste_inverts_target_for_a_full_box() {
         let probs = vec![0.9f32; 28 * 28];
-        let out = paste(&probs, 28, &[3.0, 2.0, 9.0, 7.0], (10, 12), 0.5);
+        let bm = paste(&probs, 28, &[3.0, 2.0, 9.0, 7.0], (10, 12), 0.5);
+        let out = bm.to_full();
+        let rle = crate::eval::coco::Rle::encode_row_major(&out, 10, 12).unwrap();
+        assert_eq!(bm.to_rle(), rle, "rectangle RLE = full-image RLE");
         let on: Vec<(usize, usize)> = (0..10)
             .flat_map(|y| (0..12).map(move |x| (y, x)))
             .filter(|&(y, x)| out[y * 12 + x] == 1)
@@ -209,9 +285,41 @@ mod tests {
             half[r * 4] = 1.0;
             half[r * 4 + 1] = 1.0;
         }
-        let out = paste(&half, 4, &[0.0, 0.0, 8.0, 8.0], (8, 8), 0.5);
+        let bm = paste(&half, 4, &[0.0, 0.0, 8.0, 8.0], (8, 8), 0.5);
+        let out = bm.to_full();
+        let rle = crate::eval::coco::Rle::encode_row_major(&out, 8, 8).unwrap();
+        assert_eq!(bm.to_rle(), rle);
+        // degenerate and off-image boxes give empty masks with valid RLEs
+        for b in [
+            [5.0, 5.0, 5.0, 9.0],
+            [20.0, 20.0, 30.0, 30.0],
+            [-9.0, -9.0, -1.5, -2.0],
+        ] {
+            let bm = paste(&half, 4, &b, (8, 8), 0.5);
+            assert_eq!(bm.to_rle(), crate::eval::coco::Rle::empty(8, 8), "{b:?}");
+        }
         for y in 0..8 {
             assert_eq!(&out[y * 8..y * 8 + 8], &[1, 1, 1, 1, 0, 0, 0, 0], "row {y}");
+        }
+    }
+
+    #[test]
+    fn box_mask_rle_equals_full_image_encoding() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for _ in 0..200 {
+            let (h, w) = (rng.gen_range(1..9), rng.gen_range(1..9));
+            let (y0, x0) = (rng.gen_range(0..h), rng.gen_range(0..w));
+            let (rh, rw) = (rng.gen_range(0..=h - y0), rng.gen_range(0..=w - x0));
+            let data = (0..rh * rw).map(|_| rng.gen_range(0..2u8)).collect();
+            let bm = BoxMask {
+                size: (h, w),
+                origin: (x0, y0),
+                rect: (rh, rw),
+                data,
+            };
+            let want = crate::eval::coco::Rle::encode_row_major(&bm.to_full(), h, w).unwrap();
+            assert_eq!(bm.to_rle(), want, "{bm:?}");
         }
     }
 
@@ -221,9 +329,20 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
         let head = MaskHead::new(4, 2, 3, vb).unwrap();
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 7, 7), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 7, 4), &dev).unwrap()).unwrap();
         let logits = head.forward(x.as_tensor()).unwrap();
-        assert_eq!(logits.dims(), &[2, 3, 14, 14]);
+        assert_eq!(logits.dims(), &[2, 14, 14, 3]);
+        // the selected map is channel `class` of each roi
+        let sel = head.select_class(&logits, &[2, 0]).unwrap();
+        let at = |t: &Tensor, idx: &[usize]| {
+            let mut t = t.clone();
+            for &i in idx {
+                t = t.get(i).unwrap();
+            }
+            t.to_scalar::<f32>().unwrap()
+        };
+        assert_eq!(at(&sel, &[0, 3, 5]), at(&logits, &[0, 3, 5, 2]));
+        assert_eq!(at(&sel, &[1, 7, 1]), at(&logits, &[1, 7, 1, 0]));
         let l = head.loss(&logits, &[2, 0], vec![1.0; 2 * 14 * 14]).unwrap();
         let v = l.to_scalar::<f32>().unwrap();
         assert!((v - 2f32.ln()).abs() < 0.05, "near log 2 at init: {v}");

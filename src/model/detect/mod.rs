@@ -14,16 +14,19 @@
 //!
 //! Parts, one file each: [`init`] (seeded parameter creation), [`nn`] (conv / deconv / LN / losses
 //! with a backward), [`neck`] (simple feature pyramid), [`fcos`] (head, targets, losses,
-//! decoding), [`box_coding`], [`nms`], [`roi_align`], [`mask_head`] (head, targets, pasting).
+//! decoding), [`box_coding`], [`nms`], [`roi_align`], [`mask_head`] (head, targets, pasting),
+//! [`train`] (the losses of a batch), [`infer`] (detections with masks).
 
 pub mod box_coding;
 pub mod fcos;
+pub mod infer;
 pub mod init;
 pub mod mask_head;
 pub mod neck;
 pub mod nms;
 pub mod nn;
 pub mod roi_align;
+pub mod train;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -244,16 +247,13 @@ impl Detector {
         self.neck.strides()
     }
 
-    /// The ViT's last feature map (after its final norm) as `(B, D, H/p, W/p)`.
+    /// The ViT's last feature map (after its final norm), channels-last `(B, H/p, W/p, D)`.
     pub fn feature_map(vit: &VisionTransformer, images: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = images.dims4()?;
         let (gh, gw) = vit.grid_for(h, w)?;
         let tok = vit.forward_features(images, None)?;
         let d = tok.dim(2)?;
-        Ok(tok
-            .reshape((b, gh, gw, d))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?)
+        Ok(tok.reshape((b, gh, gw, d))?)
     }
 
     /// Index of the pyramid level a mask RoI is pooled from (Mask R-CNN's rule: a 224-pixel box
@@ -266,7 +266,7 @@ impl Detector {
             .unwrap_or(0)
     }
 
-    /// Mask logits `(R, K, M, M)` of the boxes `(image, box)` on the pyramid `feats`.
+    /// Mask logits `(R, M, M, K)` of the boxes `(image, box)` on the pyramid `feats`.
     pub fn mask_logits(&self, feats: &[Tensor], boxes: &[(usize, BoxXyxy)]) -> Result<Tensor> {
         let rois: Vec<Roi> = boxes
             .iter()

@@ -10,7 +10,7 @@
 //! each followed by conv 1x1 (no bias) -> LN -> conv 3x3 (no bias) -> LN to `out_dim` channels.
 //! With `p = 16` the strides are 4, 8, 16, 32 (ViTDet's extra stride-64 level is left out: the
 //! FCOS head here uses four levels). Deconvs are matmuls and the pool has kernel = stride, so the
-//! whole neck has a backward.
+//! whole neck has a backward. Maps are channels-last `(B, H, W, C)`.
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -95,9 +95,10 @@ impl SimpleFeaturePyramid {
         &self.strides
     }
 
-    /// `(B, D, G_h, G_w)` -> four maps `(B, out_dim, G * s)` for s in 4, 2, 1, 0.5 (G even).
+    /// `(B, G_h, G_w, D)` -> four maps `(B, G_h * s, G_w * s, out_dim)` for s in 4, 2, 1, 0.5
+    /// (G even).
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let (_, _, gh, gw) = x.dims4()?;
+        let (_, gh, gw, _) = x.dims4()?;
         if gh % 2 != 0 || gw % 2 != 0 {
             return Err(ModelError::Input {
                 what: "images",
@@ -134,16 +135,16 @@ mod tests {
         let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
         let fp = SimpleFeaturePyramid::new(16, 16, 8, vb).unwrap();
         assert_eq!(fp.strides(), &[4, 8, 16, 32]);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 16, 4, 6), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 6, 16), &dev).unwrap()).unwrap();
         let outs = fp.forward(x.as_tensor()).unwrap();
         let shapes: Vec<Vec<usize>> = outs.iter().map(|o| o.dims().to_vec()).collect();
         assert_eq!(
             shapes,
             vec![
-                vec![2, 8, 16, 24],
-                vec![2, 8, 8, 12],
-                vec![2, 8, 4, 6],
-                vec![2, 8, 2, 3]
+                vec![2, 16, 24, 8],
+                vec![2, 8, 12, 8],
+                vec![2, 4, 6, 8],
+                vec![2, 2, 3, 8]
             ]
         );
         let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
@@ -156,7 +157,7 @@ mod tests {
             assert!(g.get(v.as_tensor()).is_some(), "{name} has no gradient");
         }
         assert!(fp
-            .forward(&Tensor::zeros((1, 16, 3, 4), DType::F32, &dev).unwrap())
+            .forward(&Tensor::zeros((1, 3, 4, 16), DType::F32, &dev).unwrap())
             .is_err());
     }
 }

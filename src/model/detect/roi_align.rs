@@ -4,7 +4,7 @@
 //!
 //! The sampling geometry depends only on the boxes, never on the features, so it is computed on
 //! the host as a sparse **plan**: output row `dst` (roi `k`, bin `(ph, pw)`) receives
-//! `weight * table[src]`, where `table` is every level's feature map flattened to
+//! `weight * table[src]`, where `table` is every level's channels-last map flattened to
 //! `(N * H * W, C)` rows and concatenated. The tensor side is then
 //! `zeros.index_add(dst, table.index_select(src) * weight)`: both ops have a backward in candle
 //! (the gradient flows to the features; like torchvision there is none for the boxes).
@@ -198,13 +198,13 @@ pub fn plan(
     Ok(out)
 }
 
-/// Level geometry of `(N, C, H, W)` feature maps with the given strides.
+/// Level geometry of `(N, H, W, C)` feature maps with the given strides.
 pub fn level_geoms(feats: &[Tensor], strides: &[usize]) -> Result<Vec<LevelGeom>> {
     feats
         .iter()
         .zip(strides)
         .map(|(f, &s)| {
-            let (_, _, h, w) = f.dims4()?;
+            let (_, h, w, _) = f.dims4()?;
             Ok(LevelGeom {
                 h,
                 w,
@@ -214,8 +214,8 @@ pub fn level_geoms(feats: &[Tensor], strides: &[usize]) -> Result<Vec<LevelGeom>
         .collect()
 }
 
-/// RoIAlign of `rois` over the levels `feats` (each `(N, C, H_l, W_l)`, stride `strides[l]`):
-/// `(K, C, P, P)`, differentiable with respect to the features.
+/// RoIAlign of `rois` over the levels `feats` (each channels-last `(N, H_l, W_l, C)`, stride
+/// `strides[l]`): `(K, P, P, C)`, differentiable with respect to the features.
 pub fn roi_align(
     feats: &[Tensor],
     strides: &[usize],
@@ -226,20 +226,20 @@ pub fn roi_align(
         what: "roi_align",
         msg: "no feature levels".into(),
     })?;
-    let (n, c, _, _) = first.dims4()?;
+    let (n, _, _, c) = first.dims4()?;
     let dev = first.device();
     let p = cfg.output;
     let geoms = level_geoms(feats, strides)?;
     let pl = plan(rois, &geoms, n, cfg)?;
     let dtype = first.dtype();
     if rois.is_empty() {
-        return Ok(Tensor::zeros((0, c, p, p), dtype, dev)?);
+        return Ok(Tensor::zeros((0, p, p, c), dtype, dev)?);
     }
     let rows: Vec<Tensor> = feats
         .iter()
         .map(|f| {
-            let (b, c, h, w) = f.dims4()?;
-            f.permute((0, 2, 3, 1))?.reshape((b * h * w, c))
+            let (b, h, w, c) = f.dims4()?;
+            f.reshape((b * h * w, c))
         })
         .collect::<candle_core::Result<_>>()?;
     let table = Tensor::cat(&rows, 0)?;
@@ -254,15 +254,11 @@ pub fn roi_align(
         let g = table.index_select(&src, 0)?.broadcast_mul(&wt)?;
         out.index_add(&dst, &g, 0)?
     };
-    Ok(out
-        .reshape((rois.len(), p, p, c))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    Ok(out.reshape((rois.len(), p, p, c))?)
 }
 
 /// Literal port of torchvision's CPU `roi_align` forward on one level: `feat` is `(N, C, H, W)`
 /// row-major, `rois` are `(image, box)` pairs, `scale = 1 / stride`. Returns `(K, C, P, P)`.
-#[allow(clippy::too_many_arguments)]
 pub fn roi_align_naive(
     feat: &[f32],
     (n, c, h, w): (usize, usize, usize, usize),
@@ -271,9 +267,21 @@ pub fn roi_align_naive(
     cfg: &RoiAlignConfig,
 ) -> Vec<f32> {
     assert_eq!(feat.len(), n * c * h * w, "feature size");
+    let at = |b: usize, ch: usize, y: usize, x: usize| feat[((b * c + ch) * h + y) * w + x];
+    roi_align_with(at, (c, h, w), rois, scale, cfg)
+}
+
+/// [`roi_align_naive`] reading the map through `at(image, channel, row, col)` (so a `u8` mask
+/// needs no conversion).
+pub fn roi_align_with(
+    at: impl Fn(usize, usize, usize, usize) -> f32,
+    (c, h, w): (usize, usize, usize),
+    rois: &[(usize, BoxXyxy)],
+    scale: f32,
+    cfg: &RoiAlignConfig,
+) -> Vec<f32> {
     let p = cfg.output;
     let mut out = vec![0f32; rois.len() * c * p * p];
-    let at = |b: usize, ch: usize, y: usize, x: usize| feat[((b * c + ch) * h + y) * w + x];
     for (k, &(b, bx)) in rois.iter().enumerate() {
         let offset = if cfg.aligned { 0.5 } else { 0.0 };
         let roi_start_w = bx[0] * scale - offset;
@@ -396,8 +404,15 @@ mod tests {
         let (n, c) = (2, 3);
         let f0 = rand_feat(n, c, 12, 16, 1); // stride 4
         let f1 = rand_feat(n, c, 6, 8, 2); // stride 8
-        let t0 = Tensor::from_vec(f0.clone(), (n, c, 12, 16), &dev).unwrap();
-        let t1 = Tensor::from_vec(f1.clone(), (n, c, 6, 8), &dev).unwrap();
+        let nhwc = |f: &Vec<f32>, h: usize, w: usize| {
+            Tensor::from_vec(f.clone(), (n, c, h, w), &dev)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (t0, t1) = (nhwc(&f0, 12, 16), nhwc(&f1, 6, 8));
         for cfg in [
             RoiAlignConfig {
                 output: 7,
@@ -424,8 +439,8 @@ mod tests {
                     bbox,
                 })
                 .collect();
-            let got = to_host(&roi_align(&[t0.clone(), t1.clone()], &[4, 8], &rois, &cfg).unwrap())
-                .unwrap();
+            let out = roi_align(&[t0.clone(), t1.clone()], &[4, 8], &rois, &cfg).unwrap();
+            let got = to_host(&out.permute((0, 3, 1, 2)).unwrap()).unwrap();
             let p = cfg.output;
             for (k, r) in rois.iter().enumerate() {
                 let (f, dims, scale) = if r.level == 0 {
@@ -502,7 +517,9 @@ mod tests {
             .collect();
         let rt = Tensor::from_vec(r.clone(), (rois.len(), c, 3, 3), &dev).unwrap();
         let loss = |x: &Tensor| -> Tensor {
-            (roi_align(&[x.clone()], &[4], &rois, &cfg).unwrap() * &rt)
+            let nhwc = x.permute((0, 2, 3, 1)).unwrap();
+            let out = roi_align(&[nhwc], &[4], &rois, &cfg).unwrap();
+            (out.permute((0, 3, 1, 2)).unwrap() * &rt)
                 .unwrap()
                 .sum_all()
                 .unwrap()
