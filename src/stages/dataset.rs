@@ -31,9 +31,9 @@ pub enum Source {
 /// Dataset formats.
 pub const FORMATS: &[&str] = &["imagefolder", "coco", "ade20k", "davis", "clevr"];
 
-/// Params of a `dataset` stage.
+/// Params of a `dataset` stage. Not `deny_unknown_fields`: serde rejects every flattened key
+/// under that attribute; [`resolve`] rejects unknown keys itself (against the generator's fields).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Params {
     /// `path` (an existing folder).
     #[serde(default)]
@@ -161,8 +161,12 @@ pub fn expand_env(s: &str) -> String {
     out
 }
 
-/// Key inputs: the fingerprint of the file list.
+/// Key inputs: the fingerprint of the file list (`source: synth`: none, the generator params and
+/// the seed in the key determine the data).
 pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Value, String> {
+    if params.get("source").and_then(Value::as_str) == Some("synth") {
+        return Ok(Value::Null);
+    }
     let fmt = params["format"].as_str().unwrap_or("");
     if !FORMATS.contains(&fmt) {
         let hint = crate::spec::suggest::did_you_mean(fmt, FORMATS.iter().copied());
@@ -323,4 +327,38 @@ fn finish(
     info["splits"] = serde_json::to_value(&report.splits)?;
     out.info = info;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn generator_params_are_accepted_and_checked() {
+        let ok = resolve(&map(json!({
+            "source": "synth", "format": "imagefolder", "classes": 4, "size": 32
+        })))
+        .unwrap();
+        assert_eq!(ok["classes"], 4);
+        assert_eq!(ok["train_per_class"], 60, "defaults filled in");
+        let e = resolve(&map(json!({
+            "source": "synth", "format": "imagefolder", "clases": 4
+        })))
+        .unwrap_err();
+        assert!(e.contains("clases") && e.contains("classes"), "{e}");
+        let e = resolve(&map(
+            json!({ "format": "imagefolder", "path": "x", "size": 3 }),
+        ))
+        .unwrap_err();
+        assert!(e.contains("source: synth"), "{e}");
+        let synth = json!({ "source": "synth", "format": "clevr" });
+        assert_eq!(
+            key_inputs(&synth, Path::new("/nonexistent")).unwrap(),
+            Value::Null
+        );
+    }
 }
