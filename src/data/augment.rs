@@ -361,8 +361,8 @@ fn smooth(img: &RgbImage) -> RgbImage {
                 for dx in 0..3 {
                     let k = if dx == 1 && dy == 1 { 5 } else { 1 };
                     let p = img.get_pixel(x + dx - 1, y + dy - 1);
-                    for c in 0..3 {
-                        v[c] += k * p.0[c] as u32;
+                    for (vc, pc) in v.iter_mut().zip(p.0) {
+                        *vc += k * pc as u32;
                     }
                 }
             }

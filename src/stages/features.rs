@@ -517,6 +517,46 @@ pub fn one_hot(labels: &Tensor, classes: usize, dev: &Device) -> Result<Tensor> 
         .to_dtype(DType::F32)?)
 }
 
+/// A stage context over a store folder, for unit tests of stages.
+#[cfg(test)]
+pub(crate) fn test_context(
+    store: &Path,
+    key: &str,
+    upstream: BTreeMap<String, UpstreamRef>,
+    pipeline_dir: &Path,
+) -> StageContext {
+    use crate::exec::checkpoint::Checkpointer;
+    use crate::exec::job::Job;
+    use crate::exec::progress::ProgressFile;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let work = store.join("work").join(key);
+    let out = store.join("tmp").join(key).join("out");
+    fs_err::create_dir_all(&work).unwrap();
+    fs_err::create_dir_all(&out).unwrap();
+    let job = Job {
+        id: "stage".into(),
+        kind: "linear_probe".into(),
+        key: key.into(),
+        config: json!({ "params": {} }),
+        seed: 0,
+        upstream,
+        out_dir: out,
+        work_dir: work.clone(),
+        pipeline_dir: pipeline_dir.to_path_buf(),
+        device: "cpu".into(),
+        threads: 1,
+        gpus: vec![],
+    };
+    StageContext {
+        ckpt: Checkpointer::new(work.join("ckpt"), 1, 0),
+        progress: ProgressFile::new(work.join("progress.json")),
+        interrupted: Arc::new(AtomicBool::new(false)),
+        job,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,12 +604,6 @@ mod tests {
     /// producer contract); its features are extracted once, then found in the store's cache.
     #[test]
     fn upstream_artifact_features_are_extracted_once() {
-        use crate::exec::checkpoint::Checkpointer;
-        use crate::exec::job::Job;
-        use crate::exec::progress::ProgressFile;
-        use std::sync::atomic::AtomicBool;
-        use std::sync::Arc;
-
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
         let data = tmp.path().join("data");
@@ -611,28 +645,7 @@ mod tests {
                 json!({ "path": data, "format": "imagefolder" }),
             ),
         );
-        let work = store.join("work").join("probekey");
-        fs_err::create_dir_all(&work).unwrap();
-        let job = Job {
-            id: "probe".into(),
-            kind: "linear_probe".into(),
-            key: "probekey".into(),
-            config: json!({ "params": {} }),
-            seed: 0,
-            upstream,
-            out_dir: tmp.path().join("out"),
-            work_dir: work.clone(),
-            pipeline_dir: tmp.path().to_path_buf(),
-            device: "cpu".into(),
-            threads: 1,
-            gpus: vec![],
-        };
-        let mut ctx = StageContext {
-            ckpt: Checkpointer::new(work.join("ckpt"), 0, 0),
-            progress: ProgressFile::new(work.join("progress.json")),
-            interrupted: Arc::new(AtomicBool::new(false)),
-            job,
-        };
+        let mut ctx = test_context(&store, "probekey", upstream, tmp.path());
         let bb = load_backbone(&ctx, "upstream", &dev).unwrap();
         assert!(bb.source.starts_with("pt "), "{}", bb.source);
         let same = backbone::build("x", cfg.clone(), &enc, &dev, "x".into()).unwrap();

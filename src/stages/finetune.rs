@@ -207,7 +207,10 @@ impl Params {
         if self.epochs == 0 {
             return Err("`epochs` must be at least 1".into());
         }
-        if self.batch_size == 0 || self.accum_iter == 0 || self.batch_size % self.accum_iter != 0 {
+        if self.batch_size == 0
+            || self.accum_iter == 0
+            || !self.batch_size.is_multiple_of(self.accum_iter)
+        {
             return Err(format!(
                 "`accum_iter` ({}) must divide `batch_size` ({}), both at least 1",
                 self.accum_iter, self.batch_size
@@ -525,7 +528,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         st.step += 1;
         st.epoch_loss += step_loss;
         st.epoch_steps += 1;
-        if st.step % ipe as u64 == 0 {
+        if st.step.is_multiple_of(ipe as u64) {
             st.loss
                 .push((epoch + 1, st.epoch_loss / st.epoch_steps as f64));
             st.epoch_loss = 0.0;
@@ -536,7 +539,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             total,
             format!("epoch {}/{} loss {step_loss:.4}", epoch + 1, p.epochs),
         );
-        let interrupted = ctx.is_interrupted();
+        // Past the last step nothing is left to resume: finish instead.
+        let interrupted = st.step < total && ctx.is_interrupted();
         if (st.step < total && ctx.ckpt.due(st.step)) || interrupted {
             save(ctx, &st, &enc_vars, &head_vars, &opts)?;
             if interrupted {

@@ -21,7 +21,7 @@
 //!
 //! Reported: `top1` / `top5` of the best head on val (the sweep is reported the way VISSL's
 //! is: the best of all heads; `info.best_head` names it), `head/<name>/top1` for every head,
-//! `extract_images_per_sec`, `features_cached`. The train loss of every head is summed per epoch
+//! `extract_images_per_sec`, `features_cached`, `train_secs` (head training + evaluation). The train loss of every head is summed per epoch
 //! into the `loss` series (mean over heads). `augment: true` recomputes the train features every
 //! epoch from augmented images (RandomResizedCrop + flip, the VISSL train transform) instead of
 //! reading the cache: slower by the cost of an encoder forward per image per epoch.
@@ -241,6 +241,7 @@ struct Bank {
 }
 
 impl Bank {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         set: FeatureSet,
         kind: HeadKind,
@@ -473,6 +474,8 @@ pub struct SweepResult {
     pub loss: Vec<(u64, f64)>,
     /// Step the run resumed from (0 = fresh).
     pub resumed_from: u64,
+    /// Wall seconds of head training and evaluation in this run.
+    pub secs: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -500,6 +503,11 @@ pub fn train_sweep(
         return Err(Error::stage(&ctx.job.id, "empty train or val split"));
     }
     let bs = sw.batch_size.min(n);
+    // The learning rate scales with the batch actually used.
+    let sw = &Sweep {
+        batch_size: bs,
+        ..sw.clone()
+    };
     let nb = (n / bs).max(1);
     let total = nb as u64 * sw.epochs as u64;
     // Inputs of every feature set, on the device.
@@ -556,6 +564,7 @@ pub fn train_sweep(
         ctx.log(format!("resumed the probe from step {}", st.step));
     }
     let resumed_from = st.step;
+    let t0 = std::time::Instant::now();
     ctx.log(format!(
         "training {} heads in {} banks: {} epochs x {nb} batches of {bs}, {:?}",
         specs.len(),
@@ -605,7 +614,7 @@ pub fn train_sweep(
         st.step += 1;
         st.epoch_loss += step_loss / specs.len() as f64;
         st.epoch_batches += 1;
-        if st.step % nb as u64 == 0 {
+        if st.step.is_multiple_of(nb as u64) {
             st.loss
                 .push((epoch as u64 + 1, st.epoch_loss / st.epoch_batches as f64));
             st.epoch_loss = 0.0;
@@ -613,7 +622,8 @@ pub fn train_sweep(
         }
         ctx.progress
             .set(st.step, total, format!("epoch {}/{}", epoch + 1, sw.epochs));
-        let interrupted = ctx.is_interrupted();
+        // Past the last step nothing is left to resume: finish instead.
+        let interrupted = st.step < total && ctx.is_interrupted();
         if (st.step < total && ctx.ckpt.due(st.step)) || interrupted {
             save(ctx, &st, &banks)?;
             if interrupted {
@@ -668,6 +678,7 @@ pub fn train_sweep(
         best,
         loss: st.loss,
         resumed_from,
+        secs: t0.elapsed().as_secs_f64(),
     })
 }
 
@@ -706,6 +717,7 @@ pub fn sweep_output(r: &SweepResult, feats: &Features, source: &str) -> StageOut
             .insert(format!("head/{}/top1", h.spec.name), h.top1);
     }
     feats.add_metrics(&mut out);
+    out.metrics.insert("train_secs".into(), r.secs);
     out.series.insert("loss".into(), r.loss.clone());
     out.info = json!({
         "best_head": best.spec.name,
@@ -982,6 +994,90 @@ mod tests {
         let mut m = serde_json::Map::new();
         m.insert("epoch".into(), json!(3));
         assert!(resolve(&m).is_err());
+    }
+
+    fn synthetic(n: usize, seed: u64) -> (Tensor, Vec<usize>) {
+        // 3 classes, class c shifts dims 2c, 2c+1 of both layers.
+        let mut r = crate::util::rng::stage_rng("data", seed, "x");
+        let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
+        let mut v = features::trunc_normal(&mut r, 2 * n * 6, 1.0);
+        for l in 0..2 {
+            for (i, &y) in labels.iter().enumerate() {
+                v[(l * n + i) * 6 + 2 * y] += 2.0;
+                v[(l * n + i) * 6 + 2 * y + 1] += 2.0;
+            }
+        }
+        (
+            Tensor::from_vec(v, (2, n, 6), &Device::Cpu).unwrap(),
+            labels,
+        )
+    }
+
+    fn tiny_sweep(opt: OptimKind) -> Sweep {
+        Sweep {
+            epochs: 4,
+            batch_size: 16,
+            optimizer: opt,
+            base_lr: if opt == OptimKind::Sgd { 4.0 } else { 16.0 },
+            ..Params::default().sweep()
+        }
+    }
+
+    /// A sweep interrupted after every single step and resumed each time ends bit-identical to
+    /// an uninterrupted one (heads, momentum, BN statistics and the loss series are restored).
+    #[test]
+    fn resume_after_every_step_is_bit_identical() {
+        let (xt, yt) = synthetic(48, 1);
+        let (xv, yv) = synthetic(30, 2);
+        let data = ProbeData {
+            train: &xt,
+            train_labels: &yt,
+            val: &xv,
+            val_labels: &yv,
+            classes: 3,
+            augment: None,
+        };
+        for opt in [OptimKind::Lars, OptimKind::Sgd] {
+            let sw = tiny_sweep(opt);
+            let tmp = tempfile::tempdir().unwrap();
+            let mut a =
+                features::test_context(&tmp.path().join("a"), "k", Default::default(), tmp.path());
+            let ra = train_sweep(&mut a, &sw, &data, &Device::Cpu).unwrap();
+            assert_eq!(ra.resumed_from, 0);
+            assert_eq!(ra.loss.len(), 4);
+            let best = &ra.heads[ra.best];
+            if opt == OptimKind::Sgd {
+                assert!(best.top1 > 80.0, "{opt:?}: {:?}", ra.heads);
+            }
+            assert!(ra.loss[3].1 < ra.loss[0].1, "{opt:?}: {:?}", ra.loss);
+            let mut calls = 0;
+            let rb = loop {
+                calls += 1;
+                let mut b = features::test_context(
+                    &tmp.path().join("b"),
+                    "k",
+                    Default::default(),
+                    tmp.path(),
+                );
+                b.interrupted
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                match train_sweep(&mut b, &sw, &data, &Device::Cpu) {
+                    Err(Error::Interrupted) => continue,
+                    Ok(r) => break r,
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(calls, 12, "3 batches x 4 epochs, one step per call");
+            assert!(rb.resumed_from > 0);
+            assert_eq!(ra.loss, rb.loss);
+            for (x, y) in ra.heads.iter().zip(&rb.heads) {
+                assert_eq!((x.top1, x.top5), (y.top1, y.top5));
+            }
+            let read = |d: &str| {
+                fs_err::read(tmp.path().join(d).join("tmp/k/out").join(TENSORS_FILE)).unwrap()
+            };
+            assert_eq!(read("a"), read("b"));
+        }
     }
 
     /// The batched heads learn a separable problem, at the speed their lr multiplier sets.

@@ -91,10 +91,16 @@ fn probes_run_report_and_cache() {
     checkpoint: random
     model: TINY
     params: {k: 5}
+  probe_aug:
+    kind: linear_probe
+    needs: [data]
+    checkpoint: random
+    model: TINY
+    params: {epochs: 2, batch_size: 16, augment: true, feature_sets: [last], lr_mults: [1.0], weight_decays: [0.0]}
 "#,
     );
     let err = run(&p);
-    assert!(err.contains("3 ran, 0 cached"), "{err}");
+    assert!(err.contains("4 ran, 0 cached"), "{err}");
     let r = records(d.path());
     let probe = &r["probe"];
     let m = &probe.metrics;
@@ -119,12 +125,17 @@ fn probes_run_report_and_cache() {
     assert!(art.join("features.safetensors").is_file());
     assert!(art.join("heads.safetensors").is_file());
     drop(store);
-    // Two random encoders (seeded from their stage keys): two cache entries.
-    assert_eq!(cache_entries(d.path()), 2);
+    // Train-time augmentation: features recomputed each epoch, the sweep still reports.
+    let aug = &r["probe_aug"].metrics;
+    assert_eq!(aug.keys().filter(|k| k.starts_with("head/")).count(), 2);
+    assert!(pct(aug["top1"]));
+    assert_eq!(r["probe_aug"].series["loss"].len(), 2);
+    // Three random encoders (seeded from their stage keys): three cache entries.
+    assert_eq!(cache_entries(d.path()), 3);
     // Second run: everything cached, nothing recomputed.
     let err = run(&p);
-    assert!(err.contains("0 ran, 3 cached"), "{err}");
-    assert_eq!(cache_entries(d.path()), 2);
+    assert!(err.contains("0 ran, 4 cached"), "{err}");
+    assert_eq!(cache_entries(d.path()), 3);
 }
 
 #[test]
