@@ -4,9 +4,9 @@
 //! Heads: {`last`, `last4`} features x {`bn_linear` = BatchNorm1d (affine, eps 1e-5, momentum
 //! 0.1) -> Linear, `linear` = Linear} x lr multipliers {1, 0.1} x weight decays {5e-4, 0} = 16
 //! heads, all trained at once on the cached features (`features.rs`). Heads of one (feature set,
-//! head kind) form a bank whose weights are one `(H, D_in, C)` tensor, so a training step is one
-//! batched matmul per bank: 16 heads cost about what 4 do. Each head's loss is its own
-//! cross-entropy; their sum is differentiated once.
+//! head kind) form a bank whose weights are one `(D_in, H C)` matrix, so a training step is one
+//! GEMM per bank (a BN head's affine is folded into its weights); 16 heads cost a few times one.
+//! Each head's loss is its own cross-entropy; their sum is differentiated once per bank.
 //!
 //! Optimiser (`optimizer: lars`, the VISSL ImageNet recipe): LARS of Barlow Twins / VISSL
 //! (`vissl/optimizers/lars.py`): `d = g + wd p`; for a head's weight matrix (not its bias or BN
@@ -222,8 +222,10 @@ const BN_MOMENTUM: f64 = 0.1;
 /// Init std of the linear weights.
 const INIT_STD: f64 = 0.01;
 
-/// Heads of one (feature set, kind): weights `(H, D_in, C)`, bias `(H, 1, C)`, BN affine
-/// `(H, 1, D_in)` and one pair of running statistics (every BN head sees the same input).
+/// Heads of one (feature set, kind), laid out so that a forward pass is one GEMM for all of
+/// them: weights `(D_in, H, C)` viewed as `(D_in, H C)`, bias `(H, C)`, BN affine `(D_in, H)`
+/// and one pair of running statistics (every BN head sees the same input). A BN head's affine
+/// is folded into its weights: `(x_n g + b) W = x_n (g * W) + b W`.
 struct Bank {
     set: FeatureSet,
     kind: HeadKind,
@@ -236,7 +238,9 @@ struct Bank {
     mom: HashMap<&'static str, Tensor>,
     run_mean: Option<Tensor>,
     run_var: Option<Tensor>,
+    /// Per-head learning-rate multipliers `(H,)`.
     lr_mult: Tensor,
+    /// Per-head weight decays `(H,)`.
     wd: Tensor,
 }
 
@@ -253,13 +257,22 @@ impl Bank {
         dev: &Device,
     ) -> Result<Self> {
         let h = heads.len();
-        let w = features::trunc_normal(rng, h * din * classes, INIT_STD);
-        let w = Var::from_tensor(&Tensor::from_vec(w, (h, din, classes), dev)?)?;
-        let b = Var::zeros((h, 1, classes), DType::F32, dev)?;
+        // Drawn head by head, each as PyTorch's (C, D_in) weight, then laid out (D_in, H, C).
+        let mut w = vec![0f32; din * h * classes];
+        for j in 0..h {
+            let hw = features::trunc_normal(rng, classes * din, INIT_STD);
+            for c in 0..classes {
+                for d in 0..din {
+                    w[(d * h + j) * classes + c] = hw[c * din + d];
+                }
+            }
+        }
+        let w = Var::from_tensor(&Tensor::from_vec(w, (din, h, classes), dev)?)?;
+        let b = Var::zeros((h, classes), DType::F32, dev)?;
         let bn = kind == HeadKind::BnLinear;
         let col = |f: &dyn Fn(&HeadSpec) -> f64| -> Result<Tensor> {
             let v: Vec<f32> = heads.iter().map(|&i| f(&specs[i]) as f32).collect();
-            Ok(Tensor::from_vec(v, (h, 1, 1), dev)?)
+            Ok(Tensor::from_vec(v, h, dev)?)
         };
         Ok(Bank {
             set,
@@ -267,10 +280,10 @@ impl Bank {
             w,
             b,
             gamma: bn
-                .then(|| Var::ones((h, 1, din), DType::F32, dev))
+                .then(|| Var::ones((din, h), DType::F32, dev))
                 .transpose()?,
             beta: bn
-                .then(|| Var::zeros((h, 1, din), DType::F32, dev))
+                .then(|| Var::zeros((din, h), DType::F32, dev))
                 .transpose()?,
             mom: HashMap::new(),
             run_mean: bn
@@ -291,11 +304,11 @@ impl Bank {
 
     /// Logits `(H, B, C)` of `x (B, D_in)`; in training the BN running stats are updated.
     fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.heads.len();
-        let inp = match (&self.gamma, &self.beta) {
+        let (din, h, c) = self.w.dims3()?;
+        let n = x.dim(0)?;
+        let (inp, w, bias) = match (&self.gamma, &self.beta) {
             (Some(g), Some(bt)) => {
                 let (mean, var) = if train {
-                    let n = x.dim(0)?;
                     let mean = x.mean_keepdim(0)?;
                     let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
                     let unbiased = if n > 1 {
@@ -319,18 +332,25 @@ impl Bank {
                 let xn = x
                     .broadcast_sub(&mean)?
                     .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-                xn.unsqueeze(0)?
-                    .broadcast_mul(g.as_tensor())?
-                    .broadcast_add(bt.as_tensor())?
+                let w3 = self.w.as_tensor();
+                let w = w3.broadcast_mul(&g.as_tensor().unsqueeze(2)?)?;
+                let bias = w3
+                    .broadcast_mul(&bt.as_tensor().unsqueeze(2)?)?
+                    .sum(0)?
+                    .add(self.b.as_tensor())?;
+                (xn, w, bias)
             }
-            _ => {
-                let (n, d) = x.dims2()?;
-                x.unsqueeze(0)?.broadcast_as((h, n, d))?.contiguous()?
-            }
+            _ => (
+                x.clone(),
+                self.w.as_tensor().clone(),
+                self.b.as_tensor().clone(),
+            ),
         };
-        Ok(inp
-            .matmul(self.w.as_tensor())?
-            .broadcast_add(self.b.as_tensor())?)
+        let logits = inp
+            .matmul(&w.reshape((din, h * c))?)?
+            .reshape((n, h, c))?
+            .broadcast_add(&bias)?;
+        Ok(logits.transpose(0, 1)?)
     }
 
     fn params(&self) -> Vec<(&'static str, &Var)> {
@@ -340,6 +360,16 @@ impl Bank {
             v.push(("beta", b));
         }
         v
+    }
+
+    /// A per-head `(H,)` vector shaped to broadcast against parameter `name`.
+    fn per_head(v: &Tensor, name: &str) -> Result<Tensor> {
+        let h = v.dim(0)?;
+        Ok(match name {
+            "w" => v.reshape((1, h, 1))?,
+            "b" => v.reshape((h, 1))?,
+            _ => v.reshape((1, h))?,
+        })
     }
 
     /// One optimiser step from `grads` at learning rate `lr`.
@@ -357,13 +387,13 @@ impl Bank {
             };
             let p = var.as_detached_tensor();
             let mut d = g.detach();
-            let is_linear = name == "w" || name == "b";
-            if is_linear {
-                d = (d + p.broadcast_mul(&self.wd)?)?;
+            if name == "w" || name == "b" {
+                d = (d + p.broadcast_mul(&Self::per_head(&self.wd, name)?)?)?;
             }
             if sw.optimizer == OptimKind::Lars && name == "w" {
-                let pn = p.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
-                let un = d.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+                // Trust ratio per head: norms over each head's (D_in, C) slice.
+                let pn = p.sqr()?.sum_keepdim((0, 2))?.sqrt()?;
+                let un = d.sqr()?.sum_keepdim((0, 2))?.sqrt()?;
                 let ok = (&pn * &un)?.gt(0.0)?;
                 let safe = (&un + ok.to_dtype(DType::F32)?.affine(-1.0, 1.0)?)?;
                 let q = ok.where_cond(&(pn * sw.eta)?.div(&safe)?, &Tensor::ones_like(&un)?)?;
@@ -378,7 +408,7 @@ impl Bank {
             } else {
                 mu.clone()
             };
-            let step = upd.broadcast_mul(&(&self.lr_mult * lr)?)?;
+            let step = upd.broadcast_mul(&(Self::per_head(&self.lr_mult, name)? * lr)?)?;
             var.set(&(p - step)?)?;
             new_mom.push((name, mu));
         }
