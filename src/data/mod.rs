@@ -15,6 +15,7 @@
 //! depend on thread scheduling.
 
 pub mod ade20k;
+pub mod augment;
 pub mod check;
 pub mod clevr;
 pub mod coco;

@@ -193,4 +193,27 @@ impl Block {
         let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
         Ok((x + y)?)
     }
+
+    /// Forward with stochastic depth (timm `DropPath`): each residual branch is multiplied by its
+    /// per-sample `(B, 1, 1)` scale (0 for a dropped sample, `1 / keep_prob` otherwise); `None`
+    /// keeps the branch as is.
+    pub fn forward_drop_path(
+        &self,
+        x: &Tensor,
+        attn_scale: Option<&Tensor>,
+        mlp_scale: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let a = self.attn.forward(&self.norm1.forward(x)?)?;
+        let a = match attn_scale {
+            Some(s) => a.broadcast_mul(s)?,
+            None => a,
+        };
+        let x = (x + a)?;
+        let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        let y = match mlp_scale {
+            Some(s) => y.broadcast_mul(s)?,
+            None => y,
+        };
+        Ok((x + y)?)
+    }
 }

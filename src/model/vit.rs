@@ -144,6 +144,24 @@ impl VisionTransformer {
         self.norm.forward(&h)
     }
 
+    /// `forward_features` without masks, with stochastic depth for fine-tuning: `scales[i]` holds
+    /// the per-sample `(B, 1, 1)` scales of block `i`'s attention and MLP branches (see
+    /// [`Block::forward_drop_path`]); a missing entry means no drop path for that block.
+    pub fn forward_features_drop_path(
+        &self,
+        x: &Tensor,
+        scales: &[(Option<Tensor>, Option<Tensor>)],
+    ) -> Result<Tensor> {
+        let mut h = self.embed(x, None)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            h = match scales.get(i) {
+                Some((a, m)) => blk.forward_drop_path(&h, a.as_ref(), m.as_ref())?,
+                None => blk.forward(&h)?,
+            };
+        }
+        self.norm.forward(&h)
+    }
+
     /// Like `forward_features`, also returning the output of every block (before the final norm).
     pub fn forward_hidden(
         &self,

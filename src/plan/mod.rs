@@ -153,6 +153,7 @@ fn resolve_model(
             (n, map)
         }
     };
+    let has_preset = name.is_some();
     let mut base = match name {
         Some(n) => {
             if !cache.contains_key(&n) {
@@ -167,7 +168,7 @@ fn resolve_model(
         None => Map::new(),
     };
     for (k, v) in inline {
-        if !base.is_empty() && !base.contains_key(&k) {
+        if has_preset && !base.contains_key(&k) {
             let hint = crate::spec::suggest::did_you_mean(&k, base.keys().map(String::as_str));
             return Err(format!("unknown model field `{k}`{hint}"));
         }

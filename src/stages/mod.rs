@@ -4,12 +4,17 @@
 
 pub mod backbone;
 pub mod coco_detection;
+pub mod clevr;
 pub mod command;
 pub mod context;
 #[cfg(feature = "test-stages")]
 pub mod counter;
 pub mod dataset;
 pub mod pretrain;
+pub mod features;
+pub mod finetune;
+pub mod knn;
+pub mod linear_probe;
 
 use std::path::Path;
 
@@ -35,6 +40,16 @@ pub enum StageKind {
     /// Test-only: counts steps with checkpoints (resume tests).
     #[cfg(feature = "test-stages")]
     Counter,
+    /// Linear-probe sweep on frozen features (VISSL / I-JEPA).
+    LinearProbe,
+    /// Weighted k-NN on frozen features (DINO).
+    Knn,
+    /// End-to-end fine-tuning (MAE recipe); produces an encoder.
+    Finetune,
+    /// CLEVR Count linear probe (VISSL).
+    ClevrCount,
+    /// CLEVR Dist linear probe (VISSL).
+    ClevrDist,
 }
 
 /// Fields never hashed into a stage key (device choice, worker counts, logging cadence).
@@ -58,6 +73,11 @@ impl StageKind {
             StageKind::CocoDetection,
             #[cfg(feature = "test-stages")]
             StageKind::Counter,
+            StageKind::LinearProbe,
+            StageKind::Knn,
+            StageKind::Finetune,
+            StageKind::ClevrCount,
+            StageKind::ClevrDist,
         ]
     }
 
@@ -75,6 +95,11 @@ impl StageKind {
             StageKind::CocoDetection => "coco_detection",
             #[cfg(feature = "test-stages")]
             StageKind::Counter => "counter",
+            StageKind::LinearProbe => "linear_probe",
+            StageKind::Knn => "knn",
+            StageKind::Finetune => "finetune",
+            StageKind::ClevrCount => "clevr_count",
+            StageKind::ClevrDist => "clevr_dist",
         }
     }
 
@@ -92,6 +117,10 @@ impl StageKind {
             StageKind::CocoDetection => coco_detection::VERSION,
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::VERSION,
+            StageKind::LinearProbe => linear_probe::VERSION,
+            StageKind::Knn => knn::VERSION,
+            StageKind::Finetune => finetune::VERSION,
+            StageKind::ClevrCount | StageKind::ClevrDist => clevr::VERSION,
         }
     }
 
@@ -104,6 +133,10 @@ impl StageKind {
             StageKind::CocoDetection => coco_detection::resolve(params),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => resolve::<counter::Params>(params),
+            StageKind::LinearProbe => linear_probe::resolve(params),
+            StageKind::Knn => knn::resolve(params),
+            StageKind::Finetune => finetune::resolve(params),
+            StageKind::ClevrCount | StageKind::ClevrDist => clevr::resolve(params),
         }
     }
 
@@ -116,13 +149,28 @@ impl StageKind {
             StageKind::CocoDetection => serde_json::to_value(coco_detection::Params::default()),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => serde_json::to_value(counter::Params::default()),
+            StageKind::LinearProbe => serde_json::to_value(linear_probe::Params::default()),
+            StageKind::Knn => serde_json::to_value(knn::Params::default()),
+            StageKind::Finetune => serde_json::to_value(finetune::Params::default()),
+            StageKind::ClevrCount | StageKind::ClevrDist => {
+                serde_json::to_value(clevr::Params::default())
+            }
         }
         .expect("params serialise")
     }
 
     /// Whether this kind takes a `model:` preset.
     pub fn takes_model(self) -> bool {
-        matches!(self, StageKind::Pretrain | StageKind::CocoDetection)
+        matches!(
+            self,
+            StageKind::Pretrain
+                | StageKind::CocoDetection
+                | StageKind::LinearProbe
+                | StageKind::Knn
+                | StageKind::Finetune
+                | StageKind::ClevrCount
+                | StageKind::ClevrDist
+        )
     }
 
     /// Extra key inputs that depend on files (dataset fingerprints, command input digests).
@@ -138,6 +186,11 @@ impl StageKind {
             StageKind::CocoDetection => Ok(Value::Null),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => Ok(Value::Null),
+            StageKind::LinearProbe
+            | StageKind::Knn
+            | StageKind::Finetune
+            | StageKind::ClevrCount
+            | StageKind::ClevrDist => features::checkpoint_key_input(params, pipeline_dir),
         }
     }
 
@@ -150,6 +203,11 @@ impl StageKind {
             StageKind::CocoDetection => coco_detection::run(ctx),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::run(ctx),
+            StageKind::LinearProbe => linear_probe::run(ctx),
+            StageKind::Knn => knn::run(ctx),
+            StageKind::Finetune => finetune::run(ctx),
+            StageKind::ClevrCount => clevr::run(ctx, crate::data::clevr::ClevrTask::Count),
+            StageKind::ClevrDist => clevr::run(ctx, crate::data::clevr::ClevrTask::Dist),
         }
     }
 }

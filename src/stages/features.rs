@@ -1,0 +1,748 @@
+//! Frozen-feature extraction shared by the evaluation stages (`linear_probe`, `knn`,
+//! `clevr_count`, `clevr_dist`), computed once per (encoder weights, dataset, images, layers,
+//! transform) and reused by every head and every stage.
+//!
+//! Features are the outputs of the last `min(4, depth)` blocks, each passed through the encoder's
+//! final norm and average-pooled over all patch tokens (I-JEPA / VISSL `lastPOOL` and
+//! `concatPOOL4`, EVALS.md §1.3), for the train and the val split, under the eval transform.
+//! Both feature sets a probe uses come from that one extraction: `last` = the last layer,
+//! `last4` = the concatenation of the extracted layers (fewer than 4 for an encoder shallower
+//! than 4 blocks).
+//!
+//! The cache lives in the store, `<store>/cache/features/<digest>/` (`features.safetensors`:
+//! `train` and `val`, each `(layers, images, dim)` f32; `meta.json`: what was hashed, counts,
+//! extraction speed), where `digest` = blake3 over the canonical JSON of {format version, blake3
+//! of the encoder's weights and architecture, the dataset stage's key, the ordered image lists
+//! (paths relative to the dataset root), the layers, the transform}. An entry is written into a
+//! temporary folder and renamed into place, so a reader never sees half of one; when two stages
+//! race, the first rename wins and the other uses it. Each stage also hard-links the file into
+//! its own artifacts (`features.safetensors`, a copy where a link is impossible), so a result
+//! keeps its inputs even after the cache is cleared. `cjepa gc` does not manage the cache folder;
+//! deleting it is always safe.
+//!
+//! An encoder from `checkpoint: random` is seeded from the stage key (`backbone::load`), so two
+//! stages with random encoders hold different weights and do not share features; stages reading
+//! the same upstream encoder or checkpoint file do.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::Rng;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::backbone::{self, Backbone};
+use super::{StageContext, StageOutput};
+use crate::data::loader::{load_batch, Batch, ImageSamples};
+use crate::data::Transform;
+use crate::error::{Error, Result};
+use crate::exec::job::UpstreamRef;
+use crate::model::VisionTransformer;
+
+/// Version of the cache format and of the extraction (part of every cache digest).
+pub const VERSION: u32 = 1;
+/// Features file, in a cache entry and in a stage's artifacts.
+pub const FEATURES_FILE: &str = "features.safetensors";
+/// Description of a cache entry.
+pub const META_FILE: &str = "meta.json";
+
+/// The pooled features a head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureSet {
+    /// `lastPOOL`: patch-mean of the last block (through the final norm), `D` values.
+    Last,
+    /// `concatPOOL4`: patch-means of the last 4 blocks concatenated, `4 D` values.
+    Last4,
+}
+
+impl FeatureSet {
+    /// Name used in head names and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureSet::Last => "last",
+            FeatureSet::Last4 => "last4",
+        }
+    }
+
+    /// Select from `(L, N, D)` extracted layers: `(N, D)` or `(N, L D)`.
+    pub fn select(self, all: &Tensor) -> Result<Tensor> {
+        let (l, n, d) = all.dims3()?;
+        Ok(match self {
+            FeatureSet::Last => all.get(l - 1)?,
+            FeatureSet::Last4 => all.permute((1, 0, 2))?.contiguous()?.reshape((n, l * d))?,
+        })
+    }
+}
+
+/// The blocks extracted for an encoder of `depth` blocks: the last `min(4, depth)`, oldest first.
+pub fn extract_layers(depth: usize) -> Vec<i64> {
+    let n = depth.clamp(1, 4) as i64;
+    (-n..0).collect()
+}
+
+/// What to extract.
+#[derive(Debug, Clone)]
+pub struct FeatureRequest<'a> {
+    /// The dataset stage the images come from (its key is hashed).
+    pub dataset: &'a UpstreamRef,
+    /// Dataset root (image paths are hashed relative to it).
+    pub root: &'a Path,
+    /// Train images, in label order.
+    pub train: &'a [PathBuf],
+    /// Val images, in label order.
+    pub val: &'a [PathBuf],
+    /// Preprocessing (the eval transform).
+    pub transform: Transform,
+    /// Images per forward pass (does not change the features).
+    pub batch: usize,
+}
+
+/// Extracted (or cached) features, on the CPU.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// Train features `(L, N_train, D)`.
+    pub train: Tensor,
+    /// Val features `(L, N_val, D)`.
+    pub val: Tensor,
+    /// The blocks, oldest first (`-1` = last).
+    pub layers: Vec<i64>,
+    /// Cache digest.
+    pub digest: String,
+    /// The cache entry.
+    pub dir: PathBuf,
+    /// True when this stage found the entry instead of computing it.
+    pub cached: bool,
+    /// Images per second of the extraction that produced the entry.
+    pub images_per_sec: f64,
+}
+
+impl Features {
+    /// Add `extract_images_per_sec` and `features_cached` (0 / 1).
+    pub fn add_metrics(&self, out: &mut StageOutput) {
+        out.metrics
+            .insert("extract_images_per_sec".into(), self.images_per_sec);
+        out.metrics.insert(
+            "features_cached".into(),
+            if self.cached { 1.0 } else { 0.0 },
+        );
+    }
+
+    /// `info.features` of a stage.
+    pub fn info(&self) -> Value {
+        json!({
+            "digest": self.digest,
+            "cached": self.cached,
+            "layers": self.layers,
+            "dim": self.train.dim(2).unwrap_or(0),
+            "train_images": self.train.dim(1).unwrap_or(0),
+            "val_images": self.val.dim(1).unwrap_or(0),
+            "images_per_sec": self.images_per_sec,
+        })
+    }
+
+    /// Hard-link (or copy) the features file into a stage's artifact folder.
+    pub fn link_into(&self, out_dir: &Path) -> Result<()> {
+        let src = self.dir.join(FEATURES_FILE);
+        let dst = out_dir.join(FEATURES_FILE);
+        if dst.exists() {
+            fs_err::remove_file(&dst)?;
+        }
+        if std::fs::hard_link(&src, &dst).is_err() {
+            fs_err::copy(&src, &dst)?;
+        }
+        Ok(())
+    }
+}
+
+/// Metadata written next to the features.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// What the digest was computed from.
+    pub key_input: Value,
+    /// Images per second of the extraction.
+    pub images_per_sec: f64,
+    /// Seconds the extraction took.
+    pub secs: f64,
+    /// Stage that computed the entry.
+    pub stage: String,
+}
+
+/// The store folder of a running stage (`<store>/work/<key>` is its work folder).
+pub fn store_root(ctx: &StageContext) -> Result<PathBuf> {
+    let w = &ctx.job.work_dir;
+    match (w.parent(), w.parent().and_then(Path::parent)) {
+        (Some(p), Some(root)) if p.file_name().is_some_and(|n| n == "work") => {
+            Ok(root.to_path_buf())
+        }
+        _ => Err(Error::stage(
+            &ctx.job.id,
+            format!(
+                "work folder {} is not <store>/work/<key>; cannot locate the feature cache",
+                w.display()
+            ),
+        )),
+    }
+}
+
+/// `<store>/cache/features`.
+pub fn cache_dir(ctx: &StageContext) -> Result<PathBuf> {
+    Ok(store_root(ctx)?.join("cache").join("features"))
+}
+
+/// blake3 over the architecture and every weight (names sorted, shapes, f32 little-endian bytes).
+pub fn weights_digest(bb: &Backbone) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(&serde_json::to_vec(&bb.cfg)?);
+    let data = bb.varmap.data().lock().expect("varmap lock");
+    let sorted: BTreeMap<&String, &candle_core::Var> = data.iter().collect();
+    for (name, var) in sorted {
+        h.update(name.as_bytes());
+        h.update(&[0]);
+        for d in var.dims() {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        let v = var
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for x in v {
+            h.update(&x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+fn rel_list(root: &Path, files: &[PathBuf]) -> String {
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        let r = f.strip_prefix(root).unwrap_or(f);
+        h.update(r.to_string_lossy().replace('\\', "/").as_bytes());
+        h.update(&[0]);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Patch-mean of the selected blocks (each through the final norm): `(L, B, D)`.
+pub fn pooled(encoder: &VisionTransformer, x: &Tensor, layers: &[i64]) -> Result<Tensor> {
+    let outs = encoder
+        .forward_layers(x, None, layers)
+        .map_err(|e| Error::Data(format!("encoder forward: {e}")))?;
+    let means = outs
+        .iter()
+        .map(|t| t.mean(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&means, 0)?)
+}
+
+/// A loaded batch as a `(B, C, H, W)` tensor on `dev`.
+pub fn batch_tensor(b: &Batch, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(&b.images, b.shape.to_vec(), &Device::Cpu)?.to_device(dev)?)
+}
+
+/// Encode images (no gradient): `(L, B, D)` on the CPU.
+pub fn encode(
+    encoder: &VisionTransformer,
+    b: &Batch,
+    layers: &[i64],
+    dev: &Device,
+) -> Result<Tensor> {
+    let x = batch_tensor(b, dev)?;
+    Ok(pooled(encoder, &x, layers)?
+        .detach()
+        .to_device(&Device::Cpu)?)
+}
+
+/// The features of `req` from the cache, or extracted now and cached.
+pub fn extract_or_load(
+    ctx: &mut StageContext,
+    bb: &Backbone,
+    req: &FeatureRequest,
+    dev: &Device,
+) -> Result<Features> {
+    let layers = extract_layers(bb.cfg.depth);
+    let key_input = json!({
+        "v": VERSION,
+        "encoder": weights_digest(bb)?,
+        "dataset": req.dataset.key,
+        "train": rel_list(req.root, req.train),
+        "val": rel_list(req.root, req.val),
+        "layers": layers,
+        "transform": req.transform,
+    });
+    let digest = crate::util::canon::hash(&key_input);
+    let cache = cache_dir(ctx)?;
+    let dir = cache.join(&digest);
+    if let Some(f) = read_entry(&dir, &digest, &layers)? {
+        ctx.log(format!(
+            "features {} found in the cache ({} train, {} val)",
+            &digest[..12],
+            f.train.dim(1)?,
+            f.val.dim(1)?
+        ));
+        return Ok(f);
+    }
+    ctx.log(format!(
+        "extracting features {} (layers {:?}, {} train + {} val images, encoder {})",
+        &digest[..12],
+        layers,
+        req.train.len(),
+        req.val.len(),
+        bb.source
+    ));
+    let t0 = Instant::now();
+    let total = (req.train.len() + req.val.len()) as u64;
+    let mut done = 0u64;
+    let mut splits = Vec::new();
+    for files in [req.train, req.val] {
+        let src = ImageSamples {
+            samples: files.iter().map(|p| (p.clone(), 0)).collect(),
+            transform: req.transform.clone(),
+        };
+        let mut parts = Vec::new();
+        for chunk in (0..files.len())
+            .collect::<Vec<_>>()
+            .chunks(req.batch.max(1))
+        {
+            if ctx.is_interrupted() {
+                return Err(Error::Interrupted);
+            }
+            let b = load_batch(&src, chunk, 0, 0)
+                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+            parts.push(encode(&bb.encoder, &b, &layers, dev)?);
+            done += chunk.len() as u64;
+            ctx.progress.set(done, total, "extracting features");
+        }
+        if parts.is_empty() {
+            return Err(Error::stage(&ctx.job.id, "a split has no images"));
+        }
+        splits.push(Tensor::cat(&parts, 1)?);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let ips = total as f64 / secs.max(1e-9);
+    let meta = Meta {
+        key_input,
+        images_per_sec: ips,
+        secs,
+        stage: ctx.job.id.clone(),
+    };
+    fs_err::create_dir_all(&cache)?;
+    let tmp = cache.join(format!(".tmp-{digest}-{}", std::process::id()));
+    if tmp.exists() {
+        fs_err::remove_dir_all(&tmp)?;
+    }
+    fs_err::create_dir_all(&tmp)?;
+    let mut map = std::collections::HashMap::new();
+    map.insert("train".to_string(), splits[0].clone());
+    map.insert("val".to_string(), splits[1].clone());
+    candle_core::safetensors::save(&map, tmp.join(FEATURES_FILE))?;
+    crate::util::atomic::write_json(&tmp.join(META_FILE), &meta)?;
+    if fs_err::rename(&tmp, &dir).is_err() {
+        // Another stage finished the same entry first: use theirs.
+        let _ = fs_err::remove_dir_all(&tmp);
+        if let Some(f) = read_entry(&dir, &digest, &layers)? {
+            return Ok(f);
+        }
+        return Err(Error::stage(
+            &ctx.job.id,
+            format!("cannot move the features into {}", dir.display()),
+        ));
+    }
+    ctx.log(format!(
+        "extracted {total} images in {secs:.1} s ({ips:.1} images/s)"
+    ));
+    Ok(Features {
+        train: splits[0].clone(),
+        val: splits[1].clone(),
+        layers,
+        digest,
+        dir,
+        cached: false,
+        images_per_sec: ips,
+    })
+}
+
+fn read_entry(dir: &Path, digest: &str, layers: &[i64]) -> Result<Option<Features>> {
+    let (f, m) = (dir.join(FEATURES_FILE), dir.join(META_FILE));
+    if !f.is_file() || !m.is_file() {
+        return Ok(None);
+    }
+    let meta: Meta = match serde_json::from_slice(&fs_err::read(&m)?) {
+        Ok(m) => m,
+        Err(_) => return Ok(None),
+    };
+    let mut t = match candle_core::safetensors::load(&f, &Device::Cpu) {
+        Ok(t) => t,
+        Err(_) => return Ok(None),
+    };
+    let (Some(train), Some(val)) = (t.remove("train"), t.remove("val")) else {
+        return Ok(None);
+    };
+    Ok(Some(Features {
+        train,
+        val,
+        layers: layers.to_vec(),
+        digest: digest.to_string(),
+        dir: dir.to_path_buf(),
+        cached: true,
+        images_per_sec: meta.images_per_sec,
+    }))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Helpers shared by the evaluation stages.
+
+/// The one `dataset` stage among the upstream stages.
+pub fn dataset_upstream(ctx: &StageContext) -> Result<&UpstreamRef> {
+    let ds: Vec<&UpstreamRef> = ctx
+        .job
+        .upstream
+        .values()
+        .filter(|u| u.kind == "dataset")
+        .collect();
+    match ds.as_slice() {
+        [u] => Ok(u),
+        [] => Err(Error::stage(
+            &ctx.job.id,
+            "needs a `dataset` stage in `needs` (the images to evaluate on)",
+        )),
+        _ => Err(Error::stage(
+            &ctx.job.id,
+            format!("has {} dataset stages in `needs`; keep one", ds.len()),
+        )),
+    }
+}
+
+/// Check that a dataset stage has the expected format; return its root folder.
+pub fn dataset_root(ctx: &StageContext, u: &UpstreamRef, format: &str) -> Result<PathBuf> {
+    let got = u.info.get("format").and_then(Value::as_str).unwrap_or("");
+    if got != format {
+        return Err(Error::stage(
+            &ctx.job.id,
+            format!(
+                "dataset stage `{}` has format `{got}`; kind `{}` needs a `{format}` dataset",
+                u.id, ctx.job.kind
+            ),
+        ));
+    }
+    Ok(super::dataset::root_of(u))
+}
+
+/// Load the backbone selected by `checkpoint` with the stage's own `model:` (if any).
+pub fn load_backbone(ctx: &StageContext, checkpoint: &str, dev: &Device) -> Result<Backbone> {
+    let model = ctx.job.config.get("model").cloned();
+    let bb = backbone::load(ctx, checkpoint, model.as_ref(), dev)?;
+    ctx.log(format!(
+        "backbone: {} (D {}, depth {}, patch {})",
+        bb.source, bb.cfg.embed_dim, bb.cfg.depth, bb.cfg.patch_size
+    ));
+    Ok(bb)
+}
+
+/// Key input of a stage whose `checkpoint` is a file: the blake3 of its bytes (so replacing the
+/// file reruns the stage); `upstream` / `random` add nothing (the upstream key / the stage key
+/// already cover them).
+pub fn checkpoint_key_input(
+    params: &Value,
+    pipeline_dir: &Path,
+) -> std::result::Result<Value, String> {
+    let c = params
+        .get("checkpoint")
+        .and_then(Value::as_str)
+        .unwrap_or("upstream");
+    match backbone::CheckpointRef::parse(c, pipeline_dir) {
+        backbone::CheckpointRef::Path(p) => {
+            if !p.is_file() {
+                // Planning works without the file; the stage fails with the path.
+                return Ok(json!({ "checkpoint": "missing" }));
+            }
+            let mut h = blake3::Hasher::new();
+            let f = fs_err::File::open(&p).map_err(|e| e.to_string())?;
+            h.update_reader(f).map_err(|e| e.to_string())?;
+            Ok(json!({ "checkpoint": h.finalize().to_hex().to_string() }))
+        }
+        _ => Ok(Value::Null),
+    }
+}
+
+/// Normal draws with std `std`, resampled outside `[-2, 2]` (timm / PyTorch `trunc_normal_`
+/// with its default absolute bounds, as the official init does), Box-Muller on `rng`.
+pub fn trunc_normal(rng: &mut impl Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.gen::<f64>();
+        let u2: f64 = rng.gen::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        for z in [
+            r * (std::f64::consts::TAU * u2).cos(),
+            r * (std::f64::consts::TAU * u2).sin(),
+        ] {
+            let v = z * std;
+            if out.len() < n && v.abs() <= 2.0 {
+                out.push(v as f32);
+            }
+        }
+    }
+    out
+}
+
+/// Top-1 and top-5 hits of `(.., N, C)` logits against labels `(N,)` (u32): a sample is a top-k
+/// hit when fewer than k classes score strictly higher than the true one. Returns counts over
+/// the last-but-one axis, shaped like the leading axes.
+pub fn topk_hits(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let c = logits.dim(D::Minus1)?;
+    let onehot = one_hot(labels, c, logits.device())?;
+    let truth = logits.broadcast_mul(&onehot)?.sum_keepdim(D::Minus1)?;
+    let above = logits
+        .broadcast_gt(&truth)?
+        .to_dtype(DType::F32)?
+        .sum(D::Minus1)?;
+    let top1 = above.lt(0.5)?.to_dtype(DType::F32)?.sum(D::Minus1)?;
+    let top5 = above.lt(4.5)?.to_dtype(DType::F32)?.sum(D::Minus1)?;
+    Ok((top1, top5))
+}
+
+/// `(N, C)` one-hot f32 of u32 labels.
+pub fn one_hot(labels: &Tensor, classes: usize, dev: &Device) -> Result<Tensor> {
+    let n = labels.dim(0)?;
+    let idx = labels.to_dtype(DType::U32)?.to_device(dev)?;
+    let cls = Tensor::arange(0u32, classes as u32, dev)?;
+    Ok(idx
+        .reshape((n, 1))?
+        .broadcast_eq(&cls.reshape((1, classes))?)?
+        .to_dtype(DType::F32)?)
+}
+
+/// A stage context over a store folder, for unit tests of stages.
+#[cfg(test)]
+pub(crate) fn test_context(
+    store: &Path,
+    key: &str,
+    upstream: BTreeMap<String, UpstreamRef>,
+    pipeline_dir: &Path,
+) -> StageContext {
+    use crate::exec::checkpoint::Checkpointer;
+    use crate::exec::job::Job;
+    use crate::exec::progress::ProgressFile;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let work = store.join("work").join(key);
+    let out = store.join("tmp").join(key).join("out");
+    fs_err::create_dir_all(&work).unwrap();
+    fs_err::create_dir_all(&out).unwrap();
+    let job = Job {
+        id: "stage".into(),
+        kind: "linear_probe".into(),
+        key: key.into(),
+        config: json!({ "params": {} }),
+        seed: 0,
+        upstream,
+        out_dir: out,
+        work_dir: work.clone(),
+        pipeline_dir: pipeline_dir.to_path_buf(),
+        device: "cpu".into(),
+        threads: 1,
+        gpus: vec![],
+    };
+    StageContext {
+        ckpt: Checkpointer::new(work.join("ckpt"), 1, 0),
+        progress: ProgressFile::new(work.join("progress.json")),
+        interrupted: Arc::new(AtomicBool::new(false)),
+        job,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_and_sets() {
+        assert_eq!(extract_layers(12), vec![-4, -3, -2, -1]);
+        assert_eq!(extract_layers(2), vec![-2, -1]);
+        let dev = Device::Cpu;
+        // (L=2, N=3, D=2): layer l, image n, dim d = 100 l + 10 n + d
+        let v: Vec<f32> = (0..2)
+            .flat_map(|l| {
+                (0..3).flat_map(move |n| (0..2).map(move |d| (100 * l + 10 * n + d) as f32))
+            })
+            .collect();
+        let all = Tensor::from_vec(v, (2, 3, 2), &dev).unwrap();
+        let last = FeatureSet::Last.select(&all).unwrap();
+        assert_eq!(last.to_vec2::<f32>().unwrap()[1], vec![110.0, 111.0]);
+        let cat = FeatureSet::Last4.select(&all).unwrap();
+        assert_eq!(
+            cat.to_vec2::<f32>().unwrap()[2],
+            vec![20.0, 21.0, 120.0, 121.0]
+        );
+    }
+
+    fn tiny_cfg() -> crate::model::VitConfig {
+        crate::model::VitConfig {
+            img_size: 32,
+            patch_size: 8,
+            in_chans: 3,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 2.0,
+            qkv_bias: true,
+            ln_eps: 1e-6,
+            pred_embed_dim: 16,
+            pred_depth: 1,
+            pred_num_heads: 2,
+            init_std: 0.02,
+        }
+    }
+
+    /// `checkpoint: upstream` reads an encoder artifact written with `backbone::save` (the
+    /// producer contract); its features are extracted once, then found in the store's cache.
+    #[test]
+    fn upstream_artifact_features_are_extracted_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        let data = tmp.path().join("data");
+        let sp = crate::data::synth::SynthParams::tiny();
+        crate::data::synth::synth(crate::data::DataFormat::ImageFolder, &data, 1, &sp).unwrap();
+        let cfg = tiny_cfg();
+        let dev = Device::Cpu;
+        let nets = crate::model::JepaNetworks::new_random(&cfg, 3, &dev).unwrap();
+        let enc: std::collections::HashMap<String, Tensor> = nets
+            .state_tensors()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("target_encoder.")
+                    .map(|k| (k.to_string(), v))
+            })
+            .collect();
+        let art = store.join("artifacts").join("pt");
+        backbone::save(&art, &cfg, &enc).unwrap();
+        let up = |id: &str, kind: &str, artifacts: PathBuf, info: Value| UpstreamRef {
+            id: id.into(),
+            kind: kind.into(),
+            key: format!("{id}{}", "0".repeat(60)),
+            artifacts,
+            config: json!({}),
+            metrics: Default::default(),
+            info,
+        };
+        let mut upstream = BTreeMap::new();
+        upstream.insert(
+            "pt".to_string(),
+            up("pt", "pretrain", art.clone(), json!({})),
+        );
+        upstream.insert(
+            "data".to_string(),
+            up(
+                "data",
+                "dataset",
+                tmp.path().join("nowhere"),
+                json!({ "path": data, "format": "imagefolder" }),
+            ),
+        );
+        let mut ctx = test_context(&store, "probekey", upstream, tmp.path());
+        let bb = load_backbone(&ctx, "upstream", &dev).unwrap();
+        assert!(bb.source.starts_with("pt "), "{}", bb.source);
+        let same = backbone::build("x", cfg.clone(), &enc, &dev, "x".into()).unwrap();
+        assert_eq!(weights_digest(&bb).unwrap(), weights_digest(&same).unwrap());
+        let (root, train, val) = super::super::linear_probe::imagefolder_splits(&ctx).unwrap();
+        let paths = |s: &[(PathBuf, usize)]| s.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        let (tp, vp) = (paths(&train.samples), paths(&val.samples));
+        let u = dataset_upstream(&ctx).unwrap().clone();
+        let req = FeatureRequest {
+            dataset: &u,
+            root: &root,
+            train: &tp,
+            val: &vp,
+            transform: Transform::imagenet_eval(32),
+            batch: 5,
+        };
+        let f1 = extract_or_load(&mut ctx, &bb, &req, &dev).unwrap();
+        assert!(!f1.cached);
+        assert_eq!(f1.train.dims(), &[2, 12, 16]);
+        assert_eq!(f1.val.dims(), &[2, 6, 16]);
+        assert!(f1.dir.starts_with(store.join("cache").join("features")));
+        let f2 = extract_or_load(&mut ctx, &bb, &req, &dev).unwrap();
+        assert!(f2.cached);
+        assert_eq!(f2.digest, f1.digest);
+        let (a, b) = (
+            f1.train.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            f2.train.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, b);
+        // The cached row of image 3 equals a direct forward of that image alone (batching
+        // does not change the features).
+        let one = ImageSamples {
+            samples: vec![(tp[3].clone(), 0)],
+            transform: Transform::imagenet_eval(32),
+        };
+        let bt = load_batch(&one, &[0], 0, 0).unwrap();
+        let direct = encode(&bb.encoder, &bt, &[-2, -1], &dev).unwrap();
+        let d = direct
+            .get(1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let c = f1
+            .train
+            .get(1)
+            .unwrap()
+            .get(3)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (x, y) in d.iter().zip(&c) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        // Another transform is another entry.
+        let req2 = FeatureRequest {
+            transform: Transform::clevr(32, false),
+            ..req.clone()
+        };
+        let f3 = extract_or_load(&mut ctx, &bb, &req2, &dev).unwrap();
+        assert!(!f3.cached && f3.digest != f1.digest);
+        f1.link_into(tmp.path()).unwrap();
+        assert!(tmp.path().join(FEATURES_FILE).is_file());
+    }
+
+    #[test]
+    fn topk_counts() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(
+            &[
+                [0.9f32, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],
+                [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let labels = Tensor::new(&[0u32, 3, 1], &dev).unwrap();
+        let (t1, t5) = topk_hits(&logits, &labels).unwrap();
+        assert_eq!(t1.to_scalar::<f32>().unwrap(), 1.0);
+        // sample 1: 3 classes above -> top5 hit; sample 2: 5 above -> miss
+        assert_eq!(t5.to_scalar::<f32>().unwrap(), 2.0);
+    }
+
+    #[test]
+    fn trunc_normal_is_bounded_and_seeded() {
+        use rand::SeedableRng;
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let a = trunc_normal(&mut r, 1000, 0.01);
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        let var = a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.002 && (var.sqrt() - 0.01).abs() < 0.001);
+        assert!(trunc_normal(&mut r, 1000, 5.0)
+            .iter()
+            .all(|x| x.abs() <= 2.0));
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(a, trunc_normal(&mut r, 1000, 0.01));
+    }
+}

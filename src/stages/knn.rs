@@ -1,0 +1,225 @@
+//! `knn` stage: weighted k-nearest-neighbour classification on frozen features, as DINO's
+//! `eval_knn.py` (`knn_classifier`): train and val features L2-normalised, cosine similarity,
+//! the `k` (20) most similar train images vote for their class with weight
+//! `exp(similarity / T)` (T = 0.07); the class with the largest vote is the prediction. `top1`
+//! and `top5` (top-min(5, k) as DINO) in percent.
+//!
+//! Features come from the shared cache (`features.rs`): by default the patch-mean of the last
+//! block (`feature: last`), or the last-4 concatenation (`feature: last4`).
+
+use candle_core::{Device, Tensor, D};
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::features::{self, FeatureRequest, FeatureSet};
+use super::{params_of, StageContext, StageOutput};
+use crate::data::Transform;
+use crate::error::{Error, Result};
+
+/// Implementation version (part of the key).
+pub const VERSION: u32 = 1;
+
+fn d_checkpoint() -> String {
+    "upstream".into()
+}
+fn d_k() -> usize {
+    20
+}
+fn d_t() -> f64 {
+    0.07
+}
+fn d_feature() -> FeatureSet {
+    FeatureSet::Last
+}
+fn d_extract_batch() -> usize {
+    64
+}
+
+/// Params of a `knn` stage (defaults: DINO).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// `upstream`, `random`, or a safetensors path.
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint: String,
+    /// Input side in pixels (default: the model's `img_size`).
+    #[serde(default)]
+    pub img: Option<u32>,
+    /// Neighbours.
+    #[serde(default = "d_k")]
+    pub k: usize,
+    /// Temperature of the vote weights.
+    #[serde(default = "d_t")]
+    pub temperature: f64,
+    /// `last` or `last4`.
+    #[serde(default = "d_feature")]
+    pub feature: FeatureSet,
+    /// Images per forward pass during extraction.
+    #[serde(default = "d_extract_batch")]
+    pub extract_batch: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("defaults")
+    }
+}
+
+/// Validate params.
+pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
+    let v = super::resolve::<Params>(params)?;
+    let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    if p.k == 0 {
+        return Err("`k` must be at least 1".into());
+    }
+    if p.temperature <= 0.0 || p.temperature.is_nan() {
+        return Err("`temperature` must be > 0".into());
+    }
+    Ok(v)
+}
+
+/// Top-1 and top-5 hit counts of the weighted k-NN vote. `train` `(N, D)` and `val` `(M, D)`
+/// must be L2-normalised already.
+pub fn knn_hits(
+    train: &Tensor,
+    train_labels: &[usize],
+    val: &Tensor,
+    val_labels: &[usize],
+    classes: usize,
+    k: usize,
+    temperature: f64,
+) -> Result<(usize, usize)> {
+    let n = train.dim(0)?;
+    let m = val.dim(0)?;
+    let k = k.min(n);
+    let top = 5.min(k);
+    let chunk = (64 * 1024 * 1024 / n.max(1)).clamp(1, 1024);
+    let train_t = train.t()?;
+    let (mut h1, mut h5) = (0, 0);
+    let mut start = 0;
+    while start < m {
+        let len = chunk.min(m - start);
+        let sim = val
+            .narrow(0, start, len)?
+            .matmul(&train_t)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let labels = &val_labels[start..start + len];
+        let hits: Vec<(bool, bool)> = sim
+            .par_iter()
+            .zip(labels.par_iter())
+            .map(|(row, &y)| {
+                let mut idx: Vec<usize> = (0..n).collect();
+                if k < n {
+                    idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+                    idx.truncate(k);
+                }
+                let mut votes = vec![0f64; classes];
+                for &i in &idx {
+                    votes[train_labels[i]] += (row[i] as f64 / temperature).exp();
+                }
+                let above = votes.iter().filter(|&&v| v > votes[y]).count();
+                (above == 0, above < top)
+            })
+            .collect();
+        h1 += hits.iter().filter(|h| h.0).count();
+        h5 += hits.iter().filter(|h| h.1).count();
+        start += len;
+    }
+    Ok((h1, h5))
+}
+
+/// L2-normalise rows.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// Run the k-NN evaluation.
+pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
+    let p: Params = params_of(ctx)?;
+    let dev = super::backbone::device(ctx)?;
+    let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
+    let (root, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
+    let img = p.img.unwrap_or(bb.cfg.img_size as u32);
+    let paths =
+        |s: &[(std::path::PathBuf, usize)]| s.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    let (tp, vp) = (paths(&train.samples), paths(&val.samples));
+    let u = features::dataset_upstream(ctx)?.clone();
+    let req = FeatureRequest {
+        dataset: &u,
+        root: &root,
+        train: &tp,
+        val: &vp,
+        transform: Transform::imagenet_eval(img),
+        batch: p.extract_batch,
+    };
+    let feats = features::extract_or_load(ctx, &bb, &req, &dev)?;
+    feats.link_into(&ctx.job.out_dir)?;
+    let xt = l2_normalize(&p.feature.select(&feats.train)?.to_device(&dev)?)?;
+    let xv = l2_normalize(&p.feature.select(&feats.val)?.to_device(&dev)?)?;
+    let ty: Vec<usize> = train.samples.iter().map(|s| s.1).collect();
+    let vy: Vec<usize> = val.samples.iter().map(|s| s.1).collect();
+    if ty.is_empty() || vy.is_empty() {
+        return Err(Error::stage(&ctx.job.id, "empty train or val split"));
+    }
+    ctx.progress.set(0, 1, "k-NN vote");
+    let (h1, h5) = knn_hits(&xt, &ty, &xv, &vy, train.num_classes(), p.k, p.temperature)?;
+    ctx.progress.set(1, 1, "k-NN vote");
+    let mut out = StageOutput::default();
+    let top1 = 100.0 * h1 as f64 / vy.len() as f64;
+    let top5 = 100.0 * h5 as f64 / vy.len() as f64;
+    ctx.log(format!(
+        "k-NN (k {}, T {}): top1 {top1:.2} top5 {top5:.2}",
+        p.k, p.temperature
+    ));
+    out.metrics.insert("top1".into(), top1);
+    out.metrics.insert("top5".into(), top5);
+    feats.add_metrics(&mut out);
+    out.info = json!({
+        "protocol": "frozen-knn",
+        "backbone": bb.source,
+        "k": p.k,
+        "temperature": p.temperature,
+        "feature": p.feature,
+        "features": feats.info(),
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_vote() {
+        let dev = Device::Cpu;
+        // Train: two class-0 points near e1, three class-1 points near e2.
+        let train = l2_normalize(
+            &Tensor::new(
+                &[[1f32, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]],
+                &dev,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let tl = [0, 0, 1, 1, 1];
+        let val = l2_normalize(&Tensor::new(&[[1f32, 0.05], [0.05, 1.0]], &dev).unwrap()).unwrap();
+        // k = 5: the plain count would say class 1 for the first query (3 vs 2); the weights
+        // at T = 0.07 say class 0.
+        let (h1, h5) = knn_hits(&train, &tl, &val, &[0, 1], 2, 5, 0.07).unwrap();
+        assert_eq!((h1, h5), (2, 2));
+        // At a huge temperature the weights are equal: the majority (class 1) wins both.
+        let (h1, _) = knn_hits(&train, &tl, &val, &[0, 1], 2, 5, 1e6).unwrap();
+        assert_eq!(h1, 1);
+        // k = 1: nearest neighbour.
+        let (h1, _) = knn_hits(&train, &tl, &val, &[1, 1], 2, 1, 0.07).unwrap();
+        assert_eq!(h1, 1);
+    }
+}
