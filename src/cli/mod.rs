@@ -3,6 +3,7 @@
 
 mod bench;
 mod dag;
+mod eval;
 mod gc;
 mod ls;
 mod printer;
@@ -57,6 +58,8 @@ enum Cmd {
     Schema,
     /// Benchmarks of the engine.
     Bench(bench::Args),
+    /// Exact evaluation metrics on folders of predictions (ADE20K, DAVIS).
+    Eval(eval::Args),
     /// Run one stage from a job file (used by executors).
     #[command(hide = true)]
     ExecStage {
@@ -85,6 +88,7 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(a),
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Eval(a) => eval::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
     }
 }

@@ -21,6 +21,7 @@ pub mod coco;
 pub mod davis;
 pub mod imagefolder;
 pub mod loader;
+pub mod seg_transforms;
 pub mod synth;
 pub mod transforms;
 

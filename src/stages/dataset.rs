@@ -31,9 +31,10 @@ pub enum Source {
 /// Dataset formats.
 pub const FORMATS: &[&str] = &["imagefolder", "coco", "ade20k", "davis", "clevr"];
 
-/// Params of a `dataset` stage.
+/// Params of a `dataset` stage. No `deny_unknown_fields`: serde rejects every key with it next
+/// to `flatten`; [`resolve`] rejects unknown keys itself (generator params are checked against
+/// the format's generator).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Params {
     /// `path` (an existing folder).
     #[serde(default)]
@@ -170,6 +171,10 @@ pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Va
             "`format` must be one of {}{hint} (got `{fmt}`)",
             FORMATS.join(", ")
         ));
+    }
+    if params["source"].as_str() == Some("synth") {
+        // Generated data: the generator params (in the key already) and the seed define it.
+        return Ok(Value::Null);
     }
     let Some(dir) = data_path(params, pipeline_dir) else {
         return Err("`path` is required: the folder holding the dataset".into());
@@ -323,4 +328,22 @@ fn finish(
     info["splits"] = serde_json::to_value(&report.splits)?;
     out.info = info;
     Ok(out)
+}
+
+#[cfg(test)]
+mod synth_params_tests {
+    use super::*;
+
+    #[test]
+    fn generator_params_pass_and_typos_fail() {
+        let m = |v: Value| v.as_object().cloned().unwrap();
+        let ok = resolve(&m(json!({"source": "synth", "format": "ade20k", "train_images": 4})));
+        assert_eq!(ok.unwrap()["train_images"], 4);
+        let typo = resolve(&m(json!({"source": "synth", "format": "ade20k", "train_imgs": 4})));
+        assert!(typo.unwrap_err().contains("train_imgs"));
+        let no_synth = resolve(&m(json!({"format": "ade20k", "path": "x", "train_images": 4})));
+        assert!(no_synth.unwrap_err().contains("source: synth"));
+        let synth = resolve(&m(json!({"source": "synth", "format": "davis"}))).unwrap();
+        assert_eq!(key_inputs(&synth, Path::new("/nonexistent")), Ok(Value::Null));
+    }
 }

@@ -2,12 +2,14 @@
 //! own file with its params struct (serde, defaults, `deny_unknown_fields`), its implementation
 //! version (bump it when a change alters results) and its `run` function.
 
+pub mod ade20k;
 pub mod backbone;
 pub mod command;
 pub mod context;
 #[cfg(feature = "test-stages")]
 pub mod counter;
 pub mod dataset;
+pub mod davis;
 
 use std::path::Path;
 
@@ -26,6 +28,10 @@ pub enum StageKind {
     Dataset,
     /// Runs an external program (DVC-style).
     Command,
+    /// ADE20K semantic segmentation (linear probe or UperNet fine-tune), mIoU.
+    Ade20kSegmentation,
+    /// DAVIS-2017 video object segmentation by label propagation, J&F.
+    DavisVos,
     /// Test-only: counts steps with checkpoints (resume tests).
     #[cfg(feature = "test-stages")]
     Counter,
@@ -48,6 +54,8 @@ impl StageKind {
         &[
             StageKind::Dataset,
             StageKind::Command,
+            StageKind::Ade20kSegmentation,
+            StageKind::DavisVos,
             #[cfg(feature = "test-stages")]
             StageKind::Counter,
         ]
@@ -63,6 +71,8 @@ impl StageKind {
         match self {
             StageKind::Dataset => "dataset",
             StageKind::Command => "command",
+            StageKind::Ade20kSegmentation => "ade20k_segmentation",
+            StageKind::DavisVos => "davis_vos",
             #[cfg(feature = "test-stages")]
             StageKind::Counter => "counter",
         }
@@ -78,6 +88,8 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::VERSION,
             StageKind::Command => command::VERSION,
+            StageKind::Ade20kSegmentation => ade20k::VERSION,
+            StageKind::DavisVos => davis::VERSION,
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::VERSION,
         }
@@ -88,6 +100,8 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::resolve(params),
             StageKind::Command => resolve::<command::Params>(params),
+            StageKind::Ade20kSegmentation => resolve::<ade20k::Params>(params),
+            StageKind::DavisVos => resolve::<davis::Params>(params),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => resolve::<counter::Params>(params),
         }
@@ -98,6 +112,8 @@ impl StageKind {
         match self {
             StageKind::Dataset => serde_json::to_value(dataset::Params::default()),
             StageKind::Command => serde_json::to_value(command::Params::default()),
+            StageKind::Ade20kSegmentation => serde_json::to_value(ade20k::Params::default()),
+            StageKind::DavisVos => serde_json::to_value(davis::Params::default()),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => serde_json::to_value(counter::Params::default()),
         }
@@ -106,7 +122,7 @@ impl StageKind {
 
     /// Whether this kind takes a `model:` preset.
     pub fn takes_model(self) -> bool {
-        false
+        matches!(self, StageKind::Ade20kSegmentation | StageKind::DavisVos)
     }
 
     /// Extra key inputs that depend on files (dataset fingerprints, command input digests).
@@ -118,6 +134,7 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::key_inputs(params, pipeline_dir),
             StageKind::Command => command::key_inputs(params, pipeline_dir),
+            StageKind::Ade20kSegmentation | StageKind::DavisVos => Ok(Value::Null),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => Ok(Value::Null),
         }
@@ -128,6 +145,8 @@ impl StageKind {
         match self {
             StageKind::Dataset => dataset::run(ctx),
             StageKind::Command => command::run(ctx),
+            StageKind::Ade20kSegmentation => ade20k::run(ctx),
+            StageKind::DavisVos => davis::run(ctx),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::run(ctx),
         }
