@@ -11,7 +11,9 @@
 use image::RgbImage;
 use rand::Rng;
 
-use super::transforms::{self, to_chw_normalized, CropBox, Interpolation, IMAGENET_MEAN, IMAGENET_STD};
+use super::transforms::{
+    self, to_chw_normalized, CropBox, Interpolation, IMAGENET_MEAN, IMAGENET_STD,
+};
 
 /// Ignore label.
 pub const IGNORE: u8 = 255;
@@ -42,7 +44,12 @@ pub fn resize_labels_nearest(src: &[u8], h: usize, w: usize, oh: usize, ow: usiz
 
 /// A crop box `(top, left, height, width)` of `RandomCrop`: offsets uniform in
 /// `0..=max(size - crop, 0)`, clipped to the image.
-fn random_crop_box(h: usize, w: usize, crop: usize, rng: &mut impl Rng) -> (usize, usize, usize, usize) {
+fn random_crop_box(
+    h: usize,
+    w: usize,
+    crop: usize,
+    rng: &mut impl Rng,
+) -> (usize, usize, usize, usize) {
     let mh = h.saturating_sub(crop);
     let mw = w.saturating_sub(crop);
     let top = rng.gen_range(0..=mh);
@@ -116,10 +123,7 @@ pub fn train_sample(
     let (h, w) = (img.height() as usize, img.width() as usize);
     // RandomResize: mmcv samples the ratio, scales the target, then Resize keeps the ratio.
     let ratio = aug.ratio_range.0 + (aug.ratio_range.1 - aug.ratio_range.0) * rng.gen::<f64>();
-    let target = (
-        (aug.scale.0 * ratio).trunc(),
-        (aug.scale.1 * ratio).trunc(),
-    );
+    let target = ((aug.scale.0 * ratio).trunc(), (aug.scale.1 * ratio).trunc());
     let (nh, nw) = rescale_size(h, w, target);
     let img = transforms::resize(img, nw as u32, nh as u32, Interpolation::Bilinear);
     let lab = resize_labels_nearest(labels, h, w, nh, nw);
@@ -158,7 +162,12 @@ pub fn train_sample(
 }
 
 /// mmseg `slide_inference` windows over an `h × w` image: `(top, left, height, width)`.
-pub fn slide_windows(h: usize, w: usize, crop: usize, stride: usize) -> Vec<(usize, usize, usize, usize)> {
+pub fn slide_windows(
+    h: usize,
+    w: usize,
+    crop: usize,
+    stride: usize,
+) -> Vec<(usize, usize, usize, usize)> {
     let stride = stride.max(1);
     let grids = |n: usize| (n + stride).saturating_sub(crop + 1) / stride + 1;
     let (hg, wg) = (grids(h), grids(w));

@@ -67,13 +67,15 @@ fn apply_separable(
         y = y.reshape((b, c, h, ow))?;
     }
     if oh != h {
-        // (oh, h) x (B*C, h, ow): the matrix is broadcast over the batch (stride 0, no copy).
-        let mh = Tensor::from_vec(mh, (oh, h), dev)?;
-        let yb = y.contiguous()?.reshape((b * c, h, ow))?;
-        y = mh
-            .broadcast_left(b * c)?
-            .matmul(&yb)?
-            .reshape((b, c, oh, ow))?;
+        // One (B*C*ow, h) x (h, oh) product on the transposed map (a single large matmul is much
+        // cheaper than B*C small batched ones, forward and backward).
+        let mht = Tensor::from_vec(mh, (oh, h), dev)?.t()?.contiguous()?;
+        let yt = y.transpose(2, 3)?.contiguous()?.reshape((b * c * ow, h))?;
+        y = yt
+            .matmul(&mht)?
+            .reshape((b, c, ow, oh))?
+            .transpose(2, 3)?
+            .contiguous()?;
     }
     Ok(y)
 }
@@ -83,7 +85,10 @@ fn apply_separable(
 pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4().map_err(|_| ModelError::Input {
         what: "resize",
-        msg: format!("shape {:?}, expected (batch, channels, height, width)", x.dims()),
+        msg: format!(
+            "shape {:?}, expected (batch, channels, height, width)",
+            x.dims()
+        ),
     })?;
     if (h, w) == (oh, ow) {
         return Ok(x.clone());

@@ -81,7 +81,13 @@ pub fn dropout2d(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let (b, c, _, _) = x.dims4()?;
     let keep = 1.0 / (1.0 - p);
     let m: Vec<f32> = (0..b * c)
-        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep as f32 })
+        .map(|_| {
+            if rng.gen::<f64>() < p {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
         .collect();
     let m = Tensor::from_vec(m, (b, c, 1, 1), x.device())?;
     Ok(x.broadcast_mul(&m)?)
@@ -130,8 +136,8 @@ impl BatchNorm2d {
             let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
             let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
             let m = BN_MOMENTUM;
-            let rm = ((self.running_mean.detach() * (1.0 - m))?
-                + (mean.detach().reshape(c)? * m)?)?;
+            let rm =
+                ((self.running_mean.detach() * (1.0 - m))? + (mean.detach().reshape(c)? * m)?)?;
             let rv = ((self.running_var.detach() * (1.0 - m))? + (unbiased.reshape(c)? * m)?)?;
             Var::from_tensor(&self.running_mean)?.set(&rm)?;
             Var::from_tensor(&self.running_var)?.set(&rv)?;
@@ -265,7 +271,11 @@ impl LinearSegHead {
         if feats.len() != self.n_layers {
             return Err(ModelError::Input {
                 what: "features",
-                msg: format!("{} feature maps, the head takes {}", feats.len(), self.n_layers),
+                msg: format!(
+                    "{} feature maps, the head takes {}",
+                    feats.len(),
+                    self.n_layers
+                ),
             });
         }
         let x = Tensor::cat(feats, D::Minus1)?;
@@ -293,7 +303,10 @@ impl Deconv2x2 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, cin, h, w) = x.dims4()?;
         let cout = self.weight.dim(1)?;
-        let t = x.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * h * w, cin))?;
+        let t = x
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((b * h * w, cin))?;
         let wm = self.weight.reshape((cin, cout * 4))?;
         let bias = self
             .bias
@@ -316,7 +329,9 @@ fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
     if h2 == 0 || w2 == 0 {
         return Err(ModelError::Input {
             what: "features",
-            msg: format!("a {h}x{w} map is too small for the 0.5 level of the pyramid; use larger crops"),
+            msg: format!(
+                "a {h}x{w} map is too small for the 0.5 level of the pyramid; use larger crops"
+            ),
         });
     }
     let x = x.narrow(2, 0, h2 * 2)?.narrow(3, 0, w2 * 2)?.contiguous()?;
@@ -510,13 +525,19 @@ mod tests {
         let d = Deconv2x2::new(2, 1, vb).unwrap();
         for (k, v) in vm.data().lock().unwrap().iter() {
             let t = if k.ends_with("weight") {
-                Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((2, 1, 2, 2)).unwrap()
+                Tensor::arange(0f32, 8.0, &dev)
+                    .unwrap()
+                    .reshape((2, 1, 2, 2))
+                    .unwrap()
             } else {
                 Tensor::new(&[0.5f32], &dev).unwrap()
             };
             v.set(&t).unwrap();
         }
-        let x = Tensor::new(&[1f32, 2.0], &dev).unwrap().reshape((1, 2, 1, 1)).unwrap();
+        let x = Tensor::new(&[1f32, 2.0], &dev)
+            .unwrap()
+            .reshape((1, 2, 1, 1))
+            .unwrap();
         let y = d.forward(&x).unwrap();
         assert_eq!(y.dims(), &[1, 1, 2, 2]);
         let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();

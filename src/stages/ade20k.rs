@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use schemars::JsonSchema;
@@ -36,10 +35,14 @@ use crate::data::seg_transforms::{self, TrainAug};
 use crate::data::transforms::{self, Interpolation, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 use crate::model::resize::resize_bilinear;
-use crate::model::seg_heads::{self, tokens_to_map, LinearSegHead, UperNet, UperNetConfig};
-use crate::model::{VisionTransformer, VitConfig};
+use crate::model::VisionTransformer;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::util::rng::{derive_seed, stage_rng};
+
+mod net;
+
+pub use net::{cross_entropy_ignore, layer_scale, lr_at};
+use net::{merr, Heads, Model};
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -223,257 +226,14 @@ pub fn default_layers(depth: usize) -> Vec<i64> {
         .collect()
 }
 
-/// mmseg poly schedule with linear warmup: `lr * (1e-6 + (1 - 1e-6) * t / W)` during warmup, then
-/// `lr * (1 - (t - W) / (T - W))`.
-pub fn lr_at(base: f64, step: u64, warmup: u64, total: u64) -> f64 {
-    if step < warmup {
-        let start = 1e-6;
-        return base * (start + (1.0 - start) * step as f64 / warmup as f64);
-    }
-    let span = total.saturating_sub(warmup).max(1) as f64;
-    base * (1.0 - (step - warmup) as f64 / span).max(0.0)
-}
-
-/// mmseg `LayerDecayOptimizerConstructor` scale of a parameter: `decay^(L - 1 - id)` with
-/// `L = depth + 2`, id 0 for the patch embedding, `i + 1` for block `i`, `L - 1` otherwise.
-pub fn layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
-    let n = depth + 2;
-    let id = match name.strip_prefix("backbone.") {
-        Some(r) if r.starts_with("patch_embed") => 0,
-        Some(r) => r
-            .strip_prefix("blocks.")
-            .and_then(|b| b.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .map_or(n - 1, |i| i + 1),
-        None => n - 1,
-    };
-    decay.powi((n - 1 - id) as i32)
-}
-
-/// Cross-entropy with ignore index 255 over `(B, K, H, W)` logits, averaged over all `B*H*W`
-/// pixels (mmseg `CrossEntropyLoss`, `avg_non_ignore=False`).
-pub fn cross_entropy_ignore(logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
-    let (b, k, h, w) = logits.dims4()?;
-    let max = logits.max_keepdim(1)?.detach();
-    let z = logits.broadcast_sub(&max)?;
-    let lse = z.exp()?.sum_keepdim(1)?.log()?;
-    let logp = z.broadcast_sub(&lse)?;
-    let idx: Vec<u32> = labels
-        .iter()
-        .map(|&l| if (l as usize) < k { l as u32 } else { 0 })
-        .collect();
-    let valid: Vec<f32> = labels
-        .iter()
-        .map(|&l| if (l as usize) < k { 1.0 } else { 0.0 })
-        .collect();
-    let dev = logits.device();
-    let idx = Tensor::from_vec(idx, (b, 1, h, w), dev)?;
-    let valid = Tensor::from_vec(valid, (b, 1, h, w), dev)?;
-    let picked = logp.contiguous()?.gather(&idx, 1)?;
-    let n = (b * h * w) as f64;
-    Ok(((picked * valid)?.sum_all()? * (-1.0 / n))?)
-}
-
-/// Model-layer errors (shapes, configs) as data errors of the stage.
-fn merr(e: crate::model::ModelError) -> Error {
-    Error::Data(format!("model: {e}"))
-}
-
-/// The network being trained: head (and for UperNet the backbone) with their variables.
-struct Model {
-    protocol: Protocol,
-    cfg: VitConfig,
-    layers: Vec<i64>,
-    /// Trainable backbone (UperNet) or a frozen copy without variables (linear).
-    encoder: VisionTransformer,
-    /// Backbone variables (UperNet only: saved in checkpoints, trained).
-    backbone_vars: Option<VarMap>,
-    head_vars: VarMap,
-    linear: Option<LinearSegHead>,
-    upernet: Option<UperNet>,
-}
-
-/// A detached, variable-free copy of a VarMap's tensors (inference; frozen features).
-fn frozen_tensors(vm: &VarMap) -> HashMap<String, Tensor> {
-    vm.data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-        .collect()
-}
-
-impl Model {
-    fn new(p: &Params, bb: backbone::Backbone, layers: Vec<i64>, seed: u64, dev: &Device) -> Result<Self> {
-        let head_vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&head_vars, DType::F32, dev);
-        let d = bb.cfg.embed_dim;
-        let (linear, upernet) = match p.protocol {
-            Protocol::Linear => (
-                Some(LinearSegHead::new(d, layers.len(), CLASSES, vb).map_err(merr)?),
-                None,
-            ),
-            Protocol::Upernet => {
-                let cfg = UperNetConfig {
-                    in_dim: d,
-                    channels: p.channels,
-                    aux_channels: p.aux_channels,
-                    classes: CLASSES,
-                    dropout: p.dropout,
-                };
-                (None, Some(UperNet::new(&cfg, vb).map_err(merr)?))
-            }
-        };
-        seg_heads::seeded_init(&head_vars, seed).map_err(merr)?;
-        let (encoder, backbone_vars) = match p.protocol {
-            Protocol::Linear => {
-                let t = frozen_tensors(&bb.varmap);
-                let vb = VarBuilder::from_tensors(t, DType::F32, dev);
-                (VisionTransformer::new(&bb.cfg, vb).map_err(merr)?, None)
-            }
-            Protocol::Upernet => (bb.encoder, Some(bb.varmap)),
-        };
-        Ok(Self {
-            protocol: p.protocol,
-            cfg: bb.cfg,
-            layers,
-            encoder,
-            backbone_vars,
-            head_vars,
-            linear,
-            upernet,
-        })
-    }
-
-    /// Named trainable variables: `head.*` and (UperNet) `backbone.*`.
-    fn trainable(&self) -> Vec<(String, candle_core::Var)> {
-        let mut v: Vec<(String, candle_core::Var)> = seg_heads::trainable(&self.head_vars)
-            .into_iter()
-            .map(|(k, v)| (format!("head.{k}"), v))
-            .collect();
-        if let Some(bv) = &self.backbone_vars {
-            v.extend(
-                seg_heads::trainable(bv)
-                    .into_iter()
-                    .map(|(k, v)| (format!("backbone.{k}"), v)),
-            );
-        }
-        v
-    }
-
-    /// Logits resized to the input size, plus auxiliary logits (training, UperNet).
-    fn forward(
-        &self,
-        encoder: &VisionTransformer,
-        head: Heads<'_>,
-        x: &Tensor,
-        train: bool,
-        rng: Option<&mut rand_chacha::ChaCha8Rng>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let (_, _, h, w) = x.dims4()?;
-        let p = self.cfg.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        let feats = encoder
-            .forward_layers(x, None, &self.layers)
-            .map_err(merr)?;
-        let (logits, aux) = match head {
-            Heads::Linear(l) => {
-                let feats: Vec<Tensor> = feats.iter().map(|f| f.detach()).collect();
-                (l.forward(&feats, gh, gw).map_err(merr)?, None)
-            }
-            Heads::Upernet(u) => {
-                let maps = feats
-                    .iter()
-                    .map(|f| tokens_to_map(f, gh, gw))
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(merr)?;
-                u.forward(&maps, train, rng).map_err(merr)?
-            }
-        };
-        let logits = resize_bilinear(&logits, h, w).map_err(merr)?;
-        let aux = aux
-            .map(|a| resize_bilinear(&a, h, w))
-            .transpose()
-            .map_err(merr)?;
-        Ok((logits, aux))
-    }
-
-    fn heads(&self) -> Heads<'_> {
-        match (&self.linear, &self.upernet) {
-            (Some(l), _) => Heads::Linear(l),
-            (_, Some(u)) => Heads::Upernet(u),
-            _ => unreachable!("one head is always built"),
-        }
-    }
-
-    /// Frozen (variable-free) copies of the encoder and head for inference.
-    fn frozen(&self, dev: &Device) -> Result<(VisionTransformer, OwnedHead)> {
-        let enc = match &self.backbone_vars {
-            Some(bv) => {
-                let vb = VarBuilder::from_tensors(frozen_tensors(bv), DType::F32, dev);
-                VisionTransformer::new(&self.cfg, vb).map_err(merr)?
-            }
-            None => self.encoder.clone(),
-        };
-        let vb = VarBuilder::from_tensors(frozen_tensors(&self.head_vars), DType::F32, dev);
-        let head = match self.protocol {
-            Protocol::Linear => OwnedHead::Linear(LinearSegHead::new(
-                self.cfg.embed_dim,
-                self.layers.len(),
-                CLASSES,
-                vb,
-            )
-            .map_err(merr)?),
-            Protocol::Upernet => {
-                let u = self.upernet.as_ref().expect("upernet head");
-                OwnedHead::Upernet(u.rebuild(vb).map_err(merr)?)
-            }
-        };
-        Ok((enc, head))
-    }
-
-    fn save(&self, dir: &Path) -> Result<()> {
-        self.head_vars.save(dir.join("head.safetensors"))?;
-        if let Some(bv) = &self.backbone_vars {
-            bv.save(dir.join("backbone.safetensors"))?;
-        }
-        Ok(())
-    }
-
-    fn load(&mut self, dir: &Path) -> Result<()> {
-        self.head_vars.load(dir.join("head.safetensors"))?;
-        if let Some(bv) = &mut self.backbone_vars {
-            bv.load(dir.join("backbone.safetensors"))?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Heads<'a> {
-    Linear(&'a LinearSegHead),
-    Upernet(&'a UperNet),
-}
-
-enum OwnedHead {
-    Linear(LinearSegHead),
-    Upernet(UperNet),
-}
-
-impl OwnedHead {
-    fn as_ref(&self) -> Heads<'_> {
-        match self {
-            OwnedHead::Linear(l) => Heads::Linear(l),
-            OwnedHead::Upernet(u) => Heads::Upernet(u),
-        }
-    }
-}
-
 /// Training state stored next to the weights.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct TrainState {
     step: u64,
+    /// Logged (iteration, mean loss of the window) pairs.
     loss: Vec<(u64, f64)>,
+    /// Losses of the current log window (so a resumed run logs the same means).
+    window: Vec<f64>,
 }
 
 fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
@@ -492,7 +252,10 @@ fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
     if fmt != "ade20k" {
         return Err(Error::stage(
             &ctx.job.id,
-            format!("upstream dataset `{}` has format `{fmt}`; this stage needs `format: ade20k`", u.id),
+            format!(
+                "upstream dataset `{}` has format `{fmt}`; this stage needs `format: ade20k`",
+                u.id
+            ),
         ));
     }
     Ok(ade20k::resolve_root(&super::dataset::root_of(u)))
@@ -539,17 +302,28 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         p.layers.clone()
     };
     if p.crop == 0 || p.crop % patch != 0 {
-        return Err(bad(format!("`crop` {} must be a positive multiple of the patch size {patch}", p.crop)));
+        return Err(bad(format!(
+            "`crop` {} must be a positive multiple of the patch size {patch}",
+            p.crop
+        )));
     }
     if p.protocol == Protocol::Upernet {
         if layers.len() != 4 {
-            return Err(bad(format!("UperNet takes exactly 4 `layers`, got {:?}", layers)));
+            return Err(bad(format!(
+                "UperNet takes exactly 4 `layers`, got {:?}",
+                layers
+            )));
         }
         if p.batch < 2 {
-            return Err(bad("UperNet trains BatchNorm layers: `batch` must be at least 2".into()));
+            return Err(bad(
+                "UperNet trains BatchNorm layers: `batch` must be at least 2".into(),
+            ));
         }
         if p.crop / patch < 2 {
-            return Err(bad(format!("UperNet needs a feature grid of at least 2x2: `crop` must be at least {}", 2 * patch)));
+            return Err(bad(format!(
+                "UperNet needs a feature grid of at least 2x2: `crop` must be at least {}",
+                2 * patch
+            )));
         }
     }
     if p.batch == 0 || p.iters == 0 {
@@ -567,8 +341,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let source = bb.source.clone();
     let head_seed = derive_seed(&ctx.job.key, ctx.job.seed, "head-init");
     let mut model = Model::new(&p, bb, layers.clone(), head_seed, &dev)?;
-    let mut opt = AdamW::new(model.trainable(), AdamWConfig::default())
-        .map_err(|e| bad(e.to_string()))?;
+    let mut opt =
+        AdamW::new(model.trainable(), AdamWConfig::default()).map_err(|e| bad(e.to_string()))?;
     let mut st = TrainState::default();
     if let Some(c) = ctx.ckpt.load()? {
         model.load(&c.path)?;
@@ -585,7 +359,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         flip: 0.5,
     };
     let base_lr = p.lr();
-    let mut window = Vec::new();
     while st.step < p.iters {
         if ctx.is_interrupted() {
             save(ctx, &model, &opt, &st)?;
@@ -594,14 +367,17 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         let step = st.step;
         let (x, labels) = train_batch(ctx, &train, &p, &aug, step, &dev)?;
         let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &format!("dropout-{step}"));
-        let (logits, aux) = model.forward(&model.encoder, model.heads(), &x, true, Some(&mut drop_rng))?;
+        let (logits, aux) =
+            model.forward(&model.encoder, model.heads(), &x, true, Some(&mut drop_rng))?;
         let mut loss = cross_entropy_ignore(&logits, &labels)?;
         if let Some(a) = aux {
             loss = (loss + (cross_entropy_ignore(&a, &labels)? * p.aux_weight)?)?;
         }
         let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !lv.is_finite() {
-            return Err(bad(format!("loss is {lv} at iteration {step}; lower `lr` (the last checkpoint is kept)")));
+            return Err(bad(format!(
+                "loss is {lv} at iteration {step}; lower `lr` (the last checkpoint is kept)"
+            )));
         }
         let grads = loss.backward()?;
         let named = opt.named_grads(&grads);
@@ -620,14 +396,18 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                 .map_err(|e| bad(e.to_string()))?;
         }
         st.step += 1;
-        window.push(lv);
+        st.window.push(lv);
         if st.step % p.log_every.max(1) == 0 || st.step == p.iters {
-            let m = window.iter().sum::<f64>() / window.len() as f64;
+            let m = st.window.iter().sum::<f64>() / st.window.len() as f64;
             st.loss.push((st.step, m));
-            window.clear();
-            ctx.log(format!("iter {}/{} loss {m:.4} lr {lr:.3e}", st.step, p.iters));
+            st.window.clear();
+            ctx.log(format!(
+                "iter {}/{} loss {m:.4} lr {lr:.3e}",
+                st.step, p.iters
+            ));
         }
-        ctx.progress.set(st.step, p.iters, format!("train loss {lv:.3}"));
+        ctx.progress
+            .set(st.step, p.iters, format!("train loss {lv:.3}"));
         if ctx.ckpt.due(st.step) && st.step < p.iters {
             save(ctx, &model, &opt, &st)?;
         }
@@ -651,15 +431,23 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             .unwrap_or_default();
         ade20k::write_label_png(&pred_dir.join(format!("{stem}.png")), &pred)
             .map_err(|e| Error::Data(e.to_string()))?;
-        ctx.progress.set(i as u64 + 1, val.samples.len() as u64, "inference");
+        ctx.progress
+            .set(i as u64 + 1, val.samples.len() as u64, "inference");
     }
     let infer_s = t0.elapsed().as_secs_f64();
-    let gt_dir = root.join("annotations").join(ade20k::split_dir(&p.val_split));
+    let gt_dir = root
+        .join("annotations")
+        .join(ade20k::split_dir(&p.val_split));
     let rep = crate::eval::segmentation::evaluate_dirs(&gt_dir, &pred_dir)
         .map_err(|e| bad(e.to_string()))?;
-    fs_err::write(ctx.job.out_dir.join("metrics.json"), serde_json::to_vec_pretty(&rep.to_json())?)?;
+    fs_err::write(
+        ctx.job.out_dir.join("metrics.json"),
+        serde_json::to_vec_pretty(&rep.to_json())?,
+    )?;
     fs_err::write(ctx.job.out_dir.join("per_class.txt"), rep.to_table(None))?;
-    model.head_vars.save(ctx.job.out_dir.join("head.safetensors"))?;
+    model
+        .head_vars
+        .save(ctx.job.out_dir.join("head.safetensors"))?;
     let m = &rep.metrics;
     ctx.log(format!(
         "mIoU {:.2}  aAcc {:.2}  mAcc {:.2} ({} val images, inference {infer_s:.1}s)",
@@ -687,7 +475,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 }
 
 fn save(ctx: &mut StageContext, model: &Model, opt: &AdamW, st: &TrainState) -> Result<()> {
-    let state = opt.state_tensors().map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+    let state = opt
+        .state_tensors()
+        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
     let bytes = serde_json::to_vec(st)?;
     ctx.ckpt.save(st.step, |dir| {
         model.save(dir)?;
@@ -756,7 +546,12 @@ fn predict(
     let x = Tensor::from_vec(chw.data, (1, 3, nh, nw), dev)?;
     // Windows are padded (bottom/right, zeros) to a multiple of the patch (2x for UperNet, whose
     // pyramid halves the grid) and their logits resized to the window, as mmseg's corner padding.
-    let unit = model.cfg.patch_size * if model.protocol == Protocol::Upernet { 2 } else { 1 };
+    let unit = model.cfg.patch_size
+        * if model.protocol == Protocol::Upernet {
+            2
+        } else {
+            1
+        };
     let mut sum = Tensor::zeros((1, CLASSES, nh, nw), DType::F32, dev)?;
     let mut count = vec![0f32; nh * nw];
     for (y, x0, ch, cw) in seg_transforms::slide_windows(nh, nw, p.crop, p.stride()) {
@@ -768,9 +563,10 @@ fn predict(
             .contiguous()?;
         let (logits, _) = model.forward(enc, head, &win, false, None)?;
         let logits = resize_bilinear(&logits, ch, cw).map_err(merr)?;
-        let logits = logits
-            .pad_with_zeros(2, y, nh - y - ch)?
-            .pad_with_zeros(3, x0, nw - x0 - cw)?;
+        let logits =
+            logits
+                .pad_with_zeros(2, y, nh - y - ch)?
+                .pad_with_zeros(3, x0, nw - x0 - cw)?;
         sum = (sum + logits)?;
         for yy in y..y + ch {
             for c in &mut count[yy * nw + x0..yy * nw + x0 + cw] {
@@ -805,41 +601,5 @@ mod tests {
         u.protocol = Protocol::Upernet;
         assert_eq!(u.stride(), 256);
         assert_eq!(u.lr(), 1e-4);
-    }
-
-    #[test]
-    fn poly_schedule_with_warmup() {
-        assert!((lr_at(1.0, 0, 10, 110) - 1e-6).abs() < 1e-12);
-        assert!((lr_at(1.0, 5, 10, 110) - (1e-6 + (1.0 - 1e-6) * 0.5)).abs() < 1e-12);
-        assert_eq!(lr_at(1.0, 10, 10, 110), 1.0);
-        assert!((lr_at(1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
-        assert_eq!(lr_at(1.0, 110, 10, 110), 0.0);
-    }
-
-    #[test]
-    fn layer_decay_like_mmseg() {
-        let d = 0.65f64;
-        // ViT-B: 14 layer ids; the head and the final norm get 1, block 11 gets d, patch embed d^13
-        assert_eq!(layer_scale("head.decode_head.conv_seg.weight", 12, d), 1.0);
-        assert_eq!(layer_scale("backbone.norm.weight", 12, d), 1.0);
-        let near = |a: f64, b: f64| assert!((a - b).abs() < 1e-15, "{a} vs {b}");
-        near(layer_scale("backbone.blocks.11.attn.qkv.weight", 12, d), d);
-        near(layer_scale("backbone.blocks.0.mlp.fc1.bias", 12, d), d.powi(12));
-        near(layer_scale("backbone.patch_embed.proj.weight", 12, d), d.powi(13));
-    }
-
-    #[test]
-    fn cross_entropy_ignores_255() {
-        let dev = Device::Cpu;
-        // 2 classes, 3 pixels: logits favour class 0 everywhere
-        let l = Tensor::new(&[2f32, 2.0, 2.0, 0.0, 0.0, 0.0], &dev)
-            .unwrap()
-            .reshape((1, 2, 1, 3))
-            .unwrap();
-        let loss = cross_entropy_ignore(&l, &[0, 1, 255]).unwrap();
-        let lse = (2f64.exp() + 1.0).ln();
-        let want = ((lse - 2.0) + lse) / 3.0;
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
 }

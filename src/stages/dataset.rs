@@ -337,13 +337,22 @@ mod synth_params_tests {
     #[test]
     fn generator_params_pass_and_typos_fail() {
         let m = |v: Value| v.as_object().cloned().unwrap();
-        let ok = resolve(&m(json!({"source": "synth", "format": "ade20k", "train_images": 4})));
+        let ok = resolve(&m(
+            json!({"source": "synth", "format": "ade20k", "train_images": 4}),
+        ));
         assert_eq!(ok.unwrap()["train_images"], 4);
-        let typo = resolve(&m(json!({"source": "synth", "format": "ade20k", "train_imgs": 4})));
+        let typo = resolve(&m(
+            json!({"source": "synth", "format": "ade20k", "train_imgs": 4}),
+        ));
         assert!(typo.unwrap_err().contains("train_imgs"));
-        let no_synth = resolve(&m(json!({"format": "ade20k", "path": "x", "train_images": 4})));
+        let no_synth = resolve(&m(
+            json!({"format": "ade20k", "path": "x", "train_images": 4}),
+        ));
         assert!(no_synth.unwrap_err().contains("source: synth"));
         let synth = resolve(&m(json!({"source": "synth", "format": "davis"}))).unwrap();
-        assert_eq!(key_inputs(&synth, Path::new("/nonexistent")), Ok(Value::Null));
+        assert_eq!(
+            key_inputs(&synth, Path::new("/nonexistent")),
+            Ok(Value::Null)
+        );
     }
 }

@@ -126,7 +126,10 @@ fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
     if fmt != "davis" {
         return Err(Error::stage(
             &ctx.job.id,
-            format!("upstream dataset `{}` has format `{fmt}`; this stage needs `format: davis`", u.id),
+            format!(
+                "upstream dataset `{}` has format `{fmt}`; this stage needs `format: davis`",
+                u.id
+            ),
         ));
     }
     Ok(davis_data::resolve_root(&super::dataset::root_of(u)))
@@ -175,7 +178,11 @@ fn encode_frames(
         let f = enc
             .forward_features(&x, None)
             .map_err(|e| Error::Data(format!("model: {e}")))?; // (B, hw, D)
-        let norm = f.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        let norm = f
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
         let f = f.broadcast_div(&norm)?;
         for i in 0..chunk.len() {
             out.push(f.get(i)?.contiguous()?);
@@ -227,13 +234,23 @@ fn run_sequence(
             .unwrap_or_default()
     };
     let werr = |e: crate::eval::davis::DavisError| Error::Data(e.to_string());
-    write_palette_png(&seq_dir.join(format!("{}.png", name(&seq.frames[0]))), ah, aw, &gt)
-        .map_err(werr)?;
+    write_palette_png(
+        &seq_dir.join(format!("{}.png", name(&seq.frames[0]))),
+        ah,
+        aw,
+        &gt,
+    )
+    .map_err(werr)?;
     let feats = encode_frames(enc, &seq.frames, th, tw, p.batch, dev)?;
     propagate_sequence(cfg, &feats, first, c, h, w, |t, soft| {
         let seg = frame_output(soft, c, h, w, patch, ah, aw);
-        write_palette_png(&seq_dir.join(format!("{}.png", name(&seq.frames[t]))), ah, aw, &seg)
-            .map_err(werr)
+        write_palette_png(
+            &seq_dir.join(format!("{}.png", name(&seq.frames[t]))),
+            ah,
+            aw,
+            &seg,
+        )
+        .map_err(werr)
     })?;
     Ok(seq.frames.len())
 }
@@ -308,11 +325,15 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         serde_json::to_vec_pretty(&rep.to_json())?,
     )?;
     fs_err::write(
-        ctx.job.out_dir.join(format!("global_results-{}.csv", p.split)),
+        ctx.job
+            .out_dir
+            .join(format!("global_results-{}.csv", p.split)),
         rep.global_csv(),
     )?;
     fs_err::write(
-        ctx.job.out_dir.join(format!("per-sequence_results-{}.csv", p.split)),
+        ctx.job
+            .out_dir
+            .join(format!("per-sequence_results-{}.csv", p.split)),
         rep.per_sequence_csv(),
     )?;
     let g = rep.global;
@@ -359,7 +380,10 @@ mod tests {
     #[test]
     fn defaults_are_dino() {
         let p = Params::default();
-        assert_eq!((p.n_last_frames, p.size_mask_neighborhood, p.topk), (7, 12, 5));
+        assert_eq!(
+            (p.n_last_frames, p.size_mask_neighborhood, p.topk),
+            (7, 12, 5)
+        );
         assert_eq!(p.temperature, 0.1);
         assert_eq!((p.size, p.multiple), (480, 64));
     }

@@ -205,7 +205,10 @@ fn eval_davis_table_and_bad_input() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("kite-fly") && err.contains("00002.png"), "{err}");
+    assert!(
+        err.contains("kite-fly") && err.contains("00002.png"),
+        "{err}"
+    );
 
     // An unknown image set: exit 2 naming the list file.
     let out = cjepa()
@@ -220,16 +223,29 @@ fn eval_davis_table_and_bad_input() {
     assert!(err.contains("test-dev.txt"), "{err}");
 }
 
-/// Run `cjepa run` on `pipeline` with its store in `store`; returns stderr.
+/// Run `cjepa run` on `pipeline` with its store in `store` (one CPU thread: tiny models run
+/// fastest without thread synchronisation); returns stderr.
 fn run_pipeline(pipeline: &Path, store: &Path) -> String {
     let out = cjepa()
-        .args(["run", "--plain", "--device", "cpu", "--store"])
+        .args([
+            "run",
+            "--plain",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--store",
+        ])
         .arg(store)
         .arg(pipeline)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "cjepa run failed: {err}\n{}", logs(store));
+    assert!(
+        out.status.success(),
+        "cjepa run failed: {err}\n{}",
+        logs(store)
+    );
     err
 }
 
@@ -321,7 +337,9 @@ fn seg_tiny_pipeline_runs_and_caches() {
     let ade_dirs = files_named(&art, "per_class.txt");
     assert_eq!(ade_dirs.len(), 2, "{ade_dirs:?}");
     for f in ade_dirs {
-        let n = std::fs::read_dir(f.parent().unwrap().join("predictions")).unwrap().count();
+        let n = std::fs::read_dir(f.parent().unwrap().join("predictions"))
+            .unwrap()
+            .count();
         assert_eq!(n, 3);
     }
     let davis_dir = files_named(&art, "global_results-val.csv");
@@ -335,4 +353,98 @@ fn seg_tiny_pipeline_runs_and_caches() {
     assert_eq!(n, 10);
     let err = run_pipeline(&pipeline, &store);
     assert!(err.contains("0 ran, 5 cached"), "{err}");
+}
+
+const RESUME_PIPELINE: &str = r#"
+name: seg_resume
+defaults: { seed: 3, device: cpu }
+stages:
+  ade:
+    kind: dataset
+    source: synth
+    format: ade20k
+    params: { train_images: 6, val_images: 2, size: 32 }
+  lin:
+    kind: ade20k_segmentation
+    needs: [ade]
+    checkpoint: random
+    model: { preset: vit_tiny, img_size: 32, patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2, pred_embed_dim: 16, pred_depth: 1, pred_num_heads: 2 }
+    params: { protocol: linear, iters: 150, batch: 2, warmup_iters: 5, lr: 0.01, crop: 32, scale: [64, 32], checkpoint_every: 5, log_every: 7 }
+"#;
+
+/// The newest in-stage checkpoint step under a store's work folders, if any.
+fn latest_ckpt_step(store: &Path) -> Option<u64> {
+    files_named(&store.join("work"), "LATEST")
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|s| s.trim().strip_prefix("step-").and_then(|n| n.parse().ok()))
+        .max()
+}
+
+/// The artifact folder of the `ade20k_segmentation` stage of a store.
+fn seg_artifacts(store: &Path) -> PathBuf {
+    let f = files_named(&store.join("artifacts"), "per_class.txt");
+    assert_eq!(f.len(), 1, "{f:?}");
+    f[0].parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn ade20k_stage_resumes_bit_identical_after_interrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = tmp.path().join("resume.yaml");
+    std::fs::write(&pipeline, RESUME_PIPELINE).unwrap();
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    run_pipeline(&pipeline, &full);
+
+    // Interrupt a second run once a checkpoint past iteration 10 exists, then resume it.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cjepa"))
+        .args([
+            "run",
+            "--plain",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--store",
+        ])
+        .arg(&cut)
+        .arg(&pipeline)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut interrupted = false;
+    while t0.elapsed() < std::time::Duration::from_secs(120) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("run finished ({status}) before it could be interrupted; raise `iters`");
+        }
+        if latest_ckpt_step(&cut).is_some_and(|s| s >= 10) {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            interrupted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(interrupted, "no checkpoint appeared");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "interrupted run exits 130");
+    let at = latest_ckpt_step(&cut).expect("checkpoint kept after the interrupt");
+    assert!(at < 150, "stopped at {at}");
+    run_pipeline(&pipeline, &cut);
+    let log = logs(&cut);
+    assert!(log.contains("resumed from iteration"), "{log}");
+
+    let (a, b) = (seg_artifacts(&full), seg_artifacts(&cut));
+    assert_eq!(
+        std::fs::read(a.join("metrics.json")).unwrap(),
+        std::fs::read(b.join("metrics.json")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(a.join("head.safetensors")).unwrap(),
+        std::fs::read(b.join("head.safetensors")).unwrap(),
+        "trained head differs after resume"
+    );
+    let (ra, rb) = (report(&pipeline, &full), report(&pipeline, &cut));
+    assert_eq!(ra["lin"]["train_loss"], rb["lin"]["train_loss"]);
 }
