@@ -6,6 +6,7 @@ mod bench_loader;
 mod dag;
 mod data;
 mod eval_coco;
+mod eval;
 mod gc;
 mod ls;
 mod printer;
@@ -64,6 +65,8 @@ enum Cmd {
     Bench(bench::Args),
     /// COCO box / mask AP of a results file (temporary name of `cjepa eval coco`).
     EvalCoco(eval_coco::Args),
+    /// Exact evaluation metrics on folders of predictions (ADE20K, DAVIS).
+    Eval(eval::Args),
     /// Run one stage from a job file (used by executors).
     #[command(hide = true)]
     ExecStage {
@@ -94,6 +97,7 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Data(a) => data::run(a),
         Cmd::EvalCoco(a) => eval_coco::run(a),
+        Cmd::Eval(a) => eval::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
     }
 }

@@ -23,6 +23,7 @@ pub mod davis;
 pub mod detection;
 pub mod imagefolder;
 pub mod loader;
+pub mod seg_transforms;
 pub mod synth;
 pub mod transforms;
 

@@ -4,4 +4,5 @@
 pub mod clevr;
 pub mod coco;
 pub mod davis;
+pub mod label_propagation;
 pub mod segmentation;

@@ -17,6 +17,8 @@ pub mod layers;
 pub mod masks;
 pub mod pos_embed;
 pub mod predictor;
+pub mod resize;
+pub mod seg_heads;
 pub mod tokens;
 pub mod vit;
 

@@ -2,6 +2,7 @@
 //! own file with its params struct (serde, defaults, `deny_unknown_fields`), its implementation
 //! version (bump it when a change alters results) and its `run` function.
 
+pub mod ade20k;
 pub mod backbone;
 pub mod coco_detection;
 pub mod clevr;
@@ -15,6 +16,7 @@ pub mod features;
 pub mod finetune;
 pub mod knn;
 pub mod linear_probe;
+pub mod davis;
 
 use std::path::Path;
 
@@ -37,6 +39,10 @@ pub enum StageKind {
     Pretrain,
     /// COCO detection + instance segmentation on the ViT (AP^box / AP^mask).
     CocoDetection,
+    /// ADE20K semantic segmentation (linear probe or UperNet fine-tune), mIoU.
+    Ade20kSegmentation,
+    /// DAVIS-2017 video object segmentation by label propagation, J&F.
+    DavisVos,
     /// Test-only: counts steps with checkpoints (resume tests).
     #[cfg(feature = "test-stages")]
     Counter,
@@ -71,6 +77,8 @@ impl StageKind {
             StageKind::Command,
             StageKind::Pretrain,
             StageKind::CocoDetection,
+            StageKind::Ade20kSegmentation,
+            StageKind::DavisVos,
             #[cfg(feature = "test-stages")]
             StageKind::Counter,
             StageKind::LinearProbe,
@@ -93,6 +101,8 @@ impl StageKind {
             StageKind::Command => "command",
             StageKind::Pretrain => "pretrain",
             StageKind::CocoDetection => "coco_detection",
+            StageKind::Ade20kSegmentation => "ade20k_segmentation",
+            StageKind::DavisVos => "davis_vos",
             #[cfg(feature = "test-stages")]
             StageKind::Counter => "counter",
             StageKind::LinearProbe => "linear_probe",
@@ -115,6 +125,8 @@ impl StageKind {
             StageKind::Command => command::VERSION,
             StageKind::Pretrain => pretrain::VERSION,
             StageKind::CocoDetection => coco_detection::VERSION,
+            StageKind::Ade20kSegmentation => ade20k::VERSION,
+            StageKind::DavisVos => davis::VERSION,
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::VERSION,
             StageKind::LinearProbe => linear_probe::VERSION,
@@ -131,6 +143,8 @@ impl StageKind {
             StageKind::Command => resolve::<command::Params>(params),
             StageKind::Pretrain => pretrain::resolve(params),
             StageKind::CocoDetection => coco_detection::resolve(params),
+            StageKind::Ade20kSegmentation => resolve::<ade20k::Params>(params),
+            StageKind::DavisVos => resolve::<davis::Params>(params),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => resolve::<counter::Params>(params),
             StageKind::LinearProbe => linear_probe::resolve(params),
@@ -147,6 +161,8 @@ impl StageKind {
             StageKind::Command => serde_json::to_value(command::Params::default()),
             StageKind::Pretrain => serde_json::to_value(pretrain::Params::default()),
             StageKind::CocoDetection => serde_json::to_value(coco_detection::Params::default()),
+            StageKind::Ade20kSegmentation => serde_json::to_value(ade20k::Params::default()),
+            StageKind::DavisVos => serde_json::to_value(davis::Params::default()),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => serde_json::to_value(counter::Params::default()),
             StageKind::LinearProbe => serde_json::to_value(linear_probe::Params::default()),
@@ -170,6 +186,8 @@ impl StageKind {
                 | StageKind::Finetune
                 | StageKind::ClevrCount
                 | StageKind::ClevrDist
+                | StageKind::Ade20kSegmentation
+                | StageKind::DavisVos
         )
     }
 
@@ -184,6 +202,7 @@ impl StageKind {
             StageKind::Command => command::key_inputs(params, pipeline_dir),
             StageKind::Pretrain => Ok(Value::Null),
             StageKind::CocoDetection => Ok(Value::Null),
+            StageKind::Ade20kSegmentation | StageKind::DavisVos => Ok(Value::Null),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => Ok(Value::Null),
             StageKind::LinearProbe
@@ -201,6 +220,8 @@ impl StageKind {
             StageKind::Command => command::run(ctx),
             StageKind::Pretrain => pretrain::run(ctx),
             StageKind::CocoDetection => coco_detection::run(ctx),
+            StageKind::Ade20kSegmentation => ade20k::run(ctx),
+            StageKind::DavisVos => davis::run(ctx),
             #[cfg(feature = "test-stages")]
             StageKind::Counter => counter::run(ctx),
             StageKind::LinearProbe => linear_probe::run(ctx),

@@ -17,3 +17,4 @@ mod pretrain;
 #[cfg(feature = "test-stages")]
 mod resume;
 mod util;
+mod segstages;

@@ -1,0 +1,605 @@
+//! `ade20k_segmentation` stage: semantic segmentation on ADE20K (EVALS.md §3) with the exact
+//! mmseg metric (`eval::segmentation`).
+//!
+//! - `protocol: linear` (cheap, iBOT): frozen backbone; the patch features of four blocks
+//!   (`layers`, default blocks 4, 6, 8, 12 of 12 scaled to the depth), each through the final
+//!   norm, concatenated; a 1×1 conv (linear classifier) to 150 classes trained with
+//!   cross-entropy (ignore 255).
+//! - `protocol: upernet` (full, MAE/BEiT): backbone fine-tuned with layer-wise lr decay under a
+//!   compact UperNet (`model::seg_heads::UperNet`) with its auxiliary FCN head.
+//!
+//! Training follows mmseg: random resize (ratio 0.5–2) → random crop (`cat_max_ratio` 0.75) →
+//! flip → normalise → pad; AdamW, linear warmup from 1e-6 then poly(1.0) decay to 0; the
+//! cross-entropy is the mean over all crop pixels (ignored ones count 0, mmseg's default).
+//! Inference: keep-ratio resize to `scale`, sliding windows (`crop`, `stride`), window logits
+//! averaged, resized to the original image size, argmax; predictions are written as mode-L PNGs
+//! (`predictions/<stem>.png`, classes 0..149) and scored by `evaluate_dirs`.
+//!
+//! Resumable: model, optimiser state, step and loss series are checkpointed through `ctx.ckpt`;
+//! every random draw is a function of (stage key, seed, step), so a resumed run on the CPU is
+//! bit-identical. Not reproduced from mmseg: PhotoMetricDistortion, drop path, fp16.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{backbone, params_of, StageContext, StageOutput};
+use crate::data::ade20k::{self, Ade20k, LabelMap};
+use crate::data::seg_transforms::{self, TrainAug};
+use crate::data::transforms::{self, Interpolation, IMAGENET_MEAN, IMAGENET_STD};
+use crate::error::{Error, Result};
+use crate::model::resize::resize_bilinear;
+use crate::model::VisionTransformer;
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::util::rng::{derive_seed, stage_rng};
+
+mod net;
+
+pub use net::{cross_entropy_ignore, layer_scale, lr_at};
+use net::{merr, Heads, Model};
+
+/// Implementation version (part of the key).
+pub const VERSION: u32 = 1;
+
+/// ADE20K classes.
+const CLASSES: usize = ade20k::NUM_CLASSES;
+
+/// Which protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Frozen backbone + linear (1×1 conv) head on concatenated block features.
+    #[default]
+    Linear,
+    /// Fine-tuned backbone + UperNet.
+    Upernet,
+}
+
+fn d_checkpoint() -> String {
+    "upstream".into()
+}
+fn d_iters() -> u64 {
+    160_000
+}
+fn d_batch() -> usize {
+    16
+}
+fn d_wd() -> f64 {
+    0.05
+}
+fn d_warmup() -> u64 {
+    1500
+}
+fn d_layer_decay() -> f64 {
+    0.65
+}
+fn d_crop() -> usize {
+    512
+}
+fn d_scale() -> [usize; 2] {
+    [2048, 512]
+}
+fn d_ratio() -> [f64; 2] {
+    [0.5, 2.0]
+}
+fn d_cat_max() -> f64 {
+    0.75
+}
+fn d_channels() -> usize {
+    768
+}
+fn d_aux_channels() -> usize {
+    256
+}
+fn d_aux_weight() -> f64 {
+    0.4
+}
+fn d_dropout() -> f64 {
+    0.1
+}
+fn d_train_split() -> String {
+    "training".into()
+}
+fn d_val_split() -> String {
+    "validation".into()
+}
+fn d_ckpt_every() -> u64 {
+    1000
+}
+fn d_ckpt_secs() -> u64 {
+    600
+}
+fn d_log_every() -> u64 {
+    50
+}
+
+/// Params of an `ade20k_segmentation` stage (defaults: the mmseg / iBOT recipes at 512 px).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// `upstream` (pretrain / finetune encoder), `random`, or a safetensors path.
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint: String,
+    /// `linear` (frozen backbone) or `upernet` (fine-tuned).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// 0-based block indices whose outputs (after the final norm) feed the head; negative count
+    /// from the end. Empty = blocks 4, 6, 8, 12 of a 12-block model scaled to the depth
+    /// (`round(k * depth / 12) - 1`, i.e. 3, 5, 7, 11 for ViT-B). UperNet takes exactly four.
+    #[serde(default)]
+    pub layers: Vec<i64>,
+    /// Training iterations (mmseg: 160k).
+    #[serde(default = "d_iters")]
+    pub iters: u64,
+    /// Images per iteration (mmseg: 16).
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    /// Peak learning rate (default: 8e-4 linear, 1e-4 UperNet).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// AdamW weight decay (not on biases and norms).
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// Linear warmup iterations from 1e-6 × lr.
+    #[serde(default = "d_warmup")]
+    pub warmup_iters: u64,
+    /// Layer-wise lr decay of the backbone (UperNet only).
+    #[serde(default = "d_layer_decay")]
+    pub layer_decay: f64,
+    /// Training crop and sliding-window side in pixels (a multiple of the patch size).
+    #[serde(default = "d_crop")]
+    pub crop: usize,
+    /// `[long, short]` resize target (train: times the sampled ratio; test: as is).
+    #[serde(default = "d_scale")]
+    pub scale: [usize; 2],
+    /// Ratio range of the training random resize.
+    #[serde(default = "d_ratio")]
+    pub ratio_range: [f64; 2],
+    /// `cat_max_ratio` of the training random crop.
+    #[serde(default = "d_cat_max")]
+    pub cat_max_ratio: f64,
+    /// Sliding-window stride (default: 2/3 of the crop for linear (341 at 512), 1/2 for UperNet).
+    #[serde(default)]
+    pub stride: Option<usize>,
+    /// UperNet decode-head width.
+    #[serde(default = "d_channels")]
+    pub channels: usize,
+    /// UperNet auxiliary FCN head width (0 = no auxiliary head).
+    #[serde(default = "d_aux_channels")]
+    pub aux_channels: usize,
+    /// Weight of the auxiliary loss.
+    #[serde(default = "d_aux_weight")]
+    pub aux_weight: f64,
+    /// Dropout2d before the UperNet classifiers.
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+    /// Training split folder.
+    #[serde(default = "d_train_split")]
+    pub train_split: String,
+    /// Evaluation split folder.
+    #[serde(default = "d_val_split")]
+    pub val_split: String,
+    /// Checkpoint every N iterations (not hashed).
+    #[serde(default = "d_ckpt_every")]
+    pub checkpoint_every: u64,
+    /// Checkpoint every N seconds (not hashed).
+    #[serde(default = "d_ckpt_secs")]
+    pub checkpoint_secs: u64,
+    /// Record the training loss every N iterations (not hashed).
+    #[serde(default = "d_log_every")]
+    pub log_every: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("defaults")
+    }
+}
+
+impl Params {
+    fn lr(&self) -> f64 {
+        self.lr.unwrap_or(match self.protocol {
+            Protocol::Linear => 8e-4,
+            Protocol::Upernet => 1e-4,
+        })
+    }
+
+    fn stride(&self) -> usize {
+        self.stride.unwrap_or(match self.protocol {
+            Protocol::Linear => self.crop * 2 / 3,
+            Protocol::Upernet => self.crop / 2,
+        })
+    }
+}
+
+/// Default feature blocks: 4, 6, 8, 12 of 12 scaled to `depth` (0-based).
+pub fn default_layers(depth: usize) -> Vec<i64> {
+    [4usize, 6, 8, 12]
+        .iter()
+        .map(|&k| ((k * depth) as f64 / 12.0).round().max(1.0) as i64 - 1)
+        .collect()
+}
+
+/// Training state stored next to the weights.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    /// Logged (iteration, mean loss of the window) pairs.
+    loss: Vec<(u64, f64)>,
+    /// Losses of the current log window (so a resumed run logs the same means).
+    window: Vec<f64>,
+}
+
+fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
+    let u = ctx
+        .job
+        .upstream
+        .values()
+        .find(|u| u.kind == "dataset")
+        .ok_or_else(|| {
+            Error::stage(
+                &ctx.job.id,
+                "needs a `dataset` stage with `format: ade20k` in `needs`",
+            )
+        })?;
+    let fmt = u.info.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if fmt != "ade20k" {
+        return Err(Error::stage(
+            &ctx.job.id,
+            format!(
+                "upstream dataset `{}` has format `{fmt}`; this stage needs `format: ade20k`",
+                u.id
+            ),
+        ));
+    }
+    Ok(ade20k::resolve_root(&super::dataset::root_of(u)))
+}
+
+fn read_labels(path: &Path) -> Result<LabelMap> {
+    let mut m = ade20k::read_label_png(path).map_err(|e| Error::Data(e.to_string()))?;
+    ade20k::reduce_zero_label(&mut m.data);
+    Ok(m)
+}
+
+/// Sample `g` of the infinite shuffled stream: epoch `g / n` is a seeded permutation.
+fn sample_index(key: &str, seed: u64, n: usize, g: u64) -> usize {
+    let epoch = g / n as u64;
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.shuffle(&mut stage_rng(key, seed, &format!("epoch-{epoch}")));
+    perm[(g % n as u64) as usize]
+}
+
+/// Run the stage.
+pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
+    let p: Params = params_of(ctx)?;
+    let id = ctx.job.id.clone();
+    let dev = backbone::device(ctx)?;
+    let root = dataset_root(ctx)?;
+    let bad = |m: String| Error::stage(&id, m);
+    let train = Ade20k::open(&root, &p.train_split).map_err(|e| bad(e.to_string()))?;
+    let val = Ade20k::open(&root, &p.val_split).map_err(|e| bad(e.to_string()))?;
+    if train.samples.is_empty() || val.samples.is_empty() {
+        return Err(bad(format!(
+            "ADE20K at {} has {} `{}` and {} `{}` images; both splits need images",
+            root.display(),
+            train.samples.len(),
+            p.train_split,
+            val.samples.len(),
+            p.val_split
+        )));
+    }
+    let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
+    let (patch, depth) = (bb.cfg.patch_size, bb.cfg.depth);
+    let layers = if p.layers.is_empty() {
+        default_layers(depth)
+    } else {
+        p.layers.clone()
+    };
+    if p.crop == 0 || p.crop % patch != 0 {
+        return Err(bad(format!(
+            "`crop` {} must be a positive multiple of the patch size {patch}",
+            p.crop
+        )));
+    }
+    if p.protocol == Protocol::Upernet {
+        if layers.len() != 4 {
+            return Err(bad(format!(
+                "UperNet takes exactly 4 `layers`, got {:?}",
+                layers
+            )));
+        }
+        if p.batch < 2 {
+            return Err(bad(
+                "UperNet trains BatchNorm layers: `batch` must be at least 2".into(),
+            ));
+        }
+        if p.crop / patch < 2 {
+            return Err(bad(format!(
+                "UperNet needs a feature grid of at least 2x2: `crop` must be at least {}",
+                2 * patch
+            )));
+        }
+    }
+    if p.batch == 0 || p.iters == 0 {
+        return Err(bad("`batch` and `iters` must be positive".into()));
+    }
+    ctx.log(format!(
+        "ADE20K {:?} protocol on {} ({} blocks, patch {patch}), layers {:?}; {} train / {} val images",
+        p.protocol,
+        bb.source,
+        depth,
+        layers,
+        train.samples.len(),
+        val.samples.len()
+    ));
+    let source = bb.source.clone();
+    let head_seed = derive_seed(&ctx.job.key, ctx.job.seed, "head-init");
+    let mut model = Model::new(&p, bb, layers.clone(), head_seed, &dev)?;
+    let mut opt =
+        AdamW::new(model.trainable(), AdamWConfig::default()).map_err(|e| bad(e.to_string()))?;
+    let mut st = TrainState::default();
+    if let Some(c) = ctx.ckpt.load()? {
+        model.load(&c.path)?;
+        let t = candle_core::safetensors::load(c.path.join("optim.safetensors"), &dev)?;
+        opt.load_state(&t).map_err(|e| bad(e.to_string()))?;
+        st = serde_json::from_slice(&fs_err::read(c.path.join("state.json"))?)?;
+        ctx.log(format!("resumed from iteration {}", st.step));
+    }
+    let aug = TrainAug {
+        scale: (p.scale[0] as f64, p.scale[1] as f64),
+        ratio_range: (p.ratio_range[0], p.ratio_range[1]),
+        crop: p.crop,
+        cat_max_ratio: p.cat_max_ratio,
+        flip: 0.5,
+    };
+    let base_lr = p.lr();
+    while st.step < p.iters {
+        if ctx.is_interrupted() {
+            save(ctx, &model, &opt, &st)?;
+            return Err(Error::Interrupted);
+        }
+        let step = st.step;
+        let (x, labels) = train_batch(ctx, &train, &p, &aug, step, &dev)?;
+        let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &format!("dropout-{step}"));
+        let (logits, aux) =
+            model.forward(&model.encoder, model.heads(), &x, true, Some(&mut drop_rng))?;
+        let mut loss = cross_entropy_ignore(&logits, &labels)?;
+        if let Some(a) = aux {
+            loss = (loss + (cross_entropy_ignore(&a, &labels)? * p.aux_weight)?)?;
+        }
+        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !lv.is_finite() {
+            return Err(bad(format!(
+                "loss is {lv} at iteration {step}; lower `lr` (the last checkpoint is kept)"
+            )));
+        }
+        let grads = loss.backward()?;
+        let named = opt.named_grads(&grads);
+        let lr = lr_at(base_lr, step, p.warmup_iters, p.iters);
+        // Parameter groups by layer-decay scale (one group for the linear protocol).
+        let mut groups: BTreeMap<u64, HashMap<String, Tensor>> = BTreeMap::new();
+        for (k, g) in named {
+            let s = match p.protocol {
+                Protocol::Linear => 1.0,
+                Protocol::Upernet => layer_scale(&k, depth, p.layer_decay),
+            };
+            groups.entry(s.to_bits()).or_default().insert(k, g);
+        }
+        for (s, g) in &groups {
+            opt.step_named(g, lr * f64::from_bits(*s), p.weight_decay)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        st.step += 1;
+        st.window.push(lv);
+        if st.step % p.log_every.max(1) == 0 || st.step == p.iters {
+            let m = st.window.iter().sum::<f64>() / st.window.len() as f64;
+            st.loss.push((st.step, m));
+            st.window.clear();
+            ctx.log(format!(
+                "iter {}/{} loss {m:.4} lr {lr:.3e}",
+                st.step, p.iters
+            ));
+        }
+        ctx.progress
+            .set(st.step, p.iters, format!("train loss {lv:.3}"));
+        if ctx.ckpt.due(st.step) && st.step < p.iters {
+            save(ctx, &model, &opt, &st)?;
+        }
+    }
+    if ctx.ckpt.load()?.map(|c| c.step) != Some(p.iters) {
+        save(ctx, &model, &opt, &st)?;
+    }
+    // Inference on the validation split.
+    let (enc, head) = model.frozen(&dev)?;
+    let pred_dir = ctx.job.out_dir.join("predictions");
+    fs_err::create_dir_all(&pred_dir)?;
+    let t0 = std::time::Instant::now();
+    for (i, (img_path, _)) in val.samples.iter().enumerate() {
+        if ctx.is_interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let pred = predict(&model, &enc, head.as_ref(), img_path, &p, &dev)?;
+        let stem = img_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        ade20k::write_label_png(&pred_dir.join(format!("{stem}.png")), &pred)
+            .map_err(|e| Error::Data(e.to_string()))?;
+        ctx.progress
+            .set(i as u64 + 1, val.samples.len() as u64, "inference");
+    }
+    let infer_s = t0.elapsed().as_secs_f64();
+    let gt_dir = root
+        .join("annotations")
+        .join(ade20k::split_dir(&p.val_split));
+    let rep = crate::eval::segmentation::evaluate_dirs(&gt_dir, &pred_dir)
+        .map_err(|e| bad(e.to_string()))?;
+    fs_err::write(
+        ctx.job.out_dir.join("metrics.json"),
+        serde_json::to_vec_pretty(&rep.to_json())?,
+    )?;
+    fs_err::write(ctx.job.out_dir.join("per_class.txt"), rep.to_table(None))?;
+    model
+        .head_vars
+        .save(ctx.job.out_dir.join("head.safetensors"))?;
+    let m = &rep.metrics;
+    ctx.log(format!(
+        "mIoU {:.2}  aAcc {:.2}  mAcc {:.2} ({} val images, inference {infer_s:.1}s)",
+        m.m_iou,
+        m.a_acc,
+        m.m_acc,
+        val.samples.len()
+    ));
+    let mut out = StageOutput::default();
+    out.metrics.insert("miou".into(), m.m_iou);
+    out.metrics.insert("aacc".into(), m.a_acc);
+    out.metrics.insert("macc".into(), m.m_acc);
+    if let Some(&(_, l)) = st.loss.last() {
+        out.metrics.insert("train_loss".into(), l);
+    }
+    out.series.insert("loss".into(), st.loss.clone());
+    out.info = json!({
+        "protocol": p.protocol,
+        "backbone": source,
+        "layers": layers,
+        "val_images": val.samples.len(),
+        "predictions": "predictions/",
+    });
+    Ok(out)
+}
+
+fn save(ctx: &mut StageContext, model: &Model, opt: &AdamW, st: &TrainState) -> Result<()> {
+    let state = opt
+        .state_tensors()
+        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+    let bytes = serde_json::to_vec(st)?;
+    ctx.ckpt.save(st.step, |dir| {
+        model.save(dir)?;
+        candle_core::safetensors::save(&state, dir.join("optim.safetensors"))?;
+        Ok(fs_err::write(dir.join("state.json"), &bytes)?)
+    })
+}
+
+/// The batch of iteration `step`: images `(B, 3, crop, crop)` and labels `B*crop*crop`.
+fn train_batch(
+    ctx: &StageContext,
+    ds: &Ade20k,
+    p: &Params,
+    aug: &TrainAug,
+    step: u64,
+    dev: &Device,
+) -> Result<(Tensor, Vec<u8>)> {
+    let n = ds.samples.len();
+    let (key, seed) = (ctx.job.key.as_str(), ctx.job.seed);
+    let items: Vec<Result<(Vec<f32>, Vec<u8>)>> = (0..p.batch)
+        .into_par_iter()
+        .map(|b| {
+            let g = step * p.batch as u64 + b as u64;
+            let (img_path, ann_path) = &ds.samples[sample_index(key, seed, n, g)];
+            let img = transforms::decode_rgb(img_path).map_err(|e| Error::Data(e.to_string()))?;
+            let lab = read_labels(ann_path)?;
+            if (lab.width, lab.height) != (img.width(), img.height()) {
+                return Err(Error::Data(format!(
+                    "{}: annotation is {}x{} but the image is {}x{}",
+                    ann_path.display(),
+                    lab.width,
+                    lab.height,
+                    img.width(),
+                    img.height()
+                )));
+            }
+            let mut rng = stage_rng(key, seed, &format!("aug-{step}-{b}"));
+            Ok(seg_transforms::train_sample(&img, &lab.data, aug, &mut rng))
+        })
+        .collect();
+    let c = p.crop;
+    let mut xs = Vec::with_capacity(p.batch * 3 * c * c);
+    let mut ls = Vec::with_capacity(p.batch * c * c);
+    for it in items {
+        let (x, l) = it?;
+        xs.extend(x);
+        ls.extend(l);
+    }
+    Ok((Tensor::from_vec(xs, (p.batch, 3, c, c), dev)?, ls))
+}
+
+/// Sliding-window prediction of one image at its original size (classes 0..149).
+fn predict(
+    model: &Model,
+    enc: &VisionTransformer,
+    head: Heads<'_>,
+    img_path: &Path,
+    p: &Params,
+    dev: &Device,
+) -> Result<LabelMap> {
+    let img = transforms::decode_rgb(img_path).map_err(|e| Error::Data(e.to_string()))?;
+    let (h0, w0) = (img.height() as usize, img.width() as usize);
+    let (nh, nw) = seg_transforms::rescale_size(h0, w0, (p.scale[0] as f64, p.scale[1] as f64));
+    let img = transforms::resize(&img, nw as u32, nh as u32, Interpolation::Bilinear);
+    let chw = transforms::to_chw_normalized(&img, IMAGENET_MEAN, IMAGENET_STD);
+    let x = Tensor::from_vec(chw.data, (1, 3, nh, nw), dev)?;
+    // Windows are padded (bottom/right, zeros) to a multiple of the patch (2x for UperNet, whose
+    // pyramid halves the grid) and their logits resized to the window, as mmseg's corner padding.
+    let unit = model.cfg.patch_size
+        * if model.protocol == Protocol::Upernet {
+            2
+        } else {
+            1
+        };
+    let mut sum = Tensor::zeros((1, CLASSES, nh, nw), DType::F32, dev)?;
+    let mut count = vec![0f32; nh * nw];
+    for (y, x0, ch, cw) in seg_transforms::slide_windows(nh, nw, p.crop, p.stride()) {
+        let win = x.narrow(2, y, ch)?.narrow(3, x0, cw)?;
+        let (ph, pw) = (ch.div_ceil(unit) * unit, cw.div_ceil(unit) * unit);
+        let win = win
+            .pad_with_zeros(2, 0, ph - ch)?
+            .pad_with_zeros(3, 0, pw - cw)?
+            .contiguous()?;
+        let (logits, _) = model.forward(enc, head, &win, false, None)?;
+        let logits = resize_bilinear(&logits, ch, cw).map_err(merr)?;
+        let logits =
+            logits
+                .pad_with_zeros(2, y, nh - y - ch)?
+                .pad_with_zeros(3, x0, nw - x0 - cw)?;
+        sum = (sum + logits)?;
+        for yy in y..y + ch {
+            for c in &mut count[yy * nw + x0..yy * nw + x0 + cw] {
+                *c += 1.0;
+            }
+        }
+    }
+    let count = Tensor::from_vec(count, (1, 1, nh, nw), dev)?;
+    let logits = sum.broadcast_div(&count)?;
+    let logits = resize_bilinear(&logits, h0, w0).map_err(merr)?;
+    let pred: Vec<u32> = logits.argmax_keepdim(1)?.flatten_all()?.to_vec1()?;
+    Ok(LabelMap {
+        width: w0 as u32,
+        height: h0 as u32,
+        data: pred.into_iter().map(|v| v as u8).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_layer_scaling() {
+        assert_eq!(default_layers(12), vec![3, 5, 7, 11]);
+        assert_eq!(default_layers(24), vec![7, 11, 15, 23]);
+        assert_eq!(default_layers(2), vec![0, 0, 0, 1]);
+        let p = Params::default();
+        assert_eq!(p.lr(), 8e-4);
+        assert_eq!(p.stride(), 341);
+        let mut u = p.clone();
+        u.protocol = Protocol::Upernet;
+        assert_eq!(u.stride(), 256);
+        assert_eq!(u.lr(), 1e-4);
+    }
+}
