@@ -2,6 +2,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod cancel;
 mod dag;
 mod gc;
 mod ls;
@@ -41,6 +42,8 @@ pub struct PipelineArgs {
 enum Cmd {
     /// Run what is missing in a pipeline (cached stages are skipped).
     Run(run::Args),
+    /// Cancel a pipeline's Slurm jobs (stages checkpoint; the next run resumes them).
+    Cancel(cancel::Args),
     /// Per stage: fresh / stale / missing / failed, and with --explain what changed.
     Status(status::Args),
     /// Print the stage DAG as mermaid or dot.
@@ -77,6 +80,7 @@ pub fn main() -> anyhow::Result<i32> {
     };
     match cli.cmd {
         Cmd::Run(a) => run::run(a),
+        Cmd::Cancel(a) => cancel::run(a),
         Cmd::Status(a) => status::run(a),
         Cmd::Dag(a) => dag::run(a),
         Cmd::Ls(a) => ls::run(a),
