@@ -38,7 +38,7 @@ wait_idle() {
 if [ -f "$STATE/pids" ]; then
     up=1
     while read -r name pid; do
-        kill -0 "$pid" 2>/dev/null || up=0
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || up=0
     done < "$STATE/pids"
     if [ "$up" = 1 ] && wait_idle; then
         say "already running (pids in $STATE/pids)"
@@ -127,7 +127,8 @@ CONF
 
 # --- start -----------------------------------------------------------------------------------
 : > "$STATE/pids"
-runuser -u munge -- /usr/sbin/munged --foreground >>"$STATE/munged.out" 2>&1 &
+# setpriv execs (no fork), so $! is munged itself
+setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground >>"$STATE/munged.out" 2>&1 &
 echo "munged $!" >> "$STATE/pids"
 for i in $(seq 1 50); do
     [ -S /run/munge/munge.socket.2 ] && break
@@ -140,6 +141,11 @@ echo "slurmctld $!" >> "$STATE/pids"
 slurmd -D -N "$host" >>"$STATE/slurmd.out" 2>&1 &
 echo "slurmd $!" >> "$STATE/pids"
 
+# a node that went away with an earlier cluster life (daemons killed) may come back down
+sleep 1
+case "$(sinfo -h -N -o '%T' 2>/dev/null | head -n1)" in
+    down*|drain*|fail*) scontrol update NodeName="$host" State=RESUME || true ;;
+esac
 if ! wait_idle; then
     tail -n 20 "$STATE/slurmctld.log" "$STATE/slurmd.log" >&2 || true
     die "the node did not come up idle"

@@ -448,7 +448,7 @@ fn requeue_case(test: &str, release: bool) {
     assert!(st.success(), "run failed: {err}");
     let rec = c.record("slow");
     let resumed = rec.info["resumed_from"].as_u64().unwrap();
-    assert!(resumed >= 4 && resumed < 16, "resumed from step {resumed}");
+    assert!((4..16).contains(&resumed), "resumed from step {resumed}");
     let log = std::fs::read_to_string(
         c.store()
             .join("artifacts")
@@ -521,4 +521,85 @@ fn slurm_cancel_stops_a_detached_run_at_a_checkpoint() {
         std::thread::sleep(Duration::from_secs(2));
     }
     assert!(c.records().is_empty(), "cancelled stages leave no record");
+}
+
+#[test]
+fn slurm_ctrl_c_cancels_the_jobs_and_the_next_run_resumes() {
+    if !slurm_here("slurm_ctrl_c_cancels_the_jobs_and_the_next_run_resumes") {
+        return;
+    }
+    let c = Ctx::new(
+        "slurm_ctrlc",
+        "executor: slurm\nstages:\n  slow: { kind: counter, params: { steps: 12, sleep_ms: 250 } }\n",
+    );
+    let mut child = c
+        .cmd(&["run", "p.yaml", "--plain"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (job, key) = c.submitted("slow", Duration::from_secs(20));
+    let ckpt = c
+        .store()
+        .join("work")
+        .join(&key)
+        .join("ckpt")
+        .join("LATEST");
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: plain syscall on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let st = wait_child(&mut child, Duration::from_secs(60));
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("{err}");
+    assert_eq!(st.code(), Some(130), "interrupted run exits 130: {err}");
+    assert!(err.contains("interrupted slow: checkpointed"), "{err}");
+    let state = field(&scontrol_job(&job), "JobState");
+    assert!(
+        state.is_empty() || state == "CANCELLED" || state == "COMPLETING",
+        "the job was scancelled: {state}"
+    );
+    assert!(c.records().is_empty(), "an interrupted stage has no record");
+    // the same command resumes from the checkpoint and finishes like an uninterrupted run
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert!(o.status.success());
+    let rec = c.record("slow");
+    assert!(
+        rec.info["resumed_from"].as_u64().unwrap() > 0,
+        "{:?}",
+        rec.info
+    );
+    let local = Ctx::new(
+        "slurm_ctrlc_local",
+        "stages:\n  slow: { kind: counter, params: { steps: 12, sleep_ms: 250 } }\n",
+    );
+    assert!(local.run(&["run", "p.yaml", "--plain"]).status.success());
+    assert_eq!(local.record("slow").metrics, rec.metrics);
+}
+
+/// Without Slurm's commands the executor says so at once (runs on every machine).
+#[test]
+fn slurm_executor_without_slurm_is_a_clear_usage_error() {
+    let c = Ctx::new("slurm_none", "stages:\n  a: { kind: counter }\n");
+    let o = c
+        .cmd(&["run", "p.yaml", "--executor", "slurm"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("the Slurm executor needs Slurm's commands"),
+        "{err}"
+    );
+    assert!(err.contains("--executor local"), "{err}");
+    let o = c.cmd(&["run", "p.yaml", "--detach"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--detach needs the Slurm executor"));
 }

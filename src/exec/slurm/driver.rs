@@ -162,7 +162,7 @@ impl<'a, 'b> Driver<'a, 'b> {
                         metrics: rec.metrics.clone(),
                     });
                     if let Some(i) = idx {
-                        self.records[i] = Some(rec);
+                        self.records[i] = Some(*rec);
                         self.outcome[i] = Some(Outcome::Ran { secs });
                     }
                 }

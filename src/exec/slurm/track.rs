@@ -51,7 +51,7 @@ pub(super) enum Step {
 /// What settling a step did.
 pub(super) enum Settled {
     Started,
-    Imported(Record, f64),
+    Imported(Box<Record>, f64),
     Failed(String),
     Interrupted,
     Skipped(String),
@@ -287,7 +287,7 @@ impl<'a> Tracker<'a> {
                     started,
                 )?;
                 self.jobs.remove(key)?;
-                Settled::Imported(rec, secs)
+                Settled::Imported(Box::new(rec), secs)
             }
             Step::Failed(e) => self.fail(key, e, retry)?,
             Step::NoVerdict { desc, cancelled } => {
