@@ -243,7 +243,7 @@ fn slurm_failed_stage_reports_its_dependents_skipped() {
     }
     let c = Ctx::new(
         "slurm_fail",
-        "stages:\n  a: { kind: counter, params: { steps: 3, fail_at: 1 } }\n  \
+        "stages:\n  a: { kind: counter, params: { steps: 3, fail_at: 1 }, retries: 1 }\n  \
          b: { kind: counter, needs: [a] }\n  c: { kind: counter, needs: [b] }\n  \
          other: { kind: counter }\n",
     );
@@ -257,6 +257,16 @@ fn slurm_failed_stage_reports_its_dependents_skipped() {
     ]);
     assert_eq!(o.status.code(), Some(1), "a failed stage exits 1");
     let err = stderr(&o);
+    // one retry, as a new Slurm job, then the failure is final
+    assert!(
+        err.contains("FAILED   a (retrying): stage a: counter told to fail"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("queued   a ")).count(),
+        2,
+        "{err}"
+    );
     assert!(
         err.contains("FAILED   a: stage a: counter told to fail at step 1"),
         "{err}"
