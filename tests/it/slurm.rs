@@ -2,6 +2,7 @@
 //! saying so, when `sinfo` does not answer, so the suite passes on machines without Slurm.
 #![cfg(feature = "test-stages")]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +18,9 @@ fn slurm_here(test: &str) -> bool {
         .map(|o| o.status.success() && !o.stdout.is_empty())
         .unwrap_or(false);
     if !ok {
-        eprintln!(
+        // straight to stderr, past the test harness's capture, so the skip shows in CI logs
+        let _ = writeln!(
+            std::io::stderr(),
             "skipping {test}: no Slurm here (`sinfo` does not answer); start one with scripts/slurm-up.sh"
         );
     }
