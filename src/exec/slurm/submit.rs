@@ -463,6 +463,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_array_per_stage_and_dependency_set() {
+        let text = "stages:\n  a:\n    kind: command\n    cmd: 'true'\n    matrix: { vars.x: [1, 2, 3] }\n  \
+                    b:\n    kind: command\n    cmd: 'true'\n";
+        let p = crate::spec::load::parse_pipeline(
+            Path::new("/tmp/p.yaml"),
+            text.into(),
+            &Default::default(),
+        )
+        .unwrap();
+        let plan = crate::plan::build(&p).unwrap();
+        let ids: Vec<&str> = plan.stages.iter().map(|s| s.inst.id.as_str()).collect();
+        assert_eq!(ids, ["a[vars.x=1]", "a[vars.x=2]", "a[vars.x=3]", "b"]);
+        let all: Vec<usize> = (0..4).collect();
+        assert_eq!(group(&plan, &all, |_| vec![]), vec![vec![0, 1, 2], vec![3]]);
+        // an instance waiting on something else than its siblings goes on its own
+        let g = group(
+            &plan,
+            &all,
+            |i| if i == 2 { vec!["9".into()] } else { vec![] },
+        );
+        assert_eq!(g, vec![vec![0, 1], vec![2], vec![3]]);
+    }
+
+    #[test]
     fn array_element_ids() {
         assert_eq!(element_ids("7", 1), vec!["7"]);
         assert_eq!(element_ids("7", 3), vec!["7_0", "7_1", "7_2"]);
