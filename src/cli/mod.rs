@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_loader;
+mod cancel;
 mod dag;
 mod data;
 mod eval_coco;
@@ -45,6 +46,8 @@ pub struct PipelineArgs {
 enum Cmd {
     /// Run what is missing in a pipeline (cached stages are skipped).
     Run(run::Args),
+    /// Cancel a pipeline's Slurm jobs (stages checkpoint; the next run resumes them).
+    Cancel(cancel::Args),
     /// Per stage: fresh / stale / missing / failed, and with --explain what changed.
     Status(status::Args),
     /// Print the stage DAG as mermaid or dot.
@@ -87,6 +90,7 @@ pub fn main() -> anyhow::Result<i32> {
     };
     match cli.cmd {
         Cmd::Run(a) => run::run(a),
+        Cmd::Cancel(a) => cancel::run(a),
         Cmd::Status(a) => status::run(a),
         Cmd::Dag(a) => dag::run(a),
         Cmd::Ls(a) => ls::run(a),

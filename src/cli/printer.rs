@@ -74,6 +74,22 @@ impl Reporter for Printer {
                     self.bars.insert(id, b);
                 }
             }
+            Event::Submitted {
+                id,
+                job,
+                earlier,
+                log,
+            } => {
+                let how = if earlier {
+                    "submitted earlier"
+                } else {
+                    "submitted"
+                };
+                self.line(format!(
+                    "queued   {id} ({how} as Slurm job {job}) log: {}",
+                    log.display()
+                ));
+            }
             Event::Progress {
                 id,
                 step,

@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 
 use cjepa::exec::local::{self, Decision, Outcome, RunOptions};
+use cjepa::exec::slurm::{self, DetachedOutcome, DetachedSummary, SlurmOptions};
+use cjepa::spec::ExecutorKind;
 use cjepa::store::Store;
 
 use super::printer::Printer;
@@ -40,6 +42,13 @@ pub struct Args {
     /// Plain progress lines even on a terminal.
     #[arg(long)]
     plain: bool,
+    /// Where stages run (default: the file's `executor:`, else local).
+    #[arg(long, value_parser = ["local", "slurm"])]
+    executor: Option<String>,
+    /// Slurm: submit every stage at once (children wait with `--dependency=afterok`) and return;
+    /// `cjepa status` imports the results later.
+    #[arg(long)]
+    detach: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -89,9 +98,29 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         println!("{n_run} of {} stages would run", plan.stages.len());
         return Ok(0);
     }
+    let on_slurm = match a.executor.as_deref() {
+        Some(e) => e == "slurm",
+        None => pipeline.spec.executor == Some(ExecutorKind::Slurm),
+    };
+    if a.detach && !on_slurm {
+        anyhow::bail!("--detach needs the Slurm executor (`--executor slurm` or `executor: slurm` in the file)");
+    }
     let tty = std::io::stderr().is_terminal() && !a.plain;
     let mut printer = Printer::new(tty);
-    let summary = local::run(&plan, &store, &opts, &mut printer)?;
+    let summary = if on_slurm {
+        let sopts = SlurmOptions {
+            detach: a.detach,
+            ..SlurmOptions::new(pipeline.spec.slurm.clone())
+        };
+        if a.detach {
+            let d = slurm::run_detached(&plan, &store, &opts, &sopts, &mut printer)?;
+            printer.finish();
+            return Ok(print_detached(&pipeline, &d));
+        }
+        slurm::run(&plan, &store, &opts, &sopts, &mut printer)?
+    } else {
+        local::run(&plan, &store, &opts, &mut printer)?
+    };
     printer.finish();
     let (mut cached, mut ran, mut failed, mut skipped, mut not_started) = (0, 0, 0, 0, 0);
     for (id, o) in &summary.outcomes {
@@ -123,6 +152,37 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         return Ok(130);
     }
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn print_detached(pipeline: &cjepa::spec::Pipeline, d: &DetachedSummary) -> i32 {
+    let (mut submitted, mut earlier, mut cached, mut failed) = (0, 0, 0, 0);
+    for (id, o) in &d.outcomes {
+        match o {
+            DetachedOutcome::Submitted(_) => submitted += 1,
+            DetachedOutcome::AlreadySubmitted(_) => earlier += 1,
+            DetachedOutcome::Cached | DetachedOutcome::Imported => cached += 1,
+            DetachedOutcome::Failed(e) => {
+                failed += 1;
+                eprintln!("failed  {id}: {e}");
+            }
+            DetachedOutcome::Skipped { because } => {
+                eprintln!("skipped {id}: upstream {because} failed")
+            }
+        }
+    }
+    eprintln!(
+        "{submitted} submitted, {earlier} already in Slurm, {cached} done, {failed} failed ({} store: {}); \
+         `cjepa status {}` imports the results as they finish, `cjepa cancel {}` stops them",
+        pipeline.name,
+        pipeline.store_dir.display(),
+        pipeline.file.display(),
+        pipeline.file.display()
+    );
+    if failed > 0 {
+        1
+    } else {
+        0
+    }
 }
 
 fn detect_gpus() -> Vec<u32> {

@@ -1,5 +1,6 @@
 //! `cjepa status PIPELINE [--explain]`: fresh / stale / missing / failed per stage.
 
+use cjepa::exec::slurm::SlurmOptions;
 use cjepa::store::{Lookup, Store};
 
 use super::PipelineArgs;
@@ -18,7 +19,22 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
     let plan = cjepa::plan::build(&pipeline)?;
     let store = Store::open(&pipeline.store_dir, false, "cjepa status")?;
+    // import what submitted Slurm jobs (e.g. of `run --detach`) left since the last look
+    let mut printer = super::printer::Printer::new(false);
+    let sopts = SlurmOptions::new(pipeline.spec.slurm.clone());
+    let slurm = cjepa::exec::slurm::reconcile(&plan, &store, &sopts, &mut printer)?;
     for s in &plan.stages {
+        if let Some((label, state)) = slurm.active.get(&s.key) {
+            let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
+                .map(|c| format!(" (checkpoint at step {})", c.step))
+                .unwrap_or_default();
+            println!(
+                "{label:<8} {:<40} {}{ckpt}  {state}",
+                s.inst.id,
+                &s.key[..12]
+            );
+            continue;
+        }
         let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
             .map(|c| format!(" (checkpoint at step {})", c.step))
             .unwrap_or_default();

@@ -101,6 +101,60 @@ impl Job {
     pub fn ckpt_dir(&self) -> PathBuf {
         self.work_dir.join("ckpt")
     }
+
+    /// `pending_upstream.json` in the work folder: upstream stages that had not finished when
+    /// the job was written (Slurm `--detach` submits a whole pipeline at once). It maps the name
+    /// used in `needs` to that upstream's work folder, whose result files are read when the stage
+    /// starts (see [`Job::resolve_pending_upstream`]).
+    pub fn pending_upstream_file(&self) -> PathBuf {
+        self.work_dir.join("pending_upstream.json")
+    }
+
+    /// Fill in the metrics and info of upstream stages that were still to run when this job was
+    /// written, from their `exit_code` (must be 0) and `result.json`. No-op without a
+    /// `pending_upstream.json`.
+    pub fn resolve_pending_upstream(&mut self) -> Result<()> {
+        let Ok(bytes) = std::fs::read(self.pending_upstream_file()) else {
+            return Ok(());
+        };
+        let pending: BTreeMap<String, PathBuf> = serde_json::from_slice(&bytes)?;
+        for (name, dir) in pending {
+            let code = std::fs::read_to_string(dir.join("exit_code")).ok();
+            let res: Option<JobResult> = std::fs::read(dir.join("result.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let out = match (code.as_deref().map(str::trim), res) {
+                (
+                    Some("0"),
+                    Some(JobResult {
+                        output: Some(out), ..
+                    }),
+                ) => out,
+                _ => {
+                    return Err(crate::Error::stage(
+                        &self.id,
+                        format!(
+                            "upstream `{name}` has no successful result in {} (it should have \
+                             finished before this job started; run `cjepa status` to see it)",
+                            dir.display()
+                        ),
+                    ))
+                }
+            };
+            let Some(u) = self.upstream.get_mut(&name) else {
+                return Err(crate::Error::stage(
+                    &self.id,
+                    format!(
+                        "{} names upstream `{name}`, which the job does not need",
+                        self.pending_upstream_file().display()
+                    ),
+                ));
+            };
+            u.metrics = out.metrics;
+            u.info = out.info;
+        }
+        Ok(())
+    }
 }
 
 /// What a worker reports.
@@ -127,4 +181,77 @@ pub fn read_verdict(job: &Job) -> Option<(i32, Option<JobResult>)> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     Some((code, res))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(work: &Path, up: &Path) -> Job {
+        let mut upstream = BTreeMap::new();
+        upstream.insert(
+            "data".to_string(),
+            UpstreamRef {
+                id: "data".into(),
+                kind: "dataset".into(),
+                key: "k".into(),
+                artifacts: up.join("out"),
+                config: Value::Null,
+                metrics: BTreeMap::new(),
+                info: Value::Null,
+            },
+        );
+        Job {
+            id: "train".into(),
+            kind: "counter".into(),
+            key: "t".into(),
+            config: Value::Null,
+            seed: 0,
+            upstream,
+            out_dir: work.join("out"),
+            work_dir: work.to_path_buf(),
+            pipeline_dir: work.to_path_buf(),
+            device: "cpu".into(),
+            threads: 1,
+            gpus: vec![],
+        }
+    }
+
+    #[test]
+    fn pending_upstream_is_read_from_its_result_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (work, up) = (d.path().join("w"), d.path().join("u"));
+        fs_err::create_dir_all(&work).unwrap();
+        fs_err::create_dir_all(&up).unwrap();
+        let mut j = job(&work, &up);
+        j.resolve_pending_upstream().unwrap(); // no sidecar: nothing to do
+        assert_eq!(j.upstream["data"].info, Value::Null);
+        let side: BTreeMap<String, PathBuf> = [("data".to_string(), up.clone())].into();
+        atomic::write_json(&j.pending_upstream_file(), &side).unwrap();
+        // the upstream has not finished: a clear error naming it
+        let e = j.resolve_pending_upstream().unwrap_err().to_string();
+        assert!(
+            e.contains("upstream `data` has no successful result"),
+            "{e}"
+        );
+        let mut out = StageOutput::default();
+        out.metrics.insert("n".into(), 3.0);
+        out.info = serde_json::json!({ "path": "/data/x" });
+        let res = JobResult {
+            output: Some(out),
+            error: None,
+            secs: 1.0,
+            device: "cpu".into(),
+        };
+        atomic::write_json(&up.join("result.json"), &res).unwrap();
+        atomic::write(&up.join("exit_code"), b"1").unwrap();
+        assert!(
+            j.resolve_pending_upstream().is_err(),
+            "a failed upstream is no input"
+        );
+        atomic::write(&up.join("exit_code"), b"0").unwrap();
+        j.resolve_pending_upstream().unwrap();
+        assert_eq!(j.upstream["data"].metrics["n"], 3.0);
+        assert_eq!(j.upstream["data"].info["path"], "/data/x");
+    }
 }

@@ -12,12 +12,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::job::{read_verdict, Job, UpstreamRef};
+use super::import::{self, StageIdentity, Verdict};
+use super::job::{Job, UpstreamRef};
 use super::pool::{Grant, Pool};
 use crate::error::{Error, Result};
 use crate::plan::{select, Plan};
-use crate::store::record::Provenance;
-use crate::store::{Invocation, Lookup, Record, Status, Store};
+use crate::store::{Lookup, Record, Store};
 
 /// Options of `cjepa run`.
 #[derive(Debug, Clone)]
@@ -105,6 +105,13 @@ pub enum Event {
         key: String,
         attempt: u32,
         resume_step: Option<u64>,
+        log: PathBuf,
+    },
+    /// A stage was handed to a batch system (Slurm job id `job`); `earlier`: by an earlier run.
+    Submitted {
+        id: String,
+        job: String,
+        earlier: bool,
         log: PathBuf,
     },
     /// Progress of a running stage.
@@ -365,60 +372,36 @@ pub fn run(
             Ok((i, _status)) => {
                 let r = running.remove(&i).expect("was running");
                 let s = &plan.stages[i];
-                let verdict = read_verdict(&r.job);
-                match verdict {
-                    Some((0, Some(res))) if res.output.is_some() => {
-                        let out = res.output.expect("checked");
-                        // keep the log with the artifacts
-                        if r.job.log_file().is_file() {
-                            let _ = fs_err::copy(r.job.log_file(), r.job.out_dir.join("stage.log"));
-                        }
-                        let rec = Record {
-                            key: s.key.clone(),
-                            pipeline: plan.pipeline.name.clone(),
-                            stage_id: s.inst.id.clone(),
-                            kind: s.kind.name().into(),
-                            status: Status::Succeeded,
-                            config: s.config.clone(),
-                            key_input: s.key_input.clone(),
-                            metrics: out.metrics.clone(),
-                            series: out.series,
-                            info: out.info,
-                            artifacts: vec![],
-                            artifacts_deleted: false,
-                            started: r.started,
-                            finished: chrono::Utc::now(),
-                            secs: res.secs,
-                            error: None,
-                            provenance: Provenance::here(&res.device, &plan.pipeline.dir),
-                        };
-                        let rec = store.commit(rec, &r.job.out_dir)?;
-                        store.clear_checkpoint(&s.key)?;
-                        let _ = fs_err::remove_dir_all(&r.job.work_dir);
-                        let _ = fs_err::remove_dir_all(store.tmp_dir(&s.key));
+                match import::verdict(&r.job) {
+                    Verdict::Succeeded {
+                        output,
+                        secs,
+                        device,
+                    } => {
+                        let metrics = output.metrics.clone();
+                        let who = StageIdentity::of(plan, i);
+                        let rec = import::commit_success(
+                            store, &who, &r.job, output, secs, &device, r.started,
+                        )?;
                         rep.event(Event::Finished {
                             id: s.inst.id.clone(),
-                            secs: res.secs,
-                            metrics: out.metrics,
+                            secs,
+                            metrics,
                         });
                         records[i] = Some(rec);
-                        outcome[i] = Some(Outcome::Ran { secs: res.secs });
+                        outcome[i] = Some(Outcome::Ran { secs });
                         pool.give_back(r.grant);
                     }
-                    Some((130, _)) | None if signalled => {
-                        if let Some(c) = super::checkpoint::latest(&r.job.ckpt_dir())? {
-                            store.set_checkpoint(&s.key, c.step, &c.path)?;
-                        }
+                    Verdict::Interrupted | Verdict::Missing if signalled => {
+                        import::keep_checkpoint(store, &r.job)?;
                         outcome[i] = Some(Outcome::Interrupted);
                         pool.give_back(r.grant);
                     }
                     other => {
                         let error = match other {
-                            Some((_, Some(res))) => res.error.unwrap_or_else(|| "failed".into()),
-                            Some((code, None)) => {
-                                format!("worker exited with code {code} and no result")
-                            }
-                            None => format!(
+                            Verdict::Failed(e) => e,
+                            Verdict::Interrupted => "interrupted".into(),
+                            _ => format!(
                                 "worker died without a verdict (see {})",
                                 r.job.log_file().display()
                             ),
@@ -456,29 +439,13 @@ pub fn run(
                             retrying: false,
                             log: r.job.log_file(),
                         });
-                        let rec = Record {
-                            key: s.key.clone(),
-                            pipeline: plan.pipeline.name.clone(),
-                            stage_id: s.inst.id.clone(),
-                            kind: s.kind.name().into(),
-                            status: Status::Failed,
-                            config: s.config.clone(),
-                            key_input: s.key_input.clone(),
-                            metrics: BTreeMap::new(),
-                            series: BTreeMap::new(),
-                            info: serde_json::Value::Null,
-                            artifacts: vec![],
-                            artifacts_deleted: false,
-                            started: r.started,
-                            finished: chrono::Utc::now(),
-                            secs: 0.0,
-                            error: Some(error.clone()),
-                            provenance: Provenance::here(&r.job.device, &plan.pipeline.dir),
-                        };
-                        store.put(&rec)?;
-                        if let Some(c) = super::checkpoint::latest(&r.job.ckpt_dir())? {
-                            store.set_checkpoint(&s.key, c.step, &c.path)?;
-                        }
+                        import::commit_failure(
+                            store,
+                            &StageIdentity::of(plan, i),
+                            &r.job,
+                            &error,
+                            r.started,
+                        )?;
                         outcome[i] = Some(Outcome::Failed(error));
                         pool.give_back(r.grant);
                         if !opts.keep_going {
@@ -513,20 +480,9 @@ pub fn run(
             )
         })
         .collect();
-    store.log_invocation(&Invocation {
-        pipeline: plan.pipeline.name.clone(),
-        file: plan.pipeline.file.display().to_string(),
-        started: chrono::Utc::now(),
-        stages: sel
-            .iter()
-            .map(|&i| {
-                (
-                    plan.stages[i].inst.id.clone(),
-                    plan.stages[i].key.clone(),
-                    outcome[i] == Some(Outcome::Cached),
-                )
-            })
-            .collect(),
+    let selected: Vec<usize> = sel.iter().copied().collect();
+    import::log_invocation(store, plan, &selected, |i| {
+        outcome[i] == Some(Outcome::Cached)
     })?;
     Ok(RunSummary {
         outcomes,
@@ -542,23 +498,58 @@ fn make_job(
     grant: &Grant,
     opts: &RunOptions,
 ) -> Result<Job> {
-    let s = &plan.stages[i];
     let mut upstream = BTreeMap::new();
-    for (name, u) in &s.inst.upstream {
+    for (name, u) in &plan.stages[i].inst.upstream {
         let rec = records[*u].as_ref().expect("upstream done");
-        upstream.insert(
-            name.clone(),
-            UpstreamRef {
-                id: plan.stages[*u].inst.id.clone(),
-                kind: rec.kind.clone(),
-                key: rec.key.clone(),
-                artifacts: store.artifact_dir(&rec.key),
-                config: plan.stages[*u].config.clone(),
-                metrics: rec.metrics.clone(),
-                info: rec.info.clone(),
-            },
-        );
+        upstream.insert(name.clone(), upstream_ref(plan, store, *u, rec));
     }
+    let device = device_for(&opts.device, !grant.gpus.is_empty());
+    prepare_job(
+        plan,
+        store,
+        i,
+        upstream,
+        device,
+        grant.threads,
+        grant.gpus.clone(),
+    )
+}
+
+/// How a job sees a finished upstream stage `u` (its record and artifact folder).
+pub(crate) fn upstream_ref(plan: &Plan, store: &Store, u: usize, rec: &Record) -> UpstreamRef {
+    UpstreamRef {
+        id: plan.stages[u].inst.id.clone(),
+        kind: rec.kind.clone(),
+        key: rec.key.clone(),
+        artifacts: store.artifact_dir(&rec.key),
+        config: plan.stages[u].config.clone(),
+        metrics: rec.metrics.clone(),
+        info: rec.info.clone(),
+    }
+}
+
+/// The device a stage is told to use, from the `--device` setting and whether it holds a GPU.
+pub(crate) fn device_for(setting: &str, has_gpu: bool) -> String {
+    match (setting, has_gpu) {
+        // CUDA_VISIBLE_DEVICES is set to the granted GPUs, so the first one is cuda:0
+        ("auto", true) | ("cuda", true) => "cuda:0".to_string(),
+        ("auto", false) => "cpu".into(),
+        (d, _) => d.to_string(),
+    }
+}
+
+/// Write the job file of stage `i` into fresh work and output folders (stale verdict files of
+/// an earlier attempt removed; checkpoints kept).
+pub(crate) fn prepare_job(
+    plan: &Plan,
+    store: &Store,
+    i: usize,
+    upstream: BTreeMap<String, UpstreamRef>,
+    device: String,
+    threads: usize,
+    gpus: Vec<u32>,
+) -> Result<Job> {
+    let s = &plan.stages[i];
     let work_dir = store.work_dir(&s.key);
     let out_dir = store.tmp_dir(&s.key).join("out");
     if out_dir.exists() {
@@ -568,12 +559,7 @@ fn make_job(
     fs_err::create_dir_all(&work_dir)?;
     let _ = fs_err::remove_file(work_dir.join("exit_code"));
     let _ = fs_err::remove_file(work_dir.join("result.json"));
-    let device = match (&opts.device[..], grant.gpus.first()) {
-        // CUDA_VISIBLE_DEVICES is set to the granted GPUs, so the first one is cuda:0
-        ("auto", Some(_)) | ("cuda", Some(_)) => "cuda:0".to_string(),
-        ("auto", None) => "cpu".into(),
-        (d, _) => d.to_string(),
-    };
+    let _ = fs_err::remove_file(work_dir.join("pending_upstream.json"));
     let job = Job {
         id: s.inst.id.clone(),
         kind: s.kind.name().into(),
@@ -589,8 +575,8 @@ fn make_job(
             .canonicalize()
             .unwrap_or_else(|_| plan.pipeline.dir.clone()),
         device,
-        threads: grant.threads,
-        gpus: grant.gpus.clone(),
+        threads,
+        gpus,
     };
     job.write()?;
     Ok(job)

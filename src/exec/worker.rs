@@ -16,8 +16,19 @@ const DEFAULT_CKPT_SECS: u64 = 300;
 
 /// Run the job in `job_file`; returns the process exit code.
 pub fn exec_stage(job_file: &Path) -> Result<i32> {
-    let job = Job::read(job_file)?;
+    let mut job = Job::read(job_file)?;
     let interrupted = super::signals::install();
+    if let Err(e) = job.resolve_pending_upstream() {
+        let result = JobResult {
+            output: None,
+            error: Some(e.to_string()),
+            secs: 0.0,
+            device: job.device.clone(),
+        };
+        atomic::write_json(&job.result_file(), &result)?;
+        atomic::write(&job.exit_code_file(), b"1")?;
+        return Ok(1);
+    }
     let params = &job.config["params"];
     let every_steps = params
         .get("checkpoint_every")

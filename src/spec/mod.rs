@@ -11,4 +11,4 @@ pub mod types;
 
 pub use load::{load_pipeline, LoadOptions, Pipeline};
 pub use matrix::{expand, Instance};
-pub use types::{Defaults, PipelineFile, Resources, StageSpec};
+pub use types::{Defaults, ExecutorKind, PipelineFile, Resources, SlurmSite, StageSpec};

@@ -18,6 +18,12 @@ pub struct PipelineFile {
     /// Defaults applied to every stage.
     #[serde(default)]
     pub defaults: Defaults,
+    /// Where stages run: `local` (default) or `slurm`. `cjepa run --executor` overrides it.
+    #[serde(default)]
+    pub executor: Option<ExecutorKind>,
+    /// Site options of the Slurm executor (partition, account, qos, extra flags, array throttle).
+    #[serde(default)]
+    pub slurm: SlurmSite,
     /// The stages, by id, in file order.
     pub stages: IndexMap<String, StageSpec>,
 }
@@ -49,6 +55,38 @@ impl Default for Defaults {
             retries: 0,
         }
     }
+}
+
+/// Which executor runs the stages (not part of stage keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// Child processes on this machine, within `--jobs` and the resource pool.
+    #[default]
+    Local,
+    /// One sbatch job per stage (job arrays for matrix stages).
+    Slurm,
+}
+
+/// Site options of the Slurm executor (not part of stage keys).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSite {
+    /// `--partition`.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// `--account`.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// `--qos`.
+    #[serde(default)]
+    pub qos: Option<String>,
+    /// Extra sbatch flags, one per item (e.g. `--constraint=a100`), written as `#SBATCH` lines.
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// At most this many instances of a matrix job array run at once (`--array=0-N%K`).
+    #[serde(default)]
+    pub array_throttle: Option<u32>,
 }
 
 /// A model given by preset name, or a mapping with `preset:` plus inline overrides.

@@ -227,6 +227,12 @@ impl Store {
             .and_then(|v| v["step"].as_u64()))
     }
 
+    /// A named tree of the database for an executor's own bookkeeping (e.g. `slurm_jobs`: the
+    /// submitted Slurm jobs not yet imported).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Flush to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;

@@ -18,3 +18,4 @@ mod pretrain;
 mod resume;
 mod util;
 mod segstages;
+mod slurm;
