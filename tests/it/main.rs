@@ -9,3 +9,4 @@ mod golden_masks;
 mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
+mod report;
