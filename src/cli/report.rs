@@ -73,7 +73,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         tables.push(("metrics".into(), metrics_table(&title, &records)));
     }
     let texts: Vec<String> = tables.iter().map(|(_, t)| t.render(format)).collect();
-    print!("{}", texts.join("\n"));
+    if format == Format::Json {
+        // one JSON document on stdout: the list of tables (each file holds one table)
+        let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print!("{}", texts.join("\n"));
+    }
     if let Some(dir) = &a.out {
         fs_err::create_dir_all(dir)?;
         for ((slug, _), text) in tables.iter().zip(&texts) {

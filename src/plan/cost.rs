@@ -20,10 +20,12 @@
 //! * `dataset`, `command`: no GPU work.
 //!
 //! FLOPs are turned into hours at [`ASSUMED_UTILISATION`] of one H100's dense bf16 peak
-//! ([`H100_BF16_PEAK_FLOPS`]). The check in the tests: ViT-B/16, 600 epochs on ImageNet-1K comes to
-//! about 50 H100-hours (6.4e19 FLOPs); the I-JEPA paper trained ViT-H/14 for 300 epochs in under 72
-//! hours on 16 A100s, and this model puts that run at ~27% of the A100 peak, so a third of the peak
-//! is a fair figure for a well-tuned trainer. Treat the numbers as order-of-magnitude planning aids.
+//! ([`H100_BF16_PEAK_FLOPS`]). Plausibility (checked in the tests: 20-200 H100-hours): ViT-B/16,
+//! 600 epochs on ImageNet-1K comes to 6.4e19 FLOPs, about 52 H100-hours; ViT-L/16 600 epochs ~160;
+//! ViT-H/14 300 epochs 2.5e20 FLOPs, ~200. The I-JEPA paper trained ViT-H/14 for 300 epochs in
+//! under 72 hours on 16 A100s, which by this count is at least 19% of the A100 bf16 peak, so 35%
+//! on an H100 is what a well-tuned trainer reaches, not a floor; a slower trainer takes longer in
+//! proportion. Treat the numbers as order-of-magnitude planning aids.
 
 use std::collections::VecDeque;
 

@@ -637,6 +637,23 @@ fn cli_report_prints_paper_tables_and_writes_files_and_plots() {
     assert!(svg.contains(">C-JEPA (paper)<"), "{svg}");
     assert!(svg.contains(">C-JEPA, probe 50 ep<"), "{svg}");
     assert!(svg.contains("ViT-B/16"), "{svg}");
+    // JSON on stdout is one document: the list of tables
+    let a = assert_cmd::Command::cargo_bin("cjepa")
+        .unwrap()
+        .current_dir(dir.path())
+        .args(["report", "--format", "json", "--store"])
+        .arg(&store_dir)
+        .assert()
+        .success();
+    let all: Value = serde_json::from_slice(&a.get_output().stdout).unwrap();
+    let titles: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles.len(), 7, "{titles:?}");
+    assert!(titles[2].contains("Table 3"), "{titles:?}");
     // a bad --tables value is a usage error
     assert_cmd::Command::cargo_bin("cjepa")
         .unwrap()
