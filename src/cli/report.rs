@@ -1,10 +1,12 @@
-//! `cjepa report [PIPELINE]`: a table of stored metrics per stage (md, csv, json, latex).
+//! `cjepa report [PIPELINE]`: the paper's tables next to the published numbers (default), the
+//! plain table of stored metrics, or both; with `--out DIR` also each table as a file and the SVG
+//! plots (loss curves, collapse monitors, linear probe vs pretraining epochs).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
-use cjepa::report::{metrics_table, Format};
-use cjepa::store::{Record, Status, Store};
+use cjepa::report::{baselines, metrics_table, paper_tables, plots, runs, Format, Table};
+use cjepa::store::Store;
 
 /// Arguments of `cjepa report`.
 #[derive(Debug, clap::Args)]
@@ -17,9 +19,13 @@ pub struct Args {
     /// md, csv, json or latex.
     #[arg(long, default_value = "md")]
     format: String,
-    /// Also write the tables into this folder.
+    /// Also write the tables (one file each) and the SVG plots into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Which tables: `paper` (the paper's tables with published numbers), `metrics` (every
+    /// stored metric per stage) or `all`.
+    #[arg(long, default_value = "paper", value_parser = ["paper", "metrics", "all"])]
+    tables: String,
     /// `--set` overrides for the pipeline.
     #[arg(long = "set", value_name = "PATH=VALUE")]
     sets: Vec<String>,
@@ -43,41 +49,60 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         None => (super::default_store(&a.store), None),
     };
-    let store = Store::open(&store_dir, false, "cjepa report")?;
-    let (title, records): (String, Vec<Record>) = match &plan {
-        Some(plan) => {
-            let mut v = Vec::new();
-            for s in &plan.stages {
-                if let Some(Ok(r)) = store.get(&s.key)? {
-                    if r.status == Status::Succeeded {
-                        v.push(r);
-                    }
-                }
-            }
-            (format!("{}: stored metrics", plan.pipeline.name), v)
-        }
-        None => {
-            // newest successful record per (pipeline, stage)
-            let mut latest: BTreeMap<(String, String), Record> = BTreeMap::new();
-            for r in store
-                .records()?
-                .into_iter()
-                .filter(|r| r.status == Status::Succeeded)
-            {
-                let k = (r.pipeline.clone(), r.stage_id.clone());
-                if latest.get(&k).map_or(true, |o| o.finished < r.finished) {
-                    latest.insert(k, r);
-                }
-            }
-            ("stored metrics".into(), latest.into_values().collect())
-        }
+    let registry_start: PathBuf = match &plan {
+        Some(p) => p.pipeline.dir.clone(),
+        None => std::env::current_dir()?,
     };
-    let table = metrics_table(&title, &records);
-    let text = table.render(format);
-    print!("{text}");
-    if let Some(dir) = a.out {
-        fs_err::create_dir_all(&dir)?;
-        fs_err::write(dir.join(format!("metrics.{}", format.ext())), &text)?;
+    let store = Store::open(&store_dir, false, "cjepa report")?;
+    let wanted: Option<BTreeSet<String>> = plan.as_ref().map(runs::plan_identities);
+    let records = runs::select(store.records()?, wanted.as_ref());
+    drop(store);
+
+    let mut tables: Vec<(String, Table)> = Vec::new();
+    let published = baselines::load_all(&registry_start).map_err(cjepa::Error::Usage)?;
+    if a.tables != "metrics" {
+        for t in paper_tables(&published, &records) {
+            tables.push((t.slug, t.table));
+        }
+    }
+    if a.tables != "paper" {
+        let title = match &plan {
+            Some(p) => format!("{}: stored metrics", p.pipeline.name),
+            None => "stored metrics".into(),
+        };
+        tables.push(("metrics".into(), metrics_table(&title, &records)));
+    }
+    let texts: Vec<String> = tables.iter().map(|(_, t)| t.render(format)).collect();
+    if format == Format::Json {
+        // one JSON document on stdout: the list of tables (each file holds one table)
+        let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print!("{}", texts.join("\n"));
+    }
+    if let Some(dir) = &a.out {
+        fs_err::create_dir_all(dir)?;
+        for ((slug, _), text) in tables.iter().zip(&texts) {
+            fs_err::write(dir.join(format!("{slug}.{}", format.ext())), text)?;
+        }
+        let n = write_plots(dir, &plots::plots(&records, &published))?;
+        eprintln!(
+            "wrote {} tables and {n} plots to {}",
+            tables.len(),
+            dir.display()
+        );
     }
     Ok(0)
+}
+
+fn write_plots(dir: &Path, ps: &[plots::Plot]) -> anyhow::Result<usize> {
+    if ps.is_empty() {
+        return Ok(0);
+    }
+    let pdir = dir.join("plots");
+    fs_err::create_dir_all(&pdir)?;
+    for p in ps {
+        fs_err::write(pdir.join(&p.file), &p.svg)?;
+    }
+    Ok(ps.len())
 }

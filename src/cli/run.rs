@@ -79,23 +79,40 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     )?;
     if a.dry_run {
         let d = local::decide(&plan, &store, &opts)?;
-        let mut n_run = 0;
-        for (s, d) in plan.stages.iter().zip(&d) {
+        let est = cjepa::plan::cost::plan_estimates(&plan);
+        let gpuh = |e: Option<f64>| match e {
+            Some(h) if h > 0.0 => format!("{h:.3} GPU-h"),
+            Some(_) => "-".to_string(),
+            None => "? GPU-h".to_string(),
+        };
+        let (mut n_run, mut total) = (0, 0.0);
+        for ((s, d), e) in plan.stages.iter().zip(&d).zip(&est) {
             match d {
-                Decision::Cached => println!("cached  {:<40} {}", s.inst.id, &s.key[..12]),
+                Decision::Cached => println!(
+                    "cached  {:<40} {}  {:>14}",
+                    s.inst.id,
+                    &s.key[..12],
+                    gpuh(*e)
+                ),
                 Decision::Run(why) => {
                     n_run += 1;
+                    total += e.unwrap_or(0.0);
                     println!(
-                        "run     {:<40} {}  {}",
+                        "run     {:<40} {}  {:>14}  {}",
                         s.inst.id,
                         &s.key[..12],
+                        gpuh(*e),
                         why.join("; ")
                     );
                 }
                 Decision::NotSelected => {}
             }
         }
-        println!("{n_run} of {} stages would run", plan.stages.len());
+        println!(
+            "{n_run} of {} stages would run (~{total:.1} H100 GPU-hours at {:.0}% of bf16 peak; see plan::cost)",
+            plan.stages.len(),
+            cjepa::plan::cost::ASSUMED_UTILISATION * 100.0
+        );
         return Ok(0);
     }
     let on_slurm = match a.executor.as_deref() {

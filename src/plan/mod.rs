@@ -1,6 +1,7 @@
 //! The plan: matrix instances resolved into full configs, keyed, in a petgraph DAG.
 //! Pure: no store access, no running.
 
+pub mod cost;
 pub mod graph_fmt;
 pub mod key;
 pub mod select;

@@ -1,7 +1,13 @@
-//! Reports from the store: tables of stored metrics (markdown, CSV, JSON, LaTeX).
+//! Reports from the store: the paper's tables next to the published numbers, tables of stored
+//! metrics (markdown, CSV, JSON, LaTeX) and SVG plots.
 
+pub mod baselines;
 pub mod format;
+pub mod paper;
+pub mod plots;
+pub mod runs;
 pub mod table;
 
 pub use format::Format;
+pub use paper::{paper_tables, PaperTable};
 pub use table::{metrics_table, Table};

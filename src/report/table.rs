@@ -83,6 +83,9 @@ impl Table {
                 .replace('%', "\\%")
                 .replace('&', "\\&")
                 .replace('#', "\\#")
+                .replace('^', "\\^{}")
+                .replace('±', "$\\pm$")
+                .replace('—', "--")
         };
         let mut out = String::from("\\begin{table}[h]\n\\centering\n");
         out.push_str(&format!(

@@ -1,6 +1,7 @@
 //! The pipeline file: serde types, registry presets, `--set` overrides, matrix expansion and
 //! validation with file / line / column errors.
 
+pub mod datasets;
 pub mod load;
 pub mod locate;
 pub mod matrix;

@@ -27,6 +27,34 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "models/vit_huge.yaml",
         include_str!("../../registry/models/vit_huge.yaml"),
     ),
+    (
+        "datasets/imagenet.yaml",
+        include_str!("../../registry/datasets/imagenet.yaml"),
+    ),
+    (
+        "datasets/coco.yaml",
+        include_str!("../../registry/datasets/coco.yaml"),
+    ),
+    (
+        "datasets/ade20k.yaml",
+        include_str!("../../registry/datasets/ade20k.yaml"),
+    ),
+    (
+        "datasets/davis2017.yaml",
+        include_str!("../../registry/datasets/davis2017.yaml"),
+    ),
+    (
+        "datasets/clevr.yaml",
+        include_str!("../../registry/datasets/clevr.yaml"),
+    ),
+    (
+        "baselines/cjepa.yaml",
+        include_str!("../../registry/baselines/cjepa.yaml"),
+    ),
+    (
+        "baselines/ijepa.yaml",
+        include_str!("../../registry/baselines/ijepa.yaml"),
+    ),
 ];
 
 /// Where a preset came from.

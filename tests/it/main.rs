@@ -19,3 +19,4 @@ mod resume;
 mod util;
 mod segstages;
 mod slurm;
+mod report;
