@@ -315,7 +315,7 @@ def main():
         data, mask_steps = load_masks(a.masks)
         c = dict(data["config"])
         batch = data["batch"]
-        model_name = a.model + " (from masks file)"
+        model_name = "from " + os.path.basename(a.masks)
     else:
         c = dict(PRESETS[a.model])
         if a.img:
