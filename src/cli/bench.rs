@@ -2,6 +2,7 @@
 //!
 //! - `plan`: plan + key + cache check of a generated, fully cached N-stage matrix pipeline.
 //! - `report`: `cjepa report` over N stored records.
+//! - `train-step`: the full C-JEPA training step (`bench_train.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -18,6 +19,8 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum What {
+    /// Full C-JEPA training step, fused vs unfused kernels (images/s, phases, peak RSS).
+    TrainStep(super::bench_train::Args),
     /// Plan + key + cache check of a fully cached matrix pipeline.
     Plan {
         /// Number of stage instances.
@@ -45,6 +48,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         What::Plan { stages, reps } => plan(stages, reps),
         What::Report { records, reps } => report(records, reps),
         What::Loader(a) => super::bench_loader::run(a),
+        What::TrainStep(a) => super::bench_train::run(a),
     }
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_loader;
 mod cancel;
+mod bench_train;
 mod dag;
 mod data;
 mod eval_coco;

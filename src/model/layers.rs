@@ -1,19 +1,30 @@
 //! Building blocks of the ViT encoder and the predictor, all with a working backward pass.
 //!
 //! candle's fused `softmax_last_dim` and `layer_norm` (also used by `candle_nn::LayerNorm`) record
-//! no backward op, so gradients would silently stop there (CANDLE.md). Everything here is built
-//! from differentiable primitives. Weight names follow the official I-JEPA `state_dict`
-//! (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`).
+//! no backward op, so gradients would silently stop there (CANDLE.md). For f32 tensors on the CPU
+//! every layer takes the fused kernels of [`super::fused`] (each a `CustomOp` with its backward)
+//! while `fused::enabled()`; otherwise, and on other devices, it is composed of differentiable
+//! candle primitives (the `*_unfused` functions). Weight names follow the official I-JEPA
+//! `state_dict` (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`).
 
 use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::VitConfig;
 use super::error::Result;
+use super::fused;
 
-/// Softmax over the last axis. The row max is detached (softmax is shift invariant), which keeps
-/// the backward graph small without changing the gradient.
+/// Softmax over the last axis (fused kernel on the CPU, else [`softmax_last_unfused`]).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused::applies_to(x) {
+        return Ok(fused::softmax_last(x)?);
+    }
+    softmax_last_unfused(x)
+}
+
+/// Softmax over the last axis from candle primitives. The row max is detached (softmax is shift
+/// invariant), which keeps the backward graph small without changing the gradient.
+pub fn softmax_last_unfused(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -22,6 +33,14 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last axis (biased variance) without affine parameters.
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::applies_to(x) {
+        return Ok(fused::layer_norm_plain(x, eps)?);
+    }
+    layer_norm_plain_unfused(x, eps)
+}
+
+/// [`layer_norm_plain`] from candle primitives.
+pub fn layer_norm_plain_unfused(x: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -47,7 +66,10 @@ impl LayerNorm {
 
     /// Normalises the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xn = layer_norm_plain(x, self.eps)?;
+        if fused::applies_to(x) {
+            return Ok(fused::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+        }
+        let xn = layer_norm_plain_unfused(x, self.eps)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
@@ -86,6 +108,9 @@ impl Linear {
 
     /// Applies the layer to `(..., in)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::applies_to(x) {
+            return Ok(fused::linear(x, &self.weight, self.bias.as_ref())?);
+        }
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -130,6 +155,10 @@ impl Attention {
         let (b, t, e) = x.dims3()?;
         let h = self.num_heads;
         let hd = e / h;
+        if fused::applies_to(x) {
+            let out = fused::attention(&self.qkv.forward(x)?, h, self.scale)?;
+            return self.proj.forward(&out);
+        }
         let qkv = self
             .qkv
             .forward(x)?
@@ -139,7 +168,7 @@ impl Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let attn = q.matmul(&k.t()?)?.affine(self.scale, 0.0)?;
-        let attn = softmax_last(&attn)?;
+        let attn = softmax_last_unfused(&attn)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?;
         self.proj.forward(&out)
     }
@@ -162,7 +191,12 @@ impl Mlp {
 
     /// Applies the MLP to the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(x)?.gelu_erf()?;
+        let h = self.fc1.forward(x)?;
+        let h = if fused::applies_to(&h) {
+            fused::gelu_erf(&h)?
+        } else {
+            h.gelu_erf()?
+        };
         self.fc2.forward(&h)
     }
 }

@@ -4,6 +4,7 @@
 //! - `config`: [`VitConfig`] with the registry presets;
 //! - `pos_embed`: fixed 2-D sin-cos position embedding;
 //! - `layers`: LayerNorm, Linear, attention, MLP, block (all differentiable);
+//! - `fused`: fused CPU kernels of those layers, each with its backward;
 //! - `tokens`: `apply_masks` and `repeat_interleave_batch`;
 //! - `vit`: the encoder; `predictor`: the predictor;
 //! - `masks`: the multi-block mask sampler;
@@ -12,6 +13,7 @@
 pub mod config;
 pub mod detect;
 pub mod error;
+pub mod fused;
 pub mod jepa;
 pub mod layers;
 pub mod masks;

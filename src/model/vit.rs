@@ -14,6 +14,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::config::VitConfig;
 use super::error::{ModelError, Result};
+use super::fused;
 use super::layers::{Block, LayerNorm};
 use super::pos_embed::sincos_2d_tensor;
 use super::tokens::{apply_masks, MaskIndices};
@@ -108,9 +109,13 @@ impl VisionTransformer {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let wmat = self.patch_weight.reshape((d, c * p * p))?;
-        let tok = patches
-            .matmul(&wmat.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+        let tok = if fused::applies_to(&patches) {
+            fused::linear(&patches, &wmat, Some(&self.patch_bias))?
+        } else {
+            patches
+                .matmul(&wmat.t()?)?
+                .broadcast_add(&self.patch_bias)?
+        };
         let tok = tok.reshape((b, gh * gw, d))?;
         let g = self.cfg.grid_size();
         let pos = if (gh, gw) == (g, g) {

@@ -1,9 +1,13 @@
 //! EMA of the target encoder (METHOD.md §4): after every optimiser step
 //! `t = m*t + (1-m)*s` over all encoder parameters, as in the official `train.py`
 //! (`param_k.mul_(m).add_((1-m) * param_q)`). `Var::set` refuses a value that shares storage with
-//! the variable, so the new value is built as a fresh tensor and copied in.
+//! the variable, so the new value is built as a fresh tensor and copied in; f32 CPU parameters
+//! are instead updated in place in one pass (`fused_update`, same arithmetic) while the fused
+//! kernels are on.
 
 use candle_core::Var;
+
+use super::fused_update;
 
 /// Errors of the EMA update.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +39,10 @@ pub fn ema_update(pairs: &[(Var, Var)], momentum: f64) -> Result<(), EmaError> {
                 target: t.dims().to_vec(),
                 online: s.dims().to_vec(),
             });
+        }
+        if fused_update::applies(&[t.as_tensor(), s.as_tensor()]) {
+            fused_update::ema_inplace(t.as_tensor(), s.as_tensor(), momentum)?;
+            continue;
         }
         let new = (t.as_detached_tensor().affine(momentum, 0.0)?
             + s.as_detached_tensor().affine(1.0 - momentum, 0.0)?)?;

@@ -2,6 +2,7 @@
 //! JEPA + VICReg losses and the C-JEPA step.
 
 pub mod ema;
+mod fused_update;
 pub mod loss;
 pub mod optim;
 pub mod schedules;

@@ -7,12 +7,16 @@
 //! lr and wd are set from outside at every step (the schedules). Parameters without a gradient are
 //! skipped like in PyTorch. The moments and per-parameter step counts can be saved and restored,
 //! so a resumed run is bit-identical. candle's own `AdamW` has one group and private state.
+//! From the second step on, f32 CPU parameters are updated in place by the one-pass kernels of
+//! [`super::fused_update`] (same f32 arithmetic) while the fused kernels are on.
 
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use super::fused_update;
 
 /// Errors of the optimiser.
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +252,28 @@ impl AdamW {
             let g = g.detach();
             p.step += 1;
             let t = p.step as i32;
+            if let (Some(m), Some(v)) = (&p.exp_avg, &p.exp_avg_sq) {
+                if fused_update::applies(&[p.var.as_tensor(), &g, m, v]) {
+                    // One in-place pass per tensor; bit-identical to the chain below.
+                    let bc1 = 1.0 - b1.powi(t);
+                    let bc2 = 1.0 - b2.powi(t);
+                    let decay = (p.decay && wd != 0.0).then_some(1.0 - lr * wd);
+                    fused_update::adamw_inplace(
+                        p.var.as_tensor(),
+                        &g,
+                        m,
+                        v,
+                        b1,
+                        b2,
+                        eps,
+                        decay,
+                        bc2,
+                        lr / bc1,
+                    )?;
+                    stats.updated += 1;
+                    continue;
+                }
+            }
             let mut w = p.var.as_detached_tensor();
             if p.decay && wd != 0.0 {
                 w = w.affine(1.0 - lr * wd, 0.0)?;
@@ -274,14 +300,15 @@ impl AdamW {
         Ok(stats)
     }
 
-    /// The state to checkpoint: `<name>.exp_avg`, `<name>.exp_avg_sq` (f32) and `<name>.step`
-    /// (i64 scalar) for every parameter that has taken a step.
+    /// The state to checkpoint (copies): `<name>.exp_avg`, `<name>.exp_avg_sq` (f32) and
+    /// `<name>.step` (i64 scalar) for every parameter that has taken a step.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
             if let (Some(m), Some(v)) = (&p.exp_avg, &p.exp_avg_sq) {
-                out.insert(format!("{}.exp_avg", p.name), m.clone());
-                out.insert(format!("{}.exp_avg_sq", p.name), v.clone());
+                // copies: the fused update changes the moments in place
+                out.insert(format!("{}.exp_avg", p.name), m.copy()?);
+                out.insert(format!("{}.exp_avg_sq", p.name), v.copy()?);
                 out.insert(
                     format!("{}.step", p.name),
                     Tensor::new(p.step as i64, m.device())?,

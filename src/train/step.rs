@@ -86,11 +86,87 @@ pub struct StepLosses {
     pub optim: StepStats,
 }
 
+/// Wall-clock seconds spent in each part of training steps (summed over the steps timed).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Target encoder forward (no gradient) and the targets.
+    pub target: f64,
+    /// Context encoder forward on the context tokens.
+    pub context: f64,
+    /// Predictor forward.
+    pub predictor: f64,
+    /// Loss terms, and reading their values.
+    pub loss: f64,
+    /// Backward pass.
+    pub backward: f64,
+    /// Optimiser step.
+    pub optimizer: f64,
+    /// EMA of the target encoder.
+    pub ema: f64,
+}
+
+impl PhaseTimes {
+    /// Named phases in step order.
+    pub fn named(&self) -> [(&'static str, f64); 7] {
+        [
+            ("target forward", self.target),
+            ("context forward", self.context),
+            ("predictor forward", self.predictor),
+            ("loss", self.loss),
+            ("backward", self.backward),
+            ("optimizer", self.optimizer),
+            ("ema", self.ema),
+        ]
+    }
+
+    /// Sum of all phases.
+    pub fn total(&self) -> f64 {
+        self.named().iter().map(|(_, t)| t).sum()
+    }
+}
+
+impl std::ops::AddAssign for PhaseTimes {
+    fn add_assign(&mut self, o: Self) {
+        self.target += o.target;
+        self.context += o.context;
+        self.predictor += o.predictor;
+        self.loss += o.loss;
+        self.backward += o.backward;
+        self.optimizer += o.optimizer;
+        self.ema += o.ema;
+    }
+}
+
+/// Adds the time since the last lap to a phase (no-op without a timer).
+struct Lap<'a>(Option<(&'a mut PhaseTimes, std::time::Instant)>);
+
+impl<'a> Lap<'a> {
+    fn new(t: Option<&'a mut PhaseTimes>) -> Self {
+        Self(t.map(|t| (t, std::time::Instant::now())))
+    }
+    fn mark(&mut self, phase: fn(&mut PhaseTimes) -> &mut f64) {
+        if let Some((t, last)) = &mut self.0 {
+            let now = std::time::Instant::now();
+            *phase(t) += (now - *last).as_secs_f64();
+            *last = now;
+        }
+    }
+}
+
 /// Forward pass and loss of one batch (gradients recorded on the encoder and predictor only).
 pub fn forward_loss(
     nets: &JepaNetworks,
     batch: &Batch,
     cfg: &LossConfig,
+) -> Result<ForwardOut, StepError> {
+    forward_loss_timed(nets, batch, cfg, &mut Lap(None))
+}
+
+fn forward_loss_timed(
+    nets: &JepaNetworks,
+    batch: &Batch,
+    cfg: &LossConfig,
+    lap: &mut Lap,
 ) -> Result<ForwardOut, StepError> {
     let nenc = batch.masks_enc.len();
     let h = nets
@@ -98,12 +174,15 @@ pub fn forward_loss(
         .forward_features(batch.images, None)?
         .detach();
     let targets = make_targets(&h, batch.masks_pred, nenc, cfg)?;
+    lap.mark(|t| &mut t.target);
     let enc_ctx = nets
         .encoder
         .forward_features(batch.images, Some(batch.masks_enc))?;
+    lap.mark(|t| &mut t.context);
     let pred = nets
         .predictor
         .forward(&enc_ctx, batch.masks_enc, batch.masks_pred)?;
+    lap.mark(|t| &mut t.predictor);
     let loss = compute_loss(&pred, &targets, &enc_ctx, nenc, cfg)?;
     Ok(ForwardOut {
         enc_ctx,
@@ -122,7 +201,20 @@ pub fn train_step(
     opt: &mut AdamW,
     hyper: StepHyper,
 ) -> Result<StepLosses, StepError> {
-    let fwd = forward_loss(nets, batch, cfg)?;
+    train_step_timed(nets, batch, cfg, opt, hyper, None)
+}
+
+/// [`train_step`] that adds the time of each phase to `times` (for benchmarks).
+pub fn train_step_timed(
+    nets: &JepaNetworks,
+    batch: &Batch,
+    cfg: &LossConfig,
+    opt: &mut AdamW,
+    hyper: StepHyper,
+    times: Option<&mut PhaseTimes>,
+) -> Result<StepLosses, StepError> {
+    let mut lap = Lap::new(times);
+    let fwd = forward_loss_timed(nets, batch, cfg, &mut lap)?;
     let l = &fwd.loss;
     let scalar = |t: &Tensor| -> Result<f32, StepError> {
         Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
@@ -132,11 +224,15 @@ pub fn train_step(
         return Err(StepError::NonFinite { total, jepa });
     }
     let (sim, std, cov) = (scalar(&l.sim)?, scalar(&l.std)?, scalar(&l.cov)?);
+    lap.mark(|t| &mut t.loss);
     let grads = l.total.backward()?;
     drop(fwd);
+    lap.mark(|t| &mut t.backward);
     let optim = opt.step(&grads, hyper.lr, hyper.wd)?;
     drop(grads);
+    lap.mark(|t| &mut t.optimizer);
     ema_update(&nets.ema_pairs(), hyper.momentum)?;
+    lap.mark(|t| &mut t.ema);
     Ok(StepLosses {
         total,
         jepa,

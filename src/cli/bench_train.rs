@@ -1,0 +1,308 @@
+//! `cjepa bench train-step`: the full C-JEPA training step (target encoder forward without
+//! gradient, context encoder on the context tokens, predictor, JEPA + VICReg loss, backward,
+//! AdamW, EMA) on random images and masks from the multi-block sampler, timed per phase.
+//!
+//! With `--fused both` (the default) the fused kernels and candle's unfused composition run in
+//! the same process on the same masks and weights, fused first, and the speed ratio between them
+//! is printed: the in-repo baseline. `--masks-out` writes the masks of every step (warm-up
+//! included) as JSON for `bench/torch_step.py`, so the PyTorch twin runs the very same shapes.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use cjepa::model::masks::{MaskConfig, MaskSampler, Masks};
+use cjepa::model::{fused, JepaNetworks, VitConfig};
+use cjepa::train::loss::LossConfig;
+use cjepa::train::optim::{AdamW, AdamWConfig};
+use cjepa::train::step::{train_step_timed, Batch, PhaseTimes, StepHyper};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Arguments of `cjepa bench train-step`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Registry preset (`vit_tiny` ... `vit_huge`) or `quick` (the quickstart's small model:
+    /// ViT-Tiny width, 4 blocks, 64 px, patch 8, a 2-block predictor of width 192).
+    #[arg(long, default_value = "vit_small")]
+    model: String,
+    /// Image side in pixels (default: the preset's).
+    #[arg(long)]
+    img: Option<usize>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed steps per mode.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed warm-up steps per mode.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Threads (rayon and candle); default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// `on`, `off` or `both` (fused first, then unfused, and their ratio).
+    #[arg(long, default_value = "both")]
+    fused: String,
+    /// Seed of weights, images and masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the masks of every step as JSON (for `bench/torch_step.py --masks`).
+    #[arg(long)]
+    masks_out: Option<std::path::PathBuf>,
+}
+
+/// The architecture the bench runs.
+fn config(a: &Args) -> anyhow::Result<VitConfig> {
+    let mut cfg = match a.model.as_str() {
+        "quick" => VitConfig {
+            img_size: 64,
+            patch_size: 8,
+            depth: 4,
+            pred_embed_dim: 192,
+            pred_depth: 2,
+            ..VitConfig::vit_tiny()
+        },
+        name => VitConfig::by_name(name).with_context(|| {
+            format!("unknown --model `{name}`: use quick, vit_tiny, vit_small, vit_base, vit_large or vit_huge")
+        })?,
+    };
+    if let Some(img) = a.img {
+        cfg.img_size = img;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let s = fs_err::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets `VmHWM` to the current RSS (Linux `clear_refs` 5); false where that is not possible.
+fn reset_peak_rss() -> bool {
+    fs_err::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// CPU seconds (user + system) used by this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+}
+
+/// Masks as the `(B, K)` u32 tensors the networks take.
+fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> anyhow::Result<Vec<Tensor>> {
+    lists
+        .iter()
+        .map(|m| {
+            let (b, k) = (m.len(), m.first().map_or(0, |r| r.len()));
+            let flat: Vec<u32> = m.iter().flatten().copied().collect();
+            Ok(Tensor::from_vec(flat, (b, k), dev)?)
+        })
+        .collect()
+}
+
+/// What one mode measured.
+struct Run {
+    label: &'static str,
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+    phases: PhaseTimes,
+    peak_mib: Option<f64>,
+    loss: f32,
+}
+
+impl Run {
+    fn mean_wall(&self) -> f64 {
+        self.wall.iter().sum::<f64>() / self.wall.len().max(1) as f64
+    }
+    fn mean_cpu(&self) -> f64 {
+        self.cpu.iter().sum::<f64>() / self.cpu.len().max(1) as f64
+    }
+}
+
+/// Runs warm-up + timed steps with fresh networks and optimiser in one mode.
+fn run_mode(
+    label: &'static str,
+    on: bool,
+    cfg: &VitConfig,
+    a: &Args,
+    images: &Tensor,
+    masks: &[Masks],
+) -> anyhow::Result<Run> {
+    fused::set_enabled(on);
+    let dev = Device::Cpu;
+    let nets = JepaNetworks::new_random(cfg, a.seed, &dev)?;
+    let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default())?;
+    let loss_cfg = LossConfig::cjepa();
+    let hyper = StepHyper {
+        lr: 1e-4,
+        wd: 0.04,
+        momentum: 0.996,
+    };
+    let can_reset = reset_peak_rss();
+    let mut run = Run {
+        label,
+        wall: Vec::new(),
+        cpu: Vec::new(),
+        phases: PhaseTimes::default(),
+        peak_mib: None,
+        loss: f32::NAN,
+    };
+    for (i, m) in masks.iter().enumerate() {
+        let enc = mask_tensors(&m.enc, &dev)?;
+        let pred = mask_tensors(&m.pred, &dev)?;
+        let batch = Batch {
+            images,
+            masks_enc: &enc,
+            masks_pred: &pred,
+        };
+        let timed = i >= a.warmup;
+        let mut ph = PhaseTimes::default();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let l = train_step_timed(&nets, &batch, &loss_cfg, &mut opt, hyper, Some(&mut ph))?;
+        let (dt, dc) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        eprintln!(
+            "  {label} step {i}{}: {dt:.3} s wall, {dc:.3} s cpu, loss {:.5}",
+            if timed { "" } else { " (warm-up)" },
+            l.total
+        );
+        run.loss = l.total;
+        if timed {
+            run.wall.push(dt);
+            run.cpu.push(dc);
+            run.phases += ph;
+        }
+    }
+    if can_reset {
+        run.peak_mib = peak_rss_mib();
+    }
+    Ok(run)
+}
+
+fn json_masks(masks: &[Masks], cfg: &VitConfig, batch: usize) -> serde_json::Value {
+    serde_json::json!({
+        "config": cfg,
+        "batch": batch,
+        "grid": cfg.grid_size(),
+        "steps": masks.iter().map(|m| serde_json::json!({"enc": m.enc, "pred": m.pred})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    if let Some(t) = a.threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        // candle reads these for its own thread count; set before any pool starts.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global();
+    }
+    let modes: Vec<(&'static str, bool)> = match a.fused.as_str() {
+        "on" => vec![("fused", true)],
+        "off" => vec![("unfused", false)],
+        "both" => vec![("fused", true), ("unfused", false)],
+        o => anyhow::bail!("--fused {o}: use on, off or both"),
+    };
+    anyhow::ensure!(a.steps > 0, "--steps must be at least 1");
+    anyhow::ensure!(a.batch >= 2, "--batch must be at least 2 (VICReg variance)");
+    let cfg = config(&a)?;
+    let g = cfg.grid_size();
+    let sampler = MaskSampler::new(MaskConfig::default().scaled_for_grid(g, g)?, g, g)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let masks: Vec<Masks> = (0..a.warmup + a.steps)
+        .map(|_| sampler.sample(&mut rng, a.batch))
+        .collect();
+    let images = Tensor::randn(
+        0f32,
+        1.0,
+        (a.batch, cfg.in_chans, cfg.img_size, cfg.img_size),
+        &Device::Cpu,
+    )?;
+    if let Some(p) = &a.masks_out {
+        fs_err::write(
+            p,
+            serde_json::to_string(&json_masks(&masks, &cfg, a.batch))?,
+        )?;
+    }
+    let threads = rayon::current_num_threads();
+    let mean_k =
+        |f: fn(&Masks) -> usize| masks.iter().map(f).sum::<usize>() as f64 / masks.len() as f64;
+    println!(
+        "bench train-step: model {} (D {}, depth {}, predictor {}x{}), {} px, patch {}, batch {}, \
+         {} threads, {} timed steps after {} warm-up",
+        a.model,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.pred_embed_dim,
+        cfg.pred_depth,
+        cfg.img_size,
+        cfg.patch_size,
+        a.batch,
+        threads,
+        a.steps,
+        a.warmup
+    );
+    println!(
+        "  masks: {} tokens, mean context keep {:.1}, mean target keep {:.1} x {} targets",
+        g * g,
+        mean_k(Masks::k_enc),
+        mean_k(Masks::k_pred),
+        masks[0].pred.len()
+    );
+    let mut runs = Vec::new();
+    for (label, on) in modes {
+        runs.push(run_mode(label, on, &cfg, &a, &images, &masks)?);
+    }
+    for r in &runs {
+        println!(
+            "  {}: {:.3} s/step wall ({:.2} images/s), {:.3} s/step cpu, peak RSS {}, final loss {:.5}",
+            r.label,
+            r.mean_wall(),
+            a.batch as f64 / r.mean_wall(),
+            r.mean_cpu(),
+            r.peak_mib
+                .map_or("n/a".into(), |m| format!("{m:.0} MiB")),
+            r.loss
+        );
+        let n = r.wall.len() as f64;
+        let parts: Vec<String> = r
+            .phases
+            .named()
+            .iter()
+            .map(|(name, t)| format!("{name} {:.0} ms", 1e3 * t / n))
+            .collect();
+        println!("    phases: {}", parts.join(", "));
+    }
+    if let [f, u] = runs.as_slice() {
+        println!(
+            "  fused/unfused speed: {:.2}x (wall), {:.2}x (cpu)",
+            u.mean_wall() / f.mean_wall(),
+            u.mean_cpu() / f.mean_cpu()
+        );
+    }
+    for r in &runs {
+        // one machine-readable line per mode, for bench/compare.sh
+        println!(
+            "RESULT impl=candle-{} images_per_s={:.4} s_per_step={:.4} cpu_s_per_step={:.4} peak_rss_mib={:.1} threads={threads}",
+            r.label,
+            a.batch as f64 / r.mean_wall(),
+            r.mean_wall(),
+            r.mean_cpu(),
+            r.peak_mib.unwrap_or(f64::NAN)
+        );
+    }
+    fused::set_enabled(true);
+    Ok(0)
+}

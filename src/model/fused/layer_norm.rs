@@ -1,0 +1,304 @@
+//! LayerNorm over the last axis (biased variance), affine (`CustomOp3`: x, weight, bias) or
+//! without affine parameters (`CustomOp1`). The forward saves mean and 1/std of every row; the
+//! backward is one pass over the rows: `dx = rstd (g - mean(g) - x̂ mean(g x̂))` with `g = dy w`,
+//! and the per-thread partial sums of `dw = Σ dy x̂`, `db = Σ dy` added at the end.
+
+use std::sync::OnceLock;
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::kernels::{dot, par_rows, par_rows_sum, simd, sum};
+use super::{slice, tensor, with_data, SendPtr};
+
+const OP: &str = "fused layer_norm";
+
+/// Row statistics saved by the forward pass.
+struct Stats {
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+struct LayerNorm {
+    eps: f32,
+    saved: OnceLock<Stats>,
+}
+
+impl LayerNorm {
+    fn new(eps: f64) -> Self {
+        Self {
+            eps: eps as f32,
+            saved: OnceLock::new(),
+        }
+    }
+
+    /// Normalises `x` (rows of `d`), with optional affine parameters; saves the statistics.
+    fn forward(&self, x: &[f32], d: usize, affine: Option<(&[f32], &[f32])>) -> Result<Vec<f32>> {
+        if d == 0 {
+            bail!("fused layer_norm: empty last axis")
+        }
+        let rows = x.len() / d;
+        let mut y = vec![0f32; x.len()];
+        let mut mean = vec![0f32; rows];
+        let mut rstd = vec![0f32; rows];
+        let (yp, mp, rp) = (
+            SendPtr(y.as_mut_ptr()),
+            SendPtr(mean.as_mut_ptr()),
+            SendPtr(rstd.as_mut_ptr()),
+        );
+        let eps = self.eps;
+        par_rows(rows, 16, |r| {
+            let (yp, mp, rp) = (yp, mp, rp);
+            simd(|| {
+                for i in r {
+                    let xr = &x[i * d..(i + 1) * d];
+                    // SAFETY: each chunk writes its own rows.
+                    let yr = unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * d), d) };
+                    let mu = sum(xr) / d as f32;
+                    for (o, v) in yr.iter_mut().zip(xr) {
+                        *o = v - mu;
+                    }
+                    let var = dot(yr, yr) / d as f32;
+                    let rs = 1.0 / (var + eps).sqrt();
+                    match affine {
+                        Some((w, b)) => {
+                            for ((o, w), b) in yr.iter_mut().zip(w).zip(b) {
+                                *o = *o * rs * w + b;
+                            }
+                        }
+                        None => {
+                            for o in yr.iter_mut() {
+                                *o *= rs;
+                            }
+                        }
+                    }
+                    unsafe {
+                        *mp.0.add(i) = mu;
+                        *rp.0.add(i) = rs;
+                    }
+                }
+            })
+        });
+        let _ = self.saved.set(Stats { mean, rstd });
+        Ok(y)
+    }
+
+    /// `(dx, [dw; db])` from the saved statistics.
+    fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        d: usize,
+        w: Option<&[f32]>,
+        want_dx: bool,
+        want_params: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let Some(st) = self.saved.get() else {
+            bail!("fused layer_norm: backward before forward")
+        };
+        let rows = x.len() / d;
+        let mut dx = if want_dx {
+            vec![0f32; x.len()]
+        } else {
+            Vec::new()
+        };
+        let dxp = SendPtr(dx.as_mut_ptr());
+        let plen = if want_params { 2 * d } else { 0 };
+        let params = par_rows_sum(rows, 16, plen, |r, acc| {
+            let dxp = dxp;
+            simd(|| {
+                let mut xhat = vec![0f32; d];
+                let mut g = vec![0f32; d];
+                for i in r {
+                    let xr = &x[i * d..(i + 1) * d];
+                    let gr = &dy[i * d..(i + 1) * d];
+                    let (mu, rs) = (st.mean[i], st.rstd[i]);
+                    for (h, v) in xhat.iter_mut().zip(xr) {
+                        *h = (v - mu) * rs;
+                    }
+                    if want_params {
+                        let (dw, db) = acc.split_at_mut(d);
+                        for (((a, b), gv), h) in dw.iter_mut().zip(db.iter_mut()).zip(gr).zip(&xhat)
+                        {
+                            *a += gv * h;
+                            *b += gv;
+                        }
+                    }
+                    if !want_dx {
+                        continue;
+                    }
+                    match w {
+                        Some(w) => {
+                            for ((o, gv), wv) in g.iter_mut().zip(gr).zip(w) {
+                                *o = gv * wv;
+                            }
+                        }
+                        None => g.copy_from_slice(gr),
+                    }
+                    let a = sum(&g) / d as f32;
+                    let c = dot(&g, &xhat) / d as f32;
+                    // SAFETY: each chunk writes its own rows.
+                    let dr = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(i * d), d) };
+                    for ((o, gv), h) in dr.iter_mut().zip(&g).zip(&xhat) {
+                        *o = rs * (gv - a - h * c);
+                    }
+                }
+            })
+        });
+        Ok((want_dx.then_some(dx), params))
+    }
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) => Ok(d),
+        None => bail!("fused layer_norm: scalar input"),
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1)?;
+        if l2.dims() != [d] || l3.dims() != [d] {
+            bail!(
+                "fused layer_norm: weight {:?} / bias {:?} do not fit the last axis {d}",
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let x = slice(s1, l1, OP)?;
+        let w = slice(s2, l2, OP)?;
+        let b = slice(s3, l3, OP)?;
+        let y = self.forward(x, d, Some((w, b)))?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let want_params = w.track_op() || b.track_op();
+        let (dx, p) = with_data(x, "fused layer_norm", |xs| {
+            with_data(dy, "fused layer_norm", |g| {
+                with_data(w, "fused layer_norm", |ws| {
+                    self.backward(xs, g, d, Some(ws), x.track_op(), want_params)
+                })
+            })
+        })?;
+        let dx = dx.map(|v| tensor(v, x.dims())).transpose()?;
+        if !want_params {
+            return Ok((dx, None, None));
+        }
+        let db = p[d..].to_vec();
+        let mut dw = p;
+        dw.truncate(d);
+        Ok((dx, Some(tensor(dw, &[d])?), Some(tensor(db, &[d])?)))
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-plain"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = last_dim(l)?;
+        let y = self.forward(slice(s, l, "fused layer_norm")?, d, None)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let (dx, _) = with_data(x, "fused layer_norm", |xs| {
+            with_data(dy, "fused layer_norm", |g| {
+                self.backward(xs, g, d, None, true, false)
+            })
+        })?;
+        dx.map(|v| tensor(v, x.dims())).transpose()
+    }
+}
+
+/// Affine LayerNorm of the last axis of an f32 CPU tensor.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm::new(eps),
+    )
+}
+
+/// LayerNorm of the last axis without affine parameters.
+pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(LayerNorm::new(eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testutil::{assert_close, randn, var};
+    use crate::model::layers;
+
+    #[test]
+    fn affine_matches_unfused() {
+        for shape in [vec![2usize, 37, 24], vec![5, 3]] {
+            let d = *shape.last().unwrap();
+            let x = var(&shape, 1, 2.0, 0.5);
+            let w = var(&[d], 2, 0.5, 1.0);
+            let b = var(&[d], 3, 0.5, 0.0);
+            let probe = randn(&shape, 4);
+            let f = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+            let u = layers::layer_norm_plain_unfused(x.as_tensor(), 1e-6)
+                .unwrap()
+                .broadcast_mul(w.as_tensor())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap();
+            assert_close("layer_norm y", &f, &u, 1e-5, 1e-5);
+            let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (n, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                assert_close(
+                    &format!("layer_norm d{n}"),
+                    gf.get(v.as_tensor()).unwrap(),
+                    gu.get(v.as_tensor()).unwrap(),
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn plain_matches_unfused() {
+        let x = var(&[3, 11, 20], 5, 3.0, -1.0);
+        let probe = randn(&[3, 11, 20], 6);
+        let f = layer_norm_plain(x.as_tensor(), 1e-5).unwrap();
+        let u = layers::layer_norm_plain_unfused(x.as_tensor(), 1e-5).unwrap();
+        assert_close("layer_norm_plain y", &f, &u, 1e-5, 1e-5);
+        let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            "layer_norm_plain dx",
+            gf.get(x.as_tensor()).unwrap(),
+            gu.get(x.as_tensor()).unwrap(),
+            1e-4,
+            1e-4,
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! `y = x W^T + b` over the last axis (PyTorch layout `W = (out, in)`) as one op.
+//!
+//! Forward: the output rows start as the bias and the gemm accumulates into them. Backward:
+//! `dx = dy W`, `dW = dy^T x` (dy^T is read through strides, never copied), `db` = column sums
+//! of dy; the input gradient is skipped when `x` needs none (patch pixels). candle's unfused path
+//! records reshape, transpose, matmul and broadcast-add, whose backward materialises transposed
+//! copies and broadcast sums.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::kernels::{gemm_par_rows, par_rows, par_rows_sum, Mat, MatMut};
+use super::{slice, tensor, with_data, SendPtr};
+
+const OP: &str = "fused linear";
+
+/// The op: a `CustomOp3` with the bias, a `CustomOp2` without.
+struct Linear;
+
+fn check(xd: &[usize], wd: &[usize]) -> Result<(usize, usize, usize)> {
+    let (&k, _) = xd
+        .split_last()
+        .ok_or_else(|| candle_core::Error::Msg("fused linear: scalar input".into()))?;
+    if wd.len() != 2 || wd[1] != k {
+        bail!("fused linear: input {xd:?} does not fit weight {wd:?} (out, in)")
+    }
+    let m = xd.iter().product::<usize>() / k.max(1);
+    Ok((m, k, wd[0]))
+}
+
+fn out_shape(xd: &[usize], n: usize) -> Shape {
+    let mut d = xd.to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = n;
+    }
+    d.into()
+}
+
+/// The forward product into a fresh buffer.
+fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if let Some(b) = b {
+        let yp = SendPtr(y.as_mut_ptr());
+        par_rows(m, 64, |r| {
+            let yp = yp;
+            for i in r {
+                // SAFETY: each chunk writes its own rows.
+                let row = unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * n), n) };
+                row.copy_from_slice(b);
+            }
+        });
+    }
+    // SAFETY: shapes checked by the caller; y is m x n.
+    unsafe {
+        gemm_par_rows(
+            m,
+            n,
+            k,
+            MatMut {
+                ptr: y.as_mut_ptr(),
+                rs: n as isize,
+                cs: 1,
+            },
+            b.is_some(),
+            Mat {
+                ptr: x.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            },
+            Mat {
+                ptr: w.as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            },
+            1.0,
+        )
+    };
+    y
+}
+
+/// Gradients `(dx, dW, db)`, each computed only when asked for.
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want: (bool, bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (m, k, n) = check(x.dims(), w.dims())?;
+    with_data(dy, "fused linear", |g| {
+        let dx = if want.0 {
+            let v = with_data(w, "fused linear", |wd| {
+                let mut dx = vec![0f32; m * k];
+                // SAFETY: dx is m x k, dy m x n, W n x k.
+                unsafe {
+                    gemm_par_rows(
+                        m,
+                        k,
+                        n,
+                        MatMut {
+                            ptr: dx.as_mut_ptr(),
+                            rs: k as isize,
+                            cs: 1,
+                        },
+                        false,
+                        Mat {
+                            ptr: g.as_ptr(),
+                            rs: n as isize,
+                            cs: 1,
+                        },
+                        Mat {
+                            ptr: wd.as_ptr(),
+                            rs: k as isize,
+                            cs: 1,
+                        },
+                        1.0,
+                    )
+                };
+                Ok(dx)
+            })?;
+            Some(tensor(v, x.dims())?)
+        } else {
+            None
+        };
+        let dw = if want.1 {
+            let v = with_data(x, "fused linear", |xd| {
+                let mut dw = vec![0f32; n * k];
+                // SAFETY: dW is n x k; dy^T is read with row stride 1 and column stride n.
+                unsafe {
+                    gemm_par_rows(
+                        n,
+                        k,
+                        m,
+                        MatMut {
+                            ptr: dw.as_mut_ptr(),
+                            rs: k as isize,
+                            cs: 1,
+                        },
+                        false,
+                        Mat {
+                            ptr: g.as_ptr(),
+                            rs: 1,
+                            cs: n as isize,
+                        },
+                        Mat {
+                            ptr: xd.as_ptr(),
+                            rs: k as isize,
+                            cs: 1,
+                        },
+                        1.0,
+                    )
+                };
+                Ok(dw)
+            })?;
+            Some(tensor(v, w.dims())?)
+        } else {
+            None
+        };
+        let db = if want.2 {
+            let v = par_rows_sum(m, 64, n, |r, acc| {
+                for i in r {
+                    let row = &g[i * n..(i + 1) * n];
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+            });
+            Some(tensor(v, &[n])?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    })
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = check(l1.dims(), l2.dims())?;
+        if l3.dims() != [n] {
+            bail!("fused linear: bias {:?}, expected [{n}]", l3.dims())
+        }
+        let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
+        let y = forward(x, w, Some(b), m, k, n);
+        Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        backward(x, w, dy, (x.track_op(), w.track_op(), b.track_op()))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear-nobias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = check(l1.dims(), l2.dims())?;
+        let (x, w) = (
+            slice(s1, l1, "fused linear")?,
+            slice(s2, l2, "fused linear")?,
+        );
+        let y = forward(x, w, None, m, k, n);
+        Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, w, dy, (x.track_op(), w.track_op(), false))?;
+        Ok((dx, dw))
+    }
+}
+
+/// `x W^T (+ b)` for `x (..., in)`, `w (out, in)`, `b (out)`; f32 CPU tensors.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Linear),
+        None => x.apply_op2(&w, Linear),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testutil::{assert_close, randn, var};
+
+    fn unfused(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap();
+        let rows = x.elem_count() / k;
+        let y = x
+            .reshape((rows, k))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap();
+        let y = match b {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        };
+        let mut od = dims;
+        *od.last_mut().unwrap() = w.dim(0).unwrap();
+        y.reshape(od).unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_match_unfused() {
+        for (shape, n, bias) in [
+            (vec![2usize, 67, 24], 40usize, true),
+            (vec![130, 16], 9, false),
+            (vec![3, 1, 5], 7, true),
+        ] {
+            let k = *shape.last().unwrap();
+            let x = var(&shape, 1, 1.0, 0.1);
+            let w = var(&[n, k], 2, 0.3, 0.0);
+            let b = var(&[n], 3, 1.0, 0.0);
+            let bref = bias.then(|| b.as_tensor());
+            // a random upstream gradient through a weighted sum
+            let probe = randn(&out_shape(&shape, n).dims().to_vec(), 4);
+            let f = linear(x.as_tensor(), w.as_tensor(), bref).unwrap();
+            let u = unfused(x.as_tensor(), w.as_tensor(), bref);
+            assert_close("linear y", &f, &u, 1e-5, 1e-5);
+            let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w)] {
+                assert_close(
+                    &format!("linear d{name}"),
+                    gf.get(v.as_tensor()).unwrap(),
+                    gu.get(v.as_tensor()).unwrap(),
+                    1e-4,
+                    1e-4,
+                );
+            }
+            if bias {
+                assert_close(
+                    "linear db",
+                    gf.get(b.as_tensor()).unwrap(),
+                    gu.get(b.as_tensor()).unwrap(),
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn input_without_grad_gets_none() {
+        let x = randn(&[5, 6], 1);
+        let w = var(&[3, 6], 2, 1.0, 0.0);
+        let g = linear(&x, w.as_tensor(), None)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(w.as_tensor()).is_some());
+    }
+}

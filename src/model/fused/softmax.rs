@@ -1,0 +1,111 @@
+//! Softmax over the last axis with a backward (candle's `softmax_last_dim` has none):
+//! forward `y = exp(x - max) / Σ`, backward `dx = y (dy - Σ dy y)` from the saved output.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::kernels::{dot, exp, max, par_rows, simd, sum};
+use super::{slice, tensor, with_data, SendPtr};
+
+/// Softmax of one row in place.
+#[inline(always)]
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    let m = max(row);
+    for v in row.iter_mut() {
+        *v = exp(*v - m);
+    }
+    let inv = 1.0 / sum(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `dy <- y (dy - Σ dy y)` for one row.
+#[inline(always)]
+pub(crate) fn softmax_row_bwd(y: &[f32], dy: &mut [f32]) {
+    let c = dot(y, dy);
+    for (g, p) in dy.iter_mut().zip(y) {
+        *g = p * (*g - c);
+    }
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(&d) = l.dims().last() else {
+            bail!("fused softmax: scalar input")
+        };
+        let mut y = slice(s, l, self.name())?.to_vec();
+        if d > 0 {
+            let rows = y.len() / d;
+            let yp = SendPtr(y.as_mut_ptr());
+            par_rows(rows, 8, |r| {
+                let yp = yp;
+                simd(|| {
+                    for i in r {
+                        // SAFETY: each chunk owns its rows.
+                        softmax_row(unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * d), d) });
+                    }
+                })
+            });
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let d = res.dim(candle_core::D::Minus1)?;
+        let mut g = with_data(dy, self.name(), |g| Ok(g.to_vec()))?;
+        with_data(res, self.name(), |y| {
+            if d > 0 {
+                let rows = y.len() / d;
+                let gp = SendPtr(g.as_mut_ptr());
+                par_rows(rows, 8, |r| {
+                    let gp = gp;
+                    simd(|| {
+                        for i in r {
+                            // SAFETY: each chunk owns its rows.
+                            let gr = unsafe { std::slice::from_raw_parts_mut(gp.0.add(i * d), d) };
+                            softmax_row_bwd(&y[i * d..(i + 1) * d], gr);
+                        }
+                    })
+                });
+            }
+            Ok(())
+        })?;
+        Ok(Some(tensor(g, res.dims())?))
+    }
+}
+
+/// Softmax over the last axis of an f32 CPU tensor, with a backward.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testutil::{assert_close, randn, var};
+    use crate::model::layers;
+
+    #[test]
+    fn matches_unfused() {
+        let x = var(&[4, 7, 33], 1, 3.0, 0.0);
+        let probe = randn(&[4, 7, 33], 2);
+        let f = softmax_last(x.as_tensor()).unwrap();
+        let u = layers::softmax_last_unfused(x.as_tensor()).unwrap();
+        assert_close("softmax y", &f, &u, 1e-6, 1e-5);
+        let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            "softmax dx",
+            gf.get(x.as_tensor()).unwrap(),
+            gu.get(x.as_tensor()).unwrap(),
+            1e-6,
+            1e-4,
+        );
+    }
+}
