@@ -23,8 +23,10 @@ pub struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Which tables: `paper` (the paper's tables with published numbers), `metrics` (every
-    /// stored metric per stage) or `all`.
-    #[arg(long, default_value = "paper", value_parser = ["paper", "metrics", "all"])]
+    /// stored metric per stage), `all`, or `auto`: the paper's tables and the metrics table
+    /// when the pipeline (or store) pretrains, else the metrics table alone. With `--format
+    /// json`, `metrics` alone prints one table object; otherwise a list of tables.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "paper", "metrics", "all"])]
     tables: String,
     /// `--set` overrides for the pipeline.
     #[arg(long = "set", value_name = "PATH=VALUE")]
@@ -58,14 +60,31 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let records = runs::select(store.records()?, wanted.as_ref());
     drop(store);
 
+    let which = match a.tables.as_str() {
+        "auto" => {
+            let pretrains = match &plan {
+                Some(p) => p
+                    .stages
+                    .iter()
+                    .any(|s| s.kind == cjepa::stages::StageKind::Pretrain),
+                None => records.iter().any(|r| r.kind == "pretrain"),
+            };
+            if pretrains {
+                "all"
+            } else {
+                "metrics"
+            }
+        }
+        t => t,
+    };
     let mut tables: Vec<(String, Table)> = Vec::new();
     let published = baselines::load_all(&registry_start).map_err(cjepa::Error::Usage)?;
-    if a.tables != "metrics" {
+    if which != "metrics" {
         for t in paper_tables(&published, &records) {
             tables.push((t.slug, t.table));
         }
     }
-    if a.tables != "paper" {
+    if which != "paper" {
         let title = match &plan {
             Some(p) => format!("{}: stored metrics", p.pipeline.name),
             None => "stored metrics".into(),
@@ -76,7 +95,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if format == Format::Json {
         // one JSON document on stdout: the list of tables (each file holds one table)
         let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        if which == "metrics" {
+            println!("{}", serde_json::to_string_pretty(&all[0])?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
     } else {
         print!("{}", texts.join("\n"));
     }

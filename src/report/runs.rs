@@ -162,10 +162,17 @@ pub fn on_synth_data(r: &Record, by_key: &BTreeMap<String, Record>) -> bool {
         .is_some_and(|d| d.config["params"]["source"].as_str() == Some("synth"))
 }
 
-/// Method and label of pretraining params (`method`, `vic_terms`, `b_*` weights).
+/// Method and label of pretraining params (`method`, and `vic_terms` and the `b_*` weights, read
+/// from the `loss:` section or, in older records, from the params themselves).
 pub fn method_of(params: &Value) -> (Option<Method>, String) {
+    let get = |name: &str| -> &Value {
+        match params.get("loss").and_then(|l| l.get(name)) {
+            Some(v) => v,
+            None => &params[name],
+        }
+    };
     let w = |name: &str| -> f64 {
-        params[name].as_f64().unwrap_or_else(|| {
+        get(name).as_f64().unwrap_or_else(|| {
             PAPER_WEIGHTS
                 .iter()
                 .find(|(n, _)| *n == name)
@@ -179,7 +186,7 @@ pub fn method_of(params: &Value) -> (Option<Method>, String) {
     if m != "cjepa" {
         return (None, m.to_string());
     }
-    let terms = params["vic_terms"].as_str().unwrap_or("all");
+    let terms = get("vic_terms").as_str().unwrap_or("all");
     let inv = matches!(terms, "all" | "invariance") && w("b_sim") != 0.0;
     let var = matches!(terms, "all" | "var_cov") && (w("b_std") != 0.0 || w("b_cov") != 0.0);
     let method = match (inv, var) {

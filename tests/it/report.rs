@@ -491,11 +491,12 @@ fn paper_pipelines_parse_and_cover_the_tables() {
     let ab = &full.stages["ablation_b16"];
     assert_eq!(ab.params["epochs"], 100);
     let mut methods = Vec::new();
-    for b_sim in &ab.matrix["b_sim"] {
-        for terms in &ab.matrix["vic_terms"] {
+    for b_sim in &ab.matrix["loss.b_sim"] {
+        for terms in &ab.matrix["loss.vic_terms"] {
             let mut p = ab.params.clone();
-            p.insert("b_sim".into(), b_sim.clone());
-            p.insert("vic_terms".into(), terms.clone());
+            let loss = p["loss"].as_object_mut().unwrap();
+            loss.insert("b_sim".into(), b_sim.clone());
+            loss.insert("vic_terms".into(), terms.clone());
             let (m, label) = runs::method_of(&Value::Object(p));
             methods.push(m.unwrap_or_else(|| panic!("{label}")));
         }
@@ -508,7 +509,7 @@ fn paper_pipelines_parse_and_cover_the_tables() {
     let conv = pipeline_file("pipelines/convergence.yaml");
     assert!(conv.stages["pretrain"].matrix["epochs"].len() >= 4);
     let sweep = pipeline_file("pipelines/sweeps/b_vic.yaml");
-    let vals = &sweep.stages["pretrain"].matrix["b_vic"];
+    let vals = &sweep.stages["pretrain"].matrix["loss.b_vic"];
     assert!(vals.contains(&json!(0.001)) && vals.len() >= 4);
 }
 
@@ -586,7 +587,7 @@ fn cli_report_prints_paper_tables_and_writes_files_and_plots() {
     let a = assert_cmd::Command::cargo_bin("cjepa")
         .unwrap()
         .current_dir(dir.path())
-        .args(["report", "--store"])
+        .args(["report", "--tables", "paper", "--store"])
         .arg(&store_dir)
         .assert()
         .success();
@@ -641,7 +642,7 @@ fn cli_report_prints_paper_tables_and_writes_files_and_plots() {
     let a = assert_cmd::Command::cargo_bin("cjepa")
         .unwrap()
         .current_dir(dir.path())
-        .args(["report", "--format", "json", "--store"])
+        .args(["report", "--tables", "paper", "--format", "json", "--store"])
         .arg(&store_dir)
         .assert()
         .success();
