@@ -159,6 +159,7 @@ pub fn plan_estimates(plan: &Plan) -> Vec<Option<f64>> {
             let model: VitConfig = serde_json::from_value(mcfg["model"].clone()).ok()?;
             let img = params["img"]
                 .as_u64()
+                .or(params["img_size"].as_u64())
                 .map(|v| v as usize)
                 .or_else(|| default_img(kind))
                 .or_else(|| mcfg["params"]["img"].as_u64().map(|v| v as usize))
@@ -170,7 +171,7 @@ pub fn plan_estimates(plan: &Plan) -> Vec<Option<f64>> {
                 e
             } else if let (Some(it), Some(b)) = (
                 params["iters"].as_u64().or(params["steps"].as_u64()),
-                params["batch"].as_u64(),
+                params["batch"].as_u64().or(params["batch_size"].as_u64()),
             ) {
                 images = it * b;
                 1.0

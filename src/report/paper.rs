@@ -66,25 +66,30 @@ pub fn kind_benchmarks(kind: &str) -> &'static [(Benchmark, &'static str, &'stat
     }
 }
 
-/// The protocol of a stage: the kind's full recipe unless its params say otherwise
-/// (`protocol: <name>`; for detection / segmentation `head: <name>` and `frozen: true`).
+/// The protocol of a stage from its kind and params (the names of `registry/baselines`):
+/// * `coco_detection`: our detector is an FCOS-style box head with a RoIAlign mask head, not
+///   Mask R-CNN, so it is `coco-fcos` (`coco-fcos-frozen` with `backbone: frozen`) and never
+///   shares a cell with the published `coco-maskrcnn` numbers;
+/// * `ade20k_segmentation`: `protocol: upernet` is `ade20k-upernet` (the published one),
+///   `protocol: linear` (the stage's default) `ade20k-linear`;
+/// * any other kind: `protocol: <name>` in its params, else the kind's full recipe `base`.
 pub fn protocol_of(kind: &str, base: &str, params: &Value) -> String {
-    if let Some(p) = params["protocol"].as_str() {
-        return p.to_string();
-    }
-    let mut p = base.to_string();
-    if matches!(kind, "coco_detection" | "ade20k_segmentation") {
-        if let Some(h) = params["head"].as_str() {
-            let (data, full) = base.split_once('-').unwrap_or((base, ""));
-            if h != full {
-                p = format!("{data}-{h}");
+    match kind {
+        "coco_detection" => {
+            let mut p = "coco-fcos".to_string();
+            if params["backbone"].as_str() == Some("frozen") {
+                p.push_str("-frozen");
             }
+            p
         }
-        if params["frozen"].as_bool() == Some(true) {
-            p.push_str("-frozen");
+        "ade20k_segmentation" => {
+            let proto = params["protocol"].as_str().unwrap_or("linear");
+            format!("ade20k-{proto}")
         }
+        _ => params["protocol"]
+            .as_str()
+            .map_or_else(|| base.to_string(), str::to_string),
     }
-    p
 }
 
 /// Schedule length of an evaluation stage from its params.
@@ -498,7 +503,7 @@ mod tests {
             protocol_of(
                 "ade20k_segmentation",
                 "ade20k-upernet",
-                &json!({"head": "linear"})
+                &json!({"protocol": "linear"})
             ),
             "ade20k-linear"
         );
@@ -506,13 +511,17 @@ mod tests {
             protocol_of(
                 "ade20k_segmentation",
                 "ade20k-upernet",
-                &json!({"head": "upernet"})
+                &json!({"protocol": "upernet"})
             ),
             "ade20k-upernet"
         );
         assert_eq!(
-            protocol_of("coco_detection", "coco-maskrcnn", &json!({"frozen": true})),
-            "coco-maskrcnn-frozen"
+            protocol_of("coco_detection", "coco-maskrcnn", &json!({"backbone": "frozen"})),
+            "coco-fcos-frozen"
+        );
+        assert_eq!(
+            protocol_of("coco_detection", "coco-maskrcnn", &json!({"backbone": "finetune"})),
+            "coco-fcos"
         );
         assert_eq!(
             protocol_of("linear_probe", "linear", &json!({"head": "bn_linear"})),

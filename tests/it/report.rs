@@ -181,7 +181,7 @@ fn paper_records() -> Vec<Record> {
                 "ac0",
                 "ade20k_segmentation",
                 "ade20k_b16[method=cjepa]",
-                json!({"head": "linear", "iters": 160000}),
+                json!({"protocol": "linear", "iters": 160000}),
             )
         }
         .build(),
@@ -526,7 +526,7 @@ fn paper_pipelines_plan_when_the_kinds_exist() {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (rel, n) in [
-        ("pipelines/full_paper.yaml", 5 + 2 * 6 + 2 * 5 + 4 * 4),
+        ("pipelines/full_paper.yaml", 5 + 2 * 6 + 2 * 6 + 4 * 4),
         ("pipelines/convergence.yaml", 1 + 12 + 12),
         ("pipelines/sweeps/b_vic.yaml", 1 + 6 + 6),
     ] {
