@@ -33,6 +33,20 @@ pub struct Args {
     sets: Vec<String>,
 }
 
+impl Args {
+    /// The default report of one pipeline (`cjepa run --report`).
+    pub fn for_pipeline(pipeline: PathBuf, store: PathBuf, sets: Vec<String>) -> Args {
+        Args {
+            pipeline: Some(pipeline),
+            store: Some(store),
+            format: "md".into(),
+            out: None,
+            tables: "auto".into(),
+            sets,
+        }
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let format: Format = a.format.parse().map_err(cjepa::Error::Usage)?;
     let (store_dir, plan) = match &a.pipeline {

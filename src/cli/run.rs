@@ -49,6 +49,9 @@ pub struct Args {
     /// `cjepa status` imports the results later.
     #[arg(long)]
     detach: bool,
+    /// After a successful run, print the report's tables (as `cjepa report PIPELINE`).
+    #[arg(long)]
+    report: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -168,7 +171,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if summary.interrupted {
         return Ok(130);
     }
-    Ok(if failed > 0 { 1 } else { 0 })
+    if failed > 0 {
+        return Ok(1);
+    }
+    if a.report {
+        drop(store);
+        return super::report::run(super::report::Args::for_pipeline(
+            a.p.pipeline.clone(),
+            pipeline.store_dir.clone(),
+            a.p.sets.clone(),
+        ));
+    }
+    Ok(0)
 }
 
 fn print_detached(pipeline: &cjepa::spec::Pipeline, d: &DetachedSummary) -> i32 {
