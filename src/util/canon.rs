@@ -75,6 +75,10 @@ pub fn display_value(v: &Value) -> String {
                 number(n)
             }
         }
+        Value::Array(a) => {
+            let parts: Vec<String> = a.iter().map(display_value).collect();
+            format!("[{}]", parts.join(","))
+        }
         other => to_canonical(other),
     }
 }
@@ -161,6 +165,13 @@ pub fn hash(v: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn display_is_readable_inside_arrays() {
+        assert_eq!(display_value(&json!(0.95)), "0.95");
+        assert_eq!(display_value(&json!([0.95, 1.0])), "[0.95,1]");
+        assert_eq!(display_value(&json!(["a", 2])), "[a,2]");
+    }
 
     #[test]
     fn numbers_are_normalised() {
