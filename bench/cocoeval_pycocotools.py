@@ -10,11 +10,11 @@ Usage: cocoeval_pycocotools.py --gt DIR/instances.json --dt DIR/results.json
 """
 import argparse
 import contextlib
+import importlib.metadata
 import io
 import json
 import time
 
-import pycocotools
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -56,8 +56,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     types = ["bbox", "segm"] if a.iou_type == "both" else [a.iou_type]
-    out = {"pycocotools": pycocotools.__version__ if hasattr(pycocotools, "__version__") else "?",
-           "results": {}}
+    out = {"pycocotools": importlib.metadata.version("pycocotools"), "results": {}}
     for t in types:
         best = min((time_once(a.gt, a.dt, t) for _ in range(max(1, a.reps))),
                    key=lambda r: r["total_s"])
