@@ -3,6 +3,7 @@
 //! - `plan`: plan + key + cache check of a generated, fully cached N-stage matrix pipeline.
 //! - `report`: `cjepa report` over N stored records.
 //! - `train-step`: the full C-JEPA training step (`bench_train.rs`).
+//! - `cocoeval`: the exact COCOeval on a val2017-sized synthetic problem (`bench_cocoeval.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -30,6 +31,8 @@ enum What {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// COCOeval (bbox, segm) on a val2017-sized synthetic problem: load + evaluate seconds.
+    Cocoeval(super::bench_cocoeval::Args),
     /// Data loader: decode + RandomResizedCrop + normalise, images/s per core.
     Loader(super::bench_loader::Args),
     /// Report over many stored records.
@@ -48,6 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         What::Plan { stages, reps } => plan(stages, reps),
         What::Report { records, reps } => report(records, reps),
         What::Loader(a) => super::bench_loader::run(a),
+        What::Cocoeval(a) => super::bench_cocoeval::run(a),
         What::TrainStep(a) => super::bench_train::run(a),
     }
 }

@@ -1,5 +1,7 @@
-//! `cjepa eval <benchmark>`: the exact metrics on folders of predictions, without a pipeline.
+//! `cjepa eval <benchmark>`: the exact metrics on files of predictions, without a pipeline.
 //!
+//! - `cjepa eval coco --gt INSTANCES.json --dt RESULTS.json [--iou-type bbox|segm|both] [--json]`:
+//!   COCO box / mask AP and AR (pycocotools 2.0.11 COCOeval), see `eval_coco.rs`.
 //! - `cjepa eval seg --gt ANNOTATION_DIR --pred PRED_DIR [--json]`: ADE20K mIoU / aAcc / mAcc
 //!   (mmseg `IoUMetric`, `reduce_zero_label`, 150 classes) and per-class IoU / Acc.
 //! - `cjepa eval davis --davis DAVIS_ROOT --pred PRED_DIR [--set val] [--json]`: DAVIS-2017
@@ -22,6 +24,8 @@ pub struct Args {
 /// One subcommand per benchmark.
 #[derive(Debug, Subcommand)]
 pub enum EvalCmd {
+    /// COCO detection / instance segmentation: the 12 COCOeval stats for bbox and / or segm.
+    Coco(super::eval_coco::Args),
     /// ADE20K semantic segmentation: mIoU, aAcc, mAcc (x100) and per-class IoU / Acc.
     Seg(SegArgs),
     /// DAVIS-2017 semi-supervised video object segmentation: J&F, J and F mean / recall / decay.
@@ -62,6 +66,7 @@ pub struct DavisArgs {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     match a.cmd {
+        EvalCmd::Coco(a) => super::eval_coco::run(a),
         EvalCmd::Seg(a) => seg(a),
         EvalCmd::Davis(a) => davis(a),
     }

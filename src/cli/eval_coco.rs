@@ -1,10 +1,8 @@
-//! `cjepa eval-coco --gt INSTANCES.json --dt RESULTS.json [--iou-type bbox|segm|both] [--json]`:
+//! `cjepa eval coco --gt INSTANCES.json --dt RESULTS.json [--iou-type bbox|segm|both] [--json]`:
 //! the exact COCOeval (pycocotools 2.0.11 semantics) on files. Prints the 12-line summary per IoU
 //! type, or with `--json` `{"bbox": {"stats": [12]}, "segm": {"stats": [12]}}` (a key only for
 //! the evaluated types). Unreadable or inconsistent files fail with exit code 2 and a message
 //! naming the file and the image / annotation id.
-//!
-//! (Temporarily a top-level subcommand; it is meant to live at `cjepa eval coco`.)
 
 use std::path::PathBuf;
 
@@ -12,7 +10,7 @@ use anyhow::Context;
 use cjepa::eval::coco::{evaluate_files, parse_iou_types};
 use serde_json::{json, Map, Value};
 
-/// Arguments of `cjepa eval-coco`.
+/// Arguments of `cjepa eval coco`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Ground truth: a COCO instances JSON file.

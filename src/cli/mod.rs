@@ -2,13 +2,15 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod bench_cocoeval;
+mod bench_cocoeval_gen;
 mod bench_loader;
-mod cancel;
 mod bench_train;
+mod cancel;
 mod dag;
 mod data;
-mod eval_coco;
 mod eval;
+mod eval_coco;
 mod gc;
 mod ls;
 mod printer;
@@ -67,9 +69,7 @@ enum Cmd {
     Data(data::Args),
     /// Benchmarks of the engine.
     Bench(bench::Args),
-    /// COCO box / mask AP of a results file (temporary name of `cjepa eval coco`).
-    EvalCoco(eval_coco::Args),
-    /// Exact evaluation metrics on folders of predictions (ADE20K, DAVIS).
+    /// Exact evaluation metrics on files of predictions (COCO, ADE20K, DAVIS).
     Eval(eval::Args),
     /// Run one stage from a job file (used by executors).
     #[command(hide = true)]
@@ -101,7 +101,6 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Data(a) => data::run(a),
-        Cmd::EvalCoco(a) => eval_coco::run(a),
         Cmd::Eval(a) => eval::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
     }

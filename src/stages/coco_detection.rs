@@ -17,7 +17,7 @@
 //! stats, stored ×100 as `ap_box`, `ap50_box`, `ap75_box`, `aps_box`, `apm_box`, `apl_box`,
 //! `ar1_box`, `ar10_box`, `ar100_box`, `ars_box`, `arm_box`, `arl_box` and the same with `_mask`
 //! (a stat pycocotools reports as -1, i.e. no ground truth in that area range, is left out).
-//! Artifacts: `results.json` (COCO results format, compressed RLE masks; `cjepa eval-coco` on it
+//! Artifacts: `results.json` (COCO results format, compressed RLE masks; `cjepa eval coco` on it
 //! reproduces the metrics), `eval.json`, `eval.txt`, `detector.safetensors`, `config.json`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

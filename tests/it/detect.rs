@@ -1,4 +1,4 @@
-//! COCO detection: `cjepa eval-coco` on the golden cases, the `coco_detection` stage end to end
+//! COCO detection: `cjepa eval coco` on the golden cases, the `coco_detection` stage end to end
 //! on a tiny synthetic dataset (valid stats, second run cached, results file reproduces the
 //! metrics) and its bit-identical resume from an in-stage checkpoint.
 
@@ -22,7 +22,7 @@ fn cjepa() -> Command {
 
 fn eval_json(gt: &Path, dt: &Path, iou: &str) -> Value {
     let out = cjepa()
-        .args(["eval-coco", "--gt"])
+        .args(["eval", "coco", "--gt"])
         .arg(gt)
         .arg("--dt")
         .arg(dt)
@@ -66,7 +66,7 @@ fn eval_coco_cli_matches_golden_stats() {
         assert!(only.get("bbox").is_none() && only.get("segm").is_some());
         // text mode: the pycocotools summary
         let out = cjepa()
-            .args(["eval-coco", "--iou-type", "bbox", "--gt"])
+            .args(["eval", "coco", "--iou-type", "bbox", "--gt"])
             .arg(&gt)
             .arg("--dt")
             .arg(case.join("detections.json"))
@@ -96,7 +96,7 @@ fn eval_coco_cli_bad_files_exit_2_naming_the_id() {
     )
     .unwrap();
     let out = cjepa()
-        .args(["eval-coco", "--gt"])
+        .args(["eval", "coco", "--gt"])
         .arg(case.join("instances_gt.json"))
         .arg("--dt")
         .arg(&dt)
@@ -116,7 +116,7 @@ fn eval_coco_cli_bad_files_exit_2_naming_the_id() {
     let gtp = d.path().join("gt.json");
     std::fs::write(&gtp, serde_json::to_vec(&gt).unwrap()).unwrap();
     let out = cjepa()
-        .args(["eval-coco", "--gt"])
+        .args(["eval", "coco", "--gt"])
         .arg(&gtp)
         .arg("--dt")
         .arg(case.join("detections.json"))
@@ -129,12 +129,46 @@ fn eval_coco_cli_bad_files_exit_2_naming_the_id() {
         "{err}"
     );
     let out = cjepa()
-        .args(["eval-coco", "--iou-type", "keypoints", "--gt"])
+        .args(["eval", "coco", "--iou-type", "keypoints", "--gt"])
         .arg(&gtp)
         .arg("--dt")
         .arg(&dt)
         .output()
         .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // a missing file, malformed JSON and a bad mask each name the file (and the detection)
+    let missing = d.path().join("no_such_gt.json");
+    let bad_json = d.path().join("truncated.json");
+    std::fs::write(&bad_json, r#"[{"image_id": 1, "category_id""#).unwrap();
+    let img = gt["images"][0]["id"].clone();
+    let cat = gt["categories"][0]["id"].clone();
+    let bad_rle = d.path().join("bad_rle.json");
+    std::fs::write(
+        &bad_rle,
+        json!([{"image_id": img, "category_id": cat, "score": 0.5,
+                "segmentation": {"size": [1, 1], "counts": "5 "}}])
+        .to_string(),
+    )
+    .unwrap();
+    let gt_ok = case.join("instances_gt.json");
+    for (g, t, want) in [
+        (&missing, &dt, vec!["no_such_gt.json"]),
+        (&gt_ok, &bad_json, vec!["truncated.json", "line 1"]),
+        (&gt_ok, &bad_rle, vec!["bad_rle.json", "detection 0"]),
+    ] {
+        let out = cjepa()
+            .args(["eval", "coco", "--gt"])
+            .arg(g)
+            .arg("--dt")
+            .arg(t)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(want.iter().all(|w| err.contains(w)), "{want:?}: {err}");
+    }
+    // the old top-level name is gone
+    let out = cjepa().arg("eval-coco").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 

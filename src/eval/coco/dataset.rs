@@ -8,8 +8,11 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use rayon::prelude::*;
+
 use super::polygon::polygons_to_rle;
 use super::rle::Rle;
+use super::segm_json::RawSeg;
 use super::CocoError;
 
 /// An image entry (`images[]`).
@@ -173,20 +176,20 @@ impl CategoryMap {
 }
 
 #[derive(Deserialize)]
-struct RawGt {
+struct RawGt<'a> {
     images: Vec<CocoImage>,
-    #[serde(default)]
-    annotations: Vec<RawAnn>,
+    #[serde(default, borrow)]
+    annotations: Vec<RawAnn<'a>>,
     categories: Vec<CocoCategory>,
 }
 
 #[derive(Deserialize)]
-struct RawAnn {
+struct RawAnn<'a> {
     id: i64,
     image_id: i64,
     category_id: i64,
-    #[serde(default)]
-    segmentation: Option<Value>,
+    #[serde(default, borrow)]
+    segmentation: Option<RawSeg<'a>>,
     area: Option<f64>,
     bbox: Option<Vec<f64>>,
     #[serde(default)]
@@ -194,14 +197,14 @@ struct RawAnn {
 }
 
 #[derive(Deserialize)]
-struct RawDet {
+struct RawDet<'a> {
     image_id: i64,
     category_id: i64,
     score: Option<f64>,
     #[serde(default)]
     bbox: Option<Vec<f64>>,
-    #[serde(default)]
-    segmentation: Option<Value>,
+    #[serde(default, borrow)]
+    segmentation: Option<RawSeg<'a>>,
 }
 
 fn read(path: &Path) -> Result<String, CocoError> {
@@ -236,50 +239,6 @@ fn check_size(r: &Rle, im: &CocoImage) -> Result<(), String> {
         "RLE size [{}, {}] differs from image {} size [{}, {}] (size is [height, width])",
         r.h, r.w, im.id, im.height, im.width
     ))
-}
-
-/// Parses a JSON segmentation: a polygon list, or `{"size": [h, w], "counts": [..] | "str"}`.
-/// The error text follows the object's name ("annotation 5 has ...").
-fn parse_segmentation(v: &Value) -> Result<Segmentation, String> {
-    let unknown = || {
-        "has a segmentation of unknown shape; expected a list of polygons [[x1, y1, ...], ...] \
-         or an RLE {\"size\": [h, w], \"counts\": [...] or \"...\"}"
-            .to_string()
-    };
-    match v {
-        Value::Array(polys) => {
-            let mut out = Vec::with_capacity(polys.len());
-            for p in polys {
-                let Value::Array(nums) = p else {
-                    return Err(unknown());
-                };
-                let xy: Option<Vec<f64>> = nums.iter().map(|n| n.as_f64()).collect();
-                out.push(xy.ok_or_else(unknown)?);
-            }
-            Ok(Segmentation::Polygons(out))
-        }
-        Value::Object(o) => {
-            let dims: Option<Vec<u64>> = o
-                .get("size")
-                .and_then(|s| s.as_array())
-                .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
-            let Some(&[h, w]) = dims.as_deref() else {
-                return Err(unknown());
-            };
-            let (h, w) = (h as usize, w as usize);
-            let rle = match o.get("counts") {
-                Some(Value::String(s)) => Rle::from_compressed(s, h, w),
-                Some(Value::Array(c)) => {
-                    let c: Option<Vec<u64>> = c.iter().map(|x| x.as_u64()).collect();
-                    Rle::from_uncompressed(h, w, &c.ok_or_else(unknown)?)
-                }
-                _ => return Err(unknown()),
-            };
-            rle.map(Segmentation::Rle)
-                .map_err(|e| format!("has an {e}"))
-        }
-        _ => Err(unknown()),
-    }
 }
 
 impl CocoDataset {
@@ -341,9 +300,9 @@ impl CocoDataset {
                         != 0
                 }
             };
-            let segmentation = match &a.segmentation {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(parse_segmentation(v).map_err(err)?),
+            let segmentation = match a.segmentation {
+                None => None,
+                Some(v) => Some(v.into_segmentation().map_err(err)?),
             };
             if let Some(Segmentation::Rle(r)) = &segmentation {
                 check_size(r, &raw.images[ii]).map_err(|m| err(format!("has an {m}")))?;
@@ -429,30 +388,35 @@ impl CocoResults {
             what: "results",
             source: e,
         })?;
-        let mut entries = Vec::with_capacity(raw.len());
-        for (i, d) in raw.into_iter().enumerate() {
-            let err = |msg: String| invalid(source, format!("{} {msg}", det_name(i)));
-            let score = d.score.filter(|s| s.is_finite());
-            let score = score.ok_or_else(|| err("needs a finite \"score\"".into()))?;
-            let bbox = match d.bbox.as_deref() {
-                None | Some([]) => None,
-                Some(b) => {
-                    Some(box4(b).ok_or_else(|| err("has a bbox that is not 4 numbers".into()))?)
-                }
-            };
-            let segmentation = match &d.segmentation {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(parse_segmentation(v).map_err(err)?),
-            };
-            let (image_id, category_id) = (d.image_id, d.category_id);
-            entries.push(ResultEntry {
-                image_id,
-                category_id,
-                score,
-                bbox,
-                segmentation,
-            });
-        }
+        // Decoding the masks is most of the work: in parallel, keeping the first error in order.
+        let entries: Vec<Result<ResultEntry, CocoError>> = raw
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let err = |msg: String| invalid(source, format!("{} {msg}", det_name(i)));
+                let score = d.score.filter(|s| s.is_finite());
+                let score = score.ok_or_else(|| err("needs a finite \"score\"".into()))?;
+                let bbox = match d.bbox.as_deref() {
+                    None | Some([]) => None,
+                    Some(b) => Some(
+                        box4(b).ok_or_else(|| err("has a bbox that is not 4 numbers".into()))?,
+                    ),
+                };
+                let segmentation = match d.segmentation {
+                    None => None,
+                    Some(v) => Some(v.into_segmentation().map_err(err)?),
+                };
+                let (image_id, category_id) = (d.image_id, d.category_id);
+                Ok(ResultEntry {
+                    image_id,
+                    category_id,
+                    score,
+                    bbox,
+                    segmentation,
+                })
+            })
+            .collect();
+        let entries = entries.into_iter().collect::<Result<Vec<_>, _>>()?;
         CocoResults::from_entries(entries, source, gt, mode)
     }
 

@@ -5,7 +5,8 @@
 //! * [`rle`]: [`Rle`] masks and the compressed-string codec.
 //! * [`polygon`]: polygon -> RLE exactly as `frPyObjects`.
 //! * [`iou`]: box and mask IoU with the crowd rule.
-//! * [`dataset`]: loading and validating instances / results JSON, category id maps.
+//! * [`dataset`]: loading and validating instances / results JSON, category id maps
+//!   (`segm_json` reads segmentations without an intermediate `serde_json::Value`).
 //! * [`cocoeval`]: the evaluation itself, giving the 12 `stats` and per-category AP / AR.
 //! * [`summary`]: the pycocotools summary text, file-level entry point and JSON report.
 //!
@@ -22,6 +23,7 @@ pub mod dataset;
 pub mod iou;
 pub mod polygon;
 pub mod rle;
+mod segm_json;
 pub mod summary;
 
 use std::path::PathBuf;
