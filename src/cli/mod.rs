@@ -4,9 +4,11 @@
 mod bench;
 mod bench_loader;
 mod cancel;
+mod checkpoint;
 mod bench_train;
 mod dag;
 mod data;
+mod embed;
 mod eval_coco;
 mod eval;
 mod gc;
@@ -67,6 +69,10 @@ enum Cmd {
     Data(data::Args),
     /// Benchmarks of the engine.
     Bench(bench::Args),
+    /// Import official I-JEPA checkpoints.
+    Checkpoint(checkpoint::Args),
+    /// Pooled encoder features of a folder of images.
+    Embed(embed::Args),
     /// COCO box / mask AP of a results file (temporary name of `cjepa eval coco`).
     EvalCoco(eval_coco::Args),
     /// Exact evaluation metrics on folders of predictions (ADE20K, DAVIS).
@@ -100,6 +106,8 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(a),
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Checkpoint(a) => checkpoint::run(a),
+        Cmd::Embed(a) => embed::run(a),
         Cmd::Data(a) => data::run(a),
         Cmd::EvalCoco(a) => eval_coco::run(a),
         Cmd::Eval(a) => eval::run(a),
