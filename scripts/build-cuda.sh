@@ -20,6 +20,8 @@
 #   CUDA_COMPUTE_CAP   default 90 (H100/H200, sm_90a)
 #   CJEPA_CUDA_NCCL=1  also fetch NCCL (needed only for a `nccl` feature)
 #   CJEPA_CUDA_PREPARE_ONLY=1  prepare the toolkit, print the exports, do not build
+#   CJEPA_CUDA_TESTS=1 also build the integration-test binary and copy it to
+#                      $CJEPA_CUDA_TARGET/release/it-cuda (for scripts/gpu-check.sh on a GPU machine)
 # Result: $CJEPA_CUDA_TARGET/release/cjepa. On the GPU machine run it with LD_LIBRARY_PATH pointing
 # at the CUDA 13 libraries of the preinstalled PyTorch (site-packages/nvidia/cu13/lib, nvidia/nccl/lib).
 set -euo pipefail
@@ -115,3 +117,10 @@ say "cargo build --release ${features[*]} $* (target dir $target)"
 cargo build --release "${features[@]}" --target-dir "$target" "$@"
 bin="$target/release/cjepa"
 say "built $bin ($(du -h "$bin" | cut -f1)) in $(( $(date +%s) - start )) s"
+if [[ "${CJEPA_CUDA_TESTS:-0}" == 1 ]]; then
+  t=$(cargo test --release "${features[@]}" --target-dir "$target" "$@" --test it --no-run --message-format=json |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  [[ -n "$t" ]] || { say "no test executable reported by cargo"; exit 1; }
+  cp "$t" "$target/release/it-cuda"
+  say "built $target/release/it-cuda ($(du -h "$target/release/it-cuda" | cut -f1)) in $(( $(date +%s) - start )) s"
+fi
