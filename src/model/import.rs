@@ -310,3 +310,55 @@ fn scalar(o: &Object) -> Option<Value> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_shapes_mirror_the_encoder_and_describe_guesses() {
+        let cfg = VitConfig {
+            img_size: 32,
+            patch_size: 8,
+            in_chans: 3,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            ln_eps: 1e-6,
+            pred_embed_dim: 8,
+            pred_depth: 1,
+            pred_num_heads: 2,
+            init_std: 0.02,
+        };
+        let s = expected_shapes(&cfg).unwrap();
+        let count = |p: &str| s.keys().filter(|k| k.starts_with(p)).count();
+        assert_eq!(count("encoder."), count("target_encoder."));
+        assert_eq!(s["target_encoder.pos_embed"], vec![1, 16, 16]);
+        assert_eq!(s["predictor.predictor_pos_embed"], vec![1, 16, 8]);
+        assert_eq!(s["target_encoder.blocks.1.mlp.fc1.weight"], vec![64, 16]);
+        let found: BTreeMap<String, (String, Vec<usize>)> = s
+            .iter()
+            .map(|(k, v)| (k.clone(), (format!("module.{k}"), v.clone())))
+            .collect();
+        assert_eq!(
+            describe(&found),
+            "; the file looks like embed_dim 16, patch 8, img 32, depth 2, pred_embed_dim 8, pred_depth 1"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_zip_archive_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("legacy.pth.tar");
+        std::fs::write(&p, b"\x80\x02}q\x00.").unwrap();
+        let e = read_ijepa_checkpoint(&p, &VitConfig::vit_tiny())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("legacy.pth.tar") && e.contains("not a PyTorch zip checkpoint"),
+            "{e}"
+        );
+    }
+}
