@@ -85,12 +85,12 @@ pub fn read_ijepa_checkpoint(path: &Path, cfg: &VitConfig) -> Result<IjepaCheckp
     let file = path.display().to_string();
     let top = read_top_level(path)?;
     let keys: Vec<String> = top.iter().map(|(k, _)| k.clone()).collect();
-    let mut meta = Map::new();
-    for (k, v) in &top {
-        if let Some(j) = scalar(v) {
-            meta.insert(k.clone(), j);
-        }
-    }
+    let meta: Map<String, Value> = top
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), scalar(v)?)))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect();
     for net in NETWORKS {
         if !keys.iter().any(|k| k == net) {
             return Err(Error::Data(format!(
