@@ -50,6 +50,27 @@ pub struct Args {
     /// Write the masks of every step as JSON (for `bench/torch_step.py --masks`).
     #[arg(long)]
     masks_out: Option<std::path::PathBuf>,
+    /// cpu, cuda, cuda:N or auto. On CUDA the fused CPU kernels do not apply: one `cuda` mode runs.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Peak FLOP/s (in TFLOP/s) for the model FLOP utilisation; default on CUDA: the H100 dense
+    /// bf16 peak (989.4, what `cjepa run --dry-run` estimates assume), on the CPU: none.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+}
+
+/// Model FLOPs of one training step on `masks` (cost model of `plan::cost`): context encoder
+/// forward + backward on the context tokens, target encoder forward on all tokens, predictor
+/// forward + backward per target block, per image.
+fn step_flops(cfg: &VitConfig, m: &Masks, batch: usize) -> f64 {
+    use cjepa::plan::cost::{encoder_forward_flops, predictor_forward_flops};
+    let n = cfg.num_patches() as f64;
+    let (ke, kp) = (m.k_enc() as f64, m.k_pred() as f64);
+    let (nenc, npred) = (m.enc.len() as f64, m.pred.len() as f64);
+    let per_image = nenc * 3.0 * encoder_forward_flops(cfg, ke)
+        + encoder_forward_flops(cfg, n)
+        + nenc * npred * 3.0 * predictor_forward_flops(cfg, ke, kp);
+    per_image * batch as f64
 }
 
 /// The architecture the bench runs.
@@ -141,7 +162,7 @@ fn run_mode(
     masks: &[Masks],
 ) -> anyhow::Result<Run> {
     fused::set_enabled(on);
-    let dev = Device::Cpu;
+    let dev = images.device().clone();
     let nets = JepaNetworks::new_random(cfg, a.seed, &dev)?;
     let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default())?;
     let loss_cfg = LossConfig::cjepa();
@@ -171,6 +192,7 @@ fn run_mode(
         let mut ph = PhaseTimes::default();
         let (t0, c0) = (Instant::now(), cpu_seconds());
         let l = train_step_timed(&nets, &batch, &loss_cfg, &mut opt, hyper, Some(&mut ph))?;
+        dev.synchronize()?;
         let (dt, dc) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         eprintln!(
             "  {label} step {i}{}: {dt:.3} s wall, {dc:.3} s cpu, loss {:.5}",
@@ -209,12 +231,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .num_threads(t)
             .build_global();
     }
+    let dev = cjepa::stages::backbone::parse_device(&a.device)?;
     let modes: Vec<(&'static str, bool)> = match a.fused.as_str() {
+        _ if !dev.is_cpu() => vec![("cuda", false)],
         "on" => vec![("fused", true)],
         "off" => vec![("unfused", false)],
         "both" => vec![("fused", true), ("unfused", false)],
         o => anyhow::bail!("--fused {o}: use on, off or both"),
     };
+    let peak = a
+        .peak_tflops
+        .map(|t| t * 1e12)
+        .or((!dev.is_cpu()).then_some(cjepa::plan::cost::H100_BF16_PEAK_FLOPS));
     anyhow::ensure!(a.steps > 0, "--steps must be at least 1");
     anyhow::ensure!(a.batch >= 2, "--batch must be at least 2 (VICReg variance)");
     let cfg = config(&a)?;
@@ -229,7 +257,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         1.0,
         (a.batch, cfg.in_chans, cfg.img_size, cfg.img_size),
         &Device::Cpu,
-    )?;
+    )?
+    .to_device(&dev)?;
     if let Some(p) = &a.masks_out {
         fs_err::write(
             p,
@@ -241,7 +270,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         |f: fn(&Masks) -> usize| masks.iter().map(f).sum::<usize>() as f64 / masks.len() as f64;
     println!(
         "bench train-step: model {} (D {}, depth {}, predictor {}x{}), {} px, patch {}, batch {}, \
-         {} threads, {} timed steps after {} warm-up",
+         {} threads, {} timed steps after {} warm-up, device {}",
         a.model,
         cfg.embed_dim,
         cfg.depth,
@@ -252,7 +281,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         a.batch,
         threads,
         a.steps,
-        a.warmup
+        a.warmup,
+        a.device
     );
     println!(
         "  masks: {} tokens, mean context keep {:.1}, mean target keep {:.1} x {} targets",
@@ -260,6 +290,16 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         mean_k(Masks::k_enc),
         mean_k(Masks::k_pred),
         masks[0].pred.len()
+    );
+    let timed = &masks[a.warmup..];
+    let flops = timed
+        .iter()
+        .map(|m| step_flops(&cfg, m, a.batch))
+        .sum::<f64>()
+        / timed.len() as f64;
+    println!(
+        "  model FLOPs per step: {:.1} GFLOP (forward + backward, plan::cost model)",
+        flops / 1e9
     );
     let mut runs = Vec::new();
     for (label, on) in modes {
@@ -284,6 +324,16 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .map(|(name, t)| format!("{name} {:.0} ms", 1e3 * t / n))
             .collect();
         println!("    phases: {}", parts.join(", "));
+        let achieved = flops / r.mean_wall();
+        match peak {
+            Some(p) => println!(
+                "    {:.2} TFLOP/s achieved, model FLOP utilisation {:.2}% of {:.1} TFLOP/s",
+                achieved / 1e12,
+                100.0 * achieved / p,
+                p / 1e12
+            ),
+            None => println!("    {:.1} GFLOP/s achieved", achieved / 1e9),
+        }
     }
     if let [f, u] = runs.as_slice() {
         println!(
@@ -295,12 +345,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     for r in &runs {
         // one machine-readable line per mode, for bench/compare.sh
         println!(
-            "RESULT impl=candle-{} images_per_s={:.4} s_per_step={:.4} cpu_s_per_step={:.4} peak_rss_mib={:.1} threads={threads}",
+            "RESULT impl=candle-{} images_per_s={:.4} s_per_step={:.4} cpu_s_per_step={:.4} peak_rss_mib={:.1} threads={threads} tflops={:.4} mfu={:.4}",
             r.label,
             a.batch as f64 / r.mean_wall(),
             r.mean_wall(),
             r.mean_cpu(),
-            r.peak_mib.unwrap_or(f64::NAN)
+            r.peak_mib.unwrap_or(f64::NAN),
+            flops / r.mean_wall() / 1e12,
+            peak.map_or(f64::NAN, |p| flops / r.mean_wall() / p)
         );
     }
     fused::set_enabled(true);

@@ -7,8 +7,10 @@ mod bench_cocoeval_gen;
 mod bench_loader;
 mod bench_train;
 mod cancel;
+mod checkpoint;
 mod dag;
 mod data;
+mod embed;
 mod eval;
 mod eval_coco;
 mod gc;
@@ -69,6 +71,10 @@ enum Cmd {
     Data(data::Args),
     /// Benchmarks of the engine.
     Bench(bench::Args),
+    /// Import official I-JEPA checkpoints.
+    Checkpoint(checkpoint::Args),
+    /// Pooled encoder features of a folder of images.
+    Embed(embed::Args),
     /// Exact evaluation metrics on files of predictions (COCO, ADE20K, DAVIS).
     Eval(eval::Args),
     /// Run one stage from a job file (used by executors).
@@ -100,6 +106,8 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(a),
         Cmd::Schema => schema::run(),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Checkpoint(a) => checkpoint::run(a),
+        Cmd::Embed(a) => embed::run(a),
         Cmd::Data(a) => data::run(a),
         Cmd::Eval(a) => eval::run(a),
         Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),

@@ -4,5 +4,6 @@
 pub mod clevr;
 pub mod coco;
 pub mod davis;
+pub mod embed;
 pub mod label_propagation;
 pub mod segmentation;

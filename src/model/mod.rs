@@ -8,12 +8,14 @@
 //! - `tokens`: `apply_masks` and `repeat_interleave_batch`;
 //! - `vit`: the encoder; `predictor`: the predictor;
 //! - `masks`: the multi-block mask sampler;
-//! - `jepa`: the three networks with their variables (init, load, EMA pairs).
+//! - `jepa`: the three networks with their variables (init, load, EMA pairs);
+//! - `import`: official I-JEPA `.pth.tar` checkpoints (names and shapes checked).
 
 pub mod config;
 pub mod detect;
 pub mod error;
 pub mod fused;
+pub mod import;
 pub mod jepa;
 pub mod layers;
 pub mod masks;

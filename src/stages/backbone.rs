@@ -5,8 +5,12 @@
 //!
 //! `checkpoint:` of an evaluation stage selects the weights: `upstream` (default: the encoder of
 //! the upstream `pretrain`/`finetune` stage), `random` (seeded random init, the baseline row of the
-//! tables) or a path to a safetensors file (an imported I-JEPA checkpoint; keys may carry
-//! `module.` and `target_encoder.` / `encoder.` prefixes, the target encoder is preferred).
+//! tables) or a path (see [`open`]): an artifact folder holding `encoder.safetensors` +
+//! `model.json` (of a `pretrain` / `finetune` stage or of `cjepa checkpoint import`), a
+//! safetensors file (keys may carry `module.` and `target_encoder.` / `encoder.` prefixes, the
+//! target encoder is preferred; the architecture comes from the stage's `model:`, else a
+//! `model.json` next to the file), or an official I-JEPA `.pth.tar` (read through
+//! [`crate::model::import`]; needs `model:`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,17 +56,36 @@ impl CheckpointRef {
 
 /// The device a job runs on.
 pub fn device(ctx: &StageContext) -> Result<Device> {
-    let d = ctx.job.device.as_str();
-    if let Some(i) = d.strip_prefix("cuda:") {
-        let i: usize = i
-            .parse()
-            .map_err(|_| Error::stage(&ctx.job.id, format!("bad device `{d}`")))?;
-        return Ok(Device::new_cuda(i)?);
+    parse_device(&ctx.job.device).map_err(|e| match e {
+        Error::Usage(m) => Error::stage(&ctx.job.id, m),
+        e => e,
+    })
+}
+
+/// A device from its name: `cpu`, `cuda` (= `cuda:0`), `cuda:N`, or `auto` (`cuda:0` when this
+/// build has CUDA and a GPU is visible, else the CPU).
+pub fn parse_device(d: &str) -> Result<Device> {
+    if !cfg!(feature = "cuda") && d.starts_with("cuda") {
+        return Err(Error::Usage(format!(
+            "device `{d}`: this cjepa was built without CUDA; build it with `--features cuda` (scripts/build-cuda.sh)"
+        )));
     }
-    if d == "cuda" {
-        return Ok(Device::new_cuda(0)?);
+    match d {
+        "cpu" | "" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        "auto" => Ok(Device::cuda_if_available(0)?),
+        _ => {
+            let i = d
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok());
+            match i {
+                Some(i) => Ok(Device::new_cuda(i)?),
+                None => Err(Error::Usage(format!(
+                    "bad device `{d}`: use cpu, cuda, cuda:N or auto"
+                ))),
+            }
+        }
     }
-    Ok(Device::Cpu)
 }
 
 /// A loaded encoder whose variables live in `varmap` (trainable for fine-tuning, or just read).
@@ -138,17 +161,92 @@ pub fn load(
             (cfg, t, "random init".to_string())
         }
         CheckpointRef::Path(p) => {
-            let raw = candle_core::safetensors::load(p, dev).map_err(|e| {
-                Error::stage(&id, format!("cannot read checkpoint {}: {e}", p.display()))
-            })?;
-            let t = pick_encoder(raw);
-            let cfg = own_cfg()?.or(upstream_cfg()?).ok_or_else(|| {
+            // The stage's `model:`, else the checkpoint's own model.json, else the upstream's.
+            let cfg = match own_cfg()? {
+                Some(c) => Some(c),
+                None => stored_config(p)?.map_or_else(upstream_cfg, |c| Ok(Some(c)))?,
+            };
+            let cfg = cfg.ok_or_else(|| {
                 Error::stage(&id, format!("checkpoint {} needs the architecture: give the stage a `model:` (e.g. `model: vit_base`)", p.display()))
             })?;
+            let t = read_encoder(p, &cfg, dev).map_err(|e| Error::stage(&id, e.to_string()))?;
             (cfg, t, p.display().to_string())
         }
     };
     build(&id, cfg, &tensors, dev, source)
+}
+
+/// The encoder weights file of a checkpoint path: `DIR/encoder.safetensors` for a folder, the
+/// path itself otherwise.
+pub fn weights_file(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join(ENCODER_FILE)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// The architecture stored with a checkpoint: `model.json` in the folder, or next to the file.
+pub fn stored_config(p: &Path) -> Result<Option<VitConfig>> {
+    let m = if p.is_dir() {
+        p.join(MODEL_FILE)
+    } else {
+        match p.parent() {
+            Some(d) => d.join(MODEL_FILE),
+            None => return Ok(None),
+        }
+    };
+    if m.is_file() {
+        read_config(&m).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn is_pth(p: &Path) -> bool {
+    let n = p.to_string_lossy();
+    n.ends_with(".pth") || n.ends_with(".pth.tar") || n.ends_with(".pt")
+}
+
+/// Encoder tensors (official names, no prefix) of a checkpoint path for architecture `cfg`: a
+/// folder's `encoder.safetensors`, a safetensors file ([`pick_encoder`]) or the target encoder of
+/// an official `.pth.tar` / `.pth` (checked against `cfg`).
+pub fn read_encoder(p: &Path, cfg: &VitConfig, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    if !p.exists() {
+        return Err(Error::Data(format!(
+            "checkpoint {} does not exist",
+            p.display()
+        )));
+    }
+    if is_pth(p) && p.is_file() {
+        let ck = crate::model::import::read_ijepa_checkpoint(p, cfg)?;
+        return ck
+            .network(crate::model::jepa::TARGET_ENCODER)
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(dev)?)))
+            .collect();
+    }
+    let f = weights_file(p);
+    let raw = candle_core::safetensors::load(&f, dev)
+        .map_err(|e| Error::Data(format!("cannot read checkpoint {}: {e}", f.display())))?;
+    Ok(pick_encoder(raw))
+}
+
+/// Load the encoder of a checkpoint path outside a stage (`cjepa embed`): the architecture is
+/// `cfg` when given, else the `model.json` stored with the checkpoint. Mismatches are
+/// [`Error::Data`].
+pub fn open(p: &Path, cfg: Option<VitConfig>, dev: &Device) -> Result<Backbone> {
+    let cfg = match cfg {
+        Some(c) => c,
+        None => stored_config(p)?.ok_or_else(|| {
+            Error::Usage(format!(
+                "checkpoint {} has no model.json next to it: give the architecture (--model)",
+                p.display()
+            ))
+        })?,
+    };
+    let t = read_encoder(p, &cfg, dev)?;
+    assemble(cfg, &t, dev, p.display().to_string())
 }
 
 fn read_config(p: &Path) -> Result<VitConfig> {
@@ -174,7 +272,8 @@ pub fn pick_encoder(raw: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
     raw
 }
 
-/// Build an encoder in a fresh VarMap and copy `tensors` into it (every variable must be given).
+/// Build an encoder in a fresh VarMap and copy `tensors` into it (every variable must be given);
+/// a mismatch fails stage `id`.
 pub fn build(
     id: &str,
     cfg: VitConfig,
@@ -182,16 +281,28 @@ pub fn build(
     dev: &Device,
     source: String,
 ) -> Result<Backbone> {
+    assemble(cfg, tensors, dev, source).map_err(|e| match e {
+        Error::Data(m) => Error::stage(id, m),
+        e => e,
+    })
+}
+
+/// [`build`] with mismatches as [`Error::Data`].
+fn assemble(
+    cfg: VitConfig,
+    tensors: &HashMap<String, Tensor>,
+    dev: &Device,
+    source: String,
+) -> Result<Backbone> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
-    let encoder = VisionTransformer::new(&cfg, vb).map_err(|e| Error::stage(id, e.to_string()))?;
+    let encoder = VisionTransformer::new(&cfg, vb).map_err(|e| Error::Data(e.to_string()))?;
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
-        let t = tensors.get(name).ok_or_else(|| {
-            Error::stage(id, format!("checkpoint ({source}) has no tensor `{name}`"))
-        })?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::Data(format!("checkpoint ({source}) has no tensor `{name}`")))?;
         if t.dims() != var.dims() {
-            return Err(Error::stage(
-                id,
+            return Err(Error::Data(
                 format!("checkpoint ({source}): `{name}` has shape {:?}, the model wants {:?}; check `model:`", t.dims(), var.dims()),
             ));
         }
@@ -211,4 +322,79 @@ pub fn save(dir: &Path, cfg: &VitConfig, encoder: &HashMap<String, Tensor>) -> R
     candle_core::safetensors::save(encoder, dir.join(ENCODER_FILE))?;
     crate::util::atomic::write_json(&dir.join(MODEL_FILE), cfg)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> VitConfig {
+        VitConfig {
+            img_size: 32,
+            patch_size: 16,
+            in_chans: 3,
+            embed_dim: 8,
+            depth: 1,
+            num_heads: 2,
+            mlp_ratio: 2.0,
+            qkv_bias: true,
+            ln_eps: 1e-6,
+            pred_embed_dim: 8,
+            pred_depth: 1,
+            pred_num_heads: 2,
+            init_std: 0.02,
+        }
+    }
+
+    #[test]
+    fn devices_parse_or_name_the_fix() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        for bad in ["gpu", "cuda:x", "cuda:-1"] {
+            assert!(matches!(parse_device(bad), Err(Error::Usage(_))), "{bad}");
+        }
+        if !cfg!(feature = "cuda") {
+            let e = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+            assert!(parse_device("auto").unwrap().is_cpu());
+        }
+    }
+
+    #[test]
+    fn open_reads_folders_and_files_with_their_model_json() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = tiny();
+        let nets = JepaNetworks::new_random(&cfg, 3, &Device::Cpu).unwrap();
+        let enc: HashMap<String, Tensor> = nets
+            .state_tensors()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("target_encoder.")
+                    .map(|k| (k.to_string(), v))
+            })
+            .collect();
+        let dir = d.path().join("art");
+        save(&dir, &cfg, &enc).unwrap();
+        assert_eq!(weights_file(&dir), dir.join(ENCODER_FILE));
+        let a = open(&dir, None, &Device::Cpu).unwrap();
+        let b = open(&dir.join(ENCODER_FILE), None, &Device::Cpu).unwrap();
+        assert_eq!(a.cfg, cfg);
+        assert_eq!(b.cfg, cfg);
+        // A bare file needs the architecture; a wrong one names the tensor and both shapes.
+        let bare = d.path().join("bare.safetensors");
+        candle_core::safetensors::save(&enc, &bare).unwrap();
+        assert!(matches!(
+            open(&bare, None, &Device::Cpu),
+            Err(Error::Usage(_))
+        ));
+        open(&bare, Some(cfg.clone()), &Device::Cpu).unwrap();
+        let wide = VitConfig {
+            embed_dim: 16,
+            ..cfg
+        };
+        let Err(e) = open(&bare, Some(wide), &Device::Cpu) else {
+            panic!("a 16-wide model loaded 8-wide weights");
+        };
+        assert!(matches!(e, Error::Data(_)), "{e}");
+        assert!(e.to_string().contains("the model wants"), "{e}");
+    }
 }

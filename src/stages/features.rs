@@ -456,13 +456,23 @@ pub fn checkpoint_key_input(
         .unwrap_or("upstream");
     match backbone::CheckpointRef::parse(c, pipeline_dir) {
         backbone::CheckpointRef::Path(p) => {
-            if !p.is_file() {
+            // A folder stands for its encoder.safetensors; the model.json stored with the
+            // weights (in the folder or next to the file) gives the architecture, so it counts.
+            let w = backbone::weights_file(&p);
+            if !w.is_file() {
                 // Planning works without the file; the stage fails with the path.
                 return Ok(json!({ "checkpoint": "missing" }));
             }
             let mut h = blake3::Hasher::new();
-            let f = fs_err::File::open(&p).map_err(|e| e.to_string())?;
+            let f = fs_err::File::open(&w).map_err(|e| e.to_string())?;
             h.update_reader(f).map_err(|e| e.to_string())?;
+            let m = match p.is_dir() {
+                true => p.join(backbone::MODEL_FILE),
+                false => w.with_file_name(backbone::MODEL_FILE),
+            };
+            if m.is_file() {
+                h.update(&fs_err::read(&m).map_err(|e| e.to_string())?);
+            }
             Ok(json!({ "checkpoint": h.finalize().to_hex().to_string() }))
         }
         _ => Ok(Value::Null),

@@ -40,8 +40,16 @@ fn split_masks(t: &Tensor) -> Vec<Tensor> {
     (0..m).map(|i| t.get(i).unwrap()).collect()
 }
 
+/// The device the cases run on: `CJEPA_TEST_DEVICE` (`cpu`, `cuda:N`; `scripts/gpu-check.sh`
+/// sets it on a GPU machine), default the CPU.
+fn test_device() -> Device {
+    let d = std::env::var("CJEPA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    cjepa::stages::backbone::parse_device(&d)
+        .unwrap_or_else(|e| panic!("CJEPA_TEST_DEVICE={d}: {e}"))
+}
+
 fn load_case(dir: &Path) -> Case {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let c: serde_json::Value = serde_json::from_str(&text).unwrap();
     let u = |k: &str| num(&c, k) as usize;
@@ -188,7 +196,7 @@ impl Report {
 }
 
 fn nets(c: &Case) -> JepaNetworks {
-    JepaNetworks::from_tensors(&c.cfg, &c.weights, &Device::Cpu)
+    JepaNetworks::from_tensors(&c.cfg, &c.weights, &test_device())
         .expect("golden weights load with the official names")
 }
 

@@ -1,5 +1,6 @@
 //! One integration test binary: golden reference tests and tests driving the real `cjepa`.
 
+mod checkpoint;
 mod classify;
 mod data_formats;
 mod detect;
