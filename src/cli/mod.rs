@@ -76,6 +76,15 @@ enum Cmd {
     ExecStage {
         /// The job file.
         job: PathBuf,
+        /// Run as this rank of a data-parallel stage (started by the local launcher).
+        #[arg(long, conflicts_with = "slurm_rank")]
+        rank: Option<usize>,
+        /// Run as the rank `SLURM_PROCID` of a data-parallel stage (started by `srun`).
+        #[arg(long)]
+        slurm_rank: bool,
+        /// Start the ranks of a data-parallel stage with `srun` (inside a Slurm allocation).
+        #[arg(long)]
+        srun: bool,
     },
 }
 
@@ -103,7 +112,21 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Data(a) => data::run(a),
         Cmd::EvalCoco(a) => eval_coco::run(a),
         Cmd::Eval(a) => eval::run(a),
-        Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
+        Cmd::ExecStage {
+            job,
+            rank,
+            slurm_rank,
+            srun,
+        } => {
+            use cjepa::exec::{ranks::Launcher, worker::Role};
+            let role = match (rank, slurm_rank, srun) {
+                (Some(r), _, _) => Role::Rank(r),
+                (None, true, _) => Role::SlurmRank,
+                (None, false, true) => Role::Stage(Launcher::Srun),
+                (None, false, false) => Role::Stage(Launcher::Local),
+            };
+            Ok(cjepa::exec::worker::exec_stage_as(&job, role)?)
+        }
     }
 }
 
