@@ -3,12 +3,12 @@
 
 mod bench;
 mod bench_loader;
-mod cancel;
 mod bench_train;
+mod cancel;
 mod dag;
 mod data;
-mod eval_coco;
 mod eval;
+mod eval_coco;
 mod gc;
 mod ls;
 mod printer;

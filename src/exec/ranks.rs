@@ -150,7 +150,8 @@ pub fn launch(
                     // rank 0 logs to the stage log; the others to their own files
                     let f = fs_err::File::create(dir.join(format!("rank-{r}.log")))?;
                     let f: std::fs::File = f.into();
-                    cmd.stdout(Stdio::from(f.try_clone()?)).stderr(Stdio::from(f));
+                    cmd.stdout(Stdio::from(f.try_clone()?))
+                        .stderr(Stdio::from(f));
                 }
                 if let Some(g) = job.gpus.get(r) {
                     cmd.env("CUDA_VISIBLE_DEVICES", g.to_string());
@@ -175,9 +176,9 @@ pub fn launch(
                 .arg("--slurm-rank")
                 .stdin(Stdio::null());
             super::proc::die_with_parent(&mut cmd);
-            let child = cmd.spawn().map_err(|e| {
-                Error::stage(&job.id, format!("could not start srun: {e}"))
-            })?;
+            let child = cmd
+                .spawn()
+                .map_err(|e| Error::stage(&job.id, format!("could not start srun: {e}")))?;
             vec![("srun".to_string(), child)]
         }
     };
@@ -338,7 +339,10 @@ mod tests {
         let (code, r) = combine(&j, 2, 2.0, "rank 1: signal 9");
         assert_eq!(code, 1);
         let e = r.error.unwrap();
-        assert!(e.contains("rank 1 stopped without a verdict") && e.contains("rank-1.log"), "{e}");
+        assert!(
+            e.contains("rank 1 stopped without a verdict") && e.contains("rank-1.log"),
+            "{e}"
+        );
         // both fine: rank 0's output with the launcher's wall time
         write_rank_verdict(&j, 1, &verdict(0, None, 9.0)).unwrap();
         let (code, r) = combine(&j, 2, 2.0, "");
@@ -351,6 +355,9 @@ mod tests {
         // a failure wins over an interruption
         write_rank_verdict(&j, 0, &verdict(1, Some("diverged"), 0.0)).unwrap();
         let (code, r) = combine(&j, 2, 2.0, "");
-        assert_eq!((code, r.error.unwrap()), (1, "rank 0: diverged".to_string()));
+        assert_eq!(
+            (code, r.error.unwrap()),
+            (1, "rank 0: diverged".to_string())
+        );
     }
 }

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use super::checkpoint::Checkpointer;
 use super::job::{DistRole, Job, JobResult};
-use super::ranks::{self, Launcher, RankVerdict};
 use super::progress::ProgressFile;
+use super::ranks::{self, Launcher, RankVerdict};
 use crate::error::{Error, Result};
 use crate::stages::{StageContext, StageKind};
 use crate::util::atomic;

@@ -2,6 +2,7 @@
 
 mod classify;
 mod data_formats;
+mod data_parallel;
 mod detect;
 mod engine;
 mod errors;
@@ -14,9 +15,9 @@ mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
 mod pretrain;
+mod report;
 #[cfg(feature = "test-stages")]
 mod resume;
-mod util;
 mod segstages;
 mod slurm;
-mod report;
+mod util;

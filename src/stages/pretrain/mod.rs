@@ -42,10 +42,10 @@ use crate::error::{Error, Result};
 use crate::model::layers::layer_norm_plain;
 use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
+use crate::train::dist::{self, DistError};
 use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedules::Schedules;
-use crate::train::dist::{self, DistError};
 use crate::train::step::{train_step_dp, Batch, StepError, StepHyper, StepLosses};
 use crate::util::rng::{derive_seed, stage_rng};
 
@@ -244,9 +244,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             masks_enc: &masks_enc,
             masks_pred: &masks_pred,
         };
-        let l = train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, comm.as_mut(), None)
-            .map_err(|e| match e {
-            StepError::NonFinite { .. } => fail(format!(
+        let l = train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, comm.as_mut(), None).map_err(
+            |e| match e {
+                StepError::NonFinite { .. } => fail(format!(
                 "diverged at step {completed} of {total}: {e}; the last good checkpoint ({}) is \
                  kept; lower `lr` or set `clip_grad`",
                 match ctx.ckpt.load() {
@@ -254,8 +254,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                     _ => "none yet".into(),
                 }
             )),
-            e => fail(format!("step {completed}: {e}")),
-        })?;
+                e => fail(format!("step {completed}: {e}")),
+            },
+        )?;
         st.step = completed;
         // The monitor runs on logged steps only (always the last one): keep the latest value.
         let monitor = if target_std.is_finite() {

@@ -96,13 +96,18 @@ pub fn mean_grads(
         .map(|n| grads[*n].flatten_all()?.to_dtype(DType::F32))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let flat = Tensor::cat(&parts, 0)?;
-    let mean = comm.all_reduce_sum(&flat)?.affine(1.0 / world as f64, 0.0)?;
+    let mean = comm
+        .all_reduce_sum(&flat)?
+        .affine(1.0 / world as f64, 0.0)?;
     let mut out = HashMap::with_capacity(grads.len());
     let mut off = 0;
     for n in names {
         let g = &grads[n];
         let len = g.elem_count();
-        let v = mean.narrow(0, off, len)?.reshape(g.dims())?.to_dtype(g.dtype())?;
+        let v = mean
+            .narrow(0, off, len)?
+            .reshape(g.dims())?
+            .to_dtype(g.dtype())?;
         off += len;
         out.insert(n.clone(), v);
     }
@@ -137,7 +142,11 @@ pub fn any(comm: &mut dyn AllReduce, flag: bool, dev: &Device) -> Result<bool, D
 /// Rows `rank, rank + world, ...` of a list of per-image items: the images of a global batch
 /// that a rank's sharded loader holds (see `Loader::sharded`).
 pub fn shard_rows<T: Clone>(rows: &[T], rank: usize, world: usize) -> Vec<T> {
-    rows.iter().skip(rank).step_by(world.max(1)).cloned().collect()
+    rows.iter()
+        .skip(rank)
+        .step_by(world.max(1))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -214,7 +214,8 @@ fn send(s: &mut TcpStream, bytes: &[u8], rank: usize, to: usize) -> Result<(), D
         what: format!("send to rank {to} (did it stop? see its log)"),
         source,
     };
-    s.write_all(&(bytes.len() as u64).to_le_bytes()).map_err(io)?;
+    s.write_all(&(bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
     s.write_all(bytes).map_err(io)
 }
 
@@ -241,7 +242,14 @@ mod tests {
             .map(|r| {
                 let dir = dir.to_path_buf();
                 std::thread::spawn(move || {
-                    TcpHub::connect(r, world, &dir, "127.0.0.1", "127.0.0.1", Duration::from_secs(20))
+                    TcpHub::connect(
+                        r,
+                        world,
+                        &dir,
+                        "127.0.0.1",
+                        "127.0.0.1",
+                        Duration::from_secs(20),
+                    )
                 })
             })
             .collect()
@@ -299,8 +307,15 @@ mod tests {
     #[test]
     fn a_missing_rank_times_out() {
         let d = tempfile::tempdir().unwrap();
-        let e = TcpHub::connect(0, 2, d.path(), "127.0.0.1", "127.0.0.1", Duration::from_millis(100))
-            .unwrap_err();
+        let e = TcpHub::connect(
+            0,
+            2,
+            d.path(),
+            "127.0.0.1",
+            "127.0.0.1",
+            Duration::from_millis(100),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("rank(s) 1 did not join"), "{e}");
     }
 }
