@@ -112,3 +112,22 @@ impl CustomOp1 for SumOp<'_> {
         Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU check (`cargo test --features cuda,nccl --lib train::dist::nccl`): a world of one
+    /// through NCCL on `cuda:0` returns its buffer, offsets of a narrowed tensor included.
+    #[test]
+    fn world_of_one_through_nccl_returns_the_buffer() {
+        let dev = Device::new_cuda(0).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Nccl::connect(&dev, 0, 1, d.path(), Duration::from_secs(60)).unwrap();
+        assert_eq!((c.rank(), c.world()), (0, 1));
+        assert!(d.path().join(ID_FILE).is_file(), "rank 0 published the id");
+        let t = Tensor::new(&[0f32, 1.0, -2.5, 3.0], &dev).unwrap();
+        let s = c.all_reduce_sum(&t.narrow(0, 1, 3).unwrap()).unwrap();
+        assert_eq!(s.to_vec1::<f32>().unwrap(), vec![1.0, -2.5, 3.0]);
+    }
+}
