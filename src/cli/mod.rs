@@ -82,6 +82,15 @@ enum Cmd {
     ExecStage {
         /// The job file.
         job: PathBuf,
+        /// Run as this rank of a data-parallel stage (started by the local launcher).
+        #[arg(long, conflicts_with = "slurm_rank")]
+        rank: Option<usize>,
+        /// Run as the rank `SLURM_PROCID` of a data-parallel stage (started by `srun`).
+        #[arg(long)]
+        slurm_rank: bool,
+        /// Start the ranks of a data-parallel stage with `srun` (inside a Slurm allocation).
+        #[arg(long)]
+        srun: bool,
     },
 }
 
@@ -110,7 +119,21 @@ pub fn main() -> anyhow::Result<i32> {
         Cmd::Embed(a) => embed::run(a),
         Cmd::Data(a) => data::run(a),
         Cmd::Eval(a) => eval::run(a),
-        Cmd::ExecStage { job } => Ok(cjepa::exec::worker::exec_stage(&job)?),
+        Cmd::ExecStage {
+            job,
+            rank,
+            slurm_rank,
+            srun,
+        } => {
+            use cjepa::exec::{ranks::Launcher, worker::Role};
+            let role = match (rank, slurm_rank, srun) {
+                (Some(r), _, _) => Role::Rank(r),
+                (None, true, _) => Role::SlurmRank,
+                (None, false, true) => Role::Stage(Launcher::Srun),
+                (None, false, false) => Role::Stage(Launcher::Local),
+            };
+            Ok(cjepa::exec::worker::exec_stage_as(&job, role)?)
+        }
     }
 }
 

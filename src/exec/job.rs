@@ -57,6 +57,26 @@ pub struct Job {
     pub threads: usize,
     /// GPU indices assigned by the pool.
     pub gpus: Vec<u32>,
+    /// Data-parallel processes (1: the stage runs as one process).
+    #[serde(default = "one")]
+    pub ranks: usize,
+    /// Set in a rank process only (never in the job file): which rank this process is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dist: Option<DistRole>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Which data-parallel rank a process is, and how its ranks meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistRole {
+    /// This process's rank, `0..ranks`.
+    pub rank: usize,
+    /// The ranks may run on several machines (started by `srun`): rank 0 listens on all
+    /// interfaces and publishes its host name instead of the loopback address.
+    pub multi_host: bool,
 }
 
 impl Job {
@@ -214,6 +234,8 @@ mod tests {
             device: "cpu".into(),
             threads: 1,
             gpus: vec![],
+            ranks: 1,
+            dist: None,
         }
     }
 

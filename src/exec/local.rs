@@ -550,6 +550,11 @@ pub(crate) fn prepare_job(
     gpus: Vec<u32>,
 ) -> Result<Job> {
     let s = &plan.stages[i];
+    let ranks = if s.kind.data_parallel() {
+        s.resources.world(gpus.len())
+    } else {
+        1
+    };
     let work_dir = store.work_dir(&s.key);
     let out_dir = store.tmp_dir(&s.key).join("out");
     if out_dir.exists() {
@@ -577,6 +582,8 @@ pub(crate) fn prepare_job(
         device,
         threads,
         gpus,
+        ranks,
+        dist: None,
     };
     job.write()?;
     Ok(job)

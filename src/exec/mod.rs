@@ -3,12 +3,14 @@
 //! progress files and signal handling.
 
 pub mod checkpoint;
+pub mod dist;
 pub mod import;
 pub mod job;
 pub mod local;
 pub mod pool;
 pub mod proc;
 pub mod progress;
+pub mod ranks;
 pub mod signals;
 pub mod slurm;
 pub mod worker;

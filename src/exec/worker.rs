@@ -5,8 +5,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::checkpoint::Checkpointer;
-use super::job::{Job, JobResult};
+use super::job::{DistRole, Job, JobResult};
 use super::progress::ProgressFile;
+use super::ranks::{self, Launcher, RankVerdict};
 use crate::error::{Error, Result};
 use crate::stages::{StageContext, StageKind};
 use crate::util::atomic;
@@ -14,10 +15,42 @@ use crate::util::atomic;
 /// Checkpoint cadence defaults (overridable per stage with `checkpoint_every` / `checkpoint_secs`).
 const DEFAULT_CKPT_SECS: u64 = 300;
 
-/// Run the job in `job_file`; returns the process exit code.
+/// What an `exec-stage` process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The stage's process: runs the stage, or starts its ranks when the job asks for several
+    /// (and the kind trains data-parallel), with this launcher.
+    Stage(Launcher),
+    /// Rank `r` of a data-parallel stage (started by the local launcher).
+    Rank(usize),
+    /// A rank started by `srun`: the rank is `SLURM_PROCID`.
+    SlurmRank,
+}
+
+/// Run the job in `job_file` as its stage process; returns the process exit code.
 pub fn exec_stage(job_file: &Path) -> Result<i32> {
+    exec_stage_as(job_file, Role::Stage(Launcher::Local))
+}
+
+/// Run the job in `job_file` in the given role; returns the process exit code.
+pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
     let mut job = Job::read(job_file)?;
     let interrupted = super::signals::install();
+    let rank = match role {
+        Role::Stage(_) => None,
+        Role::Rank(r) => Some((r, false)),
+        Role::SlurmRank => Some((ranks::slurm_rank(&job)?, true)),
+    };
+    let finish = |job: &Job, code: i32, result: JobResult| -> Result<i32> {
+        match rank {
+            Some((r, _)) => ranks::write_rank_verdict(job, r, &RankVerdict { code, result })?,
+            None => {
+                atomic::write_json(&job.result_file(), &result)?;
+                atomic::write(&job.exit_code_file(), code.to_string().as_bytes())?;
+            }
+        }
+        Ok(code)
+    };
     if let Err(e) = job.resolve_pending_upstream() {
         let result = JobResult {
             output: None,
@@ -25,9 +58,35 @@ pub fn exec_stage(job_file: &Path) -> Result<i32> {
             secs: 0.0,
             device: job.device.clone(),
         };
-        atomic::write_json(&job.result_file(), &result)?;
-        atomic::write(&job.exit_code_file(), b"1")?;
-        return Ok(1);
+        return finish(&job, 1, result);
+    }
+    let kind = StageKind::parse(&job.kind)
+        .ok_or_else(|| Error::stage(&job.id, format!("unknown kind {}", job.kind)))?;
+    if let (Role::Stage(how), true) = (role, job.ranks > 1 && kind.data_parallel()) {
+        fs_err::create_dir_all(&job.out_dir)?;
+        let log = |m: &str| log_line(m);
+        let (code, result) = match ranks::launch(&job, job_file, how, &interrupted, log) {
+            Ok(v) => v,
+            Err(e) => (
+                1,
+                JobResult {
+                    output: None,
+                    error: Some(e.to_string()),
+                    secs: 0.0,
+                    device: job.device.clone(),
+                },
+            ),
+        };
+        return finish(&job, code, result);
+    }
+    if let Some((r, multi_host)) = rank {
+        job.dist = Some(DistRole {
+            rank: r,
+            multi_host,
+        });
+        if multi_host {
+            job.device = ranks::slurm_device(&job.device);
+        }
     }
     let params = &job.config["params"];
     let every_steps = params
@@ -39,23 +98,35 @@ pub fn exec_stage(job_file: &Path) -> Result<i32> {
         .and_then(|v| v.as_u64())
         .unwrap_or(DEFAULT_CKPT_SECS);
     if let Some(n) = Some(job.threads).filter(|n| *n > 0) {
+        let n = match rank {
+            Some(_) => (n / job.ranks).max(1),
+            None => n,
+        };
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
     }
-    let kind = StageKind::parse(&job.kind)
-        .ok_or_else(|| Error::stage(&job.id, format!("unknown kind {}", job.kind)))?;
     fs_err::create_dir_all(&job.out_dir)?;
+    let progress = match rank {
+        Some((r, _)) if r > 0 => ranks::dist_dir(&job).join(format!("progress-{r}.json")),
+        _ => job.progress_file(),
+    };
     let mut ctx = StageContext {
         ckpt: Checkpointer::new(job.ckpt_dir(), every_steps, every_secs),
-        progress: ProgressFile::new(job.progress_file()),
+        progress: ProgressFile::new(progress),
         interrupted,
         job,
     };
     let t0 = Instant::now();
     ctx.log(format!(
-        "stage {} ({}) key {}",
-        ctx.job.id, ctx.job.kind, ctx.job.key
+        "stage {} ({}) key {}{}",
+        ctx.job.id,
+        ctx.job.kind,
+        ctx.job.key,
+        match rank {
+            Some((r, _)) => format!(", rank {r} of {}", ctx.job.ranks),
+            None => String::new(),
+        }
     ));
     let res = kind.run(&mut ctx);
     let secs = t0.elapsed().as_secs_f64();
@@ -95,7 +166,14 @@ pub fn exec_stage(job_file: &Path) -> Result<i32> {
             )
         }
     };
-    atomic::write_json(&ctx.job.result_file(), &result)?;
-    atomic::write(&ctx.job.exit_code_file(), code.to_string().as_bytes())?;
-    Ok(code)
+    finish(&ctx.job, code, result)
+}
+
+/// A line in the stage log (stdout of the worker process).
+fn log_line(msg: &str) {
+    use std::io::Write;
+    let now = chrono::Local::now().format("%H:%M:%S");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "[{now}] {msg}");
+    let _ = out.flush();
 }

@@ -184,4 +184,20 @@ pub struct Resources {
     /// Wall time (Slurm `--time`, e.g. `12:00:00`).
     #[serde(default)]
     pub time: Option<String>,
+    /// Data-parallel processes (ranks) of a stage that trains (`pretrain`); 0 = one per GPU
+    /// granted (one on a CPU machine). Set it to run several CPU processes; with GPUs it must
+    /// equal `gpus`. The global batch and the schedules do not depend on it.
+    #[serde(default)]
+    pub ranks: u32,
+}
+
+impl Resources {
+    /// Processes of a data-parallel stage that holds `granted_gpus` GPUs.
+    pub fn world(&self, granted_gpus: usize) -> usize {
+        if self.ranks > 0 {
+            self.ranks as usize
+        } else {
+            granted_gpus.max(1)
+        }
+    }
 }

@@ -558,6 +558,8 @@ pub(crate) fn test_context(
         device: "cpu".into(),
         threads: 1,
         gpus: vec![],
+        ranks: 1,
+        dist: None,
     };
     StageContext {
         ckpt: Checkpointer::new(work.join("ckpt"), 1, 0),

@@ -113,6 +113,12 @@ impl StageKind {
         }
     }
 
+    /// Whether the kind trains data-parallel over `resources.ranks` / `resources.gpus` processes
+    /// (the others run as one process whatever their resources).
+    pub fn data_parallel(self) -> bool {
+        matches!(self, StageKind::Pretrain)
+    }
+
     /// Parse a `kind:` name.
     pub fn parse(s: &str) -> Option<StageKind> {
         Self::all().iter().copied().find(|k| k.name() == s)

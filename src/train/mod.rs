@@ -1,6 +1,7 @@
 //! Training: schedules, our AdamW with parameter groups and saveable state, EMA, the
 //! JEPA + VICReg losses and the C-JEPA step.
 
+pub mod dist;
 pub mod ema;
 mod fused_update;
 pub mod loss;

@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use super::dist::{self, AllReduce, DistError, Single};
 use super::ema::{ema_update, EmaError};
 use super::loss::{compute_loss, make_targets, LossConfig, LossError, LossOutput, Targets};
 use super::optim::{AdamW, OptimError, StepStats};
@@ -28,6 +29,9 @@ pub enum StepError {
     /// From the EMA.
     #[error(transparent)]
     Ema(#[from] EmaError),
+    /// From the data-parallel all-reduce.
+    #[error(transparent)]
+    Dist(#[from] DistError),
     /// From candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -213,23 +217,50 @@ pub fn train_step_timed(
     hyper: StepHyper,
     times: Option<&mut PhaseTimes>,
 ) -> Result<StepLosses, StepError> {
+    train_step_dp(nets, batch, cfg, opt, hyper, &mut Single, times)
+}
+
+/// [`train_step_timed`] for one rank of a data-parallel group: `batch` is this rank's shard of
+/// the global batch. The loss values are averaged over the ranks (so all ranks agree on a
+/// divergence) and so are the gradients, before the optimiser step; every rank then applies the
+/// same update. With [`Single`] this is exactly [`train_step_timed`].
+pub fn train_step_dp(
+    nets: &JepaNetworks,
+    batch: &Batch,
+    cfg: &LossConfig,
+    opt: &mut AdamW,
+    hyper: StepHyper,
+    comm: &mut dyn AllReduce,
+    times: Option<&mut PhaseTimes>,
+) -> Result<StepLosses, StepError> {
     let mut lap = Lap::new(times);
     let fwd = forward_loss_timed(nets, batch, cfg, &mut lap)?;
     let l = &fwd.loss;
     let scalar = |t: &Tensor| -> Result<f32, StepError> {
         Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
     };
-    let (total, jepa) = (scalar(&l.total)?, scalar(&l.jepa)?);
+    let local = [
+        scalar(&l.total)?,
+        scalar(&l.jepa)?,
+        scalar(&l.sim)?,
+        scalar(&l.std)?,
+        scalar(&l.cov)?,
+    ];
+    let dev = l.total.device().clone();
+    let [total, jepa, sim, std, cov]: [f32; 5] = dist::mean_scalars(comm, &local, &dev)?
+        .try_into()
+        .expect("five values in, five out");
     if !total.is_finite() {
         return Err(StepError::NonFinite { total, jepa });
     }
-    let (sim, std, cov) = (scalar(&l.sim)?, scalar(&l.std)?, scalar(&l.cov)?);
     lap.mark(|t| &mut t.loss);
     let grads = l.total.backward()?;
     drop(fwd);
     lap.mark(|t| &mut t.backward);
-    let optim = opt.step(&grads, hyper.lr, hyper.wd)?;
+    let named = dist::mean_grads(comm, opt.named_grads(&grads))?;
     drop(grads);
+    let optim = opt.step_named(&named, hyper.lr, hyper.wd)?;
+    drop(named);
     lap.mark(|t| &mut t.optimizer);
     ema_update(&nets.ema_pairs(), hyper.momentum)?;
     lap.mark(|t| &mut t.ema);

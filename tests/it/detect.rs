@@ -317,6 +317,8 @@ fn job(data: &Path, work: &Path, params: &Value) -> Job {
         device: "cpu".into(),
         threads: 0,
         gpus: vec![],
+        ranks: 1,
+        dist: None,
     }
 }
 

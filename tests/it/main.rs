@@ -3,6 +3,7 @@
 mod checkpoint;
 mod classify;
 mod data_formats;
+mod data_parallel;
 mod detect;
 mod engine;
 mod errors;

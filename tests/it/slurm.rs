@@ -616,3 +616,28 @@ fn slurm_executor_without_slurm_is_a_clear_usage_error() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--detach needs the Slurm executor"));
 }
+
+#[test]
+fn slurm_data_parallel_pretrain_runs_its_ranks_with_srun() {
+    if !slurm_here("slurm_data_parallel_pretrain_runs_its_ranks_with_srun") {
+        return;
+    }
+    let c = Ctx::new(
+        "slurm_dp",
+        "executor: slurm\ndefaults: { seed: 0, device: cpu }\nstages:\n  data:\n    kind: dataset\n    \
+         source: synth\n    format: imagefolder\n    \
+         params: { classes: 4, train_per_class: 4, val_per_class: 2, size: 32 }\n  \
+         pretrain:\n    kind: pretrain\n    needs: [data]\n    \
+         model: { preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }\n    \
+         params: { method: ijepa, epochs: 1, batch: 8, warmup_epochs: 0 }\n    \
+         resources: { ranks: 2, cpus: 1 }\n",
+    );
+    let o = c.run(&["run", "p.yaml", "--plain"]);
+    assert!(o.status.success(), "run failed");
+    let script = c.scripts("pretrain").join("\n");
+    assert!(script.contains("#SBATCH --ntasks=2"), "{script}");
+    assert!(script.contains("exec-stage --srun"), "{script}");
+    let rec = c.record("pretrain");
+    assert_eq!(rec.info["ranks"], 2, "{:?}", rec.info);
+    assert_eq!(rec.metrics["steps"], 2.0);
+}

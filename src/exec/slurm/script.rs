@@ -31,6 +31,9 @@ pub struct ScriptSpec {
     pub exe: PathBuf,
     /// `--dependency=afterok:` job ids (`123` or `123_4`); empty for none.
     pub after_ok: Vec<String>,
+    /// Data-parallel ranks: above 1 the job asks for `--ntasks` and the stage starts its ranks
+    /// with `srun` inside the allocation.
+    pub ranks: usize,
 }
 
 impl ScriptSpec {
@@ -117,6 +120,9 @@ pub fn render(spec: &ScriptSpec) -> Result<String> {
     for f in resource_flags(&spec.resources, &spec.site)? {
         flag(f);
     }
+    if spec.ranks > 1 {
+        flag(format!("--ntasks={}", spec.ranks));
+    }
     flag(format!("--signal=B:USR1@{SIGNAL_LEAD_SECS}"));
     flag("--requeue".into());
     if spec.is_array() {
@@ -158,7 +164,7 @@ requeue=0
 # USR1 (time limit ahead) and TERM (scancel, preemption): the stage checkpoints and exits 130
 trap 'requeue=1; [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null' USR1
 trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM INT
-"$CJEPA" exec-stage "$job" &
+"$CJEPA" exec-stage{srun} "$job" &
 child=$!
 while :; do
   wait "$child"
@@ -173,7 +179,8 @@ if [ "$rc" -eq 130 ] && [ "$requeue" -eq 1 ]; then
 fi
 exit "$rc"
 "#,
-        threads = spec.cpus()
+        threads = spec.cpus(),
+        srun = if spec.ranks > 1 { " --srun" } else { "" }
     ));
     Ok(s)
 }
@@ -194,6 +201,7 @@ mod tests {
                 cpus: 8,
                 mem_gb: Some(1.5),
                 time: Some("12:00:00".into()),
+                ranks: 0,
             },
             site: SlurmSite {
                 partition: Some("gpu".into()),
@@ -204,6 +212,7 @@ mod tests {
             },
             exe: "/opt/it's/cjepa".into(),
             after_ok: vec![],
+            ranks: 1,
         }
     }
 
@@ -239,6 +248,16 @@ mod tests {
         assert!(s.contains("\"$CJEPA\" exec-stage \"$job\" &"));
         assert!(s.contains("kill -USR1 \"$child\""), "forwards USR1");
         assert!(s.contains("scontrol requeue \"$SLURM_JOB_ID\""));
+        assert!(!s.contains("--ntasks"), "one task without data parallelism");
+    }
+
+    #[test]
+    fn data_parallel_asks_for_one_task_per_rank_and_starts_them_with_srun() {
+        let mut sp = spec(1);
+        sp.ranks = 2;
+        let s = render(&sp).unwrap();
+        assert!(flags(&s).contains(&"--ntasks=2"), "{s}");
+        assert!(s.contains("\"$CJEPA\" exec-stage --srun \"$job\" &"), "{s}");
     }
 
     #[test]

@@ -220,6 +220,7 @@ impl<'a, 'b> Driver<'a, 'b> {
             site: self.sopts.site.clone(),
             exe: self.exe.clone(),
             after_ok,
+            ranks: slurm_ranks(first),
         };
         let text = script::render(&spec)?;
         let path = slurm_dir.join("scripts").join(format!("{tag}.sh"));
@@ -305,6 +306,7 @@ impl<'a, 'b> Driver<'a, 'b> {
             site: self.sopts.site.clone(),
             exe: self.exe.clone(),
             after_ok: vec![],
+            ranks: slurm_ranks(s),
         };
         let path = slurm_dir.join("scripts").join(format!("{tag}.sh"));
         crate::util::atomic::write(&path, script::render(&spec)?.as_bytes())?;
@@ -455,6 +457,16 @@ impl<'a, 'b> Driver<'a, 'b> {
             })
             .collect();
         Ok(DetachedSummary { outcomes })
+    }
+}
+
+/// Data-parallel ranks of a stage under Slurm: one per GPU asked for (or `resources.ranks`), for
+/// kinds that train data-parallel; 1 otherwise.
+fn slurm_ranks(s: &crate::plan::PlannedStage) -> usize {
+    if s.kind.data_parallel() {
+        s.resources.world(s.resources.gpus as usize)
+    } else {
+        1
     }
 }
 

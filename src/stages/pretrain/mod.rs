@@ -42,10 +42,11 @@ use crate::error::{Error, Result};
 use crate::model::layers::layer_norm_plain;
 use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
+use crate::train::dist::{self, DistError};
 use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedules::Schedules;
-use crate::train::step::{train_step, Batch, StepError, StepHyper, StepLosses};
+use crate::train::step::{train_step_dp, Batch, StepError, StepHyper, StepLosses};
 use crate::util::rng::{derive_seed, stage_rng};
 
 /// Implementation version (part of the key).
@@ -95,6 +96,7 @@ impl TrainState {
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let id = ctx.job.id.clone();
     let fail = |m: String| Error::stage(&id, m);
+    let dist_err = |e: DistError| Error::stage(&id, e.to_string());
     let p: Params = params_of(ctx)?;
     p.validate().map_err(&fail)?;
     let cfg = model_config(ctx, &p)?;
@@ -105,6 +107,17 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let loss_cfg = p.loss_config();
     let dev = backbone::device(ctx)?;
     let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
+    // Data parallel: this process holds every `world`-th image of each global batch (the
+    // global batch, its masks and the schedules are those of a one-process run).
+    let mut comm = crate::exec::dist::connect(ctx, &dev)?;
+    let (rank, world) = (comm.rank(), comm.world());
+    if p.batch % world != 0 {
+        return Err(fail(format!(
+            "`batch` ({}) is the global batch and must be divisible by the number of ranks \
+             ({world})",
+            p.batch
+        )));
+    }
 
     let root = dataset_root(ctx)?;
     let folder = ImageFolder::open(&root, &p.split).map_err(|e| fail(e.to_string()))?;
@@ -116,12 +129,13 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let loader = Loader::new(
         &source,
         LoaderConfig {
-            batch_size: p.batch,
+            batch_size: p.batch / world,
             shuffle: true,
             drop_last: true,
             seed: derive_seed(&key, seed, "data"),
         },
     )
+    .and_then(|l| l.sharded(rank, world))
     .map_err(|e| fail(e.to_string()))?;
     let ipe = loader.num_batches() as u64;
     if ipe == 0 {
@@ -174,8 +188,13 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let t0 = Instant::now();
     let mut epoch_iter = None;
     while st.step < total {
-        if ctx.is_interrupted() {
-            save(ctx, &nets, &opt, &st)?;
+        // every rank stops at the same step; rank 0 checkpoints while the others wait
+        let stop = dist::any(comm.as_mut(), ctx.is_interrupted(), &dev).map_err(dist_err)?;
+        if stop {
+            if rank == 0 {
+                save(ctx, &nets, &opt, &st)?;
+            }
+            dist::any(comm.as_mut(), false, &dev).map_err(dist_err)?;
             return Err(Error::Interrupted);
         }
         let it = st.step;
@@ -194,12 +213,23 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             .map_err(|e| fail(e.to_string()))?;
         let images = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
         let masks = sampler.sample(&mut stage_rng(&key, seed, &format!("masks/{it}")), p.batch);
-        let masks_enc = mask_tensors(&masks.enc, &dev)?;
-        let masks_pred = mask_tensors(&masks.pred, &dev)?;
+        let shard = |m: &[Vec<Vec<u32>>]| -> Vec<Vec<Vec<u32>>> {
+            m.iter().map(|l| dist::shard_rows(l, rank, world)).collect()
+        };
+        let masks_enc = mask_tensors(&shard(&masks.enc), &dev)?;
+        let masks_pred = mask_tensors(&shard(&masks.pred), &dev)?;
         let completed = it + 1;
         let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
         let target_std = if log_now {
-            collapse_monitor(&nets, &images, &loss_cfg).map_err(|e| fail(e.to_string()))?
+            let local =
+                collapse_monitor(&nets, &images, &loss_cfg).map_err(|e| fail(e.to_string()))?;
+            if world > 1 {
+                // the mean over ranks of each shard's monitor
+                dist::mean_scalars(comm.as_mut(), &[local as f32], &dev).map_err(dist_err)?[0]
+                    as f64
+            } else {
+                local
+            }
         } else {
             f64::NAN
         };
@@ -214,8 +244,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             masks_enc: &masks_enc,
             masks_pred: &masks_pred,
         };
-        let l = train_step(&nets, &b, &loss_cfg, &mut opt, hyper).map_err(|e| match e {
-            StepError::NonFinite { .. } => fail(format!(
+        let l = train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, comm.as_mut(), None).map_err(
+            |e| match e {
+                StepError::NonFinite { .. } => fail(format!(
                 "diverged at step {completed} of {total}: {e}; the last good checkpoint ({}) is \
                  kept; lower `lr` or set `clip_grad`",
                 match ctx.ckpt.load() {
@@ -223,8 +254,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                     _ => "none yet".into(),
                 }
             )),
-            e => fail(format!("step {completed}: {e}")),
-        })?;
+                e => fail(format!("step {completed}: {e}")),
+            },
+        )?;
         st.step = completed;
         // The monitor runs on logged steps only (always the last one): keep the latest value.
         let monitor = if target_std.is_finite() {
@@ -251,11 +283,15 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         }
         ctx.progress
             .set(completed, total, format!("loss {:.4}", l.total));
-        if completed < total && ctx.ckpt.due(completed) {
+        if rank == 0 && completed < total && ctx.ckpt.due(completed) {
             save(ctx, &nets, &opt, &st)?;
         }
     }
     let secs = t0.elapsed().as_secs_f64();
+    if rank > 0 {
+        // rank 0 holds the same weights and writes the artifacts and the metrics
+        return Ok(StageOutput::default());
+    }
 
     let out_dir = ctx.job.out_dir.clone();
     write_artifacts(ctx, &out_dir, &nets, &cfg, &mask_cfg, ipe, total)?;
@@ -292,6 +328,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "total_steps": total,
         "train_images": n_images,
         "mask_min_keep": mask_cfg.min_keep,
+        "ranks": world,
     });
     Ok(out)
 }
