@@ -271,7 +271,7 @@ fn quickstart_and_examples_plan() {
     let c = Ctx::new();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for (file, n) in [
-        ("pipelines/quickstart.yaml", 7),
+        ("pipelines/quickstart.yaml", 30),
         ("pipelines/examples/pretrain_tiny.yaml", 3),
     ] {
         let store = c.path().join(file.replace('/', "_"));
