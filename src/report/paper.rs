@@ -516,11 +516,19 @@ mod tests {
             "ade20k-upernet"
         );
         assert_eq!(
-            protocol_of("coco_detection", "coco-maskrcnn", &json!({"backbone": "frozen"})),
+            protocol_of(
+                "coco_detection",
+                "coco-maskrcnn",
+                &json!({"backbone": "frozen"})
+            ),
             "coco-fcos-frozen"
         );
         assert_eq!(
-            protocol_of("coco_detection", "coco-maskrcnn", &json!({"backbone": "finetune"})),
+            protocol_of(
+                "coco_detection",
+                "coco-maskrcnn",
+                &json!({"backbone": "finetune"})
+            ),
             "coco-fcos"
         );
         assert_eq!(

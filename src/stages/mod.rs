@@ -4,19 +4,19 @@
 
 pub mod ade20k;
 pub mod backbone;
-pub mod coco_detection;
 pub mod clevr;
+pub mod coco_detection;
 pub mod command;
 pub mod context;
 #[cfg(feature = "test-stages")]
 pub mod counter;
 pub mod dataset;
-pub mod pretrain;
+pub mod davis;
 pub mod features;
 pub mod finetune;
 pub mod knn;
 pub mod linear_probe;
-pub mod davis;
+pub mod pretrain;
 
 use std::path::Path;
 

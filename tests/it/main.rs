@@ -16,9 +16,9 @@ mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
 mod pretrain;
+mod report;
 #[cfg(feature = "test-stages")]
 mod resume;
-mod util;
 mod segstages;
 mod slurm;
-mod report;
+mod util;

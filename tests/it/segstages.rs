@@ -278,7 +278,9 @@ fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
 /// Metric rows of `cjepa report --format json`, by stage id.
 fn report(pipeline: &Path, store: &Path) -> std::collections::BTreeMap<String, Value> {
     let out = cjepa()
-        .args(["report", "--tables", "metrics", "--format", "json", "--store"])
+        .args([
+            "report", "--tables", "metrics", "--format", "json", "--store",
+        ])
         .arg(store)
         .arg(pipeline)
         .output()
