@@ -447,9 +447,8 @@ pub fn to_chw_normalized(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Chw {
     let raw = img.as_raw();
     // One 256-entry table per channel: the same f32 expression per byte value, so the result is
     // bit-identical to computing it per pixel, without a division per element.
-    let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
-        std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c])
-    });
+    let lut: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
     let mut data = vec![0f32; 3 * h * w];
     let (r, rest) = data.split_at_mut(h * w);
     let (g, b) = rest.split_at_mut(h * w);
