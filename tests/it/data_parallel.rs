@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use assert_cmd::Command;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
+
+use crate::pretrain::{cjepa, pipeline as setup};
 
 /// A tiny pretrain stage: 32 images, global batch 8, 4 steps per epoch.
 fn pipeline_yaml(method: &str, epochs: u32, resources: &str) -> String {
@@ -24,18 +25,6 @@ fn pipeline_yaml(method: &str, epochs: u32, resources: &str) -> String {
          model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n    \
          params: {{ method: {method}, epochs: {epochs}, batch: 8, warmup_epochs: 1, log_every: 2, checkpoint_every: 3 }}\n{resources}"
     )
-}
-
-fn setup(yaml: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
-    dir
-}
-
-fn cjepa(dir: &Path) -> Command {
-    let mut c = Command::cargo_bin("cjepa").unwrap();
-    c.current_dir(dir);
-    c
 }
 
 fn run(dir: &Path) -> (i32, String) {

@@ -290,3 +290,41 @@ fn quickstart_and_examples_plan() {
         );
     }
 }
+
+/// The README's main job shows the whole product: every stage kind except the outside-program
+/// and test-only ones, both pretraining methods, and a random-init baseline for each evaluation.
+#[test]
+fn quickstart_has_every_stage_kind_both_methods_and_baselines() {
+    use cjepa::stages::StageKind;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p =
+        cjepa::spec::load_pipeline(&root.join("pipelines/quickstart.yaml"), &Default::default())
+            .unwrap();
+    let plan = cjepa::plan::build(&p).unwrap();
+    let kinds: std::collections::BTreeSet<&str> =
+        plan.stages.iter().map(|s| s.kind.name()).collect();
+    for k in StageKind::all() {
+        if matches!(k.name(), "command" | "counter") {
+            continue;
+        }
+        assert!(
+            kinds.contains(k.name()),
+            "quickstart lacks a `{}` stage",
+            k.name()
+        );
+    }
+    let ids: Vec<&str> = plan.stages.iter().map(|s| s.inst.id.as_str()).collect();
+    assert!(ids.contains(&"pretrain[method=ijepa]") && ids.contains(&"pretrain[method=cjepa]"));
+    for s in &plan.stages {
+        let kind = s.kind.name();
+        if matches!(kind, "dataset" | "pretrain" | "finetune") {
+            continue;
+        }
+        // an evaluation fed by pretraining has a twin on a random encoder
+        let random = plan
+            .stages
+            .iter()
+            .any(|r| r.kind == s.kind && r.config["params"]["checkpoint"] == "random");
+        assert!(random, "no random-init baseline for `{kind}`");
+    }
+}

@@ -12,13 +12,15 @@ use serde_json::Value;
 
 const TINY: &str = include_str!("../../pipelines/examples/pretrain_tiny.yaml");
 
-fn pipeline(yaml: &str) -> tempfile::TempDir {
+/// A temporary folder holding `p.yaml` (shared with the data-parallel tests).
+pub(crate) fn pipeline(yaml: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
     dir
 }
 
-fn cjepa(dir: &Path) -> Command {
+/// The binary, run in `dir`.
+pub(crate) fn cjepa(dir: &Path) -> Command {
     let mut c = Command::cargo_bin("cjepa").unwrap();
     c.current_dir(dir);
     c
