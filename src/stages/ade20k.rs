@@ -237,28 +237,9 @@ struct TrainState {
 }
 
 fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
-    let u = ctx
-        .job
-        .upstream
-        .values()
-        .find(|u| u.kind == "dataset")
-        .ok_or_else(|| {
-            Error::stage(
-                &ctx.job.id,
-                "needs a `dataset` stage with `format: ade20k` in `needs`",
-            )
-        })?;
-    let fmt = u.info.get("format").and_then(|f| f.as_str()).unwrap_or("");
-    if fmt != "ade20k" {
-        return Err(Error::stage(
-            &ctx.job.id,
-            format!(
-                "upstream dataset `{}` has format `{fmt}`; this stage needs `format: ade20k`",
-                u.id
-            ),
-        ));
-    }
-    Ok(ade20k::resolve_root(&super::dataset::root_of(u)))
+    Ok(ade20k::resolve_root(&super::dataset::upstream_root(
+        ctx, "ade20k",
+    )?))
 }
 
 fn read_labels(path: &Path) -> Result<LabelMap> {

@@ -130,6 +130,33 @@ pub fn root_of(u: &crate::exec::job::UpstreamRef) -> PathBuf {
     }
 }
 
+/// Root folder of the upstream `dataset` stage a stage needs, which must have format `format`;
+/// otherwise an error naming the stage and the fix.
+pub fn upstream_root(ctx: &super::StageContext, format: &str) -> crate::error::Result<PathBuf> {
+    let u = ctx
+        .job
+        .upstream
+        .values()
+        .find(|u| u.kind == "dataset")
+        .ok_or_else(|| {
+            crate::error::Error::stage(
+                &ctx.job.id,
+                format!("needs a `dataset` stage with `format: {format}` in `needs`"),
+            )
+        })?;
+    let fmt = u.info.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if fmt != format {
+        return Err(crate::error::Error::stage(
+            &ctx.job.id,
+            format!(
+                "upstream dataset `{}` has format `{fmt}`; this stage needs `format: {format}`",
+                u.id
+            ),
+        ));
+    }
+    Ok(root_of(u))
+}
+
 /// Absolute-or-relative dataset folder of resolved params.
 pub fn data_path(params: &Value, pipeline_dir: &Path) -> Option<PathBuf> {
     let p = params.get("path")?.as_str()?;

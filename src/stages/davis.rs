@@ -111,28 +111,9 @@ impl Default for Params {
 }
 
 fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
-    let u = ctx
-        .job
-        .upstream
-        .values()
-        .find(|u| u.kind == "dataset")
-        .ok_or_else(|| {
-            Error::stage(
-                &ctx.job.id,
-                "needs a `dataset` stage with `format: davis` in `needs`",
-            )
-        })?;
-    let fmt = u.info.get("format").and_then(|f| f.as_str()).unwrap_or("");
-    if fmt != "davis" {
-        return Err(Error::stage(
-            &ctx.job.id,
-            format!(
-                "upstream dataset `{}` has format `{fmt}`; this stage needs `format: davis`",
-                u.id
-            ),
-        ));
-    }
-    Ok(davis_data::resolve_root(&super::dataset::root_of(u)))
+    Ok(davis_data::resolve_root(&super::dataset::upstream_root(
+        ctx, "davis",
+    )?))
 }
 
 /// OpenCV `INTER_LINEAR` resize of an RGB frame to `th × tw`, rounded to 8 bits, then /255 and
