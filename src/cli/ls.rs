@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use cjepa::store::Store;
-
 /// Arguments of `cjepa ls`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -13,7 +11,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let store = Store::open(&super::default_store(&a.store), false, "cjepa ls")?;
+    let store = super::open_read(&super::default_store(&a.store), "cjepa ls")?;
     let mut recs = store.records()?;
     recs.sort_by(|a, b| b.finished.cmp(&a.finished));
     for r in recs {

@@ -155,3 +155,20 @@ pub fn load(a: &PipelineArgs) -> anyhow::Result<cjepa::spec::Pipeline> {
 pub fn default_store(s: &Option<PathBuf>) -> PathBuf {
     s.clone().unwrap_or_else(|| PathBuf::from(".cjepa"))
 }
+
+/// Open a store to read it. While a run holds it, this is the run's readers' copy, and a note on
+/// stderr says whose and from when.
+pub fn open_read(dir: &std::path::Path, purpose: &str) -> anyhow::Result<cjepa::store::Store> {
+    let store = cjepa::store::Store::open_read(dir, purpose)?;
+    if let Some((holder, written)) = store.read_only() {
+        let when = written
+            .map(|t| {
+                t.with_timezone(&chrono::Local)
+                    .format("%H:%M:%S")
+                    .to_string()
+            })
+            .unwrap_or_else(|| "?".into());
+        eprintln!("note: the store is in use by {holder}; showing its records as of {when}");
+    }
+    Ok(store)
+}

@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use cjepa::report::{baselines, metrics_table, paper_tables, plots, runs, Format, Table};
-use cjepa::store::Store;
 
 /// Arguments of `cjepa report`.
 #[derive(Debug, clap::Args)]
@@ -69,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Some(p) => p.pipeline.dir.clone(),
         None => std::env::current_dir()?,
     };
-    let store = Store::open(&store_dir, false, "cjepa report")?;
+    let store = super::open_read(&store_dir, "cjepa report")?;
     let wanted: Option<BTreeSet<String>> = plan.as_ref().map(runs::plan_identities);
     let records = runs::select(store.records()?, wanted.as_ref());
     drop(store);

@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use cjepa::store::Store;
-
 /// Arguments of `cjepa show`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -15,7 +13,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let store = Store::open(&super::default_store(&a.store), false, "cjepa show")?;
+    let store = super::open_read(&super::default_store(&a.store), "cjepa show")?;
     let found = store.find_prefix(&a.key)?;
     match found.len() {
         0 => Err(cjepa::Error::Usage(format!("no record with key {}", a.key)).into()),

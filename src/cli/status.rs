@@ -1,7 +1,7 @@
 //! `cjepa status PIPELINE [--explain]`: fresh / stale / missing / failed per stage.
 
 use cjepa::exec::slurm::SlurmOptions;
-use cjepa::store::{Lookup, Store};
+use cjepa::store::Lookup;
 
 use super::PipelineArgs;
 
@@ -18,11 +18,16 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
     let plan = cjepa::plan::build(&pipeline)?;
-    let store = Store::open(&pipeline.store_dir, false, "cjepa status")?;
+    let store = super::open_read(&pipeline.store_dir, "cjepa status")?;
     // import what submitted Slurm jobs (e.g. of `run --detach`) left since the last look
     let mut printer = super::printer::Printer::new(false);
     let sopts = SlurmOptions::new(pipeline.spec.slurm.clone());
-    let slurm = cjepa::exec::slurm::reconcile(&plan, &store, &sopts, &mut printer)?;
+    // (a read-only view cannot import: the run holding the store does that itself)
+    let slurm = if store.read_only().is_some() {
+        Default::default()
+    } else {
+        cjepa::exec::slurm::reconcile(&plan, &store, &sopts, &mut printer)?
+    };
     for s in &plan.stages {
         if let Some((label, state)) = slurm.active.get(&s.key) {
             let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?

@@ -15,8 +15,28 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
-    /// Take the lock of the store at `root`.
+    /// Take the lock of the store at `root`. With `wait`, block until the holder releases it;
+    /// otherwise fail at once naming the holder.
     pub fn acquire(root: &Path, wait: bool, purpose: &str) -> Result<StoreLock> {
+        loop {
+            match Self::try_acquire(root, purpose)? {
+                Ok(lock) => return Ok(lock),
+                Err(holder) if !wait => {
+                    return Err(Error::StoreBusy(format!(
+                        "the store {} is in use by {holder}; wait for it to finish, or pass --wait to queue behind it",
+                        root.display()
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Take the lock if it is free; `Ok(Err(holder))` says who holds it.
+    pub fn try_acquire(
+        root: &Path,
+        purpose: &str,
+    ) -> Result<std::result::Result<StoreLock, String>> {
         let path = root.join("LOCK");
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -24,33 +44,16 @@ impl StoreLock {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let mut announced = false;
-        loop {
-            match file.try_lock_exclusive() {
-                Ok(()) => break,
-                Err(_) => {
-                    let mut holder = String::new();
-                    let _ = file.seek(SeekFrom::Start(0));
-                    let _ = file.read_to_string(&mut holder);
-                    let holder = holder.trim();
-                    let holder = if holder.is_empty() {
-                        "another process"
-                    } else {
-                        holder
-                    };
-                    if !wait {
-                        return Err(Error::StoreBusy(format!(
-                            "the store {} is in use by {holder}; wait for it to finish, or pass --wait to queue behind it",
-                            root.display()
-                        )));
-                    }
-                    if !announced {
-                        tracing_wait(holder);
-                        announced = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
+        if file.try_lock_exclusive().is_err() {
+            let mut holder = String::new();
+            let _ = file.seek(SeekFrom::Start(0));
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Ok(Err(if holder.is_empty() {
+                "another process".to_string()
+            } else {
+                holder.to_string()
+            }));
         }
         let info = format!(
             "pid {} on {} since {} ({})",
@@ -65,11 +68,9 @@ impl StoreLock {
         file.seek(SeekFrom::Start(0))?;
         file.write_all(info.as_bytes())?;
         file.flush()?;
-        Ok(StoreLock { file })
+        Ok(Ok(StoreLock { file }))
     }
 }
-
-fn tracing_wait(_holder: &str) {}
 
 impl Drop for StoreLock {
     fn drop(&mut self) {

@@ -1,6 +1,8 @@
 //! The store: one sled database (`<store>/db`) with stage records, the invocation log, the
 //! latest key per (pipeline, stage instance) and in-stage checkpoint pointers; artifacts as files
-//! under `<store>/artifacts/<key[0..2]>/<key>/`. One process holds it at a time (`LOCK`).
+//! under `<store>/artifacts/<key[0..2]>/<key>/`. One process holds it at a time (`LOCK`); the
+//! holder keeps a readers' copy of the records ([`snapshot`]) so that `status`, `report`, `ls`
+//! and `show` work while a run holds the store ([`Store::open_read`]).
 //!
 //! Commit protocol: artifacts are written to `tmp/`, renamed into place, and the record is
 //! written last; a lookup is a hit only if the record succeeded and every artifact is present
@@ -9,12 +11,14 @@
 pub mod artifacts;
 pub mod lock;
 pub mod record;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 pub use record::{ArtifactEntry, Record, Status};
+pub use snapshot::Snapshot;
 
 use crate::error::{Error, Result};
 
@@ -42,14 +46,26 @@ pub struct Invocation {
     pub stages: Vec<(String, String, bool)>,
 }
 
-/// The open store (holds the lock until dropped).
+/// The open store: the database (holding the lock until dropped), or, from
+/// [`Store::open_read`] while another process holds it, that process's readers' copy.
 pub struct Store {
     root: PathBuf,
+    backend: Backend,
+}
+
+enum Backend {
+    Db(Box<Db>),
+    ReadOnly { snap: Box<Snapshot>, holder: String },
+}
+
+struct Db {
     db: sled::Db,
     records: sled::Tree,
     invocations: sled::Tree,
     latest: sled::Tree,
     checkpoints: sled::Tree,
+    /// Serialises rewrites of the readers' copy (stages commit from several threads).
+    snapshot: std::sync::Mutex<()>,
     _lock: lock::StoreLock,
 }
 
@@ -60,6 +76,34 @@ impl Store {
         fs_err::create_dir_all(root)?;
         let root = &root.canonicalize()?;
         let lock = lock::StoreLock::acquire(root, wait, purpose)?;
+        Self::with_lock(root, lock)
+    }
+
+    /// Open the store for reading: like [`Store::open`] when it is free; while another process
+    /// holds it, a read-only view of the records as that process last wrote them
+    /// ([`Store::read_only`] says so). Fails only when it is held and has no readers' copy.
+    pub fn open_read(root: &Path, purpose: &str) -> Result<Store> {
+        fs_err::create_dir_all(root)?;
+        let root = &root.canonicalize()?;
+        match lock::StoreLock::try_acquire(root, purpose)? {
+            Ok(lock) => Self::with_lock(root, lock),
+            Err(holder) => match Snapshot::read(root) {
+                Some(snap) => Ok(Store {
+                    root: root.to_path_buf(),
+                    backend: Backend::ReadOnly {
+                        snap: Box::new(snap),
+                        holder,
+                    },
+                }),
+                None => Err(Error::StoreBusy(format!(
+                    "the store {} is in use by {holder} (which keeps no readers' copy); wait for it to finish",
+                    root.display()
+                ))),
+            },
+        }
+    }
+
+    fn with_lock(root: &Path, lock: lock::StoreLock) -> Result<Store> {
         let db = sled::Config::new()
             .path(root.join("db"))
             .open()
@@ -67,15 +111,74 @@ impl Store {
                 path: root.to_path_buf(),
                 msg: format!("cannot open the database: {e}"),
             })?;
-        Ok(Store {
+        let store = Store {
             root: root.to_path_buf(),
-            records: db.open_tree("records")?,
-            invocations: db.open_tree("invocations")?,
-            latest: db.open_tree("latest")?,
-            checkpoints: db.open_tree("checkpoints")?,
-            db,
-            _lock: lock,
-        })
+            backend: Backend::Db(Box::new(Db {
+                records: db.open_tree("records")?,
+                invocations: db.open_tree("invocations")?,
+                latest: db.open_tree("latest")?,
+                checkpoints: db.open_tree("checkpoints")?,
+                db,
+                snapshot: std::sync::Mutex::new(()),
+                _lock: lock,
+            })),
+        };
+        store.write_snapshot()?;
+        Ok(store)
+    }
+
+    /// `Some((holder, written))` when this is a read-only view of a store another process holds.
+    pub fn read_only(&self) -> Option<(&str, Option<chrono::DateTime<chrono::Utc>>)> {
+        match &self.backend {
+            Backend::Db(_) => None,
+            Backend::ReadOnly { snap, holder } => Some((holder.as_str(), snap.written)),
+        }
+    }
+
+    fn db(&self) -> Result<&Db> {
+        match &self.backend {
+            Backend::Db(d) => Ok(d),
+            Backend::ReadOnly { holder, .. } => Err(Error::StoreBusy(format!(
+                "the store {} is in use by {holder}; this command only reads it, so it cannot change it",
+                self.root.display()
+            ))),
+        }
+    }
+
+    /// Rewrite the readers' copy from the database (a no-op on a read-only view).
+    fn write_snapshot(&self) -> Result<()> {
+        let Backend::Db(d) = &self.backend else {
+            return Ok(());
+        };
+        let _guard = d.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut snap = Snapshot {
+            written: Some(chrono::Utc::now()),
+            ..Default::default()
+        };
+        for r in self.records()? {
+            snap.records.insert(r.key.clone(), r);
+        }
+        for kv in d.latest.iter() {
+            let (k, v) = kv?;
+            let k = String::from_utf8_lossy(&k);
+            if let Some((pipeline, stage)) = k.split_once('\u{0}') {
+                snap.latest
+                    .entry(pipeline.to_string())
+                    .or_default()
+                    .insert(stage.to_string(), String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+        for kv in d.checkpoints.iter() {
+            let (k, v) = kv?;
+            if let Some(step) = serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+            {
+                snap.checkpoints
+                    .insert(String::from_utf8_lossy(&k).into_owned(), step);
+            }
+        }
+        snap.write(&self.root)
     }
 
     /// Store root.
@@ -100,10 +203,13 @@ impl Store {
 
     /// Read a record; `Err(text)` if it exists but cannot be parsed.
     pub fn get(&self, key: &str) -> Result<Option<std::result::Result<Record, String>>> {
-        Ok(self
-            .records
-            .get(key.as_bytes())?
-            .map(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string())))
+        match &self.backend {
+            Backend::Db(d) => Ok(d
+                .records
+                .get(key.as_bytes())?
+                .map(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))),
+            Backend::ReadOnly { snap, .. } => Ok(snap.records.get(key).cloned().map(Ok)),
+        }
     }
 
     /// Cache lookup with the hit rule. A corrupt record is dropped (reported in the miss reason).
@@ -111,7 +217,7 @@ impl Store {
         match self.get(key)? {
             None => Ok(Lookup::Miss(None)),
             Some(Err(e)) => {
-                self.records.remove(key.as_bytes())?;
+                self.db()?.records.remove(key.as_bytes())?;
                 Ok(Lookup::Miss(Some(format!("corrupt record dropped ({e})"))))
             }
             Some(Ok(r)) if r.status == Status::Failed => Ok(Lookup::Failed(Box::new(r))),
@@ -124,6 +230,7 @@ impl Store {
 
     /// Commit a finished stage: move `tmp` output into place, then write the record (last).
     pub fn commit(&self, mut rec: Record, out_dir: &Path) -> Result<Record> {
+        let d = self.db()?;
         let dst = self.artifact_dir(&rec.key);
         if dst.exists() {
             fs_err::remove_dir_all(&dst)?;
@@ -136,66 +243,86 @@ impl Store {
         }
         rec.artifacts = artifacts::manifest(&dst)?;
         self.put(&rec)?;
-        self.db.flush()?;
+        d.db.flush()?;
         Ok(rec)
     }
 
     /// Write a record as is (failed stages, imports, benchmarks).
     pub fn put(&self, rec: &Record) -> Result<()> {
-        self.records
+        let d = self.db()?;
+        d.records
             .insert(rec.key.as_bytes(), serde_json::to_vec(rec)?)?;
         if rec.status == Status::Succeeded {
-            self.latest
+            d.latest
                 .insert(latest_key(&rec.pipeline, &rec.stage_id), rec.key.as_bytes())?;
         }
-        Ok(())
+        self.write_snapshot()
     }
 
     /// The last successful key of a (pipeline, stage instance).
     pub fn latest_key(&self, pipeline: &str, stage_id: &str) -> Result<Option<String>> {
-        Ok(self
-            .latest
-            .get(latest_key(pipeline, stage_id))?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+        match &self.backend {
+            Backend::Db(d) => Ok(d
+                .latest
+                .get(latest_key(pipeline, stage_id))?
+                .map(|b| String::from_utf8_lossy(&b).into_owned())),
+            Backend::ReadOnly { snap, .. } => Ok(snap.latest_key(pipeline, stage_id)),
+        }
     }
 
     /// Every record (corrupt ones skipped), in key order.
     pub fn records(&self) -> Result<Vec<Record>> {
-        let mut v = Vec::new();
-        for kv in self.records.iter() {
-            let (_, b) = kv?;
-            if let Ok(r) = serde_json::from_slice::<Record>(&b) {
-                v.push(r);
+        match &self.backend {
+            Backend::Db(d) => {
+                let mut v = Vec::new();
+                for kv in d.records.iter() {
+                    let (_, b) = kv?;
+                    if let Ok(r) = serde_json::from_slice::<Record>(&b) {
+                        v.push(r);
+                    }
+                }
+                Ok(v)
             }
+            Backend::ReadOnly { snap, .. } => Ok(snap.records.values().cloned().collect()),
         }
-        Ok(v)
     }
 
     /// Records whose key starts with `prefix`.
     pub fn find_prefix(&self, prefix: &str) -> Result<Vec<Record>> {
-        let mut v = Vec::new();
-        for kv in self.records.scan_prefix(prefix.as_bytes()) {
-            let (_, b) = kv?;
-            if let Ok(r) = serde_json::from_slice::<Record>(&b) {
-                v.push(r);
+        match &self.backend {
+            Backend::Db(d) => {
+                let mut v = Vec::new();
+                for kv in d.records.scan_prefix(prefix.as_bytes()) {
+                    let (_, b) = kv?;
+                    if let Ok(r) = serde_json::from_slice::<Record>(&b) {
+                        v.push(r);
+                    }
+                }
+                Ok(v)
             }
+            Backend::ReadOnly { snap, .. } => Ok(snap
+                .records
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(_, r)| r.clone())
+                .collect()),
         }
-        Ok(v)
     }
 
     /// Append to the invocation log.
     pub fn log_invocation(&self, inv: &Invocation) -> Result<()> {
-        let id = self.db.generate_id()?;
-        self.invocations
+        let d = self.db()?;
+        let id = d.db.generate_id()?;
+        d.invocations
             .insert(id.to_be_bytes(), serde_json::to_vec(inv)?)?;
-        self.db.flush()?;
+        d.db.flush()?;
         Ok(())
     }
 
     /// The invocation log, oldest first.
     pub fn invocations(&self) -> Result<Vec<Invocation>> {
         let mut v = Vec::new();
-        for kv in self.invocations.iter() {
+        for kv in self.db()?.invocations.iter() {
             let (_, b) = kv?;
             if let Ok(i) = serde_json::from_slice(&b) {
                 v.push(i);
@@ -207,39 +334,113 @@ impl Store {
     /// Remember the newest in-stage checkpoint of an unfinished stage.
     pub fn set_checkpoint(&self, key: &str, step: u64, path: &Path) -> Result<()> {
         let v = serde_json::json!({ "step": step, "path": path, "time": chrono::Utc::now() });
-        self.checkpoints
+        self.db()?
+            .checkpoints
             .insert(key.as_bytes(), serde_json::to_vec(&v)?)?;
-        Ok(())
+        self.write_snapshot()
     }
 
     /// Forget a checkpoint pointer (the stage finished).
     pub fn clear_checkpoint(&self, key: &str) -> Result<()> {
-        self.checkpoints.remove(key.as_bytes())?;
-        Ok(())
+        self.db()?.checkpoints.remove(key.as_bytes())?;
+        self.write_snapshot()
     }
 
     /// The checkpoint step recorded for a key.
     pub fn checkpoint_step(&self, key: &str) -> Result<Option<u64>> {
-        Ok(self
-            .checkpoints
-            .get(key.as_bytes())?
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["step"].as_u64()))
+        match &self.backend {
+            Backend::Db(d) => Ok(d
+                .checkpoints
+                .get(key.as_bytes())?
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["step"].as_u64())),
+            Backend::ReadOnly { snap, .. } => Ok(snap.checkpoints.get(key).copied()),
+        }
     }
 
     /// A named tree of the database for an executor's own bookkeeping (e.g. `slurm_jobs`: the
     /// submitted Slurm jobs not yet imported).
     pub fn tree(&self, name: &str) -> Result<sled::Tree> {
-        Ok(self.db.open_tree(name)?)
+        Ok(self.db()?.db.open_tree(name)?)
     }
 
-    /// Flush to disk.
+    /// Flush to disk (nothing to do on a read-only view).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        if let Backend::Db(d) = &self.backend {
+            d.db.flush()?;
+        }
         Ok(())
     }
 }
 
 fn latest_key(pipeline: &str, stage_id: &str) -> Vec<u8> {
     format!("{pipeline}\u{0}{stage_id}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, stage: &str) -> Record {
+        let now = chrono::Utc::now();
+        Record {
+            key: key.into(),
+            pipeline: "p".into(),
+            stage_id: stage.into(),
+            kind: "command".into(),
+            status: Status::Succeeded,
+            config: serde_json::json!({}),
+            key_input: serde_json::json!({}),
+            metrics: [("top1".to_string(), 42.0)].into(),
+            series: Default::default(),
+            info: serde_json::json!({}),
+            artifacts: vec![],
+            artifacts_deleted: false,
+            started: now,
+            finished: now,
+            secs: 0.0,
+            error: None,
+            provenance: Default::default(),
+        }
+    }
+
+    #[test]
+    fn readers_see_the_holders_records_while_it_holds_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = Store::open(dir.path(), false, "test run").unwrap();
+        assert!(holder.read_only().is_none());
+        holder
+            .commit(record("aa11", "first"), &dir.path().join("none"))
+            .unwrap();
+        // a second open for writing fails at once, naming the holder
+        let busy = Store::open(dir.path(), false, "second").err().unwrap();
+        assert!(busy.to_string().contains("test run"), "{busy}");
+        // a reader gets the holder's copy
+        let r = Store::open_read(dir.path(), "reader").unwrap();
+        let (who, written) = r.read_only().expect("read-only view");
+        assert!(who.contains("test run") && written.is_some(), "{who}");
+        assert_eq!(r.records().unwrap().len(), 1);
+        assert!(matches!(r.lookup("aa11").unwrap(), Lookup::Hit(_)));
+        assert_eq!(r.find_prefix("aa").unwrap()[0].metrics["top1"], 42.0);
+        assert_eq!(r.latest_key("p", "first").unwrap().as_deref(), Some("aa11"));
+        // ... which cannot write
+        assert!(matches!(
+            r.put(&record("bb22", "second")),
+            Err(Error::StoreBusy(_))
+        ));
+        // a later commit of the holder reaches new readers
+        holder.put(&record("bb22", "second")).unwrap();
+        let r2 = Store::open_read(dir.path(), "reader").unwrap();
+        assert_eq!(r2.records().unwrap().len(), 2);
+        assert_eq!(
+            r.records().unwrap().len(),
+            1,
+            "a view does not change under its reader"
+        );
+        drop(holder);
+        // once free, a reader opens the database itself
+        let r3 = Store::open_read(dir.path(), "reader").unwrap();
+        assert!(r3.read_only().is_none());
+        assert_eq!(r3.records().unwrap().len(), 2);
+    }
 }
