@@ -1,7 +1,8 @@
 //! SVG plots of `cjepa report --out`, written by hand (no plotting dependency): loss curves of every
 //! pretraining stage from its `series`, collapse monitors when a stage records them, and linear-
-//! probe top-1 against pretraining epochs over the runs of a convergence sweep, per backbone (the
-//! idea of the C-JEPA paper's Figure 1), with the published points of that backbone dashed.
+//! probe top-1 against pretraining epochs, per backbone (the idea of the C-JEPA paper's Figure 1):
+//! over separate runs of each length, or over the snapshots (`at_epoch`) and the final weights of
+//! one run, with the published points of that backbone dashed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

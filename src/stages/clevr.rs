@@ -12,7 +12,9 @@
 //!   cosine to 1e-4 per epoch; 50 epochs (Count) / 100 epochs (Dist).
 //!
 //! Both tasks read the same images with the same transform, so they share one feature-cache
-//! entry. Metric: `top1` of the best head (and `head/<name>/top1`).
+//! entry. Metric: `top1` of the best head (and `head/<name>/top1`). `at_epoch: k` probes the
+//! upstream pretrain stage's snapshot of epoch k (see [`super::backbone`]) instead of its final
+//! weights.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,8 @@
 //!
 //! Features come from the shared cache (`features.rs`): by default the patch-mean of the last
 //! block (`feature: last`), or the last-4 concatenation (`feature: last4`).
+//! `at_epoch: k` probes the upstream pretrain stage's snapshot of epoch k (see
+//! [`super::backbone`]) instead of its final weights.
 
 use candle_core::{Device, Tensor, D};
 use rayon::prelude::*;

@@ -28,6 +28,10 @@
 //!
 //! Checkpoints (heads, momentum buffers, BN running stats, step) are taken at batch boundaries,
 //! so a resumed run is bit-identical on CPU.
+//!
+//! `at_epoch: k` probes the upstream pretrain stage's snapshot of epoch k (one of its
+//! `snapshot_epochs`, see [`super::backbone`]) instead of its final weights: the points of a
+//! convergence curve from one pretraining run.
 
 use std::collections::HashMap;
 
