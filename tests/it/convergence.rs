@@ -51,6 +51,10 @@ fn snapshots_are_probed_reported_and_plotted() {
     let (code, err) = run(dir.path(), &[]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("5 ran, 0 cached, 0 failed"), "{err}");
+    // the snapshot folders are artifacts like the others: the rerun is all hits
+    let (code, err) = run(dir.path(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("0 ran, 5 cached, 0 failed"), "{err}");
     let recs = records(dir.path());
     let (pt, pt_art) = &recs["pretrain"];
     assert_eq!(pt.info["snapshot_epochs"], serde_json::json!([2, 10]));
