@@ -96,6 +96,18 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
             ));
         }
         let resolved = kind.resolve_params(&params).map_err(|m| err("params", m))?;
+        if let Some(k) = resolved.get("at_epoch").and_then(Value::as_u64) {
+            let ups: Vec<(&str, &str, &Value)> = inst
+                .upstream
+                .iter()
+                .map(|(_, ui)| {
+                    let u = &stages[*ui];
+                    (u.inst.id.as_str(), u.kind.name(), &u.config["params"])
+                })
+                .collect();
+            crate::stages::backbone::check_upstream_snapshot(k, &ups)
+                .map_err(|m| err("params", m))?;
+        }
         let extra = kind
             .key_inputs(&resolved, &p.dir)
             .map_err(|m| err("params", m))?;

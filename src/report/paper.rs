@@ -203,6 +203,9 @@ struct RowKey {
     method_label: String,
     arch: String,
     epochs: Option<u64>,
+    /// `Some(n)`: the weights are the snapshot of epoch `epochs` of an `n`-epoch run (a row of
+    /// its own, never one of the paper's `epochs`-epoch rows).
+    snapshot_of: Option<u64>,
     /// `None`: the paper's protocols; `Some(p)`: a row of measurements under protocol `p`.
     variant: Option<String>,
 }
@@ -214,6 +217,7 @@ impl RowKey {
             method_label: o.method_label.clone(),
             arch: o.arch.clone(),
             epochs: o.epochs,
+            snapshot_of: o.snapshot_of,
             variant,
         }
     }
@@ -289,8 +293,12 @@ fn slug(s: &Source) -> String {
     format!("{paper}_{table}")
 }
 
-fn epochs_label(e: Option<u64>) -> String {
-    e.map_or("-".into(), |e| e.to_string())
+/// `600`, or `100 of 600` for a snapshot of a 600-epoch run.
+fn epochs_label(e: Option<u64>, snapshot_of: Option<u64>) -> String {
+    match (e, snapshot_of) {
+        (Some(e), Some(n)) => format!("{e} of {n}"),
+        (e, _) => e.map_or("-".into(), |e| e.to_string()),
+    }
 }
 
 /// Build the paper tables (then "Other runs", if any run fits no table) from baselines and the
@@ -343,6 +351,7 @@ pub fn paper_tables(baselines: &[Baseline], records: &[Record]) -> Vec<PaperTabl
                 method_label: m.label().to_string(),
                 arch: a.clone(),
                 epochs: Some(*e as u64),
+                snapshot_of: None,
                 variant: None,
             })
             .collect();
@@ -368,7 +377,7 @@ pub fn paper_tables(baselines: &[Baseline], records: &[Record]) -> Vec<PaperTabl
                     .get(rk.arch.as_str())
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| super::baselines::arch_label(&rk.arch)),
-                epochs_label(rk.epochs),
+                epochs_label(rk.epochs, rk.snapshot_of),
                 rk.variant.clone().unwrap_or_else(|| "paper".into()),
             ];
             for (c, (b, p)) in def.columns.iter().enumerate() {
@@ -378,8 +387,8 @@ pub fn paper_tables(baselines: &[Baseline], records: &[Record]) -> Vec<PaperTabl
                         .map(|v| cell(v))
                         .unwrap_or_else(|| "—".into()),
                 );
-                let published = match (rk.method, &rk.variant, rk.epochs) {
-                    (Some(m), None, Some(e)) => {
+                let published = match (rk.method, &rk.variant, rk.epochs, rk.snapshot_of) {
+                    (Some(m), None, Some(e), None) => {
                         def.values.get(&(m, rk.arch.clone(), e as u32, *b, *p))
                     }
                     _ => None,
@@ -440,8 +449,9 @@ fn other_runs(ms: &[&Measurement]) -> Table {
         .into_iter()
         .collect();
     cols.sort_by_key(|(b, p)| (*b, p != default_protocol(*b), p.clone()));
-    // (method, method label, arch, epochs): a row, without protocol variants (the columns differ)
-    type Row = (Option<Method>, String, String, Option<u64>);
+    // (method, method label, arch, epochs, snapshot of): a row, without protocol variants (the
+    // columns differ)
+    type Row = (Option<Method>, String, String, Option<u64>, Option<u64>);
     let mut rows: BTreeMap<Row, String> = BTreeMap::new();
     let mut cells: BTreeMap<(Row, usize), Vec<&Measurement>> = BTreeMap::new();
     for m in ms {
@@ -450,6 +460,7 @@ fn other_runs(ms: &[&Measurement]) -> Table {
             m.origin.method_label.clone(),
             m.origin.arch.clone(),
             m.origin.epochs,
+            m.origin.snapshot_of,
         );
         rows.insert(rk.clone(), m.origin.arch_label.clone());
         let c = cols
@@ -472,7 +483,7 @@ fn other_runs(ms: &[&Measurement]) -> Table {
     let trows = rows
         .iter()
         .map(|(rk, arch_label)| {
-            let mut row = vec![rk.1.clone(), arch_label.clone(), epochs_label(rk.3)];
+            let mut row = vec![rk.1.clone(), arch_label.clone(), epochs_label(rk.3, rk.4)];
             for c in 0..cols.len() {
                 row.push(
                     cells

@@ -1,7 +1,8 @@
 //! SVG plots of `cjepa report --out`, written by hand (no plotting dependency): loss curves of every
 //! pretraining stage from its `series`, collapse monitors when a stage records them, and linear-
-//! probe top-1 against pretraining epochs over the runs of a convergence sweep, per backbone (the
-//! idea of the C-JEPA paper's Figure 1), with the published points of that backbone dashed.
+//! probe top-1 against pretraining epochs, per backbone (the idea of the C-JEPA paper's Figure 1):
+//! over separate runs of each length, or over the snapshots (`at_epoch`) and the final weights of
+//! one run, with the published points of that backbone dashed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -303,13 +304,24 @@ pub fn plots(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> {
     out
 }
 
+/// The run whose snapshots a measurement's line follows: its length, for an evaluation of a
+/// snapshot (`at_epoch`) or of the final weights of a run that saves snapshots; `None` for the
+/// separate-runs route (one run per length, each its own schedule).
+fn one_run(o: &super::runs::Origin) -> Option<u64> {
+    o.snapshot_of
+        .or_else(|| o.with_snapshots.then_some(o.epochs).flatten())
+}
+
 /// Linear-probe top-1 against pretraining epochs, one plot per backbone
-/// (`probe_vs_epochs_<arch>.svg`): one line per (method, probe schedule, data), seeds averaged;
-/// drawn for a backbone when one of its lines has two or more epoch values. The published
-/// ImageNet linear numbers of that backbone are added as dashed lines.
+/// (`probe_vs_epochs_<arch>.svg`): one line per (method, probe schedule, data, route), seeds
+/// averaged; drawn for a backbone when one of its lines has two or more epoch values. Two routes:
+/// separate runs of each length (a point per run), or one run's snapshots (`snapshot_epochs`,
+/// probed with `at_epoch: k`, a point at k) plus its final weights (`one <n>-ep run` in the
+/// legend). The published ImageNet linear numbers of that backbone are added as dashed lines.
 pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> {
-    // (method label, probe schedule, synth) -> pretraining epochs -> top-1 of each seed
-    type Lines = BTreeMap<(String, String, bool), BTreeMap<u64, Vec<f64>>>;
+    // (method label, probe schedule, synth, one run's length) -> pretraining epochs -> top-1 of
+    // each seed
+    type Lines = BTreeMap<(String, String, bool, Option<u64>), BTreeMap<u64, Vec<f64>>>;
     let mut by_arch: BTreeMap<(String, String), Lines> = BTreeMap::new();
     for m in measurements(records) {
         if m.benchmark != Benchmark::Imagenet || m.protocol != "linear" {
@@ -319,7 +331,12 @@ pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> 
         by_arch
             .entry((m.origin.arch.clone(), m.origin.arch_label.clone()))
             .or_default()
-            .entry((m.origin.method_label.clone(), m.schedule.clone(), m.synth))
+            .entry((
+                m.origin.method_label.clone(),
+                m.schedule.clone(),
+                m.synth,
+                one_run(&m.origin),
+            ))
             .or_default()
             .entry(e)
             .or_default()
@@ -332,9 +349,10 @@ pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> 
         }
         let mut series: Vec<Series> = lines
             .iter()
-            .map(|((method, sched, synth), pts)| Series {
+            .map(|((method, sched, synth, run), pts)| Series {
                 name: format!(
-                    "{method}, probe {sched}{}",
+                    "{method}, probe {sched}{}{}",
+                    run.map_or(String::new(), |n| format!(", one {n}-ep run")),
                     if *synth { ", synth" } else { "" }
                 ),
                 points: pts

@@ -125,8 +125,15 @@ pub struct Origin {
     pub arch: String,
     /// Architecture label (`ViT-B/16`).
     pub arch_label: String,
-    /// Pretraining epochs (`None` without a pretraining stage).
+    /// Pretraining epochs the evaluated weights have seen (`None` without a pretraining stage):
+    /// the run's length, or `at_epoch` for an evaluation of one of its snapshots.
     pub epochs: Option<u64>,
+    /// The run's length when the weights are its snapshot of epoch `epochs` (`at_epoch`); such a
+    /// point belongs to that run's convergence line, not to a run of `epochs` epochs.
+    pub snapshot_of: Option<u64>,
+    /// The pretraining run saves snapshots (`snapshot_epochs`): its evaluations, final and
+    /// intermediate, form one convergence line.
+    pub with_snapshots: bool,
     /// Key of the pretraining record.
     pub pretrain_key: Option<String>,
 }
@@ -265,12 +272,22 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
             let params = &p.config["params"];
             let (method, method_label) = method_of(params);
             let (arch, arch_label) = arch_of(&p.config["model"], params["img"].as_u64());
+            let run_epochs = params["epochs"].as_u64();
+            // an evaluation of the run's snapshot of epoch K counts as K pretraining epochs
+            let at_epoch = match r.kind.as_str() {
+                "pretrain" => None,
+                _ => r.config["params"]["at_epoch"].as_u64(),
+            };
             Origin {
                 method,
                 method_label,
                 arch,
                 arch_label,
-                epochs: params["epochs"].as_u64(),
+                epochs: at_epoch.or(run_epochs),
+                snapshot_of: at_epoch.and(run_epochs),
+                with_snapshots: params["snapshot_epochs"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty()),
                 pretrain_key: Some(p.key.clone()),
             }
         }
@@ -295,6 +312,8 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
                 arch,
                 arch_label,
                 epochs: None,
+                snapshot_of: None,
+                with_snapshots: false,
                 pretrain_key: None,
             }
         }

@@ -11,6 +11,12 @@
 //! target encoder is preferred; the architecture comes from the stage's `model:`, else a
 //! `model.json` next to the file), or an official I-JEPA `.pth.tar` (read through
 //! [`crate::model::import`]; needs `model:`).
+//!
+//! Snapshots: a `pretrain` stage with `snapshot_epochs: [k, ...]` also writes the same pair for
+//! the target encoder at the end of epoch k, into `snapshots/epoch-<k>/` of its artifacts
+//! ([`snapshot_dir`]). `at_epoch: k` of an evaluation stage (with `checkpoint: upstream`) reads
+//! that snapshot instead of the final weights; planning checks that the upstream lists k
+//! ([`check_upstream_snapshot`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,78 @@ pub const ENCODER_FILE: &str = "encoder.safetensors";
 pub const MODEL_FILE: &str = "model.json";
 /// Kinds whose artifacts hold an encoder.
 pub const PRODUCERS: &[&str] = &["pretrain", "finetune"];
+/// Folder of a pretrain stage's artifacts holding its snapshots.
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+
+/// The snapshot of epoch `epoch` in a producing stage's artifact folder:
+/// `<artifacts>/snapshots/epoch-<epoch>/` (an `encoder.safetensors` + `model.json` pair).
+pub fn snapshot_dir(artifacts: &Path, epoch: u64) -> PathBuf {
+    artifacts.join(SNAPSHOTS_DIR).join(format!("epoch-{epoch}"))
+}
+
+/// Check the `at_epoch` of an evaluation stage against its own `checkpoint` (the message names
+/// the field).
+pub fn check_at_epoch(checkpoint: &str, at_epoch: Option<u64>) -> std::result::Result<(), String> {
+    match at_epoch {
+        None => Ok(()),
+        Some(0) => Err("`at_epoch` must be at least 1 (a pretraining epoch)".into()),
+        Some(k) => match checkpoint {
+            "" | "upstream" => Ok(()),
+            c => Err(format!(
+                "`at_epoch: {k}` reads a snapshot of the upstream pretrain stage; it needs \
+                 `checkpoint: upstream` (got `{c}`)"
+            )),
+        },
+    }
+}
+
+/// Check `at_epoch: k` of a stage against its upstream stages `(id, kind, resolved params)`: one
+/// of them is a `pretrain` stage that saves the snapshot of epoch k. The message says what to
+/// add where.
+pub fn check_upstream_snapshot(
+    k: u64,
+    upstream: &[(&str, &str, &serde_json::Value)],
+) -> std::result::Result<(), String> {
+    let Some((id, kind, params)) = upstream
+        .iter()
+        .find(|(_, kind, _)| PRODUCERS.contains(kind))
+    else {
+        return Err(format!(
+            "`at_epoch: {k}` needs a `pretrain` stage in `needs` (the run whose snapshot to read)"
+        ));
+    };
+    if *kind != "pretrain" {
+        return Err(format!(
+            "`at_epoch: {k}`: upstream `{id}` is a `{kind}` stage; only `pretrain` stages save \
+             snapshots (drop `at_epoch`)"
+        ));
+    }
+    let epochs = params["epochs"].as_u64().unwrap_or(0);
+    let saved: Vec<u64> = params["snapshot_epochs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    if saved.contains(&k) {
+        return Ok(());
+    }
+    if k == epochs {
+        return Err(format!(
+            "`at_epoch: {k}`: epoch {k} is the end of `{id}`'s training, whose final weights \
+             are read without `at_epoch`; drop it"
+        ));
+    }
+    if k > epochs {
+        return Err(format!(
+            "`at_epoch: {k}`: upstream pretrain stage `{id}` trains only {epochs} epochs"
+        ));
+    }
+    Err(format!(
+        "`at_epoch: {k}`: upstream pretrain stage `{id}` saves no snapshot of epoch {k} (its \
+         `snapshot_epochs`: {saved:?}); add {k} to that stage's `snapshot_epochs`"
+    ))
+}
 
 /// Where the weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +176,8 @@ pub struct Backbone {
     pub varmap: VarMap,
     /// Human description of where the weights came from.
     pub source: String,
+    /// The pretraining epoch of an upstream snapshot (`at_epoch`); `None` for final weights.
+    pub at_epoch: Option<u64>,
 }
 
 /// Upstream stage that produced an encoder, if any.
@@ -116,7 +196,49 @@ pub fn load(
     model: Option<&serde_json::Value>,
     dev: &Device,
 ) -> Result<Backbone> {
+    load_at(ctx, checkpoint, None, model, dev)
+}
+
+/// [`load`], reading the upstream pretrain stage's snapshot of epoch `at_epoch` when given.
+pub fn load_at(
+    ctx: &StageContext,
+    checkpoint: &str,
+    at_epoch: Option<u64>,
+    model: Option<&serde_json::Value>,
+    dev: &Device,
+) -> Result<Backbone> {
     let id = ctx.job.id.clone();
+    check_at_epoch(checkpoint, at_epoch).map_err(|m| Error::stage(&id, m))?;
+    if let Some(k) = at_epoch {
+        let ups: Vec<(&str, &str, &serde_json::Value)> = ctx
+            .job
+            .upstream
+            .values()
+            .map(|u| (u.id.as_str(), u.kind.as_str(), &u.config["params"]))
+            .collect();
+        check_upstream_snapshot(k, &ups).map_err(|m| Error::stage(&id, m))?;
+        let u = producer(ctx).expect("checked");
+        let dir = snapshot_dir(&u.artifacts, k);
+        if !dir.join(ENCODER_FILE).is_file() {
+            return Err(Error::stage(
+                &id,
+                format!(
+                    "`at_epoch: {k}`: upstream `{}` has no snapshot of epoch {k} in {} (it \
+                     trained {} steps, {} epochs; `max_steps` may have stopped it earlier)",
+                    u.id,
+                    dir.display(),
+                    u.metrics.get("steps").copied().unwrap_or(0.0),
+                    u.metrics.get("epochs").copied().unwrap_or(0.0),
+                ),
+            ));
+        }
+        let cfg = read_config(&dir.join(MODEL_FILE))?;
+        let t = candle_core::safetensors::load(dir.join(ENCODER_FILE), dev)?;
+        let source = format!("{} ({}) at epoch {k}", u.id, &u.key[..12.min(u.key.len())]);
+        let mut bb = build(&id, cfg, &t, dev, source)?;
+        bb.at_epoch = Some(k);
+        return Ok(bb);
+    }
     let which = CheckpointRef::parse(checkpoint, &ctx.job.pipeline_dir);
     let upstream_cfg = || -> Result<Option<VitConfig>> {
         match producer(ctx) {
@@ -313,6 +435,7 @@ fn assemble(
         encoder,
         varmap,
         source,
+        at_epoch: None,
     })
 }
 
@@ -344,6 +467,44 @@ mod tests {
             pred_num_heads: 2,
             init_std: 0.02,
         }
+    }
+
+    #[test]
+    fn at_epoch_needs_a_listed_snapshot_of_an_upstream_pretrain() {
+        assert!(check_at_epoch("upstream", Some(3)).is_ok());
+        assert!(check_at_epoch("random", None).is_ok());
+        let e = check_at_epoch("random", Some(3)).unwrap_err();
+        assert!(
+            e.contains("at_epoch") && e.contains("checkpoint: upstream"),
+            "{e}"
+        );
+        assert!(check_at_epoch("upstream", Some(0))
+            .unwrap_err()
+            .contains("at_epoch"));
+        let pt = serde_json::json!({"epochs": 10, "snapshot_epochs": [2, 5]});
+        let ds = serde_json::json!({});
+        let ups = [("data", "dataset", &ds), ("pt", "pretrain", &pt)];
+        check_upstream_snapshot(5, &ups).unwrap();
+        let e = check_upstream_snapshot(4, &ups).unwrap_err();
+        assert!(
+            e.contains("add 4 to that stage's `snapshot_epochs`") && e.contains("`pt`"),
+            "{e}"
+        );
+        assert!(check_upstream_snapshot(10, &ups)
+            .unwrap_err()
+            .contains("drop it"));
+        assert!(check_upstream_snapshot(11, &ups)
+            .unwrap_err()
+            .contains("trains only 10"));
+        let e = check_upstream_snapshot(2, &ups[..1]).unwrap_err();
+        assert!(e.contains("needs a `pretrain` stage"), "{e}");
+        let ft = serde_json::json!({});
+        let e = check_upstream_snapshot(2, &[("ft", "finetune", &ft)]).unwrap_err();
+        assert!(e.contains("only `pretrain`"), "{e}");
+        assert_eq!(
+            snapshot_dir(Path::new("a"), 7),
+            Path::new("a").join("snapshots").join("epoch-7")
+        );
     }
 
     #[test]

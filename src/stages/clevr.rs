@@ -12,7 +12,9 @@
 //!   cosine to 1e-4 per epoch; 50 epochs (Count) / 100 epochs (Dist).
 //!
 //! Both tasks read the same images with the same transform, so they share one feature-cache
-//! entry. Metric: `top1` of the best head (and `head/<name>/top1`).
+//! entry. Metric: `top1` of the best head (and `head/<name>/top1`). `at_epoch: k` probes the
+//! upstream pretrain stage's snapshot of epoch k (see [`super::backbone`]) instead of its final
+//! weights.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -70,6 +72,10 @@ pub struct Params {
     /// `upstream`, `random`, or a safetensors path.
     #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
+    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
+    /// `snapshot_epochs`) instead of its final weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`; VISSL: 224).
     #[serde(default)]
     pub img: Option<u32>,
@@ -154,6 +160,7 @@ pub fn default_epochs(task: ClevrTask) -> u32 {
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
     let v = super::resolve::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    super::backbone::check_at_epoch(&p.checkpoint, p.at_epoch)?;
     p.sweep(ClevrTask::Count).validate()?;
     Ok(v)
 }
@@ -162,7 +169,7 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
 pub fn run(ctx: &mut StageContext, task: ClevrTask) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
-    let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
+    let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
     let u = features::dataset_upstream(ctx)?.clone();
     let root = features::dataset_root(ctx, &u, "clevr")?;
     let open = |s: &str| -> Result<Vec<(std::path::PathBuf, usize)>> {

@@ -13,9 +13,10 @@
 //! `train` and `val`, each `(layers, images, dim)` f32; `meta.json`: what was hashed, counts,
 //! extraction speed), where `digest` = blake3 over the canonical JSON of {format version, blake3
 //! of the encoder's weights and architecture, the dataset stage's key, the ordered image lists
-//! (paths relative to the dataset root), the layers, the transform}. An entry is written into a
-//! temporary folder and renamed into place, so a reader never sees half of one; when two stages
-//! race, the first rename wins and the other uses it. Each stage also hard-links the file into
+//! (paths relative to the dataset root), the layers, the transform, and `at_epoch` when the
+//! encoder is an upstream snapshot}. An entry is written into a temporary folder and renamed
+//! into place, so a reader never sees half of one; when two stages race, the first rename wins
+//! and the other uses it. Each stage also hard-links the file into
 //! its own artifacts (`features.safetensors`, a copy where a link is impossible), so a result
 //! keeps its inputs even after the cache is cleared. `cjepa gc` does not manage the cache folder;
 //! deleting it is always safe.
@@ -265,7 +266,7 @@ pub fn extract_or_load(
     dev: &Device,
 ) -> Result<Features> {
     let layers = extract_layers(bb.cfg.depth);
-    let key_input = json!({
+    let mut key_input = json!({
         "v": VERSION,
         "encoder": weights_digest(bb)?,
         "dataset": req.dataset.key,
@@ -274,6 +275,12 @@ pub fn extract_or_load(
         "layers": layers,
         "transform": req.transform,
     });
+    // A snapshot's weights differ from the final ones (so does their digest); the epoch is
+    // hashed too, so an entry says which checkpoint it came from. Absent for final weights:
+    // the digests of existing entries stay valid.
+    if let Some(k) = bb.at_epoch {
+        key_input["at_epoch"] = json!(k);
+    }
     let digest = crate::util::canon::hash(&key_input);
     let cache = cache_dir(ctx)?;
     let dir = cache.join(&digest);
@@ -434,8 +441,19 @@ pub fn dataset_root(ctx: &StageContext, u: &UpstreamRef, format: &str) -> Result
 
 /// Load the backbone selected by `checkpoint` with the stage's own `model:` (if any).
 pub fn load_backbone(ctx: &StageContext, checkpoint: &str, dev: &Device) -> Result<Backbone> {
+    load_backbone_at(ctx, checkpoint, None, dev)
+}
+
+/// [`load_backbone`], reading the upstream pretrain stage's snapshot of epoch `at_epoch` when
+/// given (see [`backbone::load_at`]).
+pub fn load_backbone_at(
+    ctx: &StageContext,
+    checkpoint: &str,
+    at_epoch: Option<u64>,
+    dev: &Device,
+) -> Result<Backbone> {
     let model = ctx.job.config.get("model").cloned();
-    let bb = backbone::load(ctx, checkpoint, model.as_ref(), dev)?;
+    let bb = backbone::load_at(ctx, checkpoint, at_epoch, model.as_ref(), dev)?;
     ctx.log(format!(
         "backbone: {} (D {}, depth {}, patch {})",
         bb.source, bb.cfg.embed_dim, bb.cfg.depth, bb.cfg.patch_size

@@ -6,6 +6,8 @@
 //!
 //! Features come from the shared cache (`features.rs`): by default the patch-mean of the last
 //! block (`feature: last`), or the last-4 concatenation (`feature: last4`).
+//! `at_epoch: k` probes the upstream pretrain stage's snapshot of epoch k (see
+//! [`super::backbone`]) instead of its final weights.
 
 use candle_core::{Device, Tensor, D};
 use rayon::prelude::*;
@@ -44,6 +46,10 @@ pub struct Params {
     /// `upstream`, `random`, or a safetensors path.
     #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
+    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
+    /// `snapshot_epochs`) instead of its final weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`).
     #[serde(default)]
     pub img: Option<u32>,
@@ -71,6 +77,7 @@ impl Default for Params {
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
     let v = super::resolve::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    super::backbone::check_at_epoch(&p.checkpoint, p.at_epoch)?;
     if p.k == 0 {
         return Err("`k` must be at least 1".into());
     }
@@ -145,7 +152,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
-    let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
+    let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
     let (root, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
     let img = p.img.unwrap_or(bb.cfg.img_size as u32);
     let paths =

@@ -28,6 +28,10 @@
 //!
 //! Checkpoints (heads, momentum buffers, BN running stats, step) are taken at batch boundaries,
 //! so a resumed run is bit-identical on CPU.
+//!
+//! `at_epoch: k` probes the upstream pretrain stage's snapshot of epoch k (one of its
+//! `snapshot_epochs`, see [`super::backbone`]) instead of its final weights: the points of a
+//! convergence curve from one pretraining run.
 
 use std::collections::HashMap;
 
@@ -819,6 +823,10 @@ pub struct Params {
     /// `upstream` (the pretrain / finetune encoder), `random`, or a safetensors path.
     #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
+    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
+    /// `snapshot_epochs`) instead of its final weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`); eval transform = resize the
     /// shorter side to `img * 256 / 224`, centre crop `img`.
     #[serde(default)]
@@ -914,6 +922,7 @@ impl Params {
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
     let v = super::resolve::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    super::backbone::check_at_epoch(&p.checkpoint, p.at_epoch)?;
     p.sweep().validate()?;
     Ok(v)
 }
@@ -940,7 +949,7 @@ pub fn imagefolder_splits(
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
-    let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
+    let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
     let (root, train, val) = imagefolder_splits(ctx)?;
     let img = p.img.unwrap_or(bb.cfg.img_size as u32);
     let paths = |f: &ImageFolder| f.samples.iter().map(|s| s.0.clone()).collect::<Vec<_>>();

@@ -262,6 +262,122 @@ fn cell<'a>(t: &'a Table, method: &str, protocols: &str, col: &str) -> &'a str {
     &row[c]
 }
 
+/// Probes of one 600-epoch run's snapshot (`at_epoch: 100`) count as epoch 100 of that run: a row
+/// `100 of 600` of their own (no published value), never in the 600-epoch row nor in the row of
+/// a genuine 100-epoch run; in the plot, the run's snapshots and final probe are one line.
+#[test]
+fn snapshot_probes_are_rows_of_their_own_and_one_line() {
+    let vb = model(VitConfig::vit_base());
+    let data = rec(
+        "data",
+        "dataset",
+        "imagenet",
+        json!({"source": "path", "format": "imagefolder", "path": "/data/imagenet"}),
+    );
+    let pt = |tag: &'static str, stage: &'static str, params: Value| Rec {
+        model: Some(vb.clone()),
+        up: vec![("imagenet", key("data"))],
+        ..rec(tag, "pretrain", stage, params)
+    };
+    let probe = |tag: &'static str, stage: &'static str, up: &str, top1: f64, params: Value| Rec {
+        up: vec![("pretrain", key(up)), ("imagenet", key("data"))],
+        metrics: vec![("top1", top1)],
+        ..rec(tag, "linear_probe", stage, params)
+    };
+    let records =
+        vec![
+        data.build(),
+        pt(
+            "ps",
+            "pretrain[method=cjepa]",
+            json!({"method": "cjepa", "epochs": 600, "img": 224, "snapshot_epochs": [100, 300]}),
+        )
+        .build(),
+        probe("lsf", "linprobe[method=cjepa]", "ps", 73.0, json!({"epochs": 50})).build(),
+        probe(
+            "ls100",
+            "linprobe_at[at_epoch=100,method=cjepa]",
+            "ps",
+            61.0,
+            json!({"epochs": 50, "at_epoch": 100}),
+        )
+        .build(),
+        probe(
+            "ls300",
+            "linprobe_at[at_epoch=300,method=cjepa]",
+            "ps",
+            69.0,
+            json!({"epochs": 50, "at_epoch": 300}),
+        )
+        .build(),
+        pt(
+            "p100",
+            "pretrain100[method=cjepa]",
+            json!({"method": "cjepa", "epochs": 100, "img": 224}),
+        )
+        .build(),
+        probe("l100", "linprobe100[method=cjepa]", "p100", 66.0, json!({"epochs": 50})).build(),
+    ];
+    let published = baselines::embedded().unwrap();
+    let ts = paper_tables(&published, &records);
+    let row = |t: &Table, epochs: &str| -> Vec<String> {
+        t.rows
+            .iter()
+            .find(|r| r[0] == "C-JEPA" && r[2] == epochs && r[3] == "paper")
+            .unwrap_or_else(|| panic!("no C-JEPA row {epochs} in {:#?}", t.rows))
+            .clone()
+    };
+    let col = |t: &Table, name: &str| t.header.iter().position(|h| h == name).unwrap();
+    let t1 = find(&ts, "cjepa_table1");
+    let (lin, pubc) = (col(t1, "IN-1K linear"), col(t1, "IN-1K linear (paper)"));
+    let r600 = row(t1, "600");
+    assert!(
+        r600[lin].starts_with("73.00 (1) [linear, 50 ep, "),
+        "{r600:?}"
+    );
+    assert_eq!(r600[pubc], "73.7");
+    let t3 = find(&ts, "cjepa_table3");
+    let (lin, pubc) = (col(t3, "IN-1K linear"), col(t3, "IN-1K linear (paper)"));
+    let r100 = row(t3, "100");
+    assert!(r100[lin].starts_with("66.00 (1) ["), "{r100:?}");
+    let snap = row(t3, "100 of 600");
+    assert!(snap[lin].starts_with("61.00 (1) ["), "{snap:?}");
+    assert_eq!(snap[pubc], "");
+    for t in [t1, t3] {
+        for r in &t.rows {
+            if r[2] != "100 of 600" {
+                assert!(!r.iter().any(|c| c.contains("61.00")), "{r:?}");
+            }
+        }
+    }
+    // epoch 300 has no published table: "Other runs"
+    let other = find(&ts, "other_runs");
+    assert!(
+        other
+            .rows
+            .iter()
+            .any(|r| r[2] == "300 of 600" && r.iter().any(|c| c.starts_with("69.00 (1)"))),
+        "{:#?}",
+        other.rows
+    );
+    let plots = cjepa::report::plots::probe_vs_epochs(&records, &published);
+    assert_eq!(plots.len(), 1);
+    let svg = &plots[0].svg;
+    assert!(
+        svg.contains(">C-JEPA, probe 50 ep, one 600-ep run<"),
+        "{svg}"
+    );
+    assert!(svg.contains(">C-JEPA, probe 50 ep<"), "{svg}");
+    // two measured lines (the paper's are dashed): the separate 100-epoch run, one point; the
+    // one-run line (second colour), epochs 100, 300 and 600
+    let solid = svg
+        .lines()
+        .filter(|l| l.starts_with("<polyline") && !l.contains("dasharray"))
+        .count();
+    assert_eq!(solid, 2, "{svg}");
+    assert_eq!(svg.matches(r##"r="3" fill="#d62728""##).count(), 3, "{svg}");
+}
+
 #[test]
 fn paper_tables_hold_measured_and_published_values_in_the_right_cells() {
     let ts = tables_from_store();
@@ -506,8 +622,24 @@ fn paper_pipelines_parse_and_cover_the_tables() {
         methods,
         [Method::Ijepa, Method::VarCov, Method::Inv, Method::Cjepa]
     );
+    // convergence: one 600-epoch run per method with the params of full_paper's, snapshots
+    // probed at every listed epoch, plus the final probe
     let conv = pipeline_file("pipelines/convergence.yaml");
-    assert!(conv.stages["pretrain"].matrix["epochs"].len() >= 4);
+    let (cp, fp) = (&conv.stages["pretrain"], &full.stages["pretrain_b16"]);
+    assert_eq!(cp.model, fp.model);
+    assert_eq!(cp.matrix, fp.matrix);
+    let mut without = cp.params.clone();
+    let snaps = without.remove("snapshot_epochs").expect("snapshot_epochs");
+    assert_eq!(without, fp.params);
+    assert!(snaps.as_array().unwrap().len() >= 4, "{snaps}");
+    assert_eq!(
+        &conv.stages["linprobe_at"].matrix["at_epoch"],
+        snaps.as_array().unwrap()
+    );
+    assert_eq!(
+        conv.stages["linprobe"].params,
+        full.stages["linprobe_b16"].params
+    );
     let sweep = pipeline_file("pipelines/sweeps/b_vic.yaml");
     let vals = &sweep.stages["pretrain"].matrix["loss.b_vic"];
     assert!(vals.contains(&json!(0.001)) && vals.len() >= 4);
@@ -527,7 +659,7 @@ fn paper_pipelines_plan_when_the_kinds_exist() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (rel, n) in [
         ("pipelines/full_paper.yaml", 5 + 2 * 6 + 2 * 6 + 4 * 4),
-        ("pipelines/convergence.yaml", 1 + 12 + 12),
+        ("pipelines/convergence.yaml", 1 + 2 + 2 * 6 + 2),
         ("pipelines/sweeps/b_vic.yaml", 1 + 6 + 6),
     ] {
         let p = cjepa::spec::load_pipeline(&root.join(rel), &Default::default())

@@ -15,6 +15,12 @@
 //! Artifacts: `encoder.safetensors` + `model.json` (the **target** encoder, official names, see
 //! [`super::backbone`]), `full.safetensors` (`encoder.` / `predictor.` / `target_encoder.`
 //! prefixed, like the golden weights) and `config.json` (resolved config + effective values).
+//! With `snapshot_epochs: [k, ...]`, also the target encoder at the end of each epoch k as
+//! `snapshots/epoch-<k>/{encoder.safetensors, model.json}` ([`backbone::snapshot_dir`]), read
+//! by evaluation stages with `at_epoch: k`. A snapshot is written when training completes step
+//! `k * iterations_per_epoch`, into the work folder (which survives interruptions: a resumed run
+//! finds the snapshots of the steps before its checkpoint, and writes the later ones when it
+//! gets there, from bit-identical weights), and is copied into the artifacts at the end.
 //!
 //! Metrics: the last step's `loss`, `loss_jepa`, `loss_sim`, `loss_std`, `loss_cov` (raw VICReg
 //! terms, also computed for I-JEPA where they carry no weight), `target_std` (collapse monitor:
@@ -179,6 +185,38 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         }
     };
     let resumed_from = st.step;
+    // Snapshots (epoch, step) this run reaches; those at or before the resumed step were
+    // written before the checkpoint was taken.
+    let snapshots: Vec<(u64, u64)> = p
+        .snapshot_epochs
+        .iter()
+        .map(|&k| (k, k * ipe))
+        .filter(|&(_, s)| s <= total)
+        .collect();
+    let snap_root = ctx.job.work_dir.join(backbone::SNAPSHOTS_DIR);
+    if rank == 0 {
+        for &(k, s) in snapshots.iter().filter(|(_, s)| *s <= st.step) {
+            let d = backbone::snapshot_dir(&ctx.job.work_dir, k);
+            if !d.join(backbone::ENCODER_FILE).is_file() {
+                return Err(fail(format!(
+                    "resuming at step {}: the snapshot of epoch {k} (step {s}) is missing from \
+                     {}; delete {} to train from the start",
+                    st.step,
+                    d.display(),
+                    ctx.ckpt.dir().display()
+                )));
+            }
+        }
+    }
+    for &k in &p.snapshot_epochs {
+        if k * ipe > total {
+            ctx.log(format!(
+                "no snapshot of epoch {k}: training stops at step {total} (`max_steps`), before \
+                 step {}",
+                k * ipe
+            ));
+        }
+    }
     ctx.log(format!(
         "{:?} on {n_images} images: {ipe} steps/epoch x {} epochs, training {total} steps; \
          grid {grid}x{grid}, mask min_keep {}, device {:?}",
@@ -265,6 +303,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             st.last.target_std
         };
         st.last = last_values(&l, monitor, hv.lr);
+        if rank == 0 {
+            if let Some(&(k, _)) = snapshots.iter().find(|(_, s)| *s == completed) {
+                write_snapshot(&snap_root, k, &nets, &cfg)?;
+                ctx.log(format!("snapshot of epoch {k} (step {completed})"));
+            }
+        }
         if log_now {
             log_step(&mut st, &l, target_std, hv.lr, hv.wd);
             let secs = t0.elapsed().as_secs_f64();
@@ -295,6 +339,18 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 
     let out_dir = ctx.job.out_dir.clone();
     write_artifacts(ctx, &out_dir, &nets, &cfg, &mask_cfg, ipe, total)?;
+    for &(k, _) in &snapshots {
+        let (src, dst) = (
+            backbone::snapshot_dir(&ctx.job.work_dir, k),
+            backbone::snapshot_dir(&out_dir, k),
+        );
+        fs_err::create_dir_all(&dst)?;
+        for f in [backbone::ENCODER_FILE, backbone::MODEL_FILE] {
+            if std::fs::hard_link(src.join(f), dst.join(f)).is_err() {
+                fs_err::copy(src.join(f), dst.join(f))?;
+            }
+        }
+    }
     let mut out = StageOutput::default();
     let m = &mut out.metrics;
     let last = st.last;
@@ -329,6 +385,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "train_images": n_images,
         "mask_min_keep": mask_cfg.min_keep,
         "ranks": world,
+        "snapshot_epochs": snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
     });
     Ok(out)
 }
@@ -481,6 +538,37 @@ fn save(ctx: &mut StageContext, nets: &JepaNetworks, opt: &AdamW, st: &TrainStat
     Ok(())
 }
 
+/// The target encoder's tensors with official names (no prefix).
+fn target_tensors(nets: &JepaNetworks) -> HashMap<String, Tensor> {
+    let prefix = format!("{}.", crate::model::jepa::TARGET_ENCODER);
+    nets.state_tensors()
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v)))
+        .collect()
+}
+
+/// Write the snapshot of epoch `k` into `<root>/epoch-<k>/` (complete or absent: written into a
+/// temporary folder, then renamed; a copy left by an earlier attempt is replaced).
+fn write_snapshot(
+    root: &std::path::Path,
+    k: u64,
+    nets: &JepaNetworks,
+    cfg: &VitConfig,
+) -> Result<()> {
+    let name = format!("epoch-{k}");
+    let tmp = root.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        fs_err::remove_dir_all(&tmp)?;
+    }
+    backbone::save(&tmp, cfg, &target_tensors(nets))?;
+    let dst = root.join(name);
+    if dst.exists() {
+        fs_err::remove_dir_all(&dst)?;
+    }
+    fs_err::rename(&tmp, &dst)?;
+    Ok(())
+}
+
 fn write_artifacts(
     ctx: &StageContext,
     dir: &std::path::Path,
@@ -491,12 +579,7 @@ fn write_artifacts(
     total: u64,
 ) -> Result<()> {
     let all = nets.state_tensors();
-    let prefix = format!("{}.", crate::model::jepa::TARGET_ENCODER);
-    let target: HashMap<String, Tensor> = all
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone())))
-        .collect();
-    backbone::save(dir, cfg, &target)?;
+    backbone::save(dir, cfg, &target_tensors(nets))?;
     candle_core::safetensors::save(&all, dir.join(FULL_FILE))?;
     let mut config = ctx.job.config.clone();
     config["effective"] = json!({

@@ -153,6 +153,11 @@ pub struct Params {
     pub checkpoint_secs: u64,
     /// Log loss terms every N steps (also the last step). Not hashed.
     pub log_every: u64,
+    /// Save the target encoder at the end of these epochs (each in `1..epochs`, increasing) as
+    /// artifacts `snapshots/epoch-<k>/` for evaluation stages with `at_epoch: k`. Hashed when
+    /// not empty (the artifacts differ); empty leaves the keys of existing runs unchanged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_epochs: Vec<u64>,
 }
 
 impl Default for Params {
@@ -181,6 +186,7 @@ impl Default for Params {
             checkpoint_every: 0,
             checkpoint_secs: 300,
             log_every: 10,
+            snapshot_epochs: Vec::new(),
         }
     }
 }
@@ -249,6 +255,24 @@ impl Params {
                 "`crop_scale` must be [min, max] with 0 < min <= max <= 1 (got [{a}, {b}])"
             ));
         }
+        let mut prev = 0;
+        for &k in &self.snapshot_epochs {
+            if k == 0 || k >= self.epochs {
+                return Err(format!(
+                    "`snapshot_epochs`: epoch {k} must lie between 1 and {} (the weights after all \
+                     {} epochs are the stage's own encoder artifacts)",
+                    self.epochs.saturating_sub(1),
+                    self.epochs
+                ));
+            }
+            if k <= prev {
+                return Err(format!(
+                    "`snapshot_epochs` must be increasing without repeats (got {:?})",
+                    self.snapshot_epochs
+                ));
+            }
+            prev = k;
+        }
         if self.split.is_empty() {
             return Err("`split` must name a folder of the dataset (e.g. `train`)".into());
         }
@@ -313,6 +337,37 @@ mod tests {
             (0.0, 0.001 * 25.0, 0.001 * 1.0)
         );
         assert_eq!(p.loss_config().kind, JepaLossKind::L2);
+    }
+
+    #[test]
+    fn snapshot_epochs_are_checked_and_omitted_when_empty() {
+        let ok = |v: Value| resolve(v.as_object().unwrap());
+        let v = ok(json!({"epochs": 10, "snapshot_epochs": [2, 5, 9]})).unwrap();
+        assert_eq!(v["snapshot_epochs"], json!([2, 5, 9]));
+        for bad in [
+            json!({"epochs": 10, "snapshot_epochs": [0]}),
+            json!({"epochs": 10, "snapshot_epochs": [10]}),
+            json!({"epochs": 10, "snapshot_epochs": [12]}),
+            json!({"epochs": 10, "snapshot_epochs": [5, 2]}),
+            json!({"epochs": 10, "snapshot_epochs": [2, 2]}),
+        ] {
+            let e = ok(bad.clone()).unwrap_err();
+            assert!(e.contains("snapshot_epochs"), "{bad}: {e}");
+        }
+        let e = ok(json!({"epochs": 10, "snapshot_epochs": [12]})).unwrap_err();
+        assert!(e.contains("between 1 and 9"), "{e}");
+        // An empty list is not serialised: the resolved params (and so the keys of existing
+        // runs) are those of a stage without the field.
+        let none = ok(json!({"epochs": 10})).unwrap();
+        assert!(none.get("snapshot_epochs").is_none(), "{none}");
+        assert_eq!(
+            ok(json!({"epochs": 10, "snapshot_epochs": []})).unwrap(),
+            none
+        );
+        assert!(serde_json::to_value(Params::default())
+            .unwrap()
+            .get("snapshot_epochs")
+            .is_none());
     }
 
     #[test]
