@@ -16,6 +16,7 @@ pub mod features;
 pub mod finetune;
 pub mod knn;
 pub mod linear_probe;
+pub mod parallel;
 pub mod pretrain;
 
 use std::path::Path;

@@ -88,8 +88,9 @@ fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32
 
 #[test]
 fn two_ranks_train_the_weights_of_one_at_the_same_global_batch() {
-    let one = setup(&pipeline_yaml("ijepa", 2, ""));
-    let two = setup(&pipeline_yaml("ijepa", 2, "    resources: { ranks: 2 }\n"));
+    // C-JEPA: the VICReg terms over the global batch (gathered from both ranks)
+    let one = setup(&pipeline_yaml("cjepa", 2, ""));
+    let two = setup(&pipeline_yaml("cjepa", 2, "    resources: { ranks: 2 }\n"));
     let (code, err) = run(one.path());
     assert_eq!(code, 0, "{err}");
     let (code, err) = run(two.path());
@@ -147,7 +148,7 @@ fn wait_for_checkpoint(store: &Path, child: &mut std::process::Child) {
 
 #[test]
 fn two_ranks_killed_then_rerun_resume_bit_identical() {
-    // C-JEPA (VICReg terms per rank) over 5 epochs = 20 steps, a checkpoint every 3
+    // C-JEPA over 5 epochs = 20 steps, a checkpoint every 3
     let yaml = pipeline_yaml("cjepa", 5, "    resources: { ranks: 2 }\n");
     let straight = setup(&yaml);
     let (code, err) = run(straight.path());
