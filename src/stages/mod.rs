@@ -117,7 +117,10 @@ impl StageKind {
     /// Whether the kind trains data-parallel over `resources.ranks` / `resources.gpus` processes
     /// (the others run as one process whatever their resources).
     pub fn data_parallel(self) -> bool {
-        matches!(self, StageKind::Pretrain)
+        matches!(
+            self,
+            StageKind::Pretrain | StageKind::Finetune | StageKind::Ade20kSegmentation
+        )
     }
 
     /// Parse a `kind:` name.
