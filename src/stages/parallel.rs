@@ -68,7 +68,13 @@ impl Ranks {
 
     /// Fails unless `value` (param `field`) is a multiple of `factor` × the number of ranks;
     /// `why` ends the message.
-    pub fn check_multiple(&self, field: &str, value: usize, factor: usize, why: &str) -> Result<()> {
+    pub fn check_multiple(
+        &self,
+        field: &str,
+        value: usize,
+        factor: usize,
+        why: &str,
+    ) -> Result<()> {
         let world = self.world();
         if world > 1 && !value.is_multiple_of(factor * world) {
             let by = if factor == 1 {

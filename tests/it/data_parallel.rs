@@ -249,7 +249,11 @@ fn finetune_two_ranks_train_the_weights_of_one() {
     // 8 AdamW steps on gradients summed in another order: float rounding only; a wrong mixing
     // partner, drop-path row or normalisation changes weights by ~lr = 1e-3 at the first step
     assert!(d < 1e-5, "max |w1 - w2| = {d}");
-    close(&r1["metrics"]["train_loss"], &r2["metrics"]["train_loss"], 1e-5);
+    close(
+        &r1["metrics"]["train_loss"],
+        &r2["metrics"]["train_loss"],
+        1e-5,
+    );
     // the same classifier up to rounding: the same argmax on the 8 val images
     assert_eq!(r1["metrics"]["top1"], r2["metrics"]["top1"]);
     assert_eq!(r1["metrics"]["top5"], r2["metrics"]["top5"]);
@@ -258,7 +262,11 @@ fn finetune_two_ranks_train_the_weights_of_one() {
 #[test]
 fn finetune_micro_batch_must_hold_whole_mixup_pairs_per_rank() {
     // micro-batch 4 over 3 ranks: not a multiple of 2 x 3
-    let dir = setup(&stage_yaml(IMAGES, FINETUNE, "    resources: { ranks: 3 }\n"));
+    let dir = setup(&stage_yaml(
+        IMAGES,
+        FINETUNE,
+        "    resources: { ranks: 3 }\n",
+    ));
     let (code, err) = run(dir.path());
     assert_eq!(code, 1, "{err}");
     assert!(
@@ -278,11 +286,53 @@ const SEG_LINEAR: &str = "    kind: ade20k_segmentation\n    \
 fn segmentation_two_ranks_train_the_weights_of_one() {
     let [(r1, a1, _d1), (r2, a2, _d2)] = one_and_two(SEG_DATA, SEG_LINEAR, "ade20k_segmentation");
     assert_eq!(r2["info"]["ranks"], 2, "{r2}");
-    let d = max_abs_diff(&load(&a1, "head.safetensors"), &load(&a2, "head.safetensors"));
+    let d = max_abs_diff(
+        &load(&a1, "head.safetensors"),
+        &load(&a2, "head.safetensors"),
+    );
     eprintln!("ade20k linear: max |w(1 rank) - w(2 ranks)| = {d:e}");
     assert!(d < 1e-5, "max |w1 - w2| = {d}");
-    close(&r1["metrics"]["train_loss"], &r2["metrics"]["train_loss"], 1e-5);
+    close(
+        &r1["metrics"]["train_loss"],
+        &r2["metrics"]["train_loss"],
+        1e-5,
+    );
     for k in ["miou", "aacc", "macc"] {
         close(&r1["metrics"][k], &r2["metrics"][k], 1e-6);
     }
+}
+
+/// UperNet normalises with each rank's BatchNorm statistics (documented in the stage), so two
+/// ranks run a different, equally valid run: it trains, predicts and scores on rank 0, and a
+/// shard of one image (no batch statistics) is refused up front.
+#[test]
+fn upernet_runs_on_two_ranks_with_at_least_two_images_each() {
+    let upernet = |batch: u32| {
+        format!(
+            "    kind: ade20k_segmentation\n    \
+             params: {{ protocol: upernet, iters: 3, batch: {batch}, warmup_iters: 1, crop: 32, scale: [64, 32], channels: 16, aux_channels: 8 }}\n"
+        )
+    };
+    let two = "    resources: { ranks: 2 }\n";
+    let dir = setup(&stage_yaml(SEG_DATA, &upernet(2), two));
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`batch` (2) must be at least 2 x the number of ranks (2)"),
+        "{err}"
+    );
+    let dir = setup(&stage_yaml(SEG_DATA, &upernet(4), two));
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 0, "{err}");
+    let (_, rec, art) = record_of(dir.path(), "ade20k_segmentation");
+    assert_eq!(rec["info"]["ranks"], 2, "{rec}");
+    for k in ["miou", "aacc", "macc"] {
+        let v = rec["metrics"][k].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+    }
+    assert!(rec["metrics"]["train_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(
+        std::fs::read_dir(art.join("predictions")).unwrap().count(),
+        2
+    );
 }

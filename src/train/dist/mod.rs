@@ -306,7 +306,10 @@ mod tests {
             vec![vec![1., 2.], vec![3., 4.], vec![5., 6.], vec![7., 8.]]
         );
         let mixed = with_own_rows(&all, own.as_tensor(), 1).unwrap();
-        assert_eq!(mixed.to_vec2::<f32>().unwrap(), all.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            mixed.to_vec2::<f32>().unwrap(),
+            all.to_vec2::<f32>().unwrap()
+        );
         let g = mixed.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert_eq!(
             g.get(own.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
