@@ -184,7 +184,8 @@ pub struct Resources {
     /// Wall time (Slurm `--time`, e.g. `12:00:00`).
     #[serde(default)]
     pub time: Option<String>,
-    /// Data-parallel processes (ranks) of a stage that trains (`pretrain`); 0 = one per GPU
+    /// Data-parallel processes (ranks) of a stage that trains (`pretrain`, `finetune`,
+    /// `ade20k_segmentation`); 0 = one per GPU
     /// granted (one on a CPU machine). Set it to run several CPU processes; with GPUs it must
     /// equal `gpus`. The global batch and the schedules do not depend on it.
     #[serde(default)]

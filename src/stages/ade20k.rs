@@ -15,6 +15,15 @@
 //! averaged, resized to the original image size, argmax; predictions are written as mode-L PNGs
 //! (`predictions/<stem>.png`, classes 0..149) and scored by `evaluate_dirs`.
 //!
+//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): each rank takes
+//! every `N`-th image of each global batch (`batch` must be a multiple of `N`), the gradients are
+//! averaged over the ranks (the loss is a mean over equal shards' pixels, so the mean of the
+//! ranks' gradients is the global batch's); rank 0 checkpoints, predicts and scores. The linear
+//! protocol thus trains the weights of one process. UperNet's BatchNorm layers normalise with
+//! each rank's shard statistics and keep rank 0's running statistics (PyTorch DDP with plain
+//! BatchNorm, not mmseg's SyncBN), and its Dropout2d draws per rank (rank 0: the one-process
+//! stream), so an N-rank UperNet run is a different, equally valid run of the recipe.
+//!
 //! Resumable: model, optimiser state, step and loss series are checkpointed through `ctx.ckpt`;
 //! every random draw is a function of (stage key, seed, step), so a resumed run on the CPU is
 //! bit-identical. Not reproduced from mmseg: PhotoMetricDistortion, drop path, fp16.
@@ -261,6 +270,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
     let dev = backbone::device(ctx)?;
+    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let (rank, world) = (ranks.rank(), ranks.world());
     let root = dataset_root(ctx)?;
     let bad = |m: String| Error::stage(&id, m);
     let train = Ade20k::open(&root, &p.train_split).map_err(|e| bad(e.to_string()))?;
@@ -310,6 +321,14 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     if p.batch == 0 || p.iters == 0 {
         return Err(bad("`batch` and `iters` must be positive".into()));
     }
+    ranks.check_divides("batch", p.batch)?;
+    if p.protocol == Protocol::Upernet && p.batch / world < 2 {
+        return Err(bad(format!(
+            "UperNet trains BatchNorm layers on each rank's shard: `batch` ({}) must be at \
+             least 2 x the number of ranks ({world})",
+            p.batch
+        )));
+    }
     ctx.log(format!(
         "ADE20K {:?} protocol on {} ({} blocks, patch {patch}), layers {:?}; {} train / {} val images",
         p.protocol,
@@ -340,28 +359,34 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         flip: 0.5,
     };
     let base_lr = p.lr();
+    let shard = ranks.shard(&(0..p.batch).collect::<Vec<_>>());
     while st.step < p.iters {
-        if ctx.is_interrupted() {
-            save(ctx, &model, &opt, &st)?;
-            return Err(Error::Interrupted);
-        }
+        ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &model, &opt, &st))?;
         let step = st.step;
-        let (x, labels) = train_batch(ctx, &train, &p, &aug, step, &dev)?;
-        let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &format!("dropout-{step}"));
+        let (x, labels) = train_batch(ctx, &train, &p, &aug, step, &shard, &dev)?;
+        let stream = if rank == 0 {
+            format!("dropout-{step}")
+        } else {
+            format!("dropout-{step}/rank-{rank}")
+        };
+        let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &stream);
         let (logits, aux) =
             model.forward(&model.encoder, model.heads(), &x, true, Some(&mut drop_rng))?;
         let mut loss = cross_entropy_ignore(&logits, &labels)?;
         if let Some(a) = aux {
             loss = (loss + (cross_entropy_ignore(&a, &labels)? * p.aux_weight)?)?;
         }
-        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if world > 1 {
+            lv = ranks.mean_scalars(&[lv as f32])?[0] as f64;
+        }
         if !lv.is_finite() {
             return Err(bad(format!(
                 "loss is {lv} at iteration {step}; lower `lr` (the last checkpoint is kept)"
             )));
         }
         let grads = loss.backward()?;
-        let named = opt.named_grads(&grads);
+        let named = ranks.mean_grads(opt.named_grads(&grads))?;
         let lr = lr_at(base_lr, step, p.warmup_iters, p.iters);
         // Parameter groups by layer-decay scale (one group for the linear protocol).
         let mut groups: BTreeMap<u64, HashMap<String, Tensor>> = BTreeMap::new();
@@ -389,9 +414,13 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         }
         ctx.progress
             .set(st.step, p.iters, format!("train loss {lv:.3}"));
-        if ctx.ckpt.due(st.step) && st.step < p.iters {
+        if ranks.is_leader() && ctx.ckpt.due(st.step) && st.step < p.iters {
             save(ctx, &model, &opt, &st)?;
         }
+    }
+    if !ranks.is_leader() {
+        // rank 0 holds the same weights, predicts, scores and writes
+        return Ok(StageOutput::default());
     }
     if ctx.ckpt.load()?.map(|c| c.step) != Some(p.iters) {
         save(ctx, &model, &opt, &st)?;
@@ -451,6 +480,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "layers": layers,
         "val_images": val.samples.len(),
         "predictions": "predictions/",
+        "ranks": world,
     });
     Ok(out)
 }
@@ -467,20 +497,22 @@ fn save(ctx: &mut StageContext, model: &Model, opt: &AdamW, st: &TrainState) -> 
     })
 }
 
-/// The batch of iteration `step`: images `(B, 3, crop, crop)` and labels `B*crop*crop`.
+/// Positions `shard` of the global batch of iteration `step`: images `(b, 3, crop, crop)` and
+/// labels `b*crop*crop`.
 fn train_batch(
     ctx: &StageContext,
     ds: &Ade20k,
     p: &Params,
     aug: &TrainAug,
     step: u64,
+    shard: &[usize],
     dev: &Device,
 ) -> Result<(Tensor, Vec<u8>)> {
     let n = ds.samples.len();
     let (key, seed) = (ctx.job.key.as_str(), ctx.job.seed);
-    let items: Vec<Result<(Vec<f32>, Vec<u8>)>> = (0..p.batch)
-        .into_par_iter()
-        .map(|b| {
+    let items: Vec<Result<(Vec<f32>, Vec<u8>)>> = shard
+        .par_iter()
+        .map(|&b| {
             let g = step * p.batch as u64 + b as u64;
             let (img_path, ann_path) = &ds.samples[sample_index(key, seed, n, g)];
             let img = transforms::decode_rgb(img_path).map_err(|e| Error::Data(e.to_string()))?;
@@ -500,14 +532,14 @@ fn train_batch(
         })
         .collect();
     let c = p.crop;
-    let mut xs = Vec::with_capacity(p.batch * 3 * c * c);
-    let mut ls = Vec::with_capacity(p.batch * c * c);
+    let mut xs = Vec::with_capacity(shard.len() * 3 * c * c);
+    let mut ls = Vec::with_capacity(shard.len() * c * c);
     for it in items {
         let (x, l) = it?;
         xs.extend(x);
         ls.extend(l);
     }
-    Ok((Tensor::from_vec(xs, (p.batch, 3, c, c), dev)?, ls))
+    Ok((Tensor::from_vec(xs, (shard.len(), 3, c, c), dev)?, ls))
 }
 
 /// Sliding-window prediction of one image at its original size (classes 0..149).

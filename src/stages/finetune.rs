@@ -20,6 +20,15 @@
 //!   smoothing 0.1 folded into the soft targets (soft-target cross-entropy).
 //! * Eval: the eval transform of EVALS.md §1.2 on val; `top1`, `top5` after the last epoch.
 //!
+//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): every rank takes
+//! its share of each micro-batch, averaged gradients make every rank apply the one-process
+//! update. Mixup / CutMix pair image `i` with image `B-1-i` of the micro-batch, so a rank holds
+//! whole pairs: rank `r` of `N` takes positions `[r*h, (r+1)*h)` and `[B-(r+1)*h, B-r*h)` with
+//! `h = B/(2N)` (then the micro-batch must be a multiple of `2N`; without mixing, any multiple
+//! of `N`, every `N`-th image); the batch's mixing draws and the per-sample drop-path draws are
+//! those of the whole micro-batch, so the mixed images, targets and losses are the one-process
+//! ones. There is no batch-statistics layer (LayerNorm only). Rank 0 evaluates and writes.
+//!
 //! Every random draw is a function of (stage key, seed, epoch, sample / iteration), and the
 //! checkpoint holds the weights, the optimiser moments and the loss sums, so a run resumed at any
 //! step boundary is bit-identical on CPU to an uninterrupted one. The stage writes
@@ -398,6 +407,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     p.validate().map_err(|m| Error::stage(&ctx.job.id, m))?;
     let dev = super::backbone::device(ctx)?;
+    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let (rank, world) = (ranks.rank(), ranks.world());
     let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
     let (_, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
     let classes = train.num_classes();
@@ -425,6 +436,26 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let ipe = (n / bs).max(1);
     let total = ipe as u64 * p.epochs as u64;
     let peak = p.blr * bs as f64 / 256.0;
+    let mixing = (p.mixup > 0.0 || p.cutmix > 0.0) && p.mixup_prob > 0.0;
+    let need = if mixing { 2 * world } else { world };
+    if world > 1 && (!micro.is_multiple_of(need) || !bs.is_multiple_of(micro)) {
+        return Err(Error::stage(
+            &ctx.job.id,
+            format!(
+                "`batch_size` ({bs}) / `accum_iter` ({}) = {micro} images per micro-batch must \
+                 be divisible by {}; change `batch_size` or `resources`",
+                p.accum_iter,
+                if mixing {
+                    format!(
+                        "2 x the number of ranks ({need}): Mixup / CutMix mix image pairs and \
+                         each rank holds whole pairs"
+                    )
+                } else {
+                    format!("the number of ranks ({world})")
+                }
+            ),
+        ));
+    }
     let mut st = FtState {
         step: 0,
         epoch_loss: 0.0,
@@ -493,7 +524,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut step_loss = 0.0;
         for (mi, chunk) in idx.chunks(micro).enumerate() {
-            let mut b = load_batch(&src, chunk, seed, epoch)
+            let pos = shard_positions(chunk.len(), rank, world);
+            let mine: Vec<usize> = pos.iter().map(|&i| chunk[i]).collect();
+            let mut b = load_batch(&src, &mine, seed, epoch)
                 .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
             let mut rng = crate::util::rng::stage_rng(
                 &ctx.job.key,
@@ -503,8 +536,23 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             let targets =
                 augment::mix_batch(&mut b.images, b.shape, &b.labels, classes, &mix, &mut rng);
             let x = features::batch_tensor(&b, &dev)?;
-            let y = Tensor::from_vec(targets, (chunk.len(), classes), &dev)?;
-            let scales = drop_path_scales(depth, p.drop_path, chunk.len(), &mut rng, &dev)?;
+            let y = Tensor::from_vec(targets, (mine.len(), classes), &dev)?;
+            // the draws of the whole micro-batch, this rank's rows of them
+            let mut scales = drop_path_scales(depth, p.drop_path, chunk.len(), &mut rng, &dev)?;
+            if world > 1 {
+                let rows = Tensor::from_vec(
+                    pos.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    pos.len(),
+                    &dev,
+                )?;
+                let pick = |t: Option<Tensor>| -> Result<Option<Tensor>> {
+                    Ok(t.map(|t| t.index_select(&rows, 0)).transpose()?)
+                };
+                scales = scales
+                    .into_iter()
+                    .map(|(a, m)| Ok((pick(a)?, pick(m)?)))
+                    .collect::<Result<_>>()?;
+            }
             let lv = accumulate(
                 &bb.encoder,
                 &head,
@@ -515,13 +563,18 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                 p.accum_iter,
                 &mut grads,
             )?;
-            if !lv.is_finite() {
-                return Err(Error::stage(
-                    &ctx.job.id,
-                    format!("loss is {lv} at step {}; lower `blr`", st.step),
-                ));
-            }
             step_loss += lv;
+        }
+        if world > 1 {
+            // the mean of equal shards' means: the global batch's loss and gradient
+            step_loss = ranks.mean_scalars(&[step_loss as f32])?[0] as f64;
+            grads = ranks.mean_grads(grads)?;
+        }
+        if !step_loss.is_finite() {
+            return Err(Error::stage(
+                &ctx.job.id,
+                format!("loss is {step_loss} at step {}; lower `blr`", st.step),
+            ));
         }
         apply(&mut opts, &grads, lr, p.weight_decay)
             .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
@@ -539,14 +592,25 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             total,
             format!("epoch {}/{} loss {step_loss:.4}", epoch + 1, p.epochs),
         );
-        // Past the last step nothing is left to resume: finish instead.
-        let interrupted = st.step < total && ctx.is_interrupted();
-        if (st.step < total && ctx.ckpt.due(st.step)) || interrupted {
-            save(ctx, &st, &enc_vars, &head_vars, &opts)?;
-            if interrupted {
-                return Err(Error::Interrupted);
+        // Past the last step nothing is left to resume: finish instead. Rank 0 checkpoints;
+        // on an interrupt every rank stops after this step.
+        if st.step < total {
+            let saved = ranks.is_leader() && ctx.ckpt.due(st.step);
+            if saved {
+                save(ctx, &st, &enc_vars, &head_vars, &opts)?;
             }
+            ranks.stop_if_interrupted(ctx, |ctx| {
+                if saved {
+                    Ok(())
+                } else {
+                    save(ctx, &st, &enc_vars, &head_vars, &opts)
+                }
+            })?;
         }
+    }
+    if !ranks.is_leader() {
+        // rank 0 holds the same weights, evaluates and writes the artifacts and the metrics
+        return Ok(StageOutput::default());
     }
     let steps_run = st.step - start_step;
     let train_ips = (steps_run as f64 * bs as f64) / t0.elapsed().as_secs_f64().max(1e-9);
@@ -612,8 +676,26 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "steps": total,
         "resumed_from": resumed_from,
         "peak_lr": peak,
+        "ranks": world,
     });
     Ok(out)
+}
+
+/// Positions in a micro-batch of `m` images that rank `rank` of `world` trains on (see the
+/// module doc): whole Mixup pairs `(i, m-1-i)` when `m` is a multiple of `2 * world`, laid out so
+/// that the rank's own mirror pairing matches the micro-batch's; otherwise every `world`-th.
+fn shard_positions(m: usize, rank: usize, world: usize) -> Vec<usize> {
+    if world <= 1 {
+        return (0..m).collect();
+    }
+    if m.is_multiple_of(2 * world) {
+        let h = m / (2 * world);
+        (rank * h..(rank + 1) * h)
+            .chain(m - (rank + 1) * h..m - rank * h)
+            .collect()
+    } else {
+        crate::train::dist::shard_rows(&(0..m).collect::<Vec<_>>(), rank, world)
+    }
 }
 
 /// One AdamW per BEiT layer id, with its lr scale `layer_decay^(depth + 1 - id)` and its
@@ -830,6 +912,25 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_ne!(before, after, "the encoder is trained");
+    }
+
+    #[test]
+    fn shards_hold_whole_mixup_pairs() {
+        let (m, world) = (8, 2);
+        let mut seen = Vec::new();
+        for r in 0..world {
+            let pos = shard_positions(m, r, world);
+            let l = pos.len();
+            for (i, &g) in pos.iter().enumerate() {
+                // the rank's mirror partner is the micro-batch's mirror partner
+                assert_eq!(pos[l - 1 - i], m - 1 - g, "rank {r}: {pos:?}");
+            }
+            seen.extend(pos);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..m).collect::<Vec<_>>(), "every image once");
+        assert_eq!(shard_positions(6, 1, 2), vec![1, 3, 5]);
+        assert_eq!(shard_positions(5, 0, 1), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod features;
 pub mod finetune;
 pub mod knn;
 pub mod linear_probe;
+pub mod parallel;
 pub mod pretrain;
 
 use std::path::Path;
@@ -116,7 +117,10 @@ impl StageKind {
     /// Whether the kind trains data-parallel over `resources.ranks` / `resources.gpus` processes
     /// (the others run as one process whatever their resources).
     pub fn data_parallel(self) -> bool {
-        matches!(self, StageKind::Pretrain)
+        matches!(
+            self,
+            StageKind::Pretrain | StageKind::Finetune | StageKind::Ade20kSegmentation
+        )
     }
 
     /// Parse a `kind:` name.

@@ -7,7 +7,10 @@ use candle_core::Tensor;
 
 use super::dist::{self, AllReduce, DistError, Single};
 use super::ema::{ema_update, EmaError};
-use super::loss::{compute_loss, make_targets, LossConfig, LossError, LossOutput, Targets};
+use super::loss::{
+    compute_loss, context_embedding, jepa_loss, make_targets, vicreg_terms, LossConfig, LossError,
+    LossOutput, Targets,
+};
 use super::optim::{AdamW, OptimError, StepStats};
 use crate::model::{JepaNetworks, ModelError};
 
@@ -71,6 +74,9 @@ pub struct ForwardOut {
     pub pred: Tensor,
     /// Loss terms.
     pub loss: LossOutput,
+    /// The tensor back-propagated: `loss.total`, except over several ranks where the VICReg
+    /// terms (computed on the global batch) enter `world` times (see [`train_step_dp`]).
+    pub backward_root: Tensor,
 }
 
 /// Loss values of a step, plus the optimiser's statistics.
@@ -163,7 +169,7 @@ pub fn forward_loss(
     batch: &Batch,
     cfg: &LossConfig,
 ) -> Result<ForwardOut, StepError> {
-    forward_loss_timed(nets, batch, cfg, &mut Lap(None))
+    forward_loss_timed(nets, batch, cfg, &mut Lap(None), &mut Single)
 }
 
 fn forward_loss_timed(
@@ -171,6 +177,7 @@ fn forward_loss_timed(
     batch: &Batch,
     cfg: &LossConfig,
     lap: &mut Lap,
+    comm: &mut dyn AllReduce,
 ) -> Result<ForwardOut, StepError> {
     let nenc = batch.masks_enc.len();
     let h = nets
@@ -187,13 +194,71 @@ fn forward_loss_timed(
         .predictor
         .forward(&enc_ctx, batch.masks_enc, batch.masks_pred)?;
     lap.mark(|t| &mut t.predictor);
-    let loss = compute_loss(&pred, &targets, &enc_ctx, nenc, cfg)?;
+    let (loss, backward_root) = if comm.world() == 1 {
+        let l = compute_loss(&pred, &targets, &enc_ctx, nenc, cfg)?;
+        let root = l.total.clone();
+        (l, root)
+    } else {
+        global_loss(&pred, &targets, &enc_ctx, nenc, cfg, comm)?
+    };
     Ok(ForwardOut {
         enc_ctx,
         targets,
         pred,
         loss,
+        backward_root,
     })
+}
+
+/// The loss of one rank's shard with the VICReg terms over the global batch (the official
+/// VICReg's `FullGatherLayer`): the pooled embeddings z_c and z_t of every rank are gathered, the
+/// three terms computed on all of them on every rank, and only this rank's z_c rows carry a
+/// gradient. The JEPA term stays a mean over the shard (the mean over ranks of equal shards'
+/// means is the global mean). Every rank computes the same global VICReg value V, and its
+/// backward reaches only its own rows, so the back-propagated root is `jepa + world * V`: after
+/// the gradient all-reduce's mean over ranks, V's gradient is the sum of all rows'
+/// contributions, the one-rank gradient. `loss.total` is `jepa + V` (the value reported).
+fn global_loss(
+    pred: &Tensor,
+    targets: &Targets,
+    enc_ctx: &Tensor,
+    nenc: usize,
+    cfg: &LossConfig,
+    comm: &mut dyn AllReduce,
+) -> Result<(LossOutput, Tensor), StepError> {
+    cfg.validate()?;
+    let jepa = jepa_loss(pred, &targets.feats, cfg)?;
+    let z_c = context_embedding(enc_ctx, nenc)?;
+    let d = z_c.dim(1)?;
+    let both = Tensor::cat(&[&z_c, &targets.z_t.to_dtype(z_c.dtype())?], 1)?;
+    let all = dist::all_gather_rows(comm, &both)?;
+    let z_c_all = dist::with_own_rows(&all.narrow(1, 0, d)?.contiguous()?, &z_c, comm.rank())?;
+    let z_t_all = all.narrow(1, d, d)?.contiguous()?;
+    let (sim, std, cov) = vicreg_terms(&z_c_all, &z_t_all, cfg.vic_var_eps)?;
+    let (ws, wv, wc) = cfg.term_weights();
+    if z_c_all.dim(0)? < 2 && (wv != 0.0 || wc != 0.0) {
+        return Err(LossError::Shape(
+            "the VICReg variance/covariance terms need a batch of at least 2 images".into(),
+        )
+        .into());
+    }
+    let world = comm.world() as f64;
+    let mut total = jepa.clone();
+    let mut root = jepa.clone();
+    for (w, t) in [(ws, &sim), (wv, &std), (wc, &cov)] {
+        if w != 0.0 {
+            total = (total + (t * w)?)?;
+            root = (root + (t * (w * world))?)?;
+        }
+    }
+    let loss = LossOutput {
+        total,
+        jepa,
+        sim,
+        std,
+        cov,
+    };
+    Ok((loss, root))
 }
 
 /// One full training step: forward, backward, AdamW (`hyper.lr`, `hyper.wd`), EMA (`hyper.momentum`).
@@ -221,9 +286,11 @@ pub fn train_step_timed(
 }
 
 /// [`train_step_timed`] for one rank of a data-parallel group: `batch` is this rank's shard of
-/// the global batch. The loss values are averaged over the ranks (so all ranks agree on a
-/// divergence) and so are the gradients, before the optimiser step; every rank then applies the
-/// same update. With [`Single`] this is exactly [`train_step_timed`].
+/// the global batch. The JEPA term is this shard's; the VICReg terms are computed on the global
+/// batch (gathered from every rank, see [`global_loss`]). The loss values are averaged over the
+/// ranks (so all ranks agree on a divergence) and so are the gradients, before the optimiser
+/// step; every rank then applies the same update, the one of a one-process run on the global
+/// batch up to float rounding. With [`Single`] this is exactly [`train_step_timed`].
 pub fn train_step_dp(
     nets: &JepaNetworks,
     batch: &Batch,
@@ -234,7 +301,7 @@ pub fn train_step_dp(
     times: Option<&mut PhaseTimes>,
 ) -> Result<StepLosses, StepError> {
     let mut lap = Lap::new(times);
-    let fwd = forward_loss_timed(nets, batch, cfg, &mut lap)?;
+    let fwd = forward_loss_timed(nets, batch, cfg, &mut lap, comm)?;
     let l = &fwd.loss;
     let scalar = |t: &Tensor| -> Result<f32, StepError> {
         Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
@@ -254,7 +321,7 @@ pub fn train_step_dp(
         return Err(StepError::NonFinite { total, jepa });
     }
     lap.mark(|t| &mut t.loss);
-    let grads = l.total.backward()?;
+    let grads = fwd.backward_root.backward()?;
     drop(fwd);
     lap.mark(|t| &mut t.backward);
     let named = dist::mean_grads(comm, opt.named_grads(&grads))?;

@@ -1,9 +1,11 @@
-//! Data-parallel `pretrain` (issue #10, item 4) on CPU: `resources: { ranks: 2 }` runs two
-//! processes joined by the TCP all-reduce. Two ranks at the same global batch end with the
-//! weights of one rank (equal within float-summation tolerance: each rank's backward sums over
-//! its half of the batch, then the halves are added), under the same stage key; a two-rank run
-//! killed mid-stage and rerun resumes from rank 0's checkpoint and ends bit-identical to an
-//! uninterrupted two-rank run.
+//! Data-parallel training (issue #10, item 4) on CPU: `resources: { ranks: 2 }` runs two
+//! processes joined by the TCP all-reduce. For `pretrain` (C-JEPA: VICReg terms over the gathered
+//! global batch), `finetune` (Mixup / CutMix, drop path, gradient accumulation) and
+//! `ade20k_segmentation` (linear protocol), two ranks at the same global batch end with the
+//! weights and metrics of one rank (equal within float-summation tolerance: each rank's backward
+//! sums over its half of the batch, then the halves are added), under the same stage key; a
+//! two-rank run killed mid-stage and rerun resumes from rank 0's checkpoint and ends
+//! bit-identical to an uninterrupted two-rank run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,11 @@ fn run(dir: &Path) -> (i32, String) {
 
 /// The pretrain record's key, record JSON and artifact folder.
 fn record(dir: &Path) -> (String, Value, PathBuf) {
+    record_of(dir, "pretrain")
+}
+
+/// The key, record JSON and artifact folder of the record of stage kind `kind`.
+fn record_of(dir: &Path, kind: &str) -> (String, Value, PathBuf) {
     let out = cjepa(dir)
         .args(["ls", "--store", ".store"])
         .output()
@@ -45,8 +52,8 @@ fn record(dir: &Path) -> (String, Value, PathBuf) {
     let ls = String::from_utf8_lossy(&out.stdout).to_string();
     let line = ls
         .lines()
-        .find(|l| l.contains(" pretrain "))
-        .unwrap_or_else(|| panic!("no pretrain record in:\n{ls}"));
+        .find(|l| l.contains(&format!(" {kind} ")))
+        .unwrap_or_else(|| panic!("no {kind} record in:\n{ls}"));
     let key = line.split_whitespace().next().unwrap().to_string();
     let out = cjepa(dir)
         .args(["show", &key, "--store", ".store"])
@@ -62,7 +69,11 @@ fn record(dir: &Path) -> (String, Value, PathBuf) {
 }
 
 fn weights(art: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(art.join("full.safetensors"), &Device::Cpu).unwrap()
+    load(art, "full.safetensors")
+}
+
+fn load(art: &Path, file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(art.join(file), &Device::Cpu).unwrap()
 }
 
 /// Largest absolute difference over all tensors (same names required).
@@ -88,8 +99,9 @@ fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32
 
 #[test]
 fn two_ranks_train_the_weights_of_one_at_the_same_global_batch() {
-    let one = setup(&pipeline_yaml("ijepa", 2, ""));
-    let two = setup(&pipeline_yaml("ijepa", 2, "    resources: { ranks: 2 }\n"));
+    // C-JEPA: the VICReg terms over the global batch (gathered from both ranks)
+    let one = setup(&pipeline_yaml("cjepa", 2, ""));
+    let two = setup(&pipeline_yaml("cjepa", 2, "    resources: { ranks: 2 }\n"));
     let (code, err) = run(one.path());
     assert_eq!(code, 0, "{err}");
     let (code, err) = run(two.path());
@@ -147,7 +159,7 @@ fn wait_for_checkpoint(store: &Path, child: &mut std::process::Child) {
 
 #[test]
 fn two_ranks_killed_then_rerun_resume_bit_identical() {
-    // C-JEPA (VICReg terms per rank) over 5 epochs = 20 steps, a checkpoint every 3
+    // C-JEPA over 5 epochs = 20 steps, a checkpoint every 3
     let yaml = pipeline_yaml("cjepa", 5, "    resources: { ranks: 2 }\n");
     let straight = setup(&yaml);
     let (code, err) = run(straight.path());
@@ -187,4 +199,140 @@ fn two_ranks_killed_then_rerun_resume_bit_identical() {
     };
     assert_eq!(strip(&rec), strip(&rec0));
     assert_eq!(rec["series"], rec0["series"]);
+}
+
+/// One stage of kind `kind` after a synthetic dataset, with `resources`.
+fn stage_yaml(data: &str, stage: &str, resources: &str) -> String {
+    format!(
+        "name: dp\nstore: .store\ndefaults: {{ seed: 0, device: cpu }}\nstages:\n  data:\n    \
+         kind: dataset\n    source: synth\n{data}  train:\n    needs: [data]\n    \
+         checkpoint: random\n    \
+         model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n\
+         {stage}{resources}"
+    )
+}
+
+const IMAGES: &str =
+    "    format: imagefolder\n    params: { classes: 4, train_per_class: 8, val_per_class: 2, size: 32 }\n";
+
+/// Fine-tuning with the full MAE recipe (RandAugment, Mixup / CutMix, drop path, random
+/// erasing) and two micro-batches per step: 32 images, global batch 8, 8 steps.
+const FINETUNE: &str = "    kind: finetune\n    \
+    params: { epochs: 2, batch_size: 8, accum_iter: 2, warmup_epochs: 1, blr: 0.05, drop_path: 0.2, checkpoint_every: 3 }\n";
+
+/// Runs `stage` with one and with two ranks; returns both records and artifact folders.
+fn one_and_two(data: &str, stage: &str, kind: &str) -> [(Value, PathBuf, tempfile::TempDir); 2] {
+    ["", "    resources: { ranks: 2 }\n"].map(|res| {
+        let dir = setup(&stage_yaml(data, stage, res));
+        let (code, err) = run(dir.path());
+        assert_eq!(code, 0, "{err}");
+        let (_, rec, art) = record_of(dir.path(), kind);
+        (rec, art, dir)
+    })
+}
+
+fn close(a: &Value, b: &Value, rel: f64) {
+    let (x, y) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+    assert!((x - y).abs() <= rel * x.abs().max(1.0), "{x} vs {y}");
+}
+
+#[test]
+fn finetune_two_ranks_train_the_weights_of_one() {
+    let [(r1, a1, _d1), (r2, a2, _d2)] = one_and_two(IMAGES, FINETUNE, "finetune");
+    assert_eq!(r1["info"]["ranks"], 1, "{r1}");
+    assert_eq!(r2["info"]["ranks"], 2, "{r2}");
+    let mut d = 0f32;
+    for file in ["encoder.safetensors", "head.safetensors"] {
+        d = d.max(max_abs_diff(&load(&a1, file), &load(&a2, file)));
+    }
+    eprintln!("finetune: max |w(1 rank) - w(2 ranks)| = {d:e}");
+    // 8 AdamW steps on gradients summed in another order: float rounding only; a wrong mixing
+    // partner, drop-path row or normalisation changes weights by ~lr = 1e-3 at the first step
+    assert!(d < 1e-5, "max |w1 - w2| = {d}");
+    close(
+        &r1["metrics"]["train_loss"],
+        &r2["metrics"]["train_loss"],
+        1e-5,
+    );
+    // the same classifier up to rounding: the same argmax on the 8 val images
+    assert_eq!(r1["metrics"]["top1"], r2["metrics"]["top1"]);
+    assert_eq!(r1["metrics"]["top5"], r2["metrics"]["top5"]);
+}
+
+#[test]
+fn finetune_micro_batch_must_hold_whole_mixup_pairs_per_rank() {
+    // micro-batch 4 over 3 ranks: not a multiple of 2 x 3
+    let dir = setup(&stage_yaml(
+        IMAGES,
+        FINETUNE,
+        "    resources: { ranks: 3 }\n",
+    ));
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`batch_size` (8) / `accum_iter` (2) = 4 images per micro-batch")
+            && err.contains("2 x the number of ranks (6)"),
+        "{err}"
+    );
+}
+
+/// The linear protocol: 8 training images, global batch 4, 12 iterations.
+const SEG_DATA: &str =
+    "    format: ade20k\n    params: { train_images: 8, val_images: 2, size: 32 }\n";
+const SEG_LINEAR: &str = "    kind: ade20k_segmentation\n    \
+    params: { protocol: linear, iters: 12, batch: 4, warmup_iters: 2, lr: 0.01, crop: 32, scale: [64, 32], checkpoint_every: 5, log_every: 4 }\n";
+
+#[test]
+fn segmentation_two_ranks_train_the_weights_of_one() {
+    let [(r1, a1, _d1), (r2, a2, _d2)] = one_and_two(SEG_DATA, SEG_LINEAR, "ade20k_segmentation");
+    assert_eq!(r2["info"]["ranks"], 2, "{r2}");
+    let d = max_abs_diff(
+        &load(&a1, "head.safetensors"),
+        &load(&a2, "head.safetensors"),
+    );
+    eprintln!("ade20k linear: max |w(1 rank) - w(2 ranks)| = {d:e}");
+    assert!(d < 1e-5, "max |w1 - w2| = {d}");
+    close(
+        &r1["metrics"]["train_loss"],
+        &r2["metrics"]["train_loss"],
+        1e-5,
+    );
+    for k in ["miou", "aacc", "macc"] {
+        close(&r1["metrics"][k], &r2["metrics"][k], 1e-6);
+    }
+}
+
+/// UperNet normalises with each rank's BatchNorm statistics (documented in the stage), so two
+/// ranks run a different, equally valid run: it trains, predicts and scores on rank 0, and a
+/// shard of one image (no batch statistics) is refused up front.
+#[test]
+fn upernet_runs_on_two_ranks_with_at_least_two_images_each() {
+    let upernet = |batch: u32| {
+        format!(
+            "    kind: ade20k_segmentation\n    \
+             params: {{ protocol: upernet, iters: 3, batch: {batch}, warmup_iters: 1, crop: 32, scale: [64, 32], channels: 16, aux_channels: 8 }}\n"
+        )
+    };
+    let two = "    resources: { ranks: 2 }\n";
+    let dir = setup(&stage_yaml(SEG_DATA, &upernet(2), two));
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`batch` (2) must be at least 2 x the number of ranks (2)"),
+        "{err}"
+    );
+    let dir = setup(&stage_yaml(SEG_DATA, &upernet(4), two));
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 0, "{err}");
+    let (_, rec, art) = record_of(dir.path(), "ade20k_segmentation");
+    assert_eq!(rec["info"]["ranks"], 2, "{rec}");
+    for k in ["miou", "aacc", "macc"] {
+        let v = rec["metrics"][k].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+    }
+    assert!(rec["metrics"]["train_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(
+        std::fs::read_dir(art.join("predictions")).unwrap().count(),
+        2
+    );
 }

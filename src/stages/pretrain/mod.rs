@@ -48,7 +48,7 @@ use crate::error::{Error, Result};
 use crate::model::layers::layer_norm_plain;
 use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
-use crate::train::dist::{self, DistError};
+use crate::train::dist;
 use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedules::Schedules;
@@ -102,7 +102,6 @@ impl TrainState {
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let id = ctx.job.id.clone();
     let fail = |m: String| Error::stage(&id, m);
-    let dist_err = |e: DistError| Error::stage(&id, e.to_string());
     let p: Params = params_of(ctx)?;
     p.validate().map_err(&fail)?;
     let cfg = model_config(ctx, &p)?;
@@ -115,15 +114,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
     // Data parallel: this process holds every `world`-th image of each global batch (the
     // global batch, its masks and the schedules are those of a one-process run).
-    let mut comm = crate::exec::dist::connect(ctx, &dev)?;
-    let (rank, world) = (comm.rank(), comm.world());
-    if p.batch % world != 0 {
-        return Err(fail(format!(
-            "`batch` ({}) is the global batch and must be divisible by the number of ranks \
-             ({world})",
-            p.batch
-        )));
-    }
+    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let (rank, world) = (ranks.rank(), ranks.world());
+    ranks.check_divides("batch", p.batch)?;
 
     let root = dataset_root(ctx)?;
     let folder = ImageFolder::open(&root, &p.split).map_err(|e| fail(e.to_string()))?;
@@ -227,14 +220,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let mut epoch_iter = None;
     while st.step < total {
         // every rank stops at the same step; rank 0 checkpoints while the others wait
-        let stop = dist::any(comm.as_mut(), ctx.is_interrupted(), &dev).map_err(dist_err)?;
-        if stop {
-            if rank == 0 {
-                save(ctx, &nets, &opt, &st)?;
-            }
-            dist::any(comm.as_mut(), false, &dev).map_err(dist_err)?;
-            return Err(Error::Interrupted);
-        }
+        ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &nets, &opt, &st))?;
         let it = st.step;
         let epoch = it / ipe;
         let iter = match &mut epoch_iter {
@@ -259,15 +245,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         let completed = it + 1;
         let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
         let target_std = if log_now {
-            let local =
-                collapse_monitor(&nets, &images, &loss_cfg).map_err(|e| fail(e.to_string()))?;
-            if world > 1 {
-                // the mean over ranks of each shard's monitor
-                dist::mean_scalars(comm.as_mut(), &[local as f32], &dev).map_err(dist_err)?[0]
-                    as f64
-            } else {
-                local
-            }
+            // over the global batch (the embeddings of every rank)
+            collapse_monitor(&nets, &images, &loss_cfg, ranks.comm())
+                .map_err(|e| fail(e.to_string()))?
         } else {
             f64::NAN
         };
@@ -282,7 +262,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             masks_enc: &masks_enc,
             masks_pred: &masks_pred,
         };
-        let l = train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, comm.as_mut(), None).map_err(
+        let l = train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, ranks.comm(), None).map_err(
             |e| match e {
                 StepError::NonFinite { .. } => fail(format!(
                 "diverged at step {completed} of {total}: {e}; the last good checkpoint ({}) is \
@@ -476,14 +456,17 @@ fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> Result<Vec<Tensor>> {
 }
 
 /// Collapse monitor: mean over feature dims of the batch std of z_t, the per-image mean of the
-/// layer-normed target-encoder output (the target of the VICReg terms). 0 means collapse.
+/// layer-normed target-encoder output (the target of the VICReg terms), over the global batch
+/// (gathered from every rank). 0 means collapse.
 fn collapse_monitor(
     nets: &JepaNetworks,
     images: &Tensor,
     cfg: &LossConfig,
+    comm: &mut dyn dist::AllReduce,
 ) -> std::result::Result<f64, StepError> {
     let h = nets.target_encoder.forward_features(images, None)?.detach();
     let z = layer_norm_plain(&h, cfg.target_ln_eps)?.mean(1)?;
+    let z = dist::all_gather_rows(comm, &z)?;
     let b = z.dim(0)?;
     if b < 2 {
         return Ok(f64::NAN);

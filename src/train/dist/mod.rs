@@ -139,6 +139,69 @@ pub fn any(comm: &mut dyn AllReduce, flag: bool, dev: &Device) -> Result<bool, D
     Ok(comm.all_reduce_sum(&t)?.to_vec1::<f32>()?[0] > 0.0)
 }
 
+/// Every rank's `(b, ...)` tensor stacked in rank order, `(world * b, ...)`, on every rank (the
+/// all-gather of the official VICReg's `FullGatherLayer`), built on the all-reduce: each rank
+/// contributes a zero buffer holding its rows at its own offset, so the sum is exact. Every rank
+/// must pass the same shape. The result carries no gradient (see [`with_own_rows`]).
+pub fn all_gather_rows(comm: &mut dyn AllReduce, t: &Tensor) -> Result<Tensor, DistError> {
+    let (rank, world) = (comm.rank(), comm.world());
+    if world == 1 {
+        return Ok(t.detach());
+    }
+    let n = t.elem_count();
+    let dev = t.device();
+    let mut parts = Vec::with_capacity(3);
+    if rank > 0 {
+        parts.push(Tensor::zeros(rank * n, DType::F32, dev)?);
+    }
+    parts.push(t.detach().flatten_all()?.to_dtype(DType::F32)?);
+    if rank + 1 < world {
+        parts.push(Tensor::zeros((world - rank - 1) * n, DType::F32, dev)?);
+    }
+    let sum = comm.all_reduce_sum(&Tensor::cat(&parts, 0)?)?;
+    let mut dims = t.dims().to_vec();
+    if let Some(d0) = dims.first_mut() {
+        *d0 *= world;
+    }
+    Ok(sum.reshape(dims)?.to_dtype(t.dtype())?)
+}
+
+/// `gathered` (from [`all_gather_rows`]) with this rank's block of rows replaced by `own`, which
+/// keeps its gradient: a loss over the global batch then back-propagates into this rank's rows
+/// only, the other ranks' rows being constants here.
+pub fn with_own_rows(gathered: &Tensor, own: &Tensor, rank: usize) -> Result<Tensor, DistError> {
+    let b = own.dim(0)?;
+    let total = gathered.dim(0)?;
+    if (rank + 1) * b > total {
+        return Err(DistError::Protocol {
+            rank,
+            msg: format!("{b} own rows at rank {rank} do not fit {total} gathered rows"),
+        });
+    }
+    let mut parts = Vec::with_capacity(3);
+    if rank > 0 {
+        parts.push(gathered.narrow(0, 0, rank * b)?);
+    }
+    parts.push(own.clone());
+    if (rank + 1) * b < total {
+        parts.push(gathered.narrow(0, (rank + 1) * b, total - (rank + 1) * b)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The sum over ranks of a few scalars (counts for normalisers), computed on `dev`.
+pub fn sum_scalars(
+    comm: &mut dyn AllReduce,
+    values: &[f32],
+    dev: &Device,
+) -> Result<Vec<f32>, DistError> {
+    if comm.world() == 1 {
+        return Ok(values.to_vec());
+    }
+    let t = Tensor::from_slice(values, values.len(), dev)?;
+    Ok(comm.all_reduce_sum(&t)?.to_vec1::<f32>()?)
+}
+
 /// Rows `rank, rank + world, ...` of a list of per-image items: the images of a global batch
 /// that a rank's sharded loader holds (see `Loader::sharded`).
 pub fn shard_rows<T: Clone>(rows: &[T], rank: usize, world: usize) -> Vec<T> {
@@ -226,6 +289,39 @@ mod tests {
             others: vec![vec![0.0]],
         };
         assert!(!any(&mut f, false, &dev).unwrap());
+    }
+
+    #[test]
+    fn all_gather_stacks_rank_blocks_and_keeps_own_gradient() {
+        let dev = Device::Cpu;
+        // rank 1 of 2; the other rank's buffer holds its rows at offset 0 and zeros after
+        let mut f = Fake {
+            rank: 1,
+            others: vec![vec![1., 2., 3., 4., 0., 0., 0., 0.]],
+        };
+        let own = candle_core::Var::new(&[[5f32, 6.], [7., 8.]], &dev).unwrap();
+        let all = all_gather_rows(&mut f, own.as_tensor()).unwrap();
+        assert_eq!(
+            all.to_vec2::<f32>().unwrap(),
+            vec![vec![1., 2.], vec![3., 4.], vec![5., 6.], vec![7., 8.]]
+        );
+        let mixed = with_own_rows(&all, own.as_tensor(), 1).unwrap();
+        assert_eq!(
+            mixed.to_vec2::<f32>().unwrap(),
+            all.to_vec2::<f32>().unwrap()
+        );
+        let g = mixed.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            g.get(own.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![10., 12.], vec![14., 16.]],
+            "the gradient reaches this rank's rows"
+        );
+        assert!(with_own_rows(&all, &all, 1).is_err());
+        let mut f = Fake {
+            rank: 0,
+            others: vec![vec![3.0]],
+        };
+        assert_eq!(sum_scalars(&mut f, &[2.0], &dev).unwrap(), vec![5.0]);
     }
 
     #[test]
