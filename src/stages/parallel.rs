@@ -1,5 +1,6 @@
 //! Data-parallel plumbing shared by the stages that train over `resources.ranks` /
-//! `resources.gpus` processes (`pretrain`, `finetune`, `ade20k_segmentation`; see
+//! `resources.gpus` processes (`pretrain`, `finetune`, `ade20k_segmentation`,
+//! `coco_detection`; see
 //! [`super::StageKind::data_parallel`]).
 //!
 //! Every rank runs the same loop on the same global batches, schedules and seeded draws; it takes
