@@ -469,9 +469,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             .map_err(at_step)?;
         // the global batch's normalisers: each rank's loss is its share of the global loss
         let norms = train::Norms::from_array(&ranks.sum_scalars(&fwd.norms().to_array())?);
-        let mut out = fwd
-            .losses(&det, &norms, world as f64)
-            .map_err(at_step)?;
+        let mut out = fwd.losses(&det, &norms, world as f64).map_err(at_step)?;
         let grads = out.total.backward()?;
         let mut named: Vec<HashMap<String, Tensor>> =
             groups.iter().map(|g| g.opt.named_grads(&grads)).collect();

@@ -197,7 +197,9 @@ impl Forward {
         if num_rois > 0 {
             let m = cfg.mask_size();
             let logits = det.mask_logits(&self.feats, &self.rois)?;
-            let per_pixel = det.mask.pixel_losses(&logits, &self.classes, self.targets)?;
+            let per_pixel = det
+                .mask
+                .pixel_losses(&logits, &self.classes, self.targets)?;
             let ml = (per_pixel.sum_all()? / (norms.rois.max(1.0) * (m * m) as f64))?;
             mask = scalar(&ml)?;
             total = (total + (ml * cfg.mask_loss_weight)?)?;
