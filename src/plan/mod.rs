@@ -96,6 +96,8 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
             ));
         }
         let resolved = kind.resolve_params(&params).map_err(|m| err("params", m))?;
+        crate::stages::parallel::check_plan(kind, &resolved, &spec.resources)
+            .map_err(|m| err("resources", m))?;
         if let Some(k) = resolved.get("at_epoch").and_then(Value::as_u64) {
             let ups: Vec<(&str, &str, &Value)> = inst
                 .upstream

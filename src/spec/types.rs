@@ -185,7 +185,7 @@ pub struct Resources {
     #[serde(default)]
     pub time: Option<String>,
     /// Data-parallel processes (ranks) of a stage that trains (`pretrain`, `finetune`,
-    /// `ade20k_segmentation`); 0 = one per GPU
+    /// `ade20k_segmentation`, `coco_detection`); 0 = one per GPU
     /// granted (one on a CPU machine). Set it to run several CPU processes; with GPUs it must
     /// equal `gpus`. The global batch and the schedules do not depend on it.
     #[serde(default)]

@@ -12,6 +12,15 @@
 //! the optimiser moments and the loss series; every random draw derives from the stage key, so a
 //! resumed run is bit-identical on CPU.
 //!
+//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): every rank draws
+//! the same global batch and takes its shard (every N-th image). An image's augmentation and its
+//! mask RoIs come from streams of that image (`aug/{epoch}/{index}`,
+//! `mask-rois/{step}/{index}`), so each rank sees the images and RoIs of the one-process run.
+//! The FCOS losses are divided by the positives and the centerness-target sum, the mask loss by
+//! the RoIs: each rank sums those counts over the ranks before its loss, scales its loss by N,
+//! and the mean of the ranks' gradients is then the one-process gradient up to float rounding.
+//! Rank 0 checkpoints, evaluates and writes.
+//!
 //! Evaluation: every val image is resized (longer side `img_size`), detected, and its masks pasted
 //! at the original resolution; the exact COCOeval ([`crate::eval::coco`]) gives the 12 + 12
 //! stats, stored ×100 as `ap_box`, `ap50_box`, `ap75_box`, `aps_box`, `apm_box`, `apl_box`,
@@ -46,7 +55,7 @@ use crate::train::optim::{AdamW, AdamWConfig};
 use crate::util::rng::{derive_seed, stage_rng};
 
 /// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Whether the encoder is trained.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -311,6 +320,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let serr = |e: &dyn std::fmt::Display| Error::stage(&id, e.to_string());
     p.validate().map_err(|m| serr(&m))?;
     let dev = backbone::device(ctx)?;
+    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let world = ranks.world();
+    ranks.check_divides("batch_size", p.batch_size)?;
     let root = dataset::root_of(coco_upstream(ctx)?);
     let train = CocoDataset::open(&root, "train").map_err(|e| serr(&e))?;
     let val = CocoDataset::open(&root, "val").map_err(|e| serr(&e))?;
@@ -423,10 +435,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let mut perm: Option<(u64, Vec<usize>)> = None;
     let frozen = p.backbone == BackboneMode::Frozen;
     while st.step < p.steps {
-        if ctx.is_interrupted() {
-            save(ctx, &st, &trainable, &groups)?;
-            return Err(Error::Interrupted);
-        }
+        ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &st, &trainable, &groups))?;
         let step = st.step;
         let (epoch, kb) = (step / bpe as u64, (step % bpe as u64) as usize);
         if perm.as_ref().map(|x| x.0) != Some(epoch) {
@@ -439,7 +448,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             perm = Some((epoch, order));
         }
         let order = &perm.as_ref().expect("set").1;
-        let batch: Vec<usize> = order[kb * p.batch_size..(kb + 1) * p.batch_size].to_vec();
+        let batch = ranks.shard(&order[kb * p.batch_size..(kb + 1) * p.batch_size]);
         let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
         let samples: Vec<TrainSample> = batch
             .par_iter()
@@ -449,21 +458,36 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             })
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| serr(&e))?;
-        let mut rng = stage_rng(&key, seed, &format!("mask-rois/{step}"));
+        let mut rngs: Vec<_> = batch
+            .iter()
+            .map(|i| stage_rng(&key, seed, &format!("mask-rois/{step}/{i}")))
+            .collect();
         let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), &dev)?;
         let instances: Vec<Vec<Instance>> = samples.into_iter().map(|s| s.instances).collect();
-        let out = train::forward_loss(&det, &bb.encoder, frozen, &images, &instances, &mut rng)
-            .map_err(|e| serr(&format!("step {step}: {e}")))?;
-        let total = out.total.to_scalar::<f32>()?;
+        let at_step = |e: crate::model::ModelError| serr(&format!("step {step}: {e}"));
+        let fwd = train::forward(&det, &bb.encoder, frozen, &images, &instances, &mut rngs)
+            .map_err(at_step)?;
+        // the global batch's normalisers: each rank's loss is its share of the global loss
+        let norms = train::Norms::from_array(&ranks.sum_scalars(&fwd.norms().to_array())?);
+        let mut out = fwd.losses(&det, &norms, world as f64).map_err(at_step)?;
+        let grads = out.total.backward()?;
+        let mut named: Vec<HashMap<String, Tensor>> =
+            groups.iter().map(|g| g.opt.named_grads(&grads)).collect();
+        drop(grads);
+        let mut total = out.total.to_scalar::<f32>()?;
+        if world > 1 {
+            named = mean_grads(&mut ranks, &trainable, &groups, named)?;
+            let m = ranks.mean_scalars(&[total, out.cls, out.reg, out.ctr, out.mask])?;
+            total = m[0];
+            (out.cls, out.reg, out.ctr, out.mask) = (m[1], m[2], m[3], m[4]);
+            out.num_pos = norms.fcos.num_pos as usize;
+            out.num_rois = norms.rois as usize;
+        }
         if !total.is_finite() {
             return Err(serr(&format!(
                 "non-finite loss {total} at step {step}; lower `lr` or set `clip_grad_norm`"
             )));
         }
-        let grads = out.total.backward()?;
-        let mut named: Vec<HashMap<String, Tensor>> =
-            groups.iter().map(|g| g.opt.named_grads(&grads)).collect();
-        drop(grads);
         if let Some(max) = p.clip_grad_norm {
             let mut sq = 0f64;
             for m in &named {
@@ -498,9 +522,13 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         if p.log_every > 0 && (st.step % p.log_every == 0 || st.step == 1) {
             ctx.log(format!("step {}/{}: {msg}", st.step, p.steps));
         }
-        if st.step < p.steps && ctx.ckpt.due(st.step) {
+        if ranks.is_leader() && st.step < p.steps && ctx.ckpt.due(st.step) {
             save(ctx, &st, &trainable, &groups)?;
         }
+    }
+    if !ranks.is_leader() {
+        // rank 0 holds the same weights, evaluates and writes the artifacts and the metrics
+        return Ok(StageOutput::default());
     }
 
     // Evaluation on val.
@@ -571,6 +599,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "img_size": p.img_size,
         "steps": p.steps,
         "batch_size": p.batch_size,
+        "ranks": world,
         "detections": json_results.len(),
         "resumed_from": resumed,
     });
@@ -581,6 +610,43 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 pub const STAT_NAMES: [&str; 12] = [
     "ap", "ap50", "ap75", "aps", "apm", "apl", "ar1", "ar10", "ar100", "ars", "arm", "arl",
 ];
+
+/// The mean over the ranks of each group's gradients. A variable without a gradient on a rank
+/// (the mask head of a shard without RoIs) counts as zero there, and one without a gradient on
+/// every rank stays without one, as in the one-process run.
+fn mean_grads(
+    ranks: &mut super::parallel::Ranks,
+    trainable: &[(String, Var, f64)],
+    groups: &[Group],
+    named: Vec<HashMap<String, Tensor>>,
+) -> Result<Vec<HashMap<String, Tensor>>> {
+    let mut all: HashMap<String, Tensor> = named.into_iter().flatten().collect();
+    let has: Vec<f32> = trainable
+        .iter()
+        .map(|(n, _, _)| all.contains_key(n) as u8 as f32)
+        .collect();
+    let has = ranks.sum_scalars(&has)?;
+    for (n, v, _) in trainable {
+        if !all.contains_key(n) {
+            all.insert(n.clone(), v.as_tensor().zeros_like()?);
+        }
+    }
+    let mut mean = ranks.mean_grads(all)?;
+    for ((n, _, _), h) in trainable.iter().zip(has) {
+        if h == 0.0 {
+            mean.remove(n);
+        }
+    }
+    Ok(groups
+        .iter()
+        .map(|g| {
+            g.names
+                .iter()
+                .filter_map(|n| mean.remove_entry(n))
+                .collect()
+        })
+        .collect())
+}
 
 fn sorted_vars(vm: &VarMap, prefix: &str) -> Vec<(String, Var)> {
     let data = vm.data().lock().expect("varmap lock");

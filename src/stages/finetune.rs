@@ -211,6 +211,11 @@ impl Default for Params {
 }
 
 impl Params {
+    /// Whether Mixup / CutMix mix image pairs (then a rank's shard holds whole pairs).
+    pub fn mixes_pairs(&self) -> bool {
+        (self.mixup > 0.0 || self.cutmix > 0.0) && self.mixup_prob > 0.0
+    }
+
     /// Check ranges; messages name the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.epochs == 0 {
@@ -436,7 +441,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let ipe = (n / bs).max(1);
     let total = ipe as u64 * p.epochs as u64;
     let peak = p.blr * bs as f64 / 256.0;
-    let mixing = (p.mixup > 0.0 || p.cutmix > 0.0) && p.mixup_prob > 0.0;
+    let mixing = p.mixes_pairs();
     let need = if mixing { 2 * world } else { world };
     if world > 1 && (!micro.is_multiple_of(need) || !bs.is_multiple_of(micro)) {
         return Err(Error::stage(

@@ -119,7 +119,10 @@ impl StageKind {
     pub fn data_parallel(self) -> bool {
         matches!(
             self,
-            StageKind::Pretrain | StageKind::Finetune | StageKind::Ade20kSegmentation
+            StageKind::Pretrain
+                | StageKind::Finetune
+                | StageKind::Ade20kSegmentation
+                | StageKind::CocoDetection
         )
     }
 

@@ -1,5 +1,6 @@
 //! Data-parallel plumbing shared by the stages that train over `resources.ranks` /
-//! `resources.gpus` processes (`pretrain`, `finetune`, `ade20k_segmentation`; see
+//! `resources.gpus` processes (`pretrain`, `finetune`, `ade20k_segmentation`,
+//! `coco_detection`; see
 //! [`super::StageKind::data_parallel`]).
 //!
 //! Every rank runs the same loop on the same global batches, schedules and seeded draws; it takes
@@ -15,9 +16,11 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use serde_json::Value;
 
-use super::StageContext;
+use super::{StageContext, StageKind};
 use crate::error::{Error, Result};
+use crate::spec::Resources;
 use crate::train::dist::{self, AllReduce, DistError};
 
 /// This process's place in the stage's data-parallel group.
@@ -132,5 +135,94 @@ impl Ranks {
         // the others leave once the checkpoint is written
         dist::any(self.comm.as_mut(), false, &self.dev).map_err(|e| self.err(e))?;
         Err(Error::Interrupted)
+    }
+}
+
+/// The `resources` field that sets the number of ranks of `res`.
+fn ranks_field(res: &Resources) -> &'static str {
+    if res.ranks > 0 {
+        "resources.ranks"
+    } else {
+        "resources.gpus"
+    }
+}
+
+/// Plan-time check that the global batch of a data-parallel stage of `kind` (resolved `params`)
+/// splits over the ranks that `res` asks for; the message names the fields and the fix. The
+/// stages repeat the check when they start (a batch capped by a small dataset, a world given by
+/// the GPUs actually granted).
+pub fn check_plan(
+    kind: StageKind,
+    params: &Value,
+    res: &Resources,
+) -> std::result::Result<(), String> {
+    if !kind.data_parallel() {
+        return Ok(());
+    }
+    let world = res.world(res.gpus as usize);
+    if world <= 1 {
+        return Ok(());
+    }
+    let rf = ranks_field(res);
+    let typed = |e: serde_json::Error| e.to_string();
+    let divisible = |field: &str, value: usize| -> std::result::Result<(), String> {
+        if value.is_multiple_of(world) {
+            return Ok(());
+        }
+        Err(format!(
+            "`params.{field}` ({value}) is the global batch and must be divisible by the number \
+             of ranks (`{rf}`: {world}); set `params.{field}` to a multiple of {world} or change \
+             `{rf}`"
+        ))
+    };
+    match kind {
+        StageKind::Pretrain => {
+            let p: super::pretrain::Params =
+                serde_json::from_value(params.clone()).map_err(typed)?;
+            divisible("batch", p.batch)
+        }
+        StageKind::CocoDetection => {
+            let p: super::coco_detection::Params =
+                serde_json::from_value(params.clone()).map_err(typed)?;
+            divisible("batch_size", p.batch_size)
+        }
+        StageKind::Ade20kSegmentation => {
+            let p: super::ade20k::Params = serde_json::from_value(params.clone()).map_err(typed)?;
+            divisible("batch", p.batch)?;
+            if p.protocol == super::ade20k::Protocol::Upernet && p.batch / world < 2 {
+                return Err(format!(
+                    "UperNet trains BatchNorm layers on each rank's shard: `params.batch` ({}) \
+                     must be at least 2 x the number of ranks (`{rf}`: {world}); raise \
+                     `params.batch` to at least {} or lower `{rf}`",
+                    p.batch,
+                    2 * world
+                ));
+            }
+            Ok(())
+        }
+        StageKind::Finetune => {
+            let p: super::finetune::Params =
+                serde_json::from_value(params.clone()).map_err(typed)?;
+            let micro = p.batch_size / p.accum_iter.max(1);
+            let need = if p.mixes_pairs() { 2 * world } else { world };
+            if micro.is_multiple_of(need) {
+                return Ok(());
+            }
+            let why = if p.mixes_pairs() {
+                format!(
+                    "2 x the number of ranks (`{rf}`: {world}) = {need}: Mixup / CutMix mix image \
+                     pairs and each rank holds whole pairs"
+                )
+            } else {
+                format!("the number of ranks (`{rf}`: {world})")
+            };
+            Err(format!(
+                "`params.batch_size` ({}) / `params.accum_iter` ({}) = {micro} images per \
+                 micro-batch must be divisible by {why}; change `params.batch_size` or \
+                 `params.accum_iter` (a micro-batch of a multiple of {need}) or `{rf}`",
+                p.batch_size, p.accum_iter
+            ))
+        }
+        _ => Ok(()),
     }
 }

@@ -290,12 +290,54 @@ pub struct FcosLosses {
     pub num_pos: usize,
 }
 
-/// Losses of a batch with its assignments (one per image, with the images' ground truth).
+/// What the FCOS losses are divided by: the positive locations (focal and centerness losses)
+/// and the sum of the positives' centerness targets (GIoU loss). Those of the batch, or, when a
+/// global batch is split over data-parallel ranks, the sums of every rank's counts, so each
+/// rank's loss is its share of the global batch's loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossNorm {
+    /// Positive locations.
+    pub num_pos: f64,
+    /// Sum of the positives' centerness targets.
+    pub ctr_sum: f64,
+}
+
+impl LossNorm {
+    /// The normalisers of these assignments.
+    pub fn of(assigns: &[Assignment]) -> LossNorm {
+        let mut num_pos = 0usize;
+        let mut ctr_sum = 0f32;
+        for a in assigns {
+            for (loc, _) in a.positives() {
+                num_pos += 1;
+                ctr_sum += centerness(&a.reg[loc]);
+            }
+        }
+        LossNorm {
+            num_pos: num_pos as f64,
+            ctr_sum: ctr_sum as f64,
+        }
+    }
+}
+
+/// Losses of a batch with its assignments (one per image, with the images' ground truth),
+/// normalised by the batch's own counts.
 pub fn losses(
     out: &FcosOutput,
     assigns: &[Assignment],
     gts: &[Vec<GtBox>],
     cfg: &LossConfig,
+) -> Result<FcosLosses> {
+    losses_normalised(out, assigns, gts, cfg, &LossNorm::of(assigns))
+}
+
+/// Losses of a batch divided by the given normalisers (e.g. those of a global batch).
+pub fn losses_normalised(
+    out: &FcosOutput,
+    assigns: &[Assignment],
+    gts: &[Vec<GtBox>],
+    cfg: &LossConfig,
+    n: &LossNorm,
 ) -> Result<FcosLosses> {
     let (b, l, k) = out.cls.dims3()?;
     let dev = out.cls.device();
@@ -313,7 +355,7 @@ pub fn losses(
         }
     }
     let num_pos = pos_idx.len();
-    let norm = num_pos.max(1) as f64;
+    let norm = n.num_pos.max(1.0);
     let t = Tensor::from_vec(onehot, (b, l, k), dev)?;
     let cls = (sigmoid_focal_loss(&out.cls, &t, cfg.alpha, cfg.gamma)?.sum_all()? / norm)?;
     let zero = Tensor::zeros((), out.cls.dtype(), dev)?;
@@ -329,10 +371,9 @@ pub fn losses(
     let reg_p = out.reg.reshape((b * l, 4))?.index_select(&idx, 0)?;
     let ctr_p = out.ctr.reshape(b * l)?.index_select(&idx, 0)?;
     let reg_t = Tensor::from_vec(reg_t, (num_pos, 4), dev)?;
-    let ctr_sum: f32 = ctr_t.iter().sum();
     let ctr_t = Tensor::from_vec(ctr_t, num_pos, dev)?;
     let giou = box_coding::giou_loss_ltrb(&reg_p, &reg_t)?;
-    let reg = ((giou * &ctr_t)?.sum_all()? / (ctr_sum as f64).max(1e-6))?;
+    let reg = ((giou * &ctr_t)?.sum_all()? / n.ctr_sum.max(1e-6))?;
     let ctr = (bce_with_logits(&ctr_p, &ctr_t)?.sum_all()? / norm)?;
     Ok(FcosLosses {
         cls,

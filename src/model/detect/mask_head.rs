@@ -90,9 +90,19 @@ impl MaskHead {
 
     /// Mean BCE of the class maps against `targets` (`R * M * M` values in {0, 1}).
     pub fn loss(&self, logits: &Tensor, classes: &[usize], targets: Vec<f32>) -> Result<Tensor> {
+        Ok(self.pixel_losses(logits, classes, targets)?.mean_all()?)
+    }
+
+    /// Per-pixel BCE `(R, M, M)` of the class maps against `targets`.
+    pub fn pixel_losses(
+        &self,
+        logits: &Tensor,
+        classes: &[usize],
+        targets: Vec<f32>,
+    ) -> Result<Tensor> {
         let sel = self.select_class(logits, classes)?;
         let t = Tensor::from_vec(targets, sel.shape().clone(), sel.device())?;
-        Ok(bce_with_logits(&sel, &t)?.mean_all()?)
+        Ok(bce_with_logits(&sel, &t)?)
     }
 }
 

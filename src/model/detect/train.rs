@@ -2,14 +2,15 @@
 //! frozen) -> pyramid -> FCOS losses, then the mask loss on sampled RoIs. Mask RoIs follow
 //! Mask R-CNN's positives: every ground-truth box plus the predicted boxes of positive
 //! locations that overlap their ground truth by IoU >= 0.5, at most `mask_rois_per_image` per
-//! image (a random subset drawn from the caller's generator, so runs are reproducible).
+//! image (a random subset drawn from the caller's generator of that image, so runs are
+//! reproducible and an image's RoIs do not depend on the rest of its batch).
 
 use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::box_coding::{self, BoxXyxy};
-use super::fcos::{self, Assignment, GtBox, LevelInfo, LossConfig};
+use super::fcos::{self, Assignment, GtBox, LevelInfo, LossConfig, LossNorm};
 use super::mask_head::mask_target;
 use super::Detector;
 use crate::data::detection::Instance;
@@ -51,16 +52,63 @@ pub fn location_of(levels: &[LevelInfo], loc: usize) -> (LevelInfo, f32, f32) {
     (l, x, y)
 }
 
-/// Forward pass and losses of square `images` `(B, 3, S, S)` with their instances (boxes and
-/// masks at input resolution).
-pub fn forward_loss(
+/// What the losses of a batch are divided by: the FCOS normalisers and the mask RoIs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Norms {
+    /// Positives and centerness-target sum.
+    pub fcos: LossNorm,
+    /// Mask RoIs.
+    pub rois: f64,
+}
+
+impl Norms {
+    /// As numbers, for an all-reduce: `[positives, centerness sum, RoIs]`.
+    pub fn to_array(&self) -> [f32; 3] {
+        [
+            self.fcos.num_pos as f32,
+            self.fcos.ctr_sum as f32,
+            self.rois as f32,
+        ]
+    }
+
+    /// Back from [`Norms::to_array`].
+    pub fn from_array(v: &[f32]) -> Norms {
+        Norms {
+            fcos: LossNorm {
+                num_pos: v[0] as f64,
+                ctr_sum: v[1] as f64,
+            },
+            rois: v[2] as f64,
+        }
+    }
+}
+
+/// A batch after the forward pass, before its losses: the outputs, targets and sampled mask
+/// RoIs, and the batch's own normalisers ([`Forward::norms`]). A data-parallel rank sums the
+/// normalisers over the ranks before [`Forward::losses`], so its loss is its exact share of
+/// the global batch's loss.
+pub struct Forward {
+    feats: Vec<Tensor>,
+    out: fcos::FcosOutput,
+    assigns: Vec<Assignment>,
+    gts: Vec<Vec<GtBox>>,
+    rois: Vec<(usize, BoxXyxy)>,
+    classes: Vec<usize>,
+    targets: Vec<f32>,
+    norms: Norms,
+}
+
+/// Forward pass of square `images` `(B, 3, S, S)` with their instances (boxes and masks at
+/// input resolution); image `b`'s mask RoIs are drawn from `rngs[b]`, so an image's RoIs do not
+/// depend on the other images of its batch.
+pub fn forward<R: Rng>(
     det: &Detector,
     vit: &VisionTransformer,
     frozen: bool,
     images: &Tensor,
     instances: &[Vec<Instance>],
-    rng: &mut impl Rng,
-) -> Result<LossParts> {
+    rngs: &mut [R],
+) -> Result<Forward> {
     let cfg = det.config();
     let s = images.dim(3)?;
     let fmap = Detector::feature_map(vit, images)?;
@@ -83,17 +131,12 @@ pub fn forward_loss(
         .iter()
         .map(|g| fcos::assign(&out.levels, g, radius))
         .collect();
-    let lcfg = LossConfig {
-        alpha: cfg.focal_alpha,
-        gamma: cfg.focal_gamma,
-    };
-    let fl = fcos::losses(&out, &assigns, &gts, &lcfg)?;
 
     let reg = out.reg.detach().to_dtype(DType::F32)?.to_vec3::<f32>()?;
     let sf = s as f32;
     let (mut rois, mut classes, mut targets) = (Vec::new(), Vec::new(), Vec::new());
     let m = cfg.mask_size();
-    for (b, (a, inst)) in assigns.iter().zip(instances).enumerate() {
+    for (b, ((a, inst), rng)) in assigns.iter().zip(instances).zip(rngs).enumerate() {
         let mut cands: Vec<(BoxXyxy, usize)> =
             inst.iter().enumerate().map(|(g, i)| (i.bbox, g)).collect();
         for (loc, g) in a.positives() {
@@ -116,22 +159,80 @@ pub fn forward_loss(
             classes.push(inst[g].class);
         }
     }
-    let num_rois = rois.len();
-    let mut total = ((&fl.cls + &fl.reg)? + &fl.ctr)?;
-    let mut mask = 0f32;
-    if num_rois > 0 {
-        let logits = det.mask_logits(&feats, &rois)?;
-        let ml = det.mask.loss(&logits, &classes, targets)?;
-        mask = scalar(&ml)?;
-        total = (total + (ml * cfg.mask_loss_weight)?)?;
-    }
-    Ok(LossParts {
-        cls: scalar(&fl.cls)?,
-        reg: scalar(&fl.reg)?,
-        ctr: scalar(&fl.ctr)?,
-        mask,
-        num_pos: fl.num_pos,
-        num_rois,
-        total,
+    let norms = Norms {
+        fcos: LossNorm::of(&assigns),
+        rois: rois.len() as f64,
+    };
+    Ok(Forward {
+        feats,
+        out,
+        assigns,
+        gts,
+        rois,
+        classes,
+        targets,
+        norms,
     })
+}
+
+impl Forward {
+    /// This batch's own normalisers.
+    pub fn norms(&self) -> Norms {
+        self.norms
+    }
+
+    /// The losses divided by `norms` and multiplied by `scale` (a data-parallel rank passes the
+    /// global batch's normalisers and the number of ranks, so the mean over ranks is the
+    /// global batch's loss).
+    pub fn losses(self, det: &Detector, norms: &Norms, scale: f64) -> Result<LossParts> {
+        let cfg = det.config();
+        let lcfg = LossConfig {
+            alpha: cfg.focal_alpha,
+            gamma: cfg.focal_gamma,
+        };
+        let fl = fcos::losses_normalised(&self.out, &self.assigns, &self.gts, &lcfg, &norms.fcos)?;
+        let num_rois = self.rois.len();
+        let mut total = ((&fl.cls + &fl.reg)? + &fl.ctr)?;
+        let mut mask = 0f32;
+        if num_rois > 0 {
+            let m = cfg.mask_size();
+            let logits = det.mask_logits(&self.feats, &self.rois)?;
+            let per_pixel = det
+                .mask
+                .pixel_losses(&logits, &self.classes, self.targets)?;
+            let ml = (per_pixel.sum_all()? / (norms.rois.max(1.0) * (m * m) as f64))?;
+            mask = scalar(&ml)?;
+            total = (total + (ml * cfg.mask_loss_weight)?)?;
+        }
+        let total = if scale == 1.0 {
+            total
+        } else {
+            (total * scale)?
+        };
+        let s = scale as f32;
+        Ok(LossParts {
+            cls: s * scalar(&fl.cls)?,
+            reg: s * scalar(&fl.reg)?,
+            ctr: s * scalar(&fl.ctr)?,
+            mask: s * mask,
+            num_pos: fl.num_pos,
+            num_rois,
+            total,
+        })
+    }
+}
+
+/// Forward pass and losses of square `images` `(B, 3, S, S)` with their instances, normalised
+/// by the batch's own counts ([`forward`], then [`Forward::losses`]).
+pub fn forward_loss<R: Rng>(
+    det: &Detector,
+    vit: &VisionTransformer,
+    frozen: bool,
+    images: &Tensor,
+    instances: &[Vec<Instance>],
+    rngs: &mut [R],
+) -> Result<LossParts> {
+    let f = forward(det, vit, frozen, images, instances, rngs)?;
+    let n = f.norms();
+    f.losses(det, &n, 1.0)
 }
