@@ -64,9 +64,63 @@ struct Db {
     invocations: sled::Tree,
     latest: sled::Tree,
     checkpoints: sled::Tree,
-    /// Serialises rewrites of the readers' copy (stages commit from several threads).
-    snapshot: std::sync::Mutex<()>,
+    /// The readers' copy, kept in memory and written by a background thread.
+    mirror: std::sync::Arc<Mirror>,
     _lock: lock::StoreLock,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = self.mirror.write_if_dirty();
+    }
+}
+
+/// The readers' copy in memory. Changes mark it dirty; a background thread writes it at most
+/// every [`MIRROR_PERIOD`] (so a burst of records costs one write, not one per record), and the
+/// store writes it once more when it is closed.
+struct Mirror {
+    root: PathBuf,
+    state: std::sync::Mutex<(Snapshot, bool)>,
+}
+
+/// How often the background thread looks for changes to write.
+const MIRROR_PERIOD: std::time::Duration = std::time::Duration::from_millis(300);
+
+impl Mirror {
+    /// Start mirroring; `dirty` when the file on disk must be rewritten.
+    fn start(root: &Path, snap: Snapshot, dirty: bool) -> std::sync::Arc<Mirror> {
+        let m = std::sync::Arc::new(Mirror {
+            root: root.to_path_buf(),
+            state: std::sync::Mutex::new((snap, dirty)),
+        });
+        let weak = std::sync::Arc::downgrade(&m);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(MIRROR_PERIOD);
+            match weak.upgrade() {
+                Some(m) => {
+                    let _ = m.write_if_dirty();
+                }
+                None => break,
+            }
+        });
+        m
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st.0);
+        st.1 = true;
+    }
+
+    fn write_if_dirty(&self) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.1 {
+            st.0.written = Some(chrono::Utc::now());
+            st.0.write(&self.root)?;
+            st.1 = false;
+        }
+        Ok(())
+    }
 }
 
 impl Store {
@@ -111,20 +165,24 @@ impl Store {
                 path: root.to_path_buf(),
                 msg: format!("cannot open the database: {e}"),
             })?;
-        let store = Store {
+        let records = db.open_tree("records")?;
+        let latest = db.open_tree("latest")?;
+        let checkpoints = db.open_tree("checkpoints")?;
+        let snap = snapshot_of(&records, &latest, &checkpoints)?;
+        // the copy on disk is current unless missing: every change since went through a mirror
+        let dirty = !Snapshot::path(root).exists();
+        Ok(Store {
             root: root.to_path_buf(),
             backend: Backend::Db(Box::new(Db {
-                records: db.open_tree("records")?,
+                mirror: Mirror::start(root, snap, dirty),
+                records,
                 invocations: db.open_tree("invocations")?,
-                latest: db.open_tree("latest")?,
-                checkpoints: db.open_tree("checkpoints")?,
+                latest,
+                checkpoints,
                 db,
-                snapshot: std::sync::Mutex::new(()),
                 _lock: lock,
             })),
-        };
-        store.write_snapshot()?;
-        Ok(store)
+        })
     }
 
     /// `Some((holder, written))` when this is a read-only view of a store another process holds.
@@ -143,42 +201,6 @@ impl Store {
                 self.root.display()
             ))),
         }
-    }
-
-    /// Rewrite the readers' copy from the database (a no-op on a read-only view).
-    fn write_snapshot(&self) -> Result<()> {
-        let Backend::Db(d) = &self.backend else {
-            return Ok(());
-        };
-        let _guard = d.snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        let mut snap = Snapshot {
-            written: Some(chrono::Utc::now()),
-            ..Default::default()
-        };
-        for r in self.records()? {
-            snap.records.insert(r.key.clone(), r);
-        }
-        for kv in d.latest.iter() {
-            let (k, v) = kv?;
-            let k = String::from_utf8_lossy(&k);
-            if let Some((pipeline, stage)) = k.split_once('\u{0}') {
-                snap.latest
-                    .entry(pipeline.to_string())
-                    .or_default()
-                    .insert(stage.to_string(), String::from_utf8_lossy(&v).into_owned());
-            }
-        }
-        for kv in d.checkpoints.iter() {
-            let (k, v) = kv?;
-            if let Some(step) = serde_json::from_slice::<serde_json::Value>(&v)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-            {
-                snap.checkpoints
-                    .insert(String::from_utf8_lossy(&k).into_owned(), step);
-            }
-        }
-        snap.write(&self.root)
     }
 
     /// Store root.
@@ -217,7 +239,11 @@ impl Store {
         match self.get(key)? {
             None => Ok(Lookup::Miss(None)),
             Some(Err(e)) => {
-                self.db()?.records.remove(key.as_bytes())?;
+                let d = self.db()?;
+                d.records.remove(key.as_bytes())?;
+                d.mirror.update(|m| {
+                    m.records.remove(key);
+                });
                 Ok(Lookup::Miss(Some(format!("corrupt record dropped ({e})"))))
             }
             Some(Ok(r)) if r.status == Status::Failed => Ok(Lookup::Failed(Box::new(r))),
@@ -256,7 +282,16 @@ impl Store {
             d.latest
                 .insert(latest_key(&rec.pipeline, &rec.stage_id), rec.key.as_bytes())?;
         }
-        self.write_snapshot()
+        d.mirror.update(|m| {
+            if rec.status == Status::Succeeded {
+                m.latest
+                    .entry(rec.pipeline.clone())
+                    .or_default()
+                    .insert(rec.stage_id.clone(), rec.key.clone());
+            }
+            m.records.insert(rec.key.clone(), rec.clone());
+        });
+        Ok(())
     }
 
     /// The last successful key of a (pipeline, stage instance).
@@ -334,16 +369,23 @@ impl Store {
     /// Remember the newest in-stage checkpoint of an unfinished stage.
     pub fn set_checkpoint(&self, key: &str, step: u64, path: &Path) -> Result<()> {
         let v = serde_json::json!({ "step": step, "path": path, "time": chrono::Utc::now() });
-        self.db()?
-            .checkpoints
+        let d = self.db()?;
+        d.checkpoints
             .insert(key.as_bytes(), serde_json::to_vec(&v)?)?;
-        self.write_snapshot()
+        d.mirror.update(|m| {
+            m.checkpoints.insert(key.to_string(), step);
+        });
+        Ok(())
     }
 
     /// Forget a checkpoint pointer (the stage finished).
     pub fn clear_checkpoint(&self, key: &str) -> Result<()> {
-        self.db()?.checkpoints.remove(key.as_bytes())?;
-        self.write_snapshot()
+        let d = self.db()?;
+        d.checkpoints.remove(key.as_bytes())?;
+        d.mirror.update(|m| {
+            m.checkpoints.remove(key);
+        });
+        Ok(())
     }
 
     /// The checkpoint step recorded for a key.
@@ -364,13 +406,50 @@ impl Store {
         Ok(self.db()?.db.open_tree(name)?)
     }
 
-    /// Flush to disk (nothing to do on a read-only view).
+    /// Flush to disk, the readers' copy included (nothing to do on a read-only view).
     pub fn flush(&self) -> Result<()> {
         if let Backend::Db(d) = &self.backend {
             d.db.flush()?;
+            d.mirror.write_if_dirty()?;
         }
         Ok(())
     }
+}
+
+/// The readers' copy of what the database holds now.
+fn snapshot_of(
+    records: &sled::Tree,
+    latest: &sled::Tree,
+    checkpoints: &sled::Tree,
+) -> Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    for kv in records.iter() {
+        let (_, b) = kv?;
+        if let Ok(r) = serde_json::from_slice::<Record>(&b) {
+            snap.records.insert(r.key.clone(), r);
+        }
+    }
+    for kv in latest.iter() {
+        let (k, v) = kv?;
+        let k = String::from_utf8_lossy(&k);
+        if let Some((pipeline, stage)) = k.split_once('\u{0}') {
+            snap.latest
+                .entry(pipeline.to_string())
+                .or_default()
+                .insert(stage.to_string(), String::from_utf8_lossy(&v).into_owned());
+        }
+    }
+    for kv in checkpoints.iter() {
+        let (k, v) = kv?;
+        if let Some(step) = serde_json::from_slice::<serde_json::Value>(&v)
+            .ok()
+            .and_then(|v| v["step"].as_u64())
+        {
+            snap.checkpoints
+                .insert(String::from_utf8_lossy(&k).into_owned(), step);
+        }
+    }
+    Ok(snap)
 }
 
 fn latest_key(pipeline: &str, stage_id: &str) -> Vec<u8> {
@@ -412,6 +491,7 @@ mod tests {
         holder
             .commit(record("aa11", "first"), &dir.path().join("none"))
             .unwrap();
+        holder.flush().unwrap();
         // a second open for writing fails at once, naming the holder
         let busy = Store::open(dir.path(), false, "second").err().unwrap();
         assert!(busy.to_string().contains("test run"), "{busy}");
@@ -430,6 +510,8 @@ mod tests {
         ));
         // a later commit of the holder reaches new readers
         holder.put(&record("bb22", "second")).unwrap();
+        // written by the background thread within a moment (or at once by `flush`)
+        std::thread::sleep(MIRROR_PERIOD * 3);
         let r2 = Store::open_read(dir.path(), "reader").unwrap();
         assert_eq!(r2.records().unwrap().len(), 2);
         assert_eq!(

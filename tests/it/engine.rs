@@ -164,6 +164,63 @@ fn concurrent_run_is_refused_naming_the_holder() {
 }
 
 #[test]
+fn status_report_and_ls_read_the_store_during_a_run() {
+    let c = Ctx::new();
+    c.write(
+        "p.yaml",
+        "stages:\n  fast: {kind: command, cmd: 'echo \"{\\\"v\\\": 7}\" > metrics.json'}\n  slow: {kind: command, needs: [fast], cmd: 'sleep 4'}\n",
+    );
+    let mut first = c.cmd().args(["run", "p.yaml"]).spawn().unwrap();
+    // wait until the run holds the store and `fast` is done
+    let mut seen = None;
+    for _ in 0..200 {
+        let o = c.run(&["status", "p.yaml"]);
+        if o.stderr.contains("in use by pid") && o.stdout.contains("fresh") {
+            seen = Some(o);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = seen.expect("status never showed the running store with `fast` done");
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("fresh") && l.contains("fast")),
+        "{}",
+        o.all()
+    );
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("missing") && l.contains("slow")),
+        "{}",
+        o.all()
+    );
+    let o = c.run(&["ls", "--store", c.store().to_str().unwrap()]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(
+        o.stdout.contains("t/fast") || o.stdout.contains("/fast"),
+        "{}",
+        o.all()
+    );
+    let o = c.run(&["report", "p.yaml", "--format", "json"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stdout.contains("\"v\""), "{}", o.all());
+    assert!(first.wait().unwrap().success());
+    // afterwards: the database itself, no note
+    let o = c.run(&["status", "p.yaml"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(!o.stderr.contains("in use"), "{}", o.all());
+    assert_eq!(
+        o.stdout.lines().filter(|l| l.starts_with("fresh")).count(),
+        2,
+        "{}",
+        o.all()
+    );
+}
+
+#[test]
 fn corrupt_record_and_deleted_artifact_rerun() {
     let c = Ctx::new();
     c.write("p.yaml", PIPE);
@@ -271,7 +328,7 @@ fn quickstart_and_examples_plan() {
     let c = Ctx::new();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for (file, n) in [
-        ("pipelines/quickstart.yaml", 30),
+        ("pipelines/quickstart.yaml", 31),
         ("pipelines/examples/pretrain_tiny.yaml", 3),
     ] {
         let store = c.path().join(file.replace('/', "_"));

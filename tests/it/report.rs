@@ -681,7 +681,10 @@ fn paper_pipelines_plan_when_the_kinds_exist() {
     // convergence.yaml's two 600-epoch runs are full_paper.yaml's ViT-B/16 runs (shared store)
     let full = &pretrain_keys["pipelines/full_paper.yaml"];
     for k in &pretrain_keys["pipelines/convergence.yaml"] {
-        assert!(full.contains(k), "convergence pretrain {k} is not a full_paper stage");
+        assert!(
+            full.contains(k),
+            "convergence pretrain {k} is not a full_paper stage"
+        );
     }
 }
 
