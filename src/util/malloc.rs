@@ -4,8 +4,8 @@
 //! gradients, gemm outputs), the same sizes every step. glibc serves blocks above its mmap
 //! threshold (128 KiB at start, raised dynamically up to 32 MiB) with fresh `mmap`s and returns
 //! freed memory above its trim threshold to the kernel, so each step pays page faults and the
-//! kernel's zeroing of every page again: about 15% of a one-thread step of the quickstart model
-//! (perf: `clear_page_erms`, `do_anonymous_page` under candle's and the fused ops' allocations).
+//! kernel's zeroing of every page again: 13% of the perf samples of a one-thread step of the
+//! quickstart model (`clear_page_erms`, `do_anonymous_page` under the tensors' allocations).
 //! [`keep_freed_memory`] keeps blocks up to 32 MiB on the heap and freed memory in the process,
 //! so later steps reuse pages that are already mapped. The peak resident memory stays that of
 //! the largest step.
