@@ -4,6 +4,8 @@
 mod cli;
 
 fn main() {
+    // Training steps reuse the same large buffers every step: keep freed memory mapped.
+    cjepa::util::malloc::keep_freed_memory();
     let code = match cli::main() {
         Ok(code) => code,
         Err(e) => {

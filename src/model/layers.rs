@@ -191,6 +191,12 @@ impl Mlp {
 
     /// Applies the MLP to the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::applies_to(x) {
+            if let Some(b) = &self.fc1.bias {
+                let h = fused::linear_gelu(x, &self.fc1.weight, b)?;
+                return self.fc2.forward(&h);
+            }
+        }
         let h = self.fc1.forward(x)?;
         let h = if fused::applies_to(&h) {
             fused::gelu_erf(&h)?

@@ -2,5 +2,6 @@
 
 pub mod atomic;
 pub mod canon;
+pub mod malloc;
 pub mod numpy;
 pub mod rng;

@@ -15,6 +15,20 @@ const CHUNK: usize = 4096;
 
 struct GeluErf;
 
+/// `x Φ(x)`.
+#[inline(always)]
+pub(super) fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2))
+}
+
+/// The derivative `Φ(x) + x φ(x)`.
+#[inline(always)]
+pub(super) fn gelu_grad(v: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+    let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
+    cdf + v * pdf
+}
+
 /// Applies `f(i, chunk)` to `CHUNK`-sized pieces of `v` in parallel.
 fn par_chunks(v: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let n = v.len();
@@ -43,7 +57,7 @@ impl CustomOp1 for GeluErf {
         par_chunks(&mut y, |a, out| {
             simd(|| {
                 for (o, &v) in out.iter_mut().zip(&x[a..]) {
-                    *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+                    *o = gelu(v);
                 }
             })
         });
@@ -63,9 +77,7 @@ impl CustomOp1 for GeluErf {
             par_chunks(&mut g, |a, out| {
                 simd(|| {
                     for (o, &v) in out.iter_mut().zip(&xs[a..]) {
-                        let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
-                        let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
-                        *o *= cdf + v * pdf;
+                        *o *= gelu_grad(v);
                     }
                 })
             });

@@ -8,7 +8,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{gemm_par_rows, par_rows, par_rows_sum, Mat, MatMut};
+use super::kernels::{gemm_par_rows, par_rows, par_rows_sum, simd, Mat, MatMut};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused linear";
@@ -16,7 +16,7 @@ const OP: &str = "fused linear";
 /// The op: a `CustomOp3` with the bias, a `CustomOp2` without.
 struct Linear;
 
-fn check(xd: &[usize], wd: &[usize]) -> Result<(usize, usize, usize)> {
+pub(super) fn check(xd: &[usize], wd: &[usize]) -> Result<(usize, usize, usize)> {
     let (&k, _) = xd
         .split_last()
         .ok_or_else(|| candle_core::Error::Msg("fused linear: scalar input".into()))?;
@@ -27,7 +27,7 @@ fn check(xd: &[usize], wd: &[usize]) -> Result<(usize, usize, usize)> {
     Ok((m, k, wd[0]))
 }
 
-fn out_shape(xd: &[usize], n: usize) -> Shape {
+pub(super) fn out_shape(xd: &[usize], n: usize) -> Shape {
     let mut d = xd.to_vec();
     if let Some(l) = d.last_mut() {
         *l = n;
@@ -36,7 +36,14 @@ fn out_shape(xd: &[usize], n: usize) -> Shape {
 }
 
 /// The forward product into a fresh buffer.
-fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+pub(super) fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     if let Some(b) = b {
         let yp = SendPtr(y.as_mut_ptr());
@@ -77,6 +84,98 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, k: usize, n: usize
     y
 }
 
+/// Column sums of the `m x n` row-major `g` (the bias gradient).
+fn column_sums(g: &[f32], m: usize, n: usize) -> Vec<f32> {
+    par_rows_sum(m, 64, n, |r, acc| {
+        simd(|| {
+            for i in r {
+                for (a, v) in acc.iter_mut().zip(&g[i * n..(i + 1) * n]) {
+                    *a += v;
+                }
+            }
+        })
+    })
+}
+
+/// `(dx, dW)` from the output gradient `g (m x n)`, each computed only when asked for.
+pub(super) fn input_and_weight_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &[f32],
+    want: (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (m, k, n) = check(x.dims(), w.dims())?;
+    let dx = if want.0 {
+        let v = with_data(w, OP, |wd| {
+            let mut dx = vec![0f32; m * k];
+            // SAFETY: dx is m x k, dy m x n, W n x k.
+            unsafe {
+                gemm_par_rows(
+                    m,
+                    k,
+                    n,
+                    MatMut {
+                        ptr: dx.as_mut_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    false,
+                    Mat {
+                        ptr: g.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: wd.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                )
+            };
+            Ok(dx)
+        })?;
+        Some(tensor(v, x.dims())?)
+    } else {
+        None
+    };
+    let dw = if want.1 {
+        let v = with_data(x, OP, |xd| {
+            let mut dw = vec![0f32; n * k];
+            // SAFETY: dW is n x k; dy^T is read with row stride 1 and column stride n.
+            unsafe {
+                gemm_par_rows(
+                    n,
+                    k,
+                    m,
+                    MatMut {
+                        ptr: dw.as_mut_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    false,
+                    Mat {
+                        ptr: g.as_ptr(),
+                        rs: 1,
+                        cs: n as isize,
+                    },
+                    Mat {
+                        ptr: xd.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                )
+            };
+            Ok(dw)
+        })?;
+        Some(tensor(v, w.dims())?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
 /// Gradients `(dx, dW, db)`, each computed only when asked for.
 fn backward(
     x: &Tensor,
@@ -84,86 +183,11 @@ fn backward(
     dy: &Tensor,
     want: (bool, bool, bool),
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let (m, k, n) = check(x.dims(), w.dims())?;
-    with_data(dy, "fused linear", |g| {
-        let dx = if want.0 {
-            let v = with_data(w, "fused linear", |wd| {
-                let mut dx = vec![0f32; m * k];
-                // SAFETY: dx is m x k, dy m x n, W n x k.
-                unsafe {
-                    gemm_par_rows(
-                        m,
-                        k,
-                        n,
-                        MatMut {
-                            ptr: dx.as_mut_ptr(),
-                            rs: k as isize,
-                            cs: 1,
-                        },
-                        false,
-                        Mat {
-                            ptr: g.as_ptr(),
-                            rs: n as isize,
-                            cs: 1,
-                        },
-                        Mat {
-                            ptr: wd.as_ptr(),
-                            rs: k as isize,
-                            cs: 1,
-                        },
-                        1.0,
-                    )
-                };
-                Ok(dx)
-            })?;
-            Some(tensor(v, x.dims())?)
-        } else {
-            None
-        };
-        let dw = if want.1 {
-            let v = with_data(x, "fused linear", |xd| {
-                let mut dw = vec![0f32; n * k];
-                // SAFETY: dW is n x k; dy^T is read with row stride 1 and column stride n.
-                unsafe {
-                    gemm_par_rows(
-                        n,
-                        k,
-                        m,
-                        MatMut {
-                            ptr: dw.as_mut_ptr(),
-                            rs: k as isize,
-                            cs: 1,
-                        },
-                        false,
-                        Mat {
-                            ptr: g.as_ptr(),
-                            rs: 1,
-                            cs: n as isize,
-                        },
-                        Mat {
-                            ptr: xd.as_ptr(),
-                            rs: k as isize,
-                            cs: 1,
-                        },
-                        1.0,
-                    )
-                };
-                Ok(dw)
-            })?;
-            Some(tensor(v, w.dims())?)
-        } else {
-            None
-        };
+    let (m, _, n) = check(x.dims(), w.dims())?;
+    with_data(dy, OP, |g| {
+        let (dx, dw) = input_and_weight_grads(x, w, g, (want.0, want.1))?;
         let db = if want.2 {
-            let v = par_rows_sum(m, 64, n, |r, acc| {
-                for i in r {
-                    let row = &g[i * n..(i + 1) * n];
-                    for (a, v) in acc.iter_mut().zip(row) {
-                        *a += v;
-                    }
-                }
-            });
-            Some(tensor(v, &[n])?)
+            Some(tensor(column_sums(g, m, n), &[n])?)
         } else {
             None
         };

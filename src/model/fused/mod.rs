@@ -8,6 +8,8 @@
 //!   saved for the backward; no permuted copies of q, k, v in either direction.
 //! - `softmax`: softmax over the last axis with its backward.
 //! - `gelu`: GELU with the exact erf, the backward in one pass.
+//! - `linear_gelu`: the MLP's `GELU(x W^T + b)` as one op; its backward forms the pre-activation
+//!   gradient and the bias gradient in one pass and feeds it straight to the gemms.
 //!
 //! The layers in [`crate::model::layers`] take these paths for contiguous f32 tensors on the CPU
 //! while [`enabled`] is true (the default; `CJEPA_FUSED=0` or [`set_enabled`] turns them off, for
@@ -19,6 +21,7 @@ pub mod gelu;
 pub mod kernels;
 pub mod layer_norm;
 pub mod linear;
+pub mod linear_gelu;
 pub mod softmax;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -29,6 +32,7 @@ pub use attention::attention;
 pub use gelu::gelu_erf;
 pub use layer_norm::{layer_norm, layer_norm_plain};
 pub use linear::linear;
+pub use linear_gelu::linear_gelu;
 pub use softmax::softmax_last;
 
 /// 0: not read yet, 1: on, 2: off.

@@ -1,0 +1,192 @@
+//! `y = GELU_erf(x W^T + b)` as one op: the MLP's first layer and its activation.
+//!
+//! The forward keeps the pre-activation `z = x W^T + b` inside the op (the unfused pair keeps it
+//! as the GELU's input: the same memory). The backward forms `dz = dy GELU'(z)` and the bias
+//! gradient (column sums of dz) in one pass over the rows and hands dz to the two gemms of
+//! [`super::linear`]. Against the pair of ops this saves, per MLP, one pass over the hidden
+//! tensor and candle's accumulation of the GELU's input gradient (a zero-filled tensor of the
+//! hidden size plus an add), which is why it exists: the backward of a training step is bound by
+//! such passes once the gemms are fused.
+
+use std::sync::OnceLock;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::gelu::{gelu, gelu_grad};
+use super::kernels::{par_rows, par_rows_sum, simd};
+use super::linear::{check, forward, input_and_weight_grads, out_shape};
+use super::{slice, tensor, with_data, SendPtr};
+
+const OP: &str = "fused linear_gelu";
+
+struct LinearGelu {
+    /// The pre-activation `z`, saved by the forward.
+    pre: OnceLock<Vec<f32>>,
+}
+
+impl CustomOp3 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "fused-linear-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = check(l1.dims(), l2.dims())?;
+        if l3.dims() != [n] {
+            bail!("{OP}: bias {:?}, expected [{n}]", l3.dims())
+        }
+        let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
+        let z = forward(x, w, Some(b), m, k, n);
+        let mut y = vec![0f32; m * n];
+        let yp = SendPtr(y.as_mut_ptr());
+        par_rows(m, 16, |r| {
+            let yp = yp;
+            let (a, e) = (r.start * n, r.end * n);
+            // SAFETY: each chunk writes its own rows.
+            let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(a), e - a) };
+            simd(|| {
+                for (o, &v) in out.iter_mut().zip(&z[a..e]) {
+                    *o = gelu(v);
+                }
+            })
+        });
+        let _ = self.pre.set(z);
+        Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, _, n) = check(x.dims(), w.dims())?;
+        let Some(z) = self.pre.get() else {
+            bail!("{OP}: backward before forward")
+        };
+        if dy.elem_count() != m * n {
+            bail!("{OP}: gradient {:?} for {m} x {n} outputs", dy.dims())
+        }
+        let mut dz = vec![0f32; m * n];
+        let dzp = SendPtr(dz.as_mut_ptr());
+        let db = with_data(dy, OP, |g| {
+            Ok(par_rows_sum(m, 16, n, |r, acc| {
+                let dzp = dzp;
+                let (a, e) = (r.start * n, r.end * n);
+                // SAFETY: each chunk writes its own rows.
+                let out = unsafe { std::slice::from_raw_parts_mut(dzp.0.add(a), e - a) };
+                simd(|| {
+                    for ((orow, grow), zrow) in out
+                        .chunks_exact_mut(n)
+                        .zip(g[a..e].chunks_exact(n))
+                        .zip(z[a..e].chunks_exact(n))
+                    {
+                        for (((o, &gv), &zv), s) in
+                            orow.iter_mut().zip(grow).zip(zrow).zip(acc.iter_mut())
+                        {
+                            *o = gv * gelu_grad(zv);
+                            *s += *o;
+                        }
+                    }
+                })
+            }))
+        })?;
+        let (dx, dw) = input_and_weight_grads(x, w, &dz, (x.track_op(), w.track_op()))?;
+        let db = if b.track_op() {
+            Some(tensor(db, &[n])?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `GELU_erf(x W^T + b)` for `x (..., in)`, `w (out, in)`, `b (out)`; f32 CPU tensors.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LinearGelu {
+            pre: OnceLock::new(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testutil::{assert_close, randn, var};
+
+    /// The unfused composition: candle's matmul, broadcast add and `gelu_erf`.
+    fn unfused(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap();
+        let rows = x.elem_count() / k;
+        let z = x
+            .reshape((rows, k))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(b)
+            .unwrap();
+        let mut od = dims;
+        *od.last_mut().unwrap() = w.dim(0).unwrap();
+        z.gelu_erf().unwrap().reshape(od).unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_match_unfused() {
+        for (shape, n) in [
+            (vec![2usize, 67, 24], 40usize),
+            (vec![130, 16], 96),
+            (vec![3, 1, 5], 7),
+        ] {
+            let k = *shape.last().unwrap();
+            let x = var(&shape, 1, 1.0, 0.1);
+            let w = var(&[n, k], 2, 0.5, 0.0);
+            let b = var(&[n], 3, 1.0, 0.0);
+            let mut od = shape.clone();
+            *od.last_mut().unwrap() = n;
+            let probe = randn(&od, 4);
+            let f = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+            let u = unfused(x.as_tensor(), w.as_tensor(), b.as_tensor());
+            assert_close("linear_gelu y", &f, &u, 5e-6, 1e-5);
+            let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                assert_close(
+                    &format!("linear_gelu d{name}"),
+                    gf.get(v.as_tensor()).unwrap(),
+                    gu.get(v.as_tensor()).unwrap(),
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn input_without_grad_gets_none() {
+        let x = randn(&[5, 6], 1);
+        let w = var(&[3, 6], 2, 1.0, 0.0);
+        let b = var(&[3], 3, 1.0, 0.0);
+        let g = linear_gelu(&x, w.as_tensor(), b.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(w.as_tensor()).is_some());
+        assert!(g.get(b.as_tensor()).is_some());
+    }
+}
