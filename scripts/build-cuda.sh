@@ -19,8 +19,9 @@
 #   CJEPA_CUDA_TARGET  cargo target dir (default: <repo>/target/cuda)
 #   CUDA_COMPUTE_CAP   default 90 (H100/H200, sm_90a)
 #   CJEPA_CUDA_NCCL=1  also fetch NCCL (needed only for a `nccl` feature)
-#   CJEPA_CUDA_NCCL_VERSION  nvidia-nccl-cu13 version to fetch (default 2.30.7; any 2.x links, the
-#                      run-time library is the GPU machine's own)
+#   CJEPA_CUDA_NCCL_VERSION  nvidia-nccl-cu13 version to fetch (default 2.32.3: 2.30.7, the version
+#                      CANDLE.md names, is no longer on the index; any 2.x links, and at run time
+#                      the GPU machine's own libnccl is used)
 #   CJEPA_CUDA_PREPARE_ONLY=1  prepare the toolkit, print the exports, do not build
 #   CJEPA_CUDA_TESTS=1 also build the integration-test binary and copy it to
 #                      $CJEPA_CUDA_TARGET/release/it-cuda (for scripts/gpu-check.sh on a GPU machine)
@@ -44,7 +45,7 @@ wheels=(
   nvidia-curand==10.4.0.35
   nvidia-cublas==13.1.1.3
 )
-if [[ "${CJEPA_CUDA_NCCL:-0}" == 1 ]]; then wheels+=("nvidia-nccl-cu13==${CJEPA_CUDA_NCCL_VERSION:-2.30.7}"); fi
+if [[ "${CJEPA_CUDA_NCCL:-0}" == 1 ]]; then wheels+=("nvidia-nccl-cu13==${CJEPA_CUDA_NCCL_VERSION:-2.32.3}"); fi
 
 say() { printf '[build-cuda] %s\n' "$*" >&2; }
 
