@@ -1,6 +1,6 @@
 //! The readers' copy of the store: `<store>/snapshot.json`, rewritten (write to a temporary file,
-//! then rename) by the process that holds the store after every change to its records or
-//! checkpoint pointers. While a run holds the store, `status`, `report`, `ls` and `show` read
+//! then rename) by the process that holds the store within a moment of every change to its
+//! records or checkpoint pointers (see `Mirror` in the parent module). While a run holds the store, `status`, `report`, `ls` and `show` read
 //! this copy instead of failing on the lock, so one long run never blocks looking at results.
 
 use std::collections::BTreeMap;
