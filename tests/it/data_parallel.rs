@@ -171,6 +171,27 @@ fn wait_for_checkpoint(store: &Path, child: &mut std::process::Child) {
     }
 }
 
+/// Run `p.yaml` in `dir`, SIGKILL the driver once a checkpoint exists, then run it again to the
+/// end (the driver's worker, the launcher, dies with it, and the ranks with the launcher).
+fn kill_at_first_checkpoint_then_rerun(dir: &Path) {
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
+        .current_dir(dir)
+        .args(["run", "p.yaml", "--plain", "--threads", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&dir.join(".store"), &mut child);
+    // SAFETY: plain syscall on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    assert!(!child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, err) = run(dir);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn two_ranks_killed_then_rerun_resume_bit_identical() {
     // C-JEPA over 5 epochs = 20 steps, a checkpoint every 3
@@ -180,23 +201,7 @@ fn two_ranks_killed_then_rerun_resume_bit_identical() {
     assert_eq!(code, 0, "{err}");
 
     let dir = setup(&yaml);
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
-        .current_dir(dir.path())
-        .args(["run", "p.yaml", "--plain", "--threads", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&dir.path().join(".store"), &mut child);
-    // SAFETY: plain syscall on our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    assert!(!child.wait().unwrap().success());
-    // the driver's worker (the launcher) dies with it, and the ranks with the launcher
-    std::thread::sleep(Duration::from_millis(300));
-    let (code, err) = run(dir.path());
-    assert_eq!(code, 0, "{err}");
+    kill_at_first_checkpoint_then_rerun(dir.path());
     let (_, rec, art) = record(dir.path());
     let from = rec["info"]["resumed_from"].as_u64().unwrap();
     assert!(from > 0 && from < 20, "resumed from step {from}: {rec}");
@@ -429,22 +434,7 @@ fn finetune_two_ranks_killed_then_rerun_resume_bit_identical() {
     assert_eq!(code, 0, "{err}");
 
     let dir = setup(&yaml);
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
-        .current_dir(dir.path())
-        .args(["run", "p.yaml", "--plain", "--threads", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&dir.path().join(".store"), &mut child);
-    // SAFETY: plain syscall on our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    assert!(!child.wait().unwrap().success());
-    std::thread::sleep(Duration::from_millis(300));
-    let (code, err) = run(dir.path());
-    assert_eq!(code, 0, "{err}");
+    kill_at_first_checkpoint_then_rerun(dir.path());
     let (_, rec, art) = record_of(dir.path(), "finetune");
     let from = rec["info"]["resumed_from"].as_u64().unwrap();
     assert!(from > 0 && from < 16, "resumed from step {from}: {rec}");
