@@ -166,22 +166,33 @@ fn concurrent_run_is_refused_naming_the_holder() {
 #[test]
 fn status_report_and_ls_read_the_store_during_a_run() {
     let c = Ctx::new();
+    // `slow` holds the run open until the test creates `release` (or a minute passes), so the
+    // checks below never race the run's end however loaded the machine is
+    let release = c.path().join("release");
     c.write(
         "p.yaml",
-        "stages:\n  fast: {kind: command, cmd: 'echo \"{\\\"v\\\": 7}\" > metrics.json'}\n  slow: {kind: command, needs: [fast], cmd: 'sleep 4'}\n",
+        &format!(
+            "stages:\n  fast: {{kind: command, cmd: 'echo \"{{\\\"v\\\": 7}}\" > metrics.json'}}\n  slow: {{kind: command, needs: [fast], cmd: 'i=0; while [ ! -f {r} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done'}}\n",
+            r = release.display()
+        ),
     );
     let mut first = c.cmd().args(["run", "p.yaml"]).spawn().unwrap();
     // wait until the run holds the store and `fast` is done
     let mut seen = None;
-    for _ in 0..200 {
+    let mut last = String::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(50) {
         let o = c.run(&["status", "p.yaml"]);
         if o.stderr.contains("in use by pid") && o.stdout.contains("fresh") {
             seen = Some(o);
             break;
         }
+        last = o.all();
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let o = seen.expect("status never showed the running store with `fast` done");
+    let Some(o) = seen else {
+        panic!("status never showed the running store with `fast` done; last status:\n{last}")
+    };
     assert_eq!(o.code, 0, "{}", o.all());
     assert!(
         o.stdout
@@ -207,6 +218,7 @@ fn status_report_and_ls_read_the_store_during_a_run() {
     let o = c.run(&["report", "p.yaml", "--format", "json"]);
     assert_eq!(o.code, 0, "{}", o.all());
     assert!(o.stdout.contains("\"v\""), "{}", o.all());
+    std::fs::write(&release, "").unwrap();
     assert!(first.wait().unwrap().success());
     // afterwards: the database itself, no note
     let o = c.run(&["status", "p.yaml"]);
