@@ -1,6 +1,6 @@
 //! The pipeline engine driven through the real binary: caching, reruns, matrix, resume, locking.
 
-use crate::util::{count, Ctx};
+use crate::util::{count, hold_until, Ctx};
 
 const PIPE: &str = r#"
 name: t
@@ -140,9 +140,13 @@ fn retries_rerun_a_flaky_stage() {
 #[test]
 fn concurrent_run_is_refused_naming_the_holder() {
     let c = Ctx::new();
+    let release = c.path().join("release");
     c.write(
         "p.yaml",
-        "stages:\n  slow: {kind: command, cmd: 'sleep 3'}\n",
+        &format!(
+            "stages:\n  slow: {{kind: command, cmd: '{}'}}\n",
+            hold_until(&release)
+        ),
     );
     let mut first = c.cmd().args(["run", "p.yaml"]).spawn().unwrap();
     let lock = c.store().join("LOCK");
@@ -157,10 +161,20 @@ fn concurrent_run_is_refused_naming_the_holder() {
     assert!(o.stderr.contains("in use by pid"), "{}", o.all());
     assert!(o.stderr.contains("--wait"), "{}", o.all());
     // --wait queues behind the holder and then finds the stage cached
-    let o = c.run(&["run", "p.yaml", "--wait", "--plain"]);
-    assert_eq!(o.code, 0, "{}", o.all());
-    assert!(o.stderr.contains("cached"), "{}", o.all());
+    let waiting = c
+        .cmd()
+        .args(["run", "p.yaml", "--wait", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::fs::write(&release, "").unwrap();
     assert!(first.wait().unwrap().success());
+    let o = waiting.wait_with_output().unwrap();
+    let (code, err) = (o.status.code(), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("cached"), "{err}");
 }
 
 #[test]
@@ -172,8 +186,8 @@ fn status_report_and_ls_read_the_store_during_a_run() {
     c.write(
         "p.yaml",
         &format!(
-            "stages:\n  fast: {{kind: command, cmd: 'echo \"{{\\\"v\\\": 7}}\" > metrics.json'}}\n  slow: {{kind: command, needs: [fast], cmd: 'i=0; while [ ! -f {r} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done'}}\n",
-            r = release.display()
+            "stages:\n  fast: {{kind: command, cmd: 'echo \"{{\\\"v\\\": 7}}\" > metrics.json'}}\n  slow: {{kind: command, needs: [fast], cmd: '{hold}'}}\n",
+            hold = hold_until(&release)
         ),
     );
     let mut first = c.cmd().args(["run", "p.yaml"]).spawn().unwrap();

@@ -69,6 +69,15 @@ impl Ctx {
     }
 }
 
+/// A shell command that waits until `flag` exists (or a minute passes): a stage with it keeps a
+/// run going until the test lets it end, so checks made during the run cannot race its end.
+pub fn hold_until(flag: &Path) -> String {
+    format!(
+        "i=0; while [ ! -f {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        flag.display()
+    )
+}
+
 /// Count lines of `s` starting with `prefix`.
 pub fn count(s: &str, prefix: &str) -> usize {
     s.lines().filter(|l| l.starts_with(prefix)).count()
