@@ -28,7 +28,7 @@ fn wait_for_checkpoint(c: &Ctx, min_step: u64) {
             return;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
+            t0.elapsed() < Duration::from_secs(120),
             "no checkpoint appeared"
         );
         std::thread::sleep(Duration::from_millis(20));
