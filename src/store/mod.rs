@@ -139,9 +139,9 @@ impl Store {
     pub fn open_read(root: &Path, purpose: &str) -> Result<Store> {
         fs_err::create_dir_all(root)?;
         let root = &root.canonicalize()?;
-        match lock::StoreLock::try_acquire(root, purpose)? {
+        match lock::StoreLock::try_acquire_reader(root, purpose)? {
             Ok(lock) => Self::with_lock(root, lock),
-            Err(holder) => match Snapshot::read(root) {
+            Err(holder) => match Self::holders_snapshot(root) {
                 Some(snap) => Ok(Store {
                     root: root.to_path_buf(),
                     backend: Backend::ReadOnly {
@@ -154,6 +154,21 @@ impl Store {
                     root.display()
                 ))),
             },
+        }
+    }
+
+    /// The holder's readers' copy. A holder that has just opened the store writes it within
+    /// [`MIRROR_PERIOD`], so a missing copy is looked for again for a moment.
+    fn holders_snapshot(root: &Path) -> Option<Snapshot> {
+        let start = std::time::Instant::now();
+        loop {
+            match Snapshot::read(root) {
+                Some(s) => return Some(s),
+                None if start.elapsed() < 10 * MIRROR_PERIOD => {
+                    std::thread::sleep(MIRROR_PERIOD / 6)
+                }
+                None => return None,
+            }
         }
     }
 
