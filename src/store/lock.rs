@@ -125,7 +125,10 @@ mod tests {
         let Err(Error::StoreBusy(msg)) = StoreLock::acquire(root, false, "cjepa run") else {
             panic!("a second writer got the lock")
         };
-        assert!(msg.contains("(cjepa run)") && msg.contains("--wait"), "{msg}");
+        assert!(
+            msg.contains("(cjepa run)") && msg.contains("--wait"),
+            "{msg}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(5));
         drop(w);
         // a reader holding it: the writer waits until it lets go

@@ -355,6 +355,7 @@ fn quickstart_and_examples_plan() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for (file, n) in [
         ("pipelines/quickstart.yaml", 31),
+        ("pipelines/quickstart_long.yaml", 7),
         ("pipelines/examples/pretrain_tiny.yaml", 3),
     ] {
         let store = c.path().join(file.replace('/', "_"));
@@ -409,5 +410,36 @@ fn quickstart_has_every_stage_kind_both_methods_and_baselines() {
             .iter()
             .any(|r| r.kind == s.kind && r.config["params"]["checkpoint"] == "random");
         assert!(random, "no random-init baseline for `{kind}`");
+    }
+}
+
+/// `quickstart_long.yaml` builds on the quickstart's pretraining: its `images` and `pretrain`
+/// stages plan to the same keys, so one store runs them once for both files.
+#[test]
+fn quickstart_long_shares_the_quickstarts_pretraining() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let keys = |file: &str| -> std::collections::BTreeMap<String, String> {
+        let p = cjepa::spec::load_pipeline(&root.join(file), &Default::default()).unwrap();
+        let plan = cjepa::plan::build(&p).unwrap();
+        plan.stages
+            .iter()
+            .map(|s| (s.inst.id.clone(), s.key.clone()))
+            .collect()
+    };
+    let (quick, long) = (
+        keys("pipelines/quickstart.yaml"),
+        keys("pipelines/quickstart_long.yaml"),
+    );
+    for id in ["images", "pretrain[method=ijepa]", "pretrain[method=cjepa]"] {
+        assert_eq!(quick.get(id), long.get(id), "{id}");
+        assert!(quick.contains_key(id), "{id}");
+    }
+    // and it evaluates both methods and the random encoder
+    for id in [
+        "detect_long[method=ijepa]",
+        "detect_long[method=cjepa]",
+        "detect_long_random",
+    ] {
+        assert!(long.contains_key(id), "{id}");
     }
 }
