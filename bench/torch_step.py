@@ -37,7 +37,7 @@ PRESETS = {
                      pred_embed_dim=384, pred_num_heads=12, img_size=224),
     # the quickstart's small model, as `cjepa bench train-step --model quick`
     "quick": dict(embed_dim=192, depth=4, num_heads=3, patch_size=8, pred_depth=2,
-                  pred_embed_dim=192, pred_num_heads=3, img_size=64),
+                  pred_embed_dim=384, pred_num_heads=3, img_size=64),
 }
 
 

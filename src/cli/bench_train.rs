@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Registry preset (`vit_tiny` ... `vit_huge`) or `quick` (the quickstart's small model:
-    /// ViT-Tiny width, 4 blocks, 64 px, patch 8, a 2-block predictor of width 192).
+    /// ViT-Tiny width, 4 blocks, 64 px, patch 8, a 2-block predictor of width 384, as in `pipelines/quickstart.yaml`).
     #[arg(long, default_value = "vit_small")]
     model: String,
     /// Image side in pixels (default: the preset's).
@@ -80,7 +80,6 @@ fn config(a: &Args) -> anyhow::Result<VitConfig> {
             img_size: 64,
             patch_size: 8,
             depth: 4,
-            pred_embed_dim: 192,
             pred_depth: 2,
             ..VitConfig::vit_tiny()
         },
@@ -357,4 +356,37 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     fused::set_enabled(true);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// `--model quick` is the architecture the quickstart pretrains, so its figures are the
+    /// quickstart's.
+    #[test]
+    fn quick_is_the_quickstarts_pretrain_model() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let p = cjepa::spec::load_pipeline(
+            &root.join("pipelines/quickstart.yaml"),
+            &Default::default(),
+        )
+        .unwrap();
+        let plan = cjepa::plan::build(&p).unwrap();
+        let s = plan
+            .stages
+            .iter()
+            .find(|s| s.kind.name() == "pretrain")
+            .unwrap();
+        let quickstart: VitConfig = serde_json::from_value(s.config["model"].clone()).unwrap();
+        let a = Cli::parse_from(["bench", "--model", "quick"]).args;
+        assert_eq!(config(&a).unwrap(), quickstart);
+    }
 }
