@@ -436,9 +436,9 @@ fn quickstart_long_shares_the_quickstarts_pretraining() {
     }
     // and it evaluates both methods and the random encoder
     for id in [
-        "detect_long[method=ijepa]",
-        "detect_long[method=cjepa]",
-        "detect_long_random",
+        "detect[method=ijepa]",
+        "detect[method=cjepa]",
+        "detect_random",
     ] {
         assert!(long.contains_key(id), "{id}");
     }
