@@ -27,6 +27,20 @@ pub(super) fn check(xd: &[usize], wd: &[usize]) -> Result<(usize, usize, usize)>
     Ok((m, k, wd[0]))
 }
 
+/// [`check`] plus the bias: `(m, k, n)` when the bias is `[n]`; `op` names the op in the error.
+pub(super) fn check_with_bias(
+    xd: &[usize],
+    wd: &[usize],
+    bd: &[usize],
+    op: &str,
+) -> Result<(usize, usize, usize)> {
+    let (m, k, n) = check(xd, wd)?;
+    if bd != [n] {
+        bail!("{op}: bias {bd:?}, expected [{n}]")
+    }
+    Ok((m, k, n))
+}
+
 pub(super) fn out_shape(xd: &[usize], n: usize) -> Shape {
     let mut d = xd.to_vec();
     if let Some(l) = d.last_mut() {
@@ -209,10 +223,7 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = check(l1.dims(), l2.dims())?;
-        if l3.dims() != [n] {
-            bail!("fused linear: bias {:?}, expected [{n}]", l3.dims())
-        }
+        let (m, k, n) = check_with_bias(l1.dims(), l2.dims(), l3.dims(), OP)?;
         let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
         let y = forward(x, w, Some(b), m, k, n);
         Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))

@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::gelu::{gelu, gelu_grad};
 use super::kernels::{par_rows, par_rows_sum, simd};
-use super::linear::{check, forward, input_and_weight_grads, out_shape};
+use super::linear::{check, check_with_bias, forward, input_and_weight_grads, out_shape};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused linear_gelu";
@@ -38,10 +38,7 @@ impl CustomOp3 for LinearGelu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = check(l1.dims(), l2.dims())?;
-        if l3.dims() != [n] {
-            bail!("{OP}: bias {:?}, expected [{n}]", l3.dims())
-        }
+        let (m, k, n) = check_with_bias(l1.dims(), l2.dims(), l3.dims(), OP)?;
         let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
         let z = forward(x, w, Some(b), m, k, n);
         let mut y = vec![0f32; m * n];
