@@ -19,6 +19,13 @@ pub const READER_GRACE: Duration = Duration::from_secs(30);
 /// Marks a reader's line in `LOCK`.
 const READING: &str = " [reading]";
 
+/// The holder as named while `LOCK` is empty: a holder writes its line just after taking the lock
+/// and clears it just before letting go, so a writer waits [`UNNAMED_GRACE`] before believing it.
+const UNNAMED: &str = "another process";
+
+/// How long an unnamed holder is given to write its line or to let go.
+const UNNAMED_GRACE: Duration = Duration::from_secs(2);
+
 /// Held for as long as the value lives.
 pub struct StoreLock {
     file: std::fs::File,
@@ -35,6 +42,9 @@ impl StoreLock {
                 Ok(lock) => return Ok(lock),
                 Err(holder) if holder.ends_with(READING) && start.elapsed() < READER_GRACE => {
                     std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(holder) if holder == UNNAMED && start.elapsed() < UNNAMED_GRACE => {
+                    std::thread::sleep(Duration::from_millis(20))
                 }
                 Err(holder) if !wait => {
                     return Err(Error::StoreBusy(format!(
@@ -81,7 +91,7 @@ impl StoreLock {
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
             return Ok(Err(if holder.is_empty() {
-                "another process".to_string()
+                UNNAMED.to_string()
             } else {
                 holder.to_string()
             }));
