@@ -357,6 +357,7 @@ fn quickstart_and_examples_plan() {
         ("pipelines/quickstart.yaml", 31),
         ("pipelines/quickstart_long.yaml", 7),
         ("pipelines/examples/pretrain_tiny.yaml", 3),
+        ("pipelines/examples/synth_pretrain_long.yaml", 12),
     ] {
         let store = c.path().join(file.replace('/', "_"));
         let o = c.run(&[
