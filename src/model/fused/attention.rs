@@ -261,7 +261,7 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testutil::{assert_close, randn, var};
+    use crate::model::fused::testutil::{assert_close, assert_grads_close, randn, var};
     use crate::model::layers::softmax_last_unfused;
 
     /// The unfused composition of `layers::Attention::forward` between qkv and proj.
@@ -304,15 +304,7 @@ mod tests {
             let f = attention(qkv.as_tensor(), h, scale).unwrap();
             let u = unfused(qkv.as_tensor(), h, scale);
             assert_close("attention y", &f, &u, 1e-5, 1e-4);
-            let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            assert_close(
-                "attention dqkv",
-                gf.get(qkv.as_tensor()).unwrap(),
-                gu.get(qkv.as_tensor()).unwrap(),
-                1e-5,
-                1e-4,
-            );
+            assert_grads_close("attention", &f, &u, &probe, &[("qkv", &qkv)], 1e-5, 1e-4);
         }
     }
 }

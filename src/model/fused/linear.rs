@@ -287,7 +287,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testutil::{assert_close, randn, var};
+    use crate::model::fused::testutil::{assert_close, assert_grads_close, randn, var};
 
     fn unfused(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         let dims = x.dims().to_vec();
@@ -324,26 +324,11 @@ mod tests {
             let f = linear(x.as_tensor(), w.as_tensor(), bref).unwrap();
             let u = unfused(x.as_tensor(), w.as_tensor(), bref);
             assert_close("linear y", &f, &u, 1e-5, 1e-5);
-            let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [("x", &x), ("w", &w)] {
-                assert_close(
-                    &format!("linear d{name}"),
-                    gf.get(v.as_tensor()).unwrap(),
-                    gu.get(v.as_tensor()).unwrap(),
-                    1e-4,
-                    1e-4,
-                );
-            }
+            let mut vars = vec![("x", &x), ("w", &w)];
             if bias {
-                assert_close(
-                    "linear db",
-                    gf.get(b.as_tensor()).unwrap(),
-                    gu.get(b.as_tensor()).unwrap(),
-                    1e-4,
-                    1e-4,
-                );
+                vars.push(("b", &b));
             }
+            assert_grads_close("linear", &f, &u, &probe, &vars, 1e-4, 1e-4);
         }
     }
 

@@ -121,7 +121,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testutil::{assert_close, randn, var};
+    use crate::model::fused::testutil::{assert_close, assert_grads_close, randn, var};
 
     /// The unfused composition: candle's matmul, broadcast add and `gelu_erf`.
     fn unfused(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
@@ -157,17 +157,8 @@ mod tests {
             let f = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
             let u = unfused(x.as_tensor(), w.as_tensor(), b.as_tensor());
             assert_close("linear_gelu y", &f, &u, 5e-6, 1e-5);
-            let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                assert_close(
-                    &format!("linear_gelu d{name}"),
-                    gf.get(v.as_tensor()).unwrap(),
-                    gu.get(v.as_tensor()).unwrap(),
-                    1e-4,
-                    1e-4,
-                );
-            }
+            let vars = [("x", &x), ("w", &w), ("b", &b)];
+            assert_grads_close("linear_gelu", &f, &u, &probe, &vars, 1e-4, 1e-4);
         }
     }
 

@@ -149,6 +149,40 @@ pub(crate) mod testutil {
         Var::from_tensor(&randn(shape, seed).affine(scale, shift).unwrap()).unwrap()
     }
 
+    /// Backpropagates `sum(fused * probe)` and `sum(unfused * probe)` (a random upstream gradient)
+    /// and compares the gradients of each named variable with [`assert_close`].
+    pub fn assert_grads_close(
+        op: &str,
+        fused: &Tensor,
+        unfused: &Tensor,
+        probe: &Tensor,
+        vars: &[(&str, &Var)],
+        atol: f32,
+        rtol: f32,
+    ) {
+        let gf = (fused * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gu = (unfused * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in vars {
+            assert_close(
+                &format!("{op} d{name}"),
+                gf.get(v.as_tensor()).unwrap(),
+                gu.get(v.as_tensor()).unwrap(),
+                atol,
+                rtol,
+            );
+        }
+    }
+
     /// Largest `|a - b| / (atol + rtol |b|)`; panics above 1 with `what` in the message.
     pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f32, rtol: f32) {
         assert_eq!(a.dims(), b.dims(), "{what}: shapes");

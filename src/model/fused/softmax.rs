@@ -88,7 +88,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testutil::{assert_close, randn, var};
+    use crate::model::fused::testutil::{assert_close, assert_grads_close, randn, var};
     use crate::model::layers;
 
     #[test]
@@ -98,14 +98,6 @@ mod tests {
         let f = softmax_last(x.as_tensor()).unwrap();
         let u = layers::softmax_last_unfused(x.as_tensor()).unwrap();
         assert_close("softmax y", &f, &u, 1e-6, 1e-5);
-        let gf = (f * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gu = (u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close(
-            "softmax dx",
-            gf.get(x.as_tensor()).unwrap(),
-            gu.get(x.as_tensor()).unwrap(),
-            1e-6,
-            1e-4,
-        );
+        assert_grads_close("softmax", &f, &u, &probe, &[("x", &x)], 1e-6, 1e-4);
     }
 }
