@@ -1,5 +1,6 @@
 //! `pretrain` stage: I-JEPA / C-JEPA self-supervised pretraining (METHOD.md; I-JEPA arXiv
-//! 2301.08243, C-JEPA arXiv 2410.19560) on the `train/` split of an upstream `imagefolder` dataset.
+//! 2301.08243, C-JEPA arXiv 2410.19560) on the images of one split (`train` by default) of an
+//! upstream `imagefolder` dataset (labels unused) or `clevr` dataset (`images/<split>/*.png`).
 //!
 //! Each iteration: a batch of `RandomResizedCrop(img, crop_scale)` + ImageNet-normalised images (no
 //! flip), one multi-block mask draw for the batch, then [`train_step`] (targets, context encoder,
@@ -42,6 +43,7 @@ use serde_json::{json, Value};
 pub use params::{resolve, LossParams, MaskParams, Params};
 
 use super::{backbone, params_of, StageContext, StageOutput};
+use crate::data::clevr::Clevr;
 use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::{ImageSamples, Loader, LoaderConfig};
 use crate::error::{Error, Result};
@@ -118,11 +120,11 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let (rank, world) = (ranks.rank(), ranks.world());
     ranks.check_divides("batch", p.batch)?;
 
-    let root = dataset_root(ctx)?;
-    let folder = ImageFolder::open(&root, &p.split).map_err(|e| fail(e.to_string()))?;
-    let n_images = folder.samples.len();
+    let (root, format) = dataset_root(ctx)?;
+    let samples = pretraining_images(&root, format, &p.split).map_err(|e| fail(e.to_string()))?;
+    let n_images = samples.len();
     let source = ImageSamples {
-        samples: folder.samples,
+        samples,
         transform: p.transform(cfg.img_size),
     };
     let loader = Loader::new(
@@ -398,8 +400,11 @@ fn model_config(ctx: &StageContext, p: &Params) -> Result<VitConfig> {
     Ok(cfg)
 }
 
-/// Root of the upstream `imagefolder` dataset.
-fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
+/// Dataset formats a pretrain stage reads images from.
+const PRETRAIN_FORMATS: [&str; 2] = ["imagefolder", "clevr"];
+
+/// Root and format of the upstream image dataset (`imagefolder` or `clevr`).
+fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, &'static str)> {
     let id = &ctx.job.id;
     let ds: Vec<_> = ctx
         .job
@@ -414,33 +419,56 @@ fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
             .unwrap_or("?")
             .to_string()
     };
-    let folders: Vec<_> = ds.iter().filter(|u| fmt(u) == "imagefolder").collect();
-    match folders.as_slice() {
-        [u] => Ok(super::dataset::root_of(u)),
+    let sources: Vec<_> = ds
+        .iter()
+        .filter_map(|u| {
+            let f = fmt(u);
+            PRETRAIN_FORMATS.iter().find(|k| **k == f).map(|k| (u, *k))
+        })
+        .collect();
+    match sources.as_slice() {
+        [(u, f)] => Ok((super::dataset::root_of(u), f)),
         [] => Err(Error::stage(
             id,
             match ds.first() {
                 Some(u) => format!(
                     "upstream dataset `{}` has format `{}`; pretraining reads an `imagefolder` \
-                     dataset (train/<class>/*.jpg)",
+                     dataset (train/<class>/*.jpg) or a `clevr` dataset (images/train/*.png)",
                     u.id,
                     fmt(u)
                 ),
-                None => "a pretrain stage needs an `imagefolder` dataset stage in `needs`".into(),
+                None => "a pretrain stage needs an `imagefolder` or `clevr` dataset stage in \
+                         `needs`"
+                    .into(),
             },
         )),
         many => Err(Error::stage(
             id,
             format!(
-                "{} imagefolder datasets in `needs` ({}); keep one",
+                "{} image datasets in `needs` ({}); keep one",
                 many.len(),
                 many.iter()
-                    .map(|u| u.id.as_str())
+                    .map(|(u, _)| u.id.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         )),
     }
+}
+
+/// The images of `split` of a dataset of `format` (labels, where there are any, are unused).
+fn pretraining_images(
+    root: &std::path::Path,
+    format: &str,
+    split: &str,
+) -> std::result::Result<Vec<(PathBuf, usize)>, crate::data::DataError> {
+    Ok(match format {
+        "clevr" => {
+            let c = Clevr::open(root, split)?;
+            c.scenes.iter().map(|s| (c.image_path(s), 0)).collect()
+        }
+        _ => ImageFolder::open(root, split)?.samples,
+    })
 }
 
 /// `[M][B][K]` index lists as M tensors `(B, K)` of u32.
@@ -573,4 +601,33 @@ fn write_artifacts(
     });
     crate::util::atomic::write_json(&dir.join(CONFIG_FILE), &config)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synth::{synth, SynthParams};
+    use crate::data::DataFormat;
+
+    #[test]
+    fn pretraining_reads_the_images_of_an_imagefolder_or_a_clevr_split() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = SynthParams::tiny();
+        let (folder, clevr) = (tmp.path().join("if"), tmp.path().join("clevr"));
+        synth(DataFormat::ImageFolder, &folder, 0, &p).unwrap();
+        synth(DataFormat::Clevr, &clevr, 0, &p).unwrap();
+
+        let f = pretraining_images(&folder, "imagefolder", "train").unwrap();
+        assert_eq!(f.len(), 3 * 4);
+        let c = pretraining_images(&clevr, "clevr", "train").unwrap();
+        assert_eq!(c.len(), p.clevr.train_images);
+        assert!(c.iter().all(|(path, label)| *label == 0 && path.is_file()));
+        assert_eq!(
+            pretraining_images(&clevr, "clevr", "val").unwrap().len(),
+            p.clevr.val_images
+        );
+        // a CLEVR root is not an imagefolder, and the error names the missing folder
+        let e = pretraining_images(&clevr, "imagefolder", "test").unwrap_err();
+        assert!(e.to_string().contains("test"), "{e}");
+    }
 }
