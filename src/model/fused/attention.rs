@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{gemm, simd, Mat, MatMut};
+use super::kernels::{gemm, output_buffer, simd, Mat, MatMut};
 use super::softmax::{softmax_row, softmax_row_bwd};
 use super::{slice, tensor, with_data, SendConst, SendPtr};
 
@@ -40,8 +40,10 @@ impl CustomOp1 for Attention {
         let (b, t, e, hd) = dims(l.dims(), self.heads)?;
         let h = self.heads;
         let qkv = slice(s, l, self.name())?;
-        let mut out = vec![0f32; b * t * e];
-        let mut probs = vec![0f32; b * h * t * t];
+        // SAFETY: the (image, head) tasks below write every head's T x T block of probs and
+        // T x hd block of out (gemms with accumulate = false).
+        let (mut out, mut probs) =
+            unsafe { (output_buffer(b * t * e), output_buffer(b * h * t * t)) };
         let (op, pp, qp) = (
             SendPtr(out.as_mut_ptr()),
             SendPtr(probs.as_mut_ptr()),
@@ -118,7 +120,8 @@ impl CustomOp1 for Attention {
         let Some(probs) = self.probs.get() else {
             bail!("fused attention: backward before forward")
         };
-        let mut dqkv = vec![0f32; b * t * 3 * e];
+        // SAFETY: every (image, head) task writes its dQ, dK and dV blocks (accumulate = false).
+        let mut dqkv = unsafe { output_buffer(b * t * 3 * e) };
         let scale = self.scale;
         let e3 = (3 * e) as isize;
         with_data(qkv, self.name(), |q| {

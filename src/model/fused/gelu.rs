@@ -4,7 +4,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::kernels::{erf, exp, par_rows, simd};
+use super::kernels::{erf, exp, output_buffer, par_rows, simd};
 use super::{slice, tensor, with_data, SendPtr};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -53,7 +53,8 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: the chunks below cover all of y.
+        let mut y = unsafe { output_buffer(x.len()) };
         par_chunks(&mut y, |a, out| {
             simd(|| {
                 for (o, &v) in out.iter_mut().zip(&x[a..]) {

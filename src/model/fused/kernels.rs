@@ -214,6 +214,20 @@ pub unsafe fn gemm(
     )
 }
 
+/// A buffer of `len` floats for a kernel that writes every element before anything reads it (a
+/// gemm with `accumulate = false`, a loop over every row). `vec![0.0; len]` would zero it first:
+/// a memset of every output, 3-5% of a training step's time once freed memory stays mapped
+/// (`util::malloc`), where a fresh `calloc` mapping used to be zero already.
+///
+/// # Safety
+/// The caller writes every element before reading any, and before the buffer leaves the kernel.
+#[allow(clippy::uninit_vec)]
+pub unsafe fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.set_len(len);
+    v
+}
+
 /// Below this many multiply-adds a gemm stays on one thread.
 const PAR_MIN_FLOPS: usize = 1 << 20;
 

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{dot, par_rows, par_rows_sum, simd, sum};
+use super::kernels::{dot, output_buffer, par_rows, par_rows_sum, simd, sum};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused layer_norm";
@@ -37,9 +37,14 @@ impl LayerNorm {
             bail!("fused layer_norm: empty last axis")
         }
         let rows = x.len() / d;
-        let mut y = vec![0f32; x.len()];
-        let mut mean = vec![0f32; rows];
-        let mut rstd = vec![0f32; rows];
+        // SAFETY: the row chunks below write every row of y and its mean and rstd.
+        let (mut y, mut mean, mut rstd) = unsafe {
+            (
+                output_buffer(x.len()),
+                output_buffer(rows),
+                output_buffer(rows),
+            )
+        };
         let (yp, mp, rp) = (
             SendPtr(y.as_mut_ptr()),
             SendPtr(mean.as_mut_ptr()),
@@ -97,7 +102,8 @@ impl LayerNorm {
         };
         let rows = x.len() / d;
         let mut dx = if want_dx {
-            vec![0f32; x.len()]
+            // SAFETY: the row chunks below write every row of dx when it is wanted.
+            unsafe { output_buffer(x.len()) }
         } else {
             Vec::new()
         };

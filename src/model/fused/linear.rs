@@ -8,7 +8,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{gemm_par_rows, par_rows, par_rows_sum, simd, Mat, MatMut};
+use super::kernels::{gemm_par_rows, output_buffer, par_rows, par_rows_sum, simd, Mat, MatMut};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused linear";
@@ -58,7 +58,8 @@ pub(super) fn forward(
     k: usize,
     n: usize,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
+    // SAFETY: every row is the bias or the gemm's non-accumulating output.
+    let mut y = unsafe { output_buffer(m * n) };
     if let Some(b) = b {
         let yp = SendPtr(y.as_mut_ptr());
         par_rows(m, 64, |r| {
@@ -121,7 +122,8 @@ pub(super) fn input_and_weight_grads(
     let (m, k, n) = check(x.dims(), w.dims())?;
     let dx = if want.0 {
         let v = with_data(w, OP, |wd| {
-            let mut dx = vec![0f32; m * k];
+            // SAFETY: the gemm below writes all of dx (accumulate = false).
+            let mut dx = unsafe { output_buffer(m * k) };
             // SAFETY: dx is m x k, dy m x n, W n x k.
             unsafe {
                 gemm_par_rows(
@@ -155,7 +157,8 @@ pub(super) fn input_and_weight_grads(
     };
     let dw = if want.1 {
         let v = with_data(x, OP, |xd| {
-            let mut dw = vec![0f32; n * k];
+            // SAFETY: the gemm below writes all of dW (accumulate = false).
+            let mut dw = unsafe { output_buffer(n * k) };
             // SAFETY: dW is n x k; dy^T is read with row stride 1 and column stride n.
             unsafe {
                 gemm_par_rows(

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::gelu::{gelu, gelu_grad};
-use super::kernels::{par_rows, par_rows_sum, simd};
+use super::kernels::{output_buffer, par_rows, par_rows_sum, simd};
 use super::linear::{check, check_with_bias, forward, input_and_weight_grads, out_shape};
 use super::{slice, tensor, with_data, SendPtr};
 
@@ -41,7 +41,8 @@ impl CustomOp3 for LinearGelu {
         let (m, k, n) = check_with_bias(l1.dims(), l2.dims(), l3.dims(), OP)?;
         let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
         let z = forward(x, w, Some(b), m, k, n);
-        let mut y = vec![0f32; m * n];
+        // SAFETY: the row chunks below cover all m rows.
+        let mut y = unsafe { output_buffer(m * n) };
         let yp = SendPtr(y.as_mut_ptr());
         par_rows(m, 16, |r| {
             let yp = yp;
@@ -73,7 +74,8 @@ impl CustomOp3 for LinearGelu {
         if dy.elem_count() != m * n {
             bail!("{OP}: gradient {:?} for {m} x {n} outputs", dy.dims())
         }
-        let mut dz = vec![0f32; m * n];
+        // SAFETY: the row chunks below cover all m rows.
+        let mut dz = unsafe { output_buffer(m * n) };
         let dzp = SendPtr(dz.as_mut_ptr());
         let db = with_data(dy, OP, |g| {
             Ok(par_rows_sum(m, 16, n, |r, acc| {
