@@ -152,25 +152,47 @@ impl Attention {
 
     /// `(B, T, E) -> (B, T, E)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, e) = x.dims3()?;
+        self.attend(&self.qkv(x)?)
+    }
+
+    /// The `qkv` projection `(B, T, E) -> (B, T, 3E)`, per token.
+    pub fn qkv(&self, x: &Tensor) -> Result<Tensor> {
+        self.qkv.forward(x)
+    }
+
+    /// [`Self::attend`] for the query tokens from position `from` on: `(B, T, 3E) -> (B, T -
+    /// from, E)`; `proj`, per token, runs on those tokens only.
+    pub fn attend_from(&self, qkv: &Tensor, from: usize) -> Result<Tensor> {
+        if from == 0 {
+            return self.attend(qkv);
+        }
+        let out = self.attend_heads(qkv)?;
+        let t = out.dim(1)?;
+        self.proj
+            .forward(&out.narrow(1, from, t - from)?.contiguous()?)
+    }
+
+    /// Attention and `proj` from the `qkv` projection: `(B, T, 3E) -> (B, T, E)`.
+    pub fn attend(&self, qkv: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&self.attend_heads(qkv)?)
+    }
+
+    /// The heads' attention outputs, concatenated, before `proj`: `(B, T, 3E) -> (B, T, E)`.
+    fn attend_heads(&self, qkv: &Tensor) -> Result<Tensor> {
+        let (b, t, e3) = qkv.dims3()?;
+        let e = e3 / 3;
         let h = self.num_heads;
         let hd = e / h;
-        if fused::applies_to(x) {
-            let out = fused::attention(&self.qkv.forward(x)?, h, self.scale)?;
-            return self.proj.forward(&out);
+        if fused::applies_to(qkv) {
+            return Ok(fused::attention(qkv, h, self.scale)?);
         }
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, t, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv = qkv.reshape((b, t, 3, h, hd))?.permute((2, 0, 3, 1, 4))?;
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let attn = q.matmul(&k.t()?)?.affine(self.scale, 0.0)?;
         let attn = softmax_last_unfused(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?;
-        self.proj.forward(&out)
+        Ok(attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?)
     }
 }
 
@@ -207,6 +229,24 @@ impl Mlp {
     }
 }
 
+/// The input sequence of [`Block::forward_tokens_from`].
+#[derive(Debug, Clone, Copy)]
+pub enum Sequence<'a> {
+    /// `(B, T, E)`.
+    Full(&'a Tensor),
+    /// The sequences `cat([ctx, tok_i], 1)` for the `copies` blocks of rows `tok_i` of `tok`
+    /// (`tok` is `(copies * B, Kt, E)`, `ctx` is `(B, Kc, E)`): every copy starts with the same
+    /// context tokens, as in the I-JEPA predictor's first block, where the sequences of the
+    /// target masks share the context. The context's `norm1` and `qkv`, per token, run once
+    /// instead of `copies` times (and their backward once, on the gradient summed over the
+    /// copies); the attention, which mixes the tokens, runs per sequence.
+    SharedContext {
+        ctx: &'a Tensor,
+        tok: &'a Tensor,
+        copies: usize,
+    },
+}
+
 /// Pre-norm transformer block: `x += attn(norm1(x)); x += mlp(norm2(x))`.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -230,6 +270,40 @@ impl Block {
     /// `(B, T, E) -> (B, T, E)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        Ok((x + y)?)
+    }
+
+    /// [`Self::forward`] of `seq`, returning only the output tokens from position `from` on.
+    /// Every token still enters the attention as key and value; the `proj` and the MLP, per
+    /// token, skip the tokens before `from`. Same values as `forward(..).narrow(1, from, ..)`
+    /// of the whole sequence, up to float summation order (tested against it).
+    pub fn forward_tokens_from(&self, seq: Sequence, from: usize) -> Result<Tensor> {
+        let (x, qkv) = match seq {
+            Sequence::Full(x) => (x.clone(), self.attn.qkv(&self.norm1.forward(x)?)?),
+            Sequence::SharedContext { ctx, tok, copies } => {
+                let tile = |t: &Tensor| -> Result<Tensor> {
+                    Ok(if copies == 1 {
+                        t.clone()
+                    } else {
+                        Tensor::cat(&vec![t; copies], 0)?
+                    })
+                };
+                let qkv_ctx = self.attn.qkv(&self.norm1.forward(ctx)?)?;
+                let qkv_tok = self.attn.qkv(&self.norm1.forward(tok)?)?;
+                (
+                    Tensor::cat(&[tile(ctx)?, tok.clone()], 1)?,
+                    Tensor::cat(&[tile(&qkv_ctx)?, qkv_tok], 1)?,
+                )
+            }
+        };
+        let t = x.dim(1)?;
+        let x = if from == 0 {
+            x
+        } else {
+            x.narrow(1, from, t - from)?
+        };
+        let x = (x + self.attn.attend_from(&qkv, from)?)?;
         let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
         Ok((x + y)?)
     }

@@ -11,7 +11,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::config::VitConfig;
 use super::error::{ModelError, Result};
-use super::layers::{Block, LayerNorm, Linear};
+use super::layers::{Block, LayerNorm, Linear, Sequence};
 use super::pos_embed::sincos_2d_tensor;
 use super::tokens::{gather_table, repeat_interleave_batch, MaskIndices};
 
@@ -87,7 +87,8 @@ impl Predictor {
         Ok(self.forward_trace(ctx, masks_enc, masks_pred, false)?.pred)
     }
 
-    /// `forward` that also returns the block inputs/outputs when `keep` is true.
+    /// `forward` that also returns the block inputs/outputs when `keep` is true (then by the
+    /// literal computation; without `keep`, by the cheaper one of the same values).
     pub fn forward_trace(
         &self,
         ctx: &Tensor,
@@ -124,33 +125,144 @@ impl Predictor {
         // 3: one mask token per target index, at that index's position.
         let pos_t = repeat_interleave_batch(&gather_table(&self.pos_embed, &mp)?, b, nenc)?;
         let tok = pos_t.broadcast_add(&self.mask_token)?;
-        // 4-5: tile the context stack npred times and append the mask tokens.
-        let x = if npred == 1 {
-            x
-        } else {
-            Tensor::cat(&vec![x; npred], 0)?
-        };
-        let mut h = Tensor::cat(&[x, tok], 1)?;
-        let tokens_in = if keep {
-            h.clone()
-        } else {
-            Tensor::zeros(0, h.dtype(), h.device())?
-        };
-        let mut outs = Vec::new();
-        // 6: blocks, norm, keep the mask-token positions, project back to D.
-        for blk in &self.blocks {
-            h = blk.forward(&h)?;
-            if keep {
+        // 4-6: tile the context stack npred times, append the mask tokens, run the blocks.
+        if keep {
+            // The literal computation, every block's output whole (golden tests compare them).
+            let x = if npred == 1 {
+                x
+            } else {
+                Tensor::cat(&vec![x; npred], 0)?
+            };
+            let mut h = Tensor::cat(&[x, tok], 1)?;
+            let tokens_in = h.clone();
+            let mut outs = Vec::new();
+            for blk in &self.blocks {
+                h = blk.forward(&h)?;
                 outs.push(h.clone());
             }
+            let pred = self.head(&h.narrow(D::Minus2, ke, mp.keep)?)?;
+            return Ok(PredictorTrace {
+                tokens_in,
+                blocks: outs,
+                pred,
+            });
         }
-        let h = self.norm.forward(&h)?;
-        let h = h.narrow(D::Minus2, ke, mp.keep)?;
-        let pred = self.proj.forward(&h)?;
+        // The same values with less work: block 0 takes the untiled context (its per-token work
+        // on the context is the same for every target mask), and the last block computes its
+        // per-token work after the attention for the mask tokens only, the outputs kept.
+        let last = self.blocks.len() - 1;
+        let mut h = x.clone();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let seq = if i == 0 {
+                Sequence::SharedContext {
+                    ctx: &x,
+                    tok: &tok,
+                    copies: npred,
+                }
+            } else {
+                Sequence::Full(&h)
+            };
+            h = blk.forward_tokens_from(seq, if i == last { ke } else { 0 })?;
+        }
         Ok(PredictorTrace {
-            tokens_in,
-            blocks: outs,
-            pred,
+            tokens_in: Tensor::zeros(0, h.dtype(), h.device())?,
+            blocks: Vec::new(),
+            pred: self.head(&h)?,
         })
+    }
+
+    /// `predictor_norm` and `predictor_proj` of the mask-token outputs.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&self.norm.forward(h)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Var};
+
+    use super::*;
+    use crate::model::fused::testutil::{assert_close, randn};
+    use crate::model::jepa::{parameter_shapes, JepaNetworks};
+
+    fn cfg(pred_depth: usize) -> VitConfig {
+        VitConfig {
+            img_size: 32,
+            patch_size: 8,
+            in_chans: 3,
+            embed_dim: 12,
+            depth: 1,
+            num_heads: 3,
+            mlp_ratio: 2.0,
+            qkv_bias: true,
+            ln_eps: 1e-6,
+            pred_embed_dim: 16,
+            pred_depth,
+            pred_num_heads: 2,
+            init_std: 0.02,
+        }
+    }
+
+    /// Index masks `(b, k)` of distinct tokens of a 16-token grid.
+    fn masks(b: usize, k: usize, count: usize, seed: i64) -> Vec<Tensor> {
+        (0..count as i64)
+            .map(|m| {
+                let v: Vec<i64> = (0..b as i64)
+                    .flat_map(|r| (0..k as i64).map(move |j| (5 * j + 3 * r + 7 * m + seed) % 16))
+                    .collect();
+                Tensor::from_vec(v, (b, k), &Device::Cpu).unwrap()
+            })
+            .collect()
+    }
+
+    /// The cheaper predictor pass (shared context in block 0, mask tokens only after the
+    /// attention of the last block) gives the literal computation's predictions and gradients.
+    #[test]
+    fn the_cheap_pass_matches_the_literal_one_in_values_and_gradients() {
+        for (depth, nenc, npred) in [(2, 1, 4), (1, 2, 3), (3, 1, 1)] {
+            let c = cfg(depth);
+            let shapes = parameter_shapes(&c).unwrap();
+            let tensors = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, (name, shape))| {
+                    let t = randn(shape, 100 + i as u64).affine(0.3, 0.0).unwrap();
+                    (name.clone(), t)
+                })
+                .collect();
+            let nets = JepaNetworks::from_tensors(&c, &tensors, &Device::Cpu).unwrap();
+            let vars: Vec<(String, Var)> = nets
+                .online_vars()
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("predictor."))
+                .collect();
+            let b = 2;
+            let ctx = Var::from_tensor(&randn(&[nenc * b, 5, 12], 7)).unwrap();
+            let (me, mp) = (masks(b, 5, nenc, 0), masks(b, 4, npred, 1));
+            let p = &nets.predictor;
+            let cheap = p.forward(ctx.as_tensor(), &me, &mp).unwrap();
+            let literal = p
+                .forward_trace(ctx.as_tensor(), &me, &mp, true)
+                .unwrap()
+                .pred;
+            let what = format!("depth {depth}, nenc {nenc}, npred {npred}");
+            assert_close(&format!("{what}: pred"), &cheap, &literal, 1e-5, 1e-4);
+
+            let probe = randn(cheap.dims(), 9);
+            let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gc, gl) = (grads(&cheap), grads(&literal));
+            assert!(!vars.is_empty());
+            for (name, v) in vars
+                .iter()
+                .map(|(n, v)| (n.as_str(), v))
+                .chain([("ctx", &ctx)])
+            {
+                let (a, l) = (gc.get(v.as_tensor()), gl.get(v.as_tensor()));
+                let l = l.unwrap_or_else(|| panic!("{what}: no gradient of {name}"));
+                let a = a.unwrap_or_else(|| panic!("{what}: the cheap pass lost d{name}"));
+                assert_close(&format!("{what}: d{name}"), a, l, 1e-5, 1e-4);
+                assert_eq!(a.dtype(), DType::F32);
+            }
+        }
     }
 }
