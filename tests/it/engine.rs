@@ -358,6 +358,7 @@ fn quickstart_and_examples_plan() {
         ("pipelines/quickstart_long.yaml", 7),
         ("pipelines/examples/pretrain_tiny.yaml", 3),
         ("pipelines/examples/synth_pretrain_long.yaml", 12),
+        ("pipelines/examples/clevr_pretrain.yaml", 8),
     ] {
         let store = c.path().join(file.replace('/', "_"));
         let o = c.run(&[
