@@ -185,21 +185,18 @@ mod tests {
     use crate::model::fused::testutil::{assert_close, randn};
     use crate::model::jepa::{parameter_shapes, JepaNetworks};
 
+    /// A 4x4-token ViT of width 12 with a predictor of width 16.
     fn cfg(pred_depth: usize) -> VitConfig {
         VitConfig {
             img_size: 32,
             patch_size: 8,
-            in_chans: 3,
             embed_dim: 12,
             depth: 1,
-            num_heads: 3,
             mlp_ratio: 2.0,
-            qkv_bias: true,
-            ln_eps: 1e-6,
             pred_embed_dim: 16,
             pred_depth,
             pred_num_heads: 2,
-            init_std: 0.02,
+            ..VitConfig::vit_tiny()
         }
     }
 
