@@ -269,9 +269,7 @@ impl Block {
 
     /// `(B, T, E) -> (B, T, E)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        Ok((x + y)?)
+        self.forward_tokens_from(Sequence::Full(x), 0)
     }
 
     /// [`Self::forward`] of `seq`, returning only the output tokens from position `from` on.
