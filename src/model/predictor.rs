@@ -151,18 +151,15 @@ impl Predictor {
         // on the context is the same for every target mask), and the last block computes its
         // per-token work after the attention for the mask tokens only, the outputs kept.
         let last = self.blocks.len() - 1;
-        let mut h = x.clone();
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let seq = if i == 0 {
-                Sequence::SharedContext {
-                    ctx: &x,
-                    tok: &tok,
-                    copies: npred,
-                }
-            } else {
-                Sequence::Full(&h)
-            };
-            h = blk.forward_tokens_from(seq, if i == last { ke } else { 0 })?;
+        let from = |i: usize| if i == last { ke } else { 0 };
+        let shared = Sequence::SharedContext {
+            ctx: &x,
+            tok: &tok,
+            copies: npred,
+        };
+        let mut h = self.blocks[0].forward_tokens_from(shared, from(0))?;
+        for (i, blk) in self.blocks.iter().enumerate().skip(1) {
+            h = blk.forward_tokens_from(Sequence::Full(&h), from(i))?;
         }
         Ok(PredictorTrace {
             tokens_in: Tensor::zeros(0, h.dtype(), h.device())?,

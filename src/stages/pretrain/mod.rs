@@ -46,6 +46,7 @@ use super::{backbone, params_of, StageContext, StageOutput};
 use crate::data::clevr::Clevr;
 use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::{ImageSamples, Loader, LoaderConfig};
+use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
 use crate::model::layers::layer_norm_plain;
 use crate::model::masks::{MaskConfig, MaskSampler};
@@ -401,10 +402,10 @@ fn model_config(ctx: &StageContext, p: &Params) -> Result<VitConfig> {
 }
 
 /// Dataset formats a pretrain stage reads images from.
-const PRETRAIN_FORMATS: [&str; 2] = ["imagefolder", "clevr"];
+const PRETRAIN_FORMATS: [DataFormat; 2] = [DataFormat::ImageFolder, DataFormat::Clevr];
 
 /// Root and format of the upstream image dataset (`imagefolder` or `clevr`).
-fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, &'static str)> {
+fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, DataFormat)> {
     let id = &ctx.job.id;
     let ds: Vec<_> = ctx
         .job
@@ -423,11 +424,14 @@ fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, &'static str)> {
         .iter()
         .filter_map(|u| {
             let f = fmt(u);
-            PRETRAIN_FORMATS.iter().find(|k| **k == f).map(|k| (u, *k))
+            PRETRAIN_FORMATS
+                .into_iter()
+                .find(|k| k.as_str() == f)
+                .map(|k| (u, k))
         })
         .collect();
     match sources.as_slice() {
-        [(u, f)] => Ok((super::dataset::root_of(u), f)),
+        [(u, f)] => Ok((super::dataset::root_of(u), *f)),
         [] => Err(Error::stage(
             id,
             match ds.first() {
@@ -459,16 +463,23 @@ fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, &'static str)> {
 /// The images of `split` of a dataset of `format` (labels, where there are any, are unused).
 fn pretraining_images(
     root: &std::path::Path,
-    format: &str,
+    format: DataFormat,
     split: &str,
-) -> std::result::Result<Vec<(PathBuf, usize)>, crate::data::DataError> {
-    Ok(match format {
-        "clevr" => {
+) -> std::result::Result<Vec<(PathBuf, usize)>, DataError> {
+    match format {
+        DataFormat::Clevr => {
             let c = Clevr::open(root, split)?;
-            c.scenes.iter().map(|s| (c.image_path(s), 0)).collect()
+            Ok(c.scenes.iter().map(|s| (c.image_path(s), 0)).collect())
         }
-        _ => ImageFolder::open(root, split)?.samples,
-    })
+        DataFormat::ImageFolder => Ok(ImageFolder::open(root, split)?.samples),
+        other => Err(DataError::param(
+            "format",
+            format!(
+                "pretraining reads `imagefolder` or `clevr` images, not `{}`",
+                other.as_str()
+            ),
+        )),
+    }
 }
 
 /// `[M][B][K]` index lists as M tensors `(B, K)` of u32.
@@ -607,7 +618,6 @@ fn write_artifacts(
 mod tests {
     use super::*;
     use crate::data::synth::{synth, SynthParams};
-    use crate::data::DataFormat;
 
     #[test]
     fn pretraining_reads_the_images_of_an_imagefolder_or_a_clevr_split() {
@@ -617,17 +627,21 @@ mod tests {
         synth(DataFormat::ImageFolder, &folder, 0, &p).unwrap();
         synth(DataFormat::Clevr, &clevr, 0, &p).unwrap();
 
-        let f = pretraining_images(&folder, "imagefolder", "train").unwrap();
+        let f = pretraining_images(&folder, DataFormat::ImageFolder, "train").unwrap();
         assert_eq!(f.len(), 3 * 4);
-        let c = pretraining_images(&clevr, "clevr", "train").unwrap();
+        let c = pretraining_images(&clevr, DataFormat::Clevr, "train").unwrap();
         assert_eq!(c.len(), p.clevr.train_images);
         assert!(c.iter().all(|(path, label)| *label == 0 && path.is_file()));
         assert_eq!(
-            pretraining_images(&clevr, "clevr", "val").unwrap().len(),
+            pretraining_images(&clevr, DataFormat::Clevr, "val")
+                .unwrap()
+                .len(),
             p.clevr.val_images
         );
         // a CLEVR root is not an imagefolder, and the error names the missing folder
-        let e = pretraining_images(&clevr, "imagefolder", "test").unwrap_err();
+        let e = pretraining_images(&clevr, DataFormat::ImageFolder, "test").unwrap_err();
         assert!(e.to_string().contains("test"), "{e}");
+        let e = pretraining_images(&clevr, DataFormat::Coco, "train").unwrap_err();
+        assert!(e.to_string().contains("`coco`"), "{e}");
     }
 }
