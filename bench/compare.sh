@@ -10,6 +10,8 @@
 #
 # Environment: MODEL (vit_small), IMG (preset's), BATCH (8), STEPS (3), WARMUP (1),
 # THREADS (nproc), ROUNDS (1), FUSED (on; `both` also times candle's unfused path),
+# SHARDS (auto: candle trains the batch as one shard per thread, see `cjepa bench train-step
+# --help`; 1 = one batch, its matrix products split over the threads),
 # ATTN (manual = the official attention code; sdpa = torch's fused attention),
 # CJEPA_BIN (target/release/cjepa, built when missing), PYTHON (python3).
 set -euo pipefail
@@ -22,6 +24,7 @@ WARMUP=${WARMUP:-1}
 THREADS=${THREADS:-$(nproc)}
 ROUNDS=${ROUNDS:-1}
 FUSED=${FUSED:-on}
+SHARDS=${SHARDS:-auto}
 ATTN=${ATTN:-manual}
 PYTHON=${PYTHON:-python3}
 BIN=${CJEPA_BIN:-target/release/cjepa}
@@ -34,7 +37,7 @@ fi
     exit 2
 }
 
-export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS
+export RAYON_NUM_THREADS=$THREADS
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -45,7 +48,7 @@ if [ -n "${IMG:-}" ]; then img_args=(--img "$IMG"); fi
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round / $ROUNDS: candle"
     "$BIN" bench train-step --model "$MODEL" "${img_args[@]}" --batch "$BATCH" \
-        --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" --fused "$FUSED" \
+        --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" --fused "$FUSED" --shards "$SHARDS" \
         --masks-out "$tmp/masks.json" | tee -a "$tmp/candle.txt"
     echo "== round $round / $ROUNDS: pytorch"
     "$PYTHON" bench/torch_step.py --masks "$tmp/masks.json" --steps "$STEPS" \

@@ -15,6 +15,7 @@ use cjepa::model::masks::{MaskConfig, MaskSampler, Masks};
 use cjepa::model::{fused, JepaNetworks, VitConfig};
 use cjepa::train::loss::LossConfig;
 use cjepa::train::optim::{AdamW, AdamWConfig};
+use cjepa::train::sharded::{train_step_sharded, ThreadShards};
 use cjepa::train::step::{train_step_timed, Batch, PhaseTimes, StepHyper};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -41,6 +42,11 @@ pub struct Args {
     /// Threads (rayon and candle); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
+    /// Shards of the batch trained on separate threads (`cjepa::train::sharded`): a number,
+    /// `auto` (one per thread, at most 4, dividing the batch; 1 on CUDA) or a comma list of
+    /// numbers, each timed in turn on the same masks and weights (e.g. `1,2`: the baseline first).
+    #[arg(long, default_value = "auto")]
+    shards: String,
     /// `on`, `off` or `both` (fused first, then unfused, and their ratio).
     #[arg(long, default_value = "both")]
     fused: String,
@@ -134,7 +140,7 @@ fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> anyhow::Result<Vec<Ten
 
 /// What one mode measured.
 struct Run {
-    label: &'static str,
+    label: String,
     wall: Vec<f64>,
     cpu: Vec<f64>,
     phases: PhaseTimes,
@@ -153,8 +159,9 @@ impl Run {
 
 /// Runs warm-up + timed steps with fresh networks and optimiser in one mode.
 fn run_mode(
-    label: &'static str,
+    label: String,
     on: bool,
+    shards: usize,
     cfg: &VitConfig,
     a: &Args,
     images: &Tensor,
@@ -170,9 +177,12 @@ fn run_mode(
         wd: 0.04,
         momentum: 0.996,
     };
+    let pools = (shards > 1)
+        .then(|| ThreadShards::new(shards, rayon::current_num_threads()))
+        .transpose()?;
     let can_reset = reset_peak_rss();
     let mut run = Run {
-        label,
+        label: label.clone(),
         wall: Vec::new(),
         cpu: Vec::new(),
         phases: PhaseTimes::default(),
@@ -190,7 +200,12 @@ fn run_mode(
         let timed = i >= a.warmup;
         let mut ph = PhaseTimes::default();
         let (t0, c0) = (Instant::now(), cpu_seconds());
-        let l = train_step_timed(&nets, &batch, &loss_cfg, &mut opt, hyper, Some(&mut ph))?;
+        let l = match &pools {
+            Some(p) => {
+                train_step_sharded(&nets, &batch, &loss_cfg, &mut opt, hyper, p, Some(&mut ph))?
+            }
+            None => train_step_timed(&nets, &batch, &loss_cfg, &mut opt, hyper, Some(&mut ph))?,
+        };
         dev.synchronize()?;
         let (dt, dc) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         eprintln!(
@@ -211,6 +226,32 @@ fn run_mode(
     Ok(run)
 }
 
+/// The shard counts of `--shards`: `auto`, a number or a comma list; each must divide the batch.
+fn parse_shards(arg: &str, threads: usize, batch: usize, cpu: bool) -> anyhow::Result<Vec<usize>> {
+    if arg == "auto" {
+        return Ok(vec![if cpu {
+            ThreadShards::auto(threads, batch)
+        } else {
+            1
+        }]);
+    }
+    let counts = arg
+        .split(',')
+        .map(|p| {
+            let n: usize = p.trim().parse().ok().filter(|n| *n > 0).with_context(|| {
+                format!("--shards {arg}: use auto, a number or a list like 1,2")
+            })?;
+            anyhow::ensure!(
+                batch.is_multiple_of(n),
+                "--shards {n}: the batch of {batch} does not split into {n} equal shards"
+            );
+            anyhow::ensure!(cpu || n == 1, "--shards {n}: sharding runs on the CPU only");
+            Ok(n)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(counts)
+}
+
 fn json_masks(masks: &[Masks], cfg: &VitConfig, batch: usize) -> serde_json::Value {
     serde_json::json!({
         "config": cfg,
@@ -221,16 +262,21 @@ fn json_masks(masks: &[Masks], cfg: &VitConfig, batch: usize) -> serde_json::Val
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    if let Some(t) = a.threads {
-        anyhow::ensure!(t > 0, "--threads must be at least 1");
-        // candle reads these for its own thread count; set before any pool starts.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global();
-    }
     let dev = cjepa::stages::backbone::parse_device(&a.device)?;
+    let threads = a.threads.unwrap_or_else(rayon::current_num_threads);
+    anyhow::ensure!(threads > 0, "--threads must be at least 1");
+    let shard_counts = parse_shards(&a.shards, threads, a.batch, dev.is_cpu())?;
+    // candle reads these for its own thread count; set before any pool starts. Shards run their
+    // kernels on rayon pools of their own; candle's element-wise pool would make them queue.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        let sharded = shard_counts.iter().any(|&n| n > 1);
+        let candle = if sharded { 1 } else { threads };
+        std::env::set_var("CANDLE_NUM_THREADS", candle.to_string());
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
     let modes: Vec<(&'static str, bool)> = match a.fused.as_str() {
         _ if !dev.is_cpu() => vec![("cuda", false)],
         "on" => vec![("fused", true)],
@@ -264,7 +310,6 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             serde_json::to_string(&json_masks(&masks, &cfg, a.batch))?,
         )?;
     }
-    let threads = rayon::current_num_threads();
     let mean_k =
         |f: fn(&Masks) -> usize| masks.iter().map(f).sum::<usize>() as f64 / masks.len() as f64;
     println!(
@@ -300,9 +345,24 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "  model FLOPs per step: {:.1} GFLOP (forward + backward, plan::cost model)",
         flops / 1e9
     );
+    println!(
+        "  shards of the batch on separate threads: {}",
+        shard_counts
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let mut runs = Vec::new();
-    for (label, on) in modes {
-        runs.push(run_mode(label, on, &cfg, &a, &images, &masks)?);
+    for (label, on) in modes.iter().copied() {
+        for &n in &shard_counts {
+            let name = if shard_counts.len() > 1 {
+                format!("{label}-shards{n}")
+            } else {
+                label.to_string()
+            };
+            runs.push(run_mode(name, on, n, &cfg, &a, &images, &masks)?);
+        }
     }
     for r in &runs {
         println!(
@@ -334,7 +394,19 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             None => println!("    {:.1} GFLOP/s achieved", achieved / 1e9),
         }
     }
-    if let [f, u] = runs.as_slice() {
+    if shard_counts.len() > 1 {
+        for group in runs.chunks(shard_counts.len()) {
+            for r in &group[1..] {
+                println!(
+                    "  {} / {} speed: {:.2}x (wall), {:.2}x (cpu)",
+                    r.label,
+                    group[0].label,
+                    group[0].mean_wall() / r.mean_wall(),
+                    group[0].mean_cpu() / r.mean_cpu()
+                );
+            }
+        }
+    } else if let [f, u] = runs.as_slice() {
         println!(
             "  fused/unfused speed: {:.2}x (wall), {:.2}x (cpu)",
             u.mean_wall() / f.mean_wall(),

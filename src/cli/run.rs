@@ -54,9 +54,28 @@ pub struct Args {
     report: bool,
 }
 
+/// A `CJEPA_SHARDS` setting must be a shard count that divides the batch of every `pretrain`
+/// stage (else it is a usage error now, not a failed stage later).
+fn check_shards_setting(plan: &cjepa::plan::Plan) -> cjepa::Result<()> {
+    use cjepa::train::sharded::{shard_count, SHARDS_ENV};
+    let Ok(v) = std::env::var(SHARDS_ENV) else {
+        return Ok(());
+    };
+    for s in &plan.stages {
+        if s.kind != cjepa::stages::StageKind::Pretrain {
+            continue;
+        }
+        let batch = s.config["params"]["batch"].as_u64().unwrap_or(1) as usize;
+        shard_count(Some(&v), 1, batch)
+            .map_err(|e| cjepa::Error::Usage(format!("stage `{}`: {e}", s.inst.id)))?;
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
     let plan = cjepa::plan::build(&pipeline)?;
+    check_shards_setting(&plan)?;
     let opts = RunOptions {
         only: a.only.clone(),
         force: a.force.clone(),

@@ -10,6 +10,7 @@ use super::progress::ProgressFile;
 use super::ranks::{self, Launcher, RankVerdict};
 use crate::error::{Error, Result};
 use crate::stages::{StageContext, StageKind};
+use crate::train::sharded::SHARDS_ENV;
 use crate::util::atomic;
 
 /// Checkpoint cadence defaults (overridable per stage with `checkpoint_every` / `checkpoint_secs`).
@@ -105,6 +106,17 @@ pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
+    }
+    if kind == StageKind::Pretrain
+        && rank.is_none()
+        && std::env::var_os(SHARDS_ENV) != Some("1".into())
+    {
+        // The step trains shards of each batch on separate threads (`train::sharded`), whose
+        // kernels share out their work through rayon; candle's own element-wise thread pool
+        // would make the shards queue for it. Set before the first candle op starts that pool.
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
     }
     fs_err::create_dir_all(&job.out_dir)?;
     let progress = match rank {

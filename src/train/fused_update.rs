@@ -3,7 +3,9 @@
 //! in [`super::optim`] and [`super::ema`] (same order, same `x * mul + add` affine rounding), so
 //! both paths give bit-identical parameters, without the dozen temporary tensors per parameter.
 
-use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::model::fused;
@@ -43,64 +45,111 @@ fn zip3(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32, f32) -> f32 
         });
 }
 
-/// `m = m + ((g - m) * c + 0)` (torch's `exp_avg.lerp_(grad, 1 - beta1)` as candle computes it).
-struct FirstMoment(f32);
-
-impl InplaceOp2 for FirstMoment {
-    fn name(&self) -> &'static str {
-        "adamw-first-moment"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let m = data_mut(s1, l1, self.name())?;
-        let g = data(s2, l2, m.len(), self.name())?;
-        let c = self.0;
-        zip3(m, g, g, |m, g, _| m + ((g - m) * c + 0.0));
-        Ok(())
-    }
-}
-
-/// `v = (v * b2 + 0) + (g g * c + 0)`.
-struct SecondMoment {
+/// The constants of one parameter's AdamW update.
+#[derive(Debug, Clone, Copy)]
+struct AdamConsts {
+    /// `1 - beta1`.
+    c1: f32,
     b2: f32,
-    c: f32,
-}
-
-impl InplaceOp2 for SecondMoment {
-    fn name(&self) -> &'static str {
-        "adamw-second-moment"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let v = data_mut(s1, l1, self.name())?;
-        let g = data(s2, l2, v.len(), self.name())?;
-        let (b2, c) = (self.b2, self.c);
-        zip3(v, g, g, |v, g, _| (v * b2 + 0.0) + (g * g * c + 0.0));
-        Ok(())
-    }
-}
-
-/// `w = [w * decay + 0] - ((m / ((sqrt(v) * inv_bc2 + 0) * 1 + eps)) * step + 0)`.
-struct ParamUpdate {
+    /// `1 - beta2`.
+    c2: f32,
+    /// `1 - lr wd` for a decayed parameter.
     decay: Option<f32>,
+    /// `1 / sqrt(bias correction 2)`.
     inv_bc2: f32,
     eps: f32,
+    /// `lr / bias correction 1`.
     step: f32,
 }
 
-impl InplaceOp3 for ParamUpdate {
+impl AdamConsts {
+    /// One element, with the f32 operations of the candle chain in `optim.rs`:
+    /// `m = m + ((g - m) c1 + 0)` (torch's `exp_avg.lerp_(grad, 1 - beta1)`),
+    /// `v = (v b2 + 0) + (g g c2 + 0)`,
+    /// `w = [w decay + 0] - ((m / ((sqrt(v) inv_bc2 + 0) 1 + eps)) step + 0)`.
+    #[inline(always)]
+    fn update(&self, w: &mut f32, m: &mut f32, v: &mut f32, g: f32) {
+        *m += (g - *m) * self.c1 + 0.0;
+        *v = (*v * self.b2 + 0.0) + (g * g * self.c2 + 0.0);
+        let denom = (v.sqrt() * self.inv_bc2 + 0.0) * 1.0 + self.eps;
+        let w0 = match self.decay {
+            Some(d) => *w * d + 0.0,
+            None => *w,
+        };
+        *w = w0 - ((*m / denom) * self.step + 0.0);
+    }
+}
+
+/// A mutable slice handed from an in-place op to the one nested in it.
+type Handoff<'a> = Mutex<Option<&'a mut [f32]>>;
+
+fn take<'a>(h: &Handoff<'a>, op: &str) -> Result<&'a mut [f32]> {
+    match h.lock().map(|mut s| s.take()) {
+        Ok(Some(s)) => Ok(s),
+        _ => bail!("{op}: operand already taken"),
+    }
+}
+
+/// The AdamW update reads and writes three tensors (weight, first and second moment), but a
+/// candle in-place op may write only one. So the op on the first moment holds its storage and
+/// runs the op on the second moment inside, which runs the one on the weight (reading the
+/// gradient) inside that: [`MomentOne`] -> [`MomentTwo`] -> [`AdamWPass`], one pass over the four.
+struct MomentOne<'t> {
+    w: &'t Tensor,
+    g: &'t Tensor,
+    v: &'t Tensor,
+    k: AdamConsts,
+}
+
+impl InplaceOp1 for MomentOne<'_> {
     fn name(&self) -> &'static str {
-        "adamw-param-update"
+        "adamw-first-moment"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let m = data_mut(s, l, self.name())?;
+        self.v.inplace_op1(&MomentTwo {
+            w: self.w,
+            g: self.g,
+            m: Mutex::new(Some(m)),
+            k: self.k,
+        })
+    }
+}
+
+struct MomentTwo<'t, 'm> {
+    w: &'t Tensor,
+    g: &'t Tensor,
+    m: Handoff<'m>,
+    k: AdamConsts,
+}
+
+impl InplaceOp1 for MomentTwo<'_, '_> {
+    fn name(&self) -> &'static str {
+        "adamw-second-moment"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let v = data_mut(s, l, self.name())?;
+        let m = take(&self.m, self.name())?;
+        self.w.inplace_op2(
+            self.g,
+            &AdamWPass {
+                m: Mutex::new(Some(m)),
+                v: Mutex::new(Some(v)),
+                k: self.k,
+            },
+        )
+    }
+}
+
+struct AdamWPass<'m> {
+    m: Handoff<'m>,
+    v: Handoff<'m>,
+    k: AdamConsts,
+}
+
+impl InplaceOp2 for AdamWPass<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
     }
     fn cpu_fwd(
         &self,
@@ -108,23 +157,31 @@ impl InplaceOp3 for ParamUpdate {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<()> {
         let w = data_mut(s1, l1, self.name())?;
-        let m = data(s2, l2, w.len(), self.name())?;
-        let v = data(s3, l3, w.len(), self.name())?;
-        let (inv, eps, step) = (self.inv_bc2, self.eps, self.step);
-        match self.decay {
-            Some(d) => zip3(w, m, v, |w, m, v| {
-                let denom = (v.sqrt() * inv + 0.0) * 1.0 + eps;
-                (w * d + 0.0) - ((m / denom) * step + 0.0)
-            }),
-            None => zip3(w, m, v, |w, m, v| {
-                let denom = (v.sqrt() * inv + 0.0) * 1.0 + eps;
-                w - ((m / denom) * step + 0.0)
-            }),
+        let g = data(s2, l2, w.len(), self.name())?;
+        let (m, v) = (take(&self.m, self.name())?, take(&self.v, self.name())?);
+        if m.len() != w.len() || v.len() != w.len() {
+            bail!(
+                "{}: moments of {} and {} elements for a parameter of {}",
+                self.name(),
+                m.len(),
+                v.len(),
+                w.len()
+            )
         }
+        let k = self.k;
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((w, m), v), g)| {
+                fused::kernels::simd(|| {
+                    for (((w, m), v), g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                        k.update(w, m, v, *g);
+                    }
+                })
+            });
         Ok(())
     }
 }
@@ -173,24 +230,25 @@ pub(crate) fn adamw_inplace(
     bc2: f64,
     step_size: f64,
 ) -> Result<()> {
-    m.inplace_op2(g, &FirstMoment((1.0 - b1) as f32))?;
-    v.inplace_op2(
-        g,
-        &SecondMoment {
-            b2: b2 as f32,
-            c: (1.0 - b2) as f32,
-        },
-    )?;
-    w.inplace_op3(
-        m,
-        v,
-        &ParamUpdate {
-            decay: decay.map(|d| d as f32),
-            inv_bc2: (1.0 / bc2.sqrt()) as f32,
-            eps: eps as f32,
-            step: step_size as f32,
-        },
-    )
+    let k = AdamConsts {
+        c1: (1.0 - b1) as f32,
+        b2: b2 as f32,
+        c2: (1.0 - b2) as f32,
+        decay: decay.map(|d| d as f32),
+        inv_bc2: (1.0 / bc2.sqrt()) as f32,
+        eps: eps as f32,
+        step: step_size as f32,
+    };
+    for (t, what) in [(w, "weight"), (m, "first moment"), (v, "second moment")] {
+        if t.elem_count() != g.elem_count() {
+            bail!(
+                "adamw: {what} of {} elements, gradient of {}",
+                t.elem_count(),
+                g.elem_count()
+            )
+        }
+    }
+    m.inplace_op1(&MomentOne { w, g, v, k })
 }
 
 /// `target = m target + (1 - m) online`, in place.
@@ -202,6 +260,55 @@ pub(crate) fn ema_inplace(target: &Tensor, online: &Tensor, momentum: f64) -> Re
             c: (1.0 - momentum) as f32,
         },
     )
+}
+
+/// The elementwise mean of equally shaped tensors, `((p0 + p1) + ...) * (1 / n)` (the order of a
+/// sum over ranks), in one parallel pass for contiguous f32 CPU tensors and with candle ops for
+/// any other.
+pub(crate) fn mean_of(parts: &[Tensor]) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        bail!("mean of no tensors")
+    };
+    let inv = 1.0 / parts.len() as f64;
+    if parts.len() == 1 {
+        return Ok(first.clone());
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    if !applies(&refs) || parts.iter().any(|p| p.shape() != first.shape()) {
+        let mut sum = first.clone();
+        for p in &parts[1..] {
+            sum = (sum + p)?;
+        }
+        return sum.affine(inv, 0.0);
+    }
+    let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
+    let mut srcs = Vec::with_capacity(parts.len());
+    for (s, l) in &guards {
+        match &**s {
+            candle_core::Storage::Cpu(cs) => srcs.push(fused::slice(cs, l, "mean-of")?),
+            _ => bail!("mean-of: expected CPU tensors"),
+        }
+    }
+    let n = first.elem_count();
+    // SAFETY: every element is written below before the buffer is read.
+    let mut out = unsafe { fused::kernels::output_buffer(n) };
+    let inv = inv as f32;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
+        let (lo, len) = (c * CHUNK, dst.len());
+        fused::kernels::simd(|| {
+            dst.copy_from_slice(&srcs[0][lo..lo + len]);
+            for src in &srcs[1..] {
+                for (d, s) in dst.iter_mut().zip(&src[lo..lo + len]) {
+                    *d += s;
+                }
+            }
+            for d in dst.iter_mut() {
+                *d = *d * inv + 0.0;
+            }
+        })
+    });
+    drop(guards);
+    fused::tensor(out, first.dims())
 }
 
 #[cfg(test)]
@@ -252,6 +359,18 @@ mod tests {
             assert_eq!(v(&vf), v(&vv));
             assert_eq!(v(&wf), v(&w));
         }
+    }
+
+    #[test]
+    fn mean_of_matches_the_candle_sum_then_scale() {
+        let parts: Vec<Tensor> = (0..3).map(|i| randn(&[CHUNK + 77, 3], i)).collect();
+        let want = ((&parts[0] + &parts[1]).unwrap() + &parts[2])
+            .unwrap()
+            .affine(1.0 / 3.0, 0.0)
+            .unwrap();
+        assert_eq!(v(&mean_of(&parts).unwrap()), v(&want));
+        assert_eq!(v(&mean_of(&parts[..1]).unwrap()), v(&parts[0]));
+        assert!(mean_of(&[]).is_err());
     }
 
     #[test]

@@ -7,4 +7,5 @@ mod fused_update;
 pub mod loss;
 pub mod optim;
 pub mod schedules;
+pub mod sharded;
 pub mod step;

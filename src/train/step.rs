@@ -148,13 +148,13 @@ impl std::ops::AddAssign for PhaseTimes {
 }
 
 /// Adds the time since the last lap to a phase (no-op without a timer).
-struct Lap<'a>(Option<(&'a mut PhaseTimes, std::time::Instant)>);
+pub(super) struct Lap<'a>(Option<(&'a mut PhaseTimes, std::time::Instant)>);
 
 impl<'a> Lap<'a> {
-    fn new(t: Option<&'a mut PhaseTimes>) -> Self {
+    pub(super) fn new(t: Option<&'a mut PhaseTimes>) -> Self {
         Self(t.map(|t| (t, std::time::Instant::now())))
     }
-    fn mark(&mut self, phase: fn(&mut PhaseTimes) -> &mut f64) {
+    pub(super) fn mark(&mut self, phase: fn(&mut PhaseTimes) -> &mut f64) {
         if let Some((t, last)) = &mut self.0 {
             let now = std::time::Instant::now();
             *phase(t) += (now - *last).as_secs_f64();
@@ -172,7 +172,7 @@ pub fn forward_loss(
     forward_loss_timed(nets, batch, cfg, &mut Lap(None), &mut Single)
 }
 
-fn forward_loss_timed(
+pub(super) fn forward_loss_timed(
     nets: &JepaNetworks,
     batch: &Batch,
     cfg: &LossConfig,
@@ -302,7 +302,27 @@ pub fn train_step_dp(
 ) -> Result<StepLosses, StepError> {
     let mut lap = Lap::new(times);
     let fwd = forward_loss_timed(nets, batch, cfg, &mut lap, comm)?;
-    let l = &fwd.loss;
+    let [total, jepa, sim, std, cov] = mean_losses(&fwd.loss, comm)?;
+    lap.mark(|t| &mut t.loss);
+    let grads = fwd.backward_root.backward()?;
+    drop(fwd);
+    lap.mark(|t| &mut t.backward);
+    let named = dist::mean_grads(comm, opt.named_grads(&grads))?;
+    drop(grads);
+    let optim = update(nets, opt, named, hyper, &mut lap)?;
+    Ok(StepLosses {
+        total,
+        jepa,
+        sim,
+        std,
+        cov,
+        optim,
+    })
+}
+
+/// The five loss values averaged over the ranks: total, jepa, sim, std, cov. A non-finite total
+/// is [`StepError::NonFinite`] (on every rank alike).
+pub(super) fn mean_losses(l: &LossOutput, comm: &mut dyn AllReduce) -> Result<[f32; 5], StepError> {
     let scalar = |t: &Tensor| -> Result<f32, StepError> {
         Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
     };
@@ -314,29 +334,30 @@ pub fn train_step_dp(
         scalar(&l.cov)?,
     ];
     let dev = l.total.device().clone();
-    let [total, jepa, sim, std, cov]: [f32; 5] = dist::mean_scalars(comm, &local, &dev)?
+    let means: [f32; 5] = dist::mean_scalars(comm, &local, &dev)?
         .try_into()
         .expect("five values in, five out");
-    if !total.is_finite() {
-        return Err(StepError::NonFinite { total, jepa });
+    if !means[0].is_finite() {
+        return Err(StepError::NonFinite {
+            total: means[0],
+            jepa: means[1],
+        });
     }
-    lap.mark(|t| &mut t.loss);
-    let grads = fwd.backward_root.backward()?;
-    drop(fwd);
-    lap.mark(|t| &mut t.backward);
-    let named = dist::mean_grads(comm, opt.named_grads(&grads))?;
-    drop(grads);
+    Ok(means)
+}
+
+/// The end of a step once the gradients are known: AdamW, then the EMA of the target encoder.
+pub(super) fn update(
+    nets: &JepaNetworks,
+    opt: &mut AdamW,
+    named: std::collections::HashMap<String, Tensor>,
+    hyper: StepHyper,
+    lap: &mut Lap,
+) -> Result<StepStats, StepError> {
     let optim = opt.step_named(&named, hyper.lr, hyper.wd)?;
     drop(named);
     lap.mark(|t| &mut t.optimizer);
     ema_update(&nets.ema_pairs(), hyper.momentum)?;
     lap.mark(|t| &mut t.ema);
-    Ok(StepLosses {
-        total,
-        jepa,
-        sim,
-        std,
-        cov,
-        optim,
-    })
+    Ok(optim)
 }

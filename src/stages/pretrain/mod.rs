@@ -55,6 +55,7 @@ use crate::train::dist;
 use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedules::Schedules;
+use crate::train::sharded::{shard_count, train_step_sharded, ThreadShards, SHARDS_ENV};
 use crate::train::step::{train_step_dp, Batch, StepError, StepHyper, StepLosses};
 use crate::util::rng::{derive_seed, stage_rng};
 
@@ -153,6 +154,25 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let total = p
         .max_steps
         .map_or(sched.total_iterations, |m| m.min(sched.total_iterations));
+
+    // On the CPU in one process, each batch is cut into shards trained on separate threads.
+    let shards = if dev.is_cpu() && world == 1 {
+        let threads = rayon::current_num_threads();
+        let setting = std::env::var(SHARDS_ENV).ok();
+        let n = shard_count(setting.as_deref(), threads, p.batch).map_err(fail)?;
+        if n > 1 {
+            let pools = ThreadShards::new(n, threads).map_err(|e| fail(e.to_string()))?;
+            ctx.log(format!(
+                "each batch of {} trains as {n} shards on separate threads ({threads} threads)",
+                p.batch
+            ));
+            Some(pools)
+        } else {
+            None
+        }
+    } else {
+        None
+    };
 
     let adam = AdamWConfig {
         clip_grad_norm: p.clip_grad,
@@ -265,9 +285,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             masks_enc: &masks_enc,
             masks_pred: &masks_pred,
         };
-        let l = train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, ranks.comm(), None).map_err(
-            |e| match e {
-                StepError::NonFinite { .. } => fail(format!(
+        let l = match &shards {
+            Some(pools) => train_step_sharded(&nets, &b, &loss_cfg, &mut opt, hyper, pools, None),
+            None => train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, ranks.comm(), None),
+        }
+        .map_err(|e| match e {
+            StepError::NonFinite { .. } => fail(format!(
                 "diverged at step {completed} of {total}: {e}; the last good checkpoint ({}) is \
                  kept; lower `lr` or set `clip_grad`",
                 match ctx.ckpt.load() {
@@ -275,9 +298,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                     _ => "none yet".into(),
                 }
             )),
-                e => fail(format!("step {completed}: {e}")),
-            },
-        )?;
+            e => fail(format!("step {completed}: {e}")),
+        })?;
         st.step = completed;
         // The monitor runs on logged steps only (always the last one): keep the latest value.
         let monitor = if target_std.is_finite() {
@@ -368,6 +390,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "train_images": n_images,
         "mask_min_keep": mask_cfg.min_keep,
         "ranks": world,
+        "thread_shards": shards.as_ref().map_or(1, ThreadShards::count),
         "snapshot_epochs": snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
     });
     Ok(out)

@@ -5,9 +5,11 @@
 //! divided by the world size, so every rank applies the same optimiser step to the same weights.
 //! Implementations: [`Single`] (one process, no communication), [`tcp::TcpHub`] (processes on
 //! CPU, rank 0 sums in rank order over local sockets: exact and deterministic) and, with the
-//! `nccl` feature, [`nccl::Nccl`] (one process per GPU). Ranks meet through files in a shared
+//! `nccl` feature, [`nccl::Nccl`] (one process per GPU), and [`local`] (the shards of one batch on
+//! threads of one process). Processes meet through files in a shared
 //! folder ([`rendezvous`]).
 
+pub mod local;
 pub mod rendezvous;
 pub mod tcp;
 
