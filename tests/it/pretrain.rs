@@ -27,8 +27,20 @@ pub(crate) fn cjepa(dir: &Path) -> Command {
 }
 
 fn run(dir: &Path) -> (i32, String) {
+    run_on(dir, 1)
+}
+
+/// `cjepa run` on `threads` threads (with two or more, `pretrain` trains shards on threads).
+fn run_on(dir: &Path, threads: usize) -> (i32, String) {
     let out = cjepa(dir)
-        .args(["run", "p.yaml", "--plain", "--threads", "1"])
+        .args([
+            "run",
+            "p.yaml",
+            "--plain",
+            "--threads",
+            &threads.to_string(),
+        ])
+        .env_remove("CJEPA_SHARDS")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -98,11 +110,24 @@ fn wait_for_checkpoint(store: &Path, child: &mut Child) {
     }
 }
 
-fn interrupted_then_resumed(signal: i32) -> (Vec<u8>, Vec<u8>, BTreeMap<String, Value>, Value) {
+type Fingerprint = (Vec<u8>, Vec<u8>, BTreeMap<String, Value>, Value);
+
+fn interrupted_then_resumed(signal: i32) -> Fingerprint {
+    interrupted_then_resumed_on(signal, 1)
+}
+
+fn interrupted_then_resumed_on(signal: i32, threads: usize) -> Fingerprint {
     let dir = pipeline(&resumable(".store"));
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
         .current_dir(dir.path())
-        .args(["run", "p.yaml", "--plain", "--threads", "1"])
+        .args([
+            "run",
+            "p.yaml",
+            "--plain",
+            "--threads",
+            &threads.to_string(),
+        ])
+        .env_remove("CJEPA_SHARDS")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -116,7 +141,7 @@ fn interrupted_then_resumed(signal: i32) -> (Vec<u8>, Vec<u8>, BTreeMap<String, 
     assert!(!status.success(), "the run was not interrupted");
     // SIGKILL'd driver: its worker dies with it (PDEATHSIG); give the OS a moment.
     std::thread::sleep(Duration::from_millis(200));
-    let (code, err) = run(dir.path());
+    let (code, err) = run_on(dir.path(), threads);
     assert_eq!(code, 0, "{err}");
     let (rec, _) = pretrain_record(dir.path(), ".store");
     let from = rec["info"]["resumed_from"].as_u64().unwrap();
@@ -232,6 +257,38 @@ fn interrupted_runs_resume_bit_identical() {
     }
 }
 
+/// On two threads each batch trains as two shards on separate threads (`train::sharded`): a
+/// killed run still resumes bit-identical, and the weights are the one-thread run's up to float
+/// rounding (the final loss agrees to 1e-3).
+#[test]
+fn sharded_runs_resume_bit_identical_and_match_one_thread() {
+    let base = pipeline(&resumable(".store"));
+    let (code, err) = run_on(base.path(), 2);
+    assert_eq!(code, 0, "{err}");
+    let (rec, _) = pretrain_record(base.path(), ".store");
+    assert_eq!(rec["info"]["thread_shards"], 2, "{rec}");
+    let want = fingerprint(base.path(), ".store");
+    let got = interrupted_then_resumed_on(libc::SIGKILL, 2);
+    assert!(got.0 == want.0, "encoder.safetensors differs");
+    assert!(got.1 == want.1, "full.safetensors differs");
+    assert_eq!(got.2, want.2, "metrics differ");
+    assert_eq!(got.3, want.3, "series differ");
+
+    let one = pipeline(&resumable(".store"));
+    let (code, err) = run_on(one.path(), 1);
+    assert_eq!(code, 0, "{err}");
+    let (rec1, _) = pretrain_record(one.path(), ".store");
+    assert_eq!(rec1["info"]["thread_shards"], 1, "{rec1}");
+    let (l1, l2) = (
+        rec1["metrics"]["loss"].as_f64().unwrap(),
+        rec["metrics"]["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (l1 - l2).abs() <= 1e-3 * l1.abs(),
+        "loss {l1} on one thread, {l2} as shards"
+    );
+}
+
 #[test]
 fn unknown_param_is_a_config_error() {
     let yaml = TINY.replace("log_every: 2", "log_evry: 2");
@@ -265,4 +322,23 @@ fn divergence_fails_with_the_step() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("diverged at step"), "{err}");
     assert!(err.contains("non-finite loss"), "{err}");
+}
+
+#[test]
+fn a_shard_count_that_does_not_split_the_batch_is_a_usage_error() {
+    let dir = pipeline(&resumable(".store"));
+    let out = cjepa(dir.path())
+        .args(["run", "p.yaml", "--plain", "--threads", "2"])
+        .env("CJEPA_SHARDS", "3")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("stage `pretrain`")
+            && err.contains("CJEPA_SHARDS=3")
+            && err.contains("divisor"),
+        "{err}"
+    );
+    assert!(!dir.path().join(".store").exists(), "nothing is written");
 }
