@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{gemm, output_buffer, simd, Mat, MatMut};
-use super::softmax::{softmax_row, softmax_row_bwd};
+use super::kernels::{gemm, output_buffer, Mat, MatMut};
+use super::softmax::{softmax_rows, softmax_rows_bwd};
 use super::{slice, tensor, with_data, SendConst, SendPtr};
 
 struct Attention {
@@ -81,11 +81,7 @@ impl CustomOp1 for Attention {
                     },
                     scale,
                 );
-                simd(|| {
-                    for i in 0..t {
-                        softmax_row(std::slice::from_raw_parts_mut(p.add(i * t), t));
-                    }
-                });
+                softmax_rows(std::slice::from_raw_parts_mut(p, t * t), t);
                 gemm(
                     t,
                     hd,
@@ -187,14 +183,11 @@ impl CustomOp1 for Attention {
                                 },
                                 1.0,
                             );
-                            simd(|| {
-                                for i in 0..t {
-                                    softmax_row_bwd(
-                                        std::slice::from_raw_parts(p.add(i * t), t),
-                                        &mut buf[i * t..(i + 1) * t],
-                                    );
-                                }
-                            });
+                            softmax_rows_bwd(
+                                std::slice::from_raw_parts(p, t * t),
+                                &mut buf[..t * t],
+                                t,
+                            );
                             let ds = Mat {
                                 ptr: buf.as_ptr(),
                                 rs: t as isize,

@@ -4,7 +4,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::kernels::{erf, exp, output_buffer, par_rows, simd};
+use super::kernels::{erf, exp, output_buffer, par_rows, simd_fn};
 use super::{slice, tensor, with_data, SendPtr};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -27,6 +27,24 @@ pub(super) fn gelu_grad(v: f32) -> f32 {
     let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
     let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
     cdf + v * pdf
+}
+
+simd_fn! {
+    /// `out = GELU(x)` elementwise.
+    pub(super) fn gelu_into(out: &mut [f32], x: &[f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = gelu(v);
+        }
+    }
+}
+
+simd_fn! {
+    /// `g *= GELU'(x)` elementwise.
+    fn gelu_grad_mul(g: &mut [f32], x: &[f32]) {
+        for (o, &v) in g.iter_mut().zip(x) {
+            *o *= gelu_grad(v);
+        }
+    }
 }
 
 /// Applies `f(i, chunk)` to `CHUNK`-sized pieces of `v` in parallel.
@@ -55,13 +73,7 @@ impl CustomOp1 for GeluErf {
         let x = slice(s, l, self.name())?;
         // SAFETY: the chunks below cover all of y.
         let mut y = unsafe { output_buffer(x.len()) };
-        par_chunks(&mut y, |a, out| {
-            simd(|| {
-                for (o, &v) in out.iter_mut().zip(&x[a..]) {
-                    *o = gelu(v);
-                }
-            })
-        });
+        par_chunks(&mut y, |a, out| gelu_into(out, &x[a..]));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -75,13 +87,7 @@ impl CustomOp1 for GeluErf {
         }
         let mut g = with_data(dy, self.name(), |g| Ok(g.to_vec()))?;
         with_data(x, self.name(), |xs| {
-            par_chunks(&mut g, |a, out| {
-                simd(|| {
-                    for (o, &v) in out.iter_mut().zip(&xs[a..]) {
-                        *o *= gelu_grad(v);
-                    }
-                })
-            });
+            par_chunks(&mut g, |a, out| gelu_grad_mul(out, &xs[a..]));
             Ok(())
         })?;
         Ok(Some(tensor(g, x.dims())?))

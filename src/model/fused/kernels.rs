@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::{ranges, SendConst, SendPtr};
 
 /// True when the CPU has AVX2 and FMA (checked once).
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -43,6 +43,34 @@ pub fn simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Defines a kernel `fn name(args)` (no return value) whose body runs compiled for AVX2 + FMA
+/// when the CPU has them, else for the baseline: the body is force-inlined into a
+/// `#[target_feature]` copy. [`simd`] does the same for a closure, but only when LLVM chooses to
+/// inline the closure into its AVX2 frame: a large loop body (a softmax row, a GELU with its `erf`
+/// and `exp`) is left out of line and compiled for SSE2, 4 wide, which this forces.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if $crate::model::fused::kernels::has_avx2() {
+                    // SAFETY: the CPU has the features (checked at run time).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
 /// `exp(x)` in f32 (Cephes polynomial, about 2 ulp), branch-free so loops vectorise.
 /// Inputs are clamped to [-87, 88]: below, the result is about 1.6e-38 instead of 0.
 #[inline(always)]
@@ -52,7 +80,8 @@ pub fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -61,7 +90,10 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // t = MAGIC + n exactly (one ulp of t is 1), so n is the difference of their bits: integer
+    // arithmetic that vectorises, where `n as i32` (saturating) compiles to scalar compares.
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let bits = ((ni + 127) as u32) << 23;
     y * f32::from_bits(bits)
 }
 

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{dot, output_buffer, par_rows, par_rows_sum, simd, sum};
+use super::kernels::{dot, output_buffer, par_rows, par_rows_sum, simd_fn, sum};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused layer_norm";
@@ -53,35 +53,16 @@ impl LayerNorm {
         let eps = self.eps;
         par_rows(rows, 16, |r| {
             let (yp, mp, rp) = (yp, mp, rp);
-            simd(|| {
-                for i in r {
-                    let xr = &x[i * d..(i + 1) * d];
-                    // SAFETY: each chunk writes its own rows.
-                    let yr = unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * d), d) };
-                    let mu = sum(xr) / d as f32;
-                    for (o, v) in yr.iter_mut().zip(xr) {
-                        *o = v - mu;
-                    }
-                    let var = dot(yr, yr) / d as f32;
-                    let rs = 1.0 / (var + eps).sqrt();
-                    match affine {
-                        Some((w, b)) => {
-                            for ((o, w), b) in yr.iter_mut().zip(w).zip(b) {
-                                *o = *o * rs * w + b;
-                            }
-                        }
-                        None => {
-                            for o in yr.iter_mut() {
-                                *o *= rs;
-                            }
-                        }
-                    }
-                    unsafe {
-                        *mp.0.add(i) = mu;
-                        *rp.0.add(i) = rs;
-                    }
-                }
-            })
+            let (a, e) = (r.start * d, r.end * d);
+            // SAFETY: each chunk writes its own rows of y and entries of mean and rstd.
+            let (yr, mr, rr) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(yp.0.add(a), e - a),
+                    std::slice::from_raw_parts_mut(mp.0.add(r.start), r.len()),
+                    std::slice::from_raw_parts_mut(rp.0.add(r.start), r.len()),
+                )
+            };
+            normalize_rows(&x[a..e], yr, mr, rr, d, eps, affine);
         });
         let _ = self.saved.set(Stats { mean, rstd });
         Ok(y)
@@ -111,46 +92,123 @@ impl LayerNorm {
         let plen = if want_params { 2 * d } else { 0 };
         let params = par_rows_sum(rows, 16, plen, |r, acc| {
             let dxp = dxp;
-            simd(|| {
-                let mut xhat = vec![0f32; d];
-                let mut g = vec![0f32; d];
-                for i in r {
-                    let xr = &x[i * d..(i + 1) * d];
-                    let gr = &dy[i * d..(i + 1) * d];
-                    let (mu, rs) = (st.mean[i], st.rstd[i]);
-                    for (h, v) in xhat.iter_mut().zip(xr) {
-                        *h = (v - mu) * rs;
-                    }
-                    if want_params {
-                        let (dw, db) = acc.split_at_mut(d);
-                        for (((a, b), gv), h) in dw.iter_mut().zip(db.iter_mut()).zip(gr).zip(&xhat)
-                        {
-                            *a += gv * h;
-                            *b += gv;
-                        }
-                    }
-                    if !want_dx {
-                        continue;
-                    }
-                    match w {
-                        Some(w) => {
-                            for ((o, gv), wv) in g.iter_mut().zip(gr).zip(w) {
-                                *o = gv * wv;
-                            }
-                        }
-                        None => g.copy_from_slice(gr),
-                    }
-                    let a = sum(&g) / d as f32;
-                    let c = dot(&g, &xhat) / d as f32;
-                    // SAFETY: each chunk writes its own rows.
-                    let dr = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(i * d), d) };
-                    for ((o, gv), h) in dr.iter_mut().zip(&g).zip(&xhat) {
-                        *o = rs * (gv - a - h * c);
-                    }
-                }
-            })
+            let (a, e) = (r.start * d, r.end * d);
+            // SAFETY: each chunk writes its own rows of dx (when dx is wanted).
+            let dxr =
+                want_dx.then(|| unsafe { std::slice::from_raw_parts_mut(dxp.0.add(a), e - a) });
+            let rows = BwdRows {
+                x: &x[a..e],
+                dy: &dy[a..e],
+                mean: &st.mean[r.clone()],
+                rstd: &st.rstd[r],
+            };
+            backward_rows(rows, d, w, dxr, acc, want_params);
         });
         Ok((want_dx.then_some(dx), params))
+    }
+}
+
+simd_fn! {
+    /// Normalises the `d`-wide rows of `x` into `y` (times `w`, plus `b`), with their means and
+    /// reciprocal standard deviations.
+    fn normalize_rows(
+        x: &[f32],
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        d: usize,
+        eps: f32,
+        affine: Option<(&[f32], &[f32])>,
+    ) {
+        if d == 0 {
+            return;
+        }
+        for (((xr, yr), mo), ro) in x
+            .chunks_exact(d)
+            .zip(y.chunks_exact_mut(d))
+            .zip(mean.iter_mut())
+            .zip(rstd.iter_mut())
+        {
+            let mu = sum(xr) / d as f32;
+            for (o, v) in yr.iter_mut().zip(xr) {
+                *o = v - mu;
+            }
+            let var = dot(yr, yr) / d as f32;
+            let rs = 1.0 / (var + eps).sqrt();
+            match affine {
+                Some((w, b)) => {
+                    for ((o, w), b) in yr.iter_mut().zip(w).zip(b) {
+                        *o = *o * rs * w + b;
+                    }
+                }
+                None => {
+                    for o in yr.iter_mut() {
+                        *o *= rs;
+                    }
+                }
+            }
+            *mo = mu;
+            *ro = rs;
+        }
+    }
+}
+
+/// The rows of one backward chunk: input, output gradient, and their saved statistics.
+#[derive(Clone, Copy)]
+struct BwdRows<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    mean: &'a [f32],
+    rstd: &'a [f32],
+}
+
+simd_fn! {
+    /// The backward of the `d`-wide rows: `dx` (when given) and, with `want_params`, adds
+    /// `Σ dy x̂` and `Σ dy` into `acc = [dw; db]`.
+    fn backward_rows(
+        rows: BwdRows,
+        d: usize,
+        w: Option<&[f32]>,
+        dx: Option<&mut [f32]>,
+        acc: &mut [f32],
+        want_params: bool,
+    ) {
+        if d == 0 {
+            return;
+        }
+        let mut xhat = vec![0f32; d];
+        let mut g = vec![0f32; d];
+        let mut dx = dx;
+        for (i, (xr, gr)) in rows.x.chunks_exact(d).zip(rows.dy.chunks_exact(d)).enumerate() {
+            let (mu, rs) = (rows.mean[i], rows.rstd[i]);
+            for (h, v) in xhat.iter_mut().zip(xr) {
+                *h = (v - mu) * rs;
+            }
+            if want_params {
+                let (dw, db) = acc.split_at_mut(d);
+                for (((a, b), gv), h) in dw.iter_mut().zip(db.iter_mut()).zip(gr).zip(&xhat) {
+                    *a += gv * h;
+                    *b += gv;
+                }
+            }
+            let Some(dx) = dx.as_deref_mut() else {
+                continue;
+            };
+            match w {
+                Some(w) => {
+                    for ((o, gv), wv) in g.iter_mut().zip(gr).zip(w) {
+                        *o = gv * wv;
+                    }
+                }
+                None => g.copy_from_slice(gr),
+            }
+            let a = sum(&g) / d as f32;
+            let c = dot(&g, &xhat) / d as f32;
+            let dr = &mut dx[i * d..(i + 1) * d];
+            for ((o, gv), h) in dr.iter_mut().zip(&g).zip(&xhat) {
+                *o = rs * (gv - a - h * c);
+            }
+        }
     }
 }
 

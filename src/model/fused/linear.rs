@@ -8,7 +8,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{gemm_par_rows, output_buffer, par_rows, par_rows_sum, simd, Mat, MatMut};
+use super::kernels::{gemm_par_rows, output_buffer, par_rows, par_rows_sum, simd_fn, Mat, MatMut};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused linear";
@@ -99,16 +99,24 @@ pub(super) fn forward(
     y
 }
 
+simd_fn! {
+    /// `acc += ` each `n`-wide row of `g`.
+    fn add_rows(acc: &mut [f32], g: &[f32], n: usize) {
+        if n == 0 {
+            return;
+        }
+        for row in g.chunks_exact(n) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+}
+
 /// Column sums of the `m x n` row-major `g` (the bias gradient).
 fn column_sums(g: &[f32], m: usize, n: usize) -> Vec<f32> {
     par_rows_sum(m, 64, n, |r, acc| {
-        simd(|| {
-            for i in r {
-                for (a, v) in acc.iter_mut().zip(&g[i * n..(i + 1) * n]) {
-                    *a += v;
-                }
-            }
-        })
+        add_rows(acc, &g[r.start * n..r.end * n], n)
     })
 }
 

@@ -12,12 +12,31 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::gelu::{gelu, gelu_grad};
-use super::kernels::{output_buffer, par_rows, par_rows_sum, simd};
+use super::gelu::{gelu_grad, gelu_into};
+use super::kernels::{output_buffer, par_rows, par_rows_sum, simd_fn};
 use super::linear::{check, check_with_bias, forward, input_and_weight_grads, out_shape};
 use super::{slice, tensor, with_data, SendPtr};
 
 const OP: &str = "fused linear_gelu";
+
+simd_fn! {
+    /// `dz = g GELU'(z)` over rows of `n`, adding each row of dz into `acc` (the bias gradient).
+    fn gelu_bwd_rows(dz: &mut [f32], g: &[f32], z: &[f32], acc: &mut [f32], n: usize) {
+        if n == 0 {
+            return;
+        }
+        for ((orow, grow), zrow) in dz
+            .chunks_exact_mut(n)
+            .zip(g.chunks_exact(n))
+            .zip(z.chunks_exact(n))
+        {
+            for (((o, &gv), &zv), s) in orow.iter_mut().zip(grow).zip(zrow).zip(acc.iter_mut()) {
+                *o = gv * gelu_grad(zv);
+                *s += *o;
+            }
+        }
+    }
+}
 
 struct LinearGelu {
     /// The pre-activation `z`, saved by the forward.
@@ -49,11 +68,7 @@ impl CustomOp3 for LinearGelu {
             let (a, e) = (r.start * n, r.end * n);
             // SAFETY: each chunk writes its own rows.
             let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(a), e - a) };
-            simd(|| {
-                for (o, &v) in out.iter_mut().zip(&z[a..e]) {
-                    *o = gelu(v);
-                }
-            })
+            gelu_into(out, &z[a..e]);
         });
         let _ = self.pre.set(z);
         Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
@@ -83,20 +98,7 @@ impl CustomOp3 for LinearGelu {
                 let (a, e) = (r.start * n, r.end * n);
                 // SAFETY: each chunk writes its own rows.
                 let out = unsafe { std::slice::from_raw_parts_mut(dzp.0.add(a), e - a) };
-                simd(|| {
-                    for ((orow, grow), zrow) in out
-                        .chunks_exact_mut(n)
-                        .zip(g[a..e].chunks_exact(n))
-                        .zip(z[a..e].chunks_exact(n))
-                    {
-                        for (((o, &gv), &zv), s) in
-                            orow.iter_mut().zip(grow).zip(zrow).zip(acc.iter_mut())
-                        {
-                            *o = gv * gelu_grad(zv);
-                            *s += *o;
-                        }
-                    }
-                })
+                gelu_bwd_rows(out, &g[a..e], &z[a..e], acc, n);
             }))
         })?;
         let (dx, dw) = input_and_weight_grads(x, w, &dz, (x.track_op(), w.track_op()))?;

@@ -3,7 +3,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::kernels::{dot, exp, max, par_rows, simd, sum};
+use super::kernels::{dot, exp, max, par_rows, simd_fn, sum};
 use super::{slice, tensor, with_data, SendPtr};
 
 /// Softmax of one row in place.
@@ -28,6 +28,30 @@ pub(crate) fn softmax_row_bwd(y: &[f32], dy: &mut [f32]) {
     }
 }
 
+simd_fn! {
+    /// [`softmax_row`] of each `d`-wide row of `rows`, in place.
+    pub(crate) fn softmax_rows(rows: &mut [f32], d: usize) {
+        if d == 0 {
+            return;
+        }
+        for row in rows.chunks_exact_mut(d) {
+            softmax_row(row);
+        }
+    }
+}
+
+simd_fn! {
+    /// [`softmax_row_bwd`] of each `d`-wide row: `dy <- y (dy - Σ dy y)`.
+    pub(crate) fn softmax_rows_bwd(y: &[f32], dy: &mut [f32], d: usize) {
+        if d == 0 {
+            return;
+        }
+        for (yr, gr) in y.chunks_exact(d).zip(dy.chunks_exact_mut(d)) {
+            softmax_row_bwd(yr, gr);
+        }
+    }
+}
+
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -45,12 +69,10 @@ impl CustomOp1 for Softmax {
             let yp = SendPtr(y.as_mut_ptr());
             par_rows(rows, 8, |r| {
                 let yp = yp;
-                simd(|| {
-                    for i in r {
-                        // SAFETY: each chunk owns its rows.
-                        softmax_row(unsafe { std::slice::from_raw_parts_mut(yp.0.add(i * d), d) });
-                    }
-                })
+                // SAFETY: each chunk owns its rows.
+                let block =
+                    unsafe { std::slice::from_raw_parts_mut(yp.0.add(r.start * d), r.len() * d) };
+                softmax_rows(block, d);
             });
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -65,13 +87,11 @@ impl CustomOp1 for Softmax {
                 let gp = SendPtr(g.as_mut_ptr());
                 par_rows(rows, 8, |r| {
                     let gp = gp;
-                    simd(|| {
-                        for i in r {
-                            // SAFETY: each chunk owns its rows.
-                            let gr = unsafe { std::slice::from_raw_parts_mut(gp.0.add(i * d), d) };
-                            softmax_row_bwd(&y[i * d..(i + 1) * d], gr);
-                        }
-                    })
+                    // SAFETY: each chunk owns its rows.
+                    let block = unsafe {
+                        std::slice::from_raw_parts_mut(gp.0.add(r.start * d), r.len() * d)
+                    };
+                    softmax_rows_bwd(&y[r.start * d..r.end * d], block, d);
                 });
             }
             Ok(())
