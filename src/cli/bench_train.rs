@@ -17,7 +17,7 @@ use cjepa::train::loss::LossConfig;
 use cjepa::train::optim::{AdamW, AdamWConfig};
 use cjepa::train::sharded::{train_step_sharded, ThreadShards};
 use cjepa::train::step::{train_step_timed, Batch, PhaseTimes, StepHyper};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Arguments of `cjepa bench train-step`.
@@ -297,13 +297,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let masks: Vec<Masks> = (0..a.warmup + a.steps)
         .map(|_| sampler.sample(&mut rng, a.batch))
         .collect();
-    let images = Tensor::randn(
-        0f32,
-        1.0,
-        (a.batch, cfg.in_chans, cfg.img_size, cfg.img_size),
-        &Device::Cpu,
-    )?
-    .to_device(&dev)?;
+    // pixel values from the seeded generator (their values do not change the timing; the same
+    // seed gives the same losses run after run)
+    let shape = (a.batch, cfg.in_chans, cfg.img_size, cfg.img_size);
+    let pixels: Vec<f32> = (0..a.batch * cfg.in_chans * cfg.img_size * cfg.img_size)
+        .map(|_| rng.gen_range(-2.0f32..2.0))
+        .collect();
+    let images = Tensor::from_vec(pixels, shape, &Device::Cpu)?.to_device(&dev)?;
     if let Some(p) = &a.masks_out {
         fs_err::write(
             p,
