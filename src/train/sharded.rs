@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use super::dist::local::{local_group, LocalComm};
-use super::dist::DistError;
+use super::dist::{AllReduce, DistError};
 use super::fused_update::mean_of;
 use super::loss::LossConfig;
 use super::optim::AdamW;
@@ -135,7 +135,7 @@ fn run_shard(
     comm: &mut LocalComm,
     times: Option<&mut PhaseTimes>,
 ) -> Result<ShardOut, StepError> {
-    let b = batch.images.dim(0)? / comm_world(comm);
+    let b = batch.images.dim(0)? / comm.world();
     let (images, masks_enc, masks_pred) = shard_of(batch, k, b)?;
     let shard = Batch {
         images: &images,
@@ -152,10 +152,6 @@ fn run_shard(
     drop(grads);
     lap.mark(|t| &mut t.backward);
     Ok((named, losses))
-}
-
-fn comm_world(comm: &LocalComm) -> usize {
-    super::dist::AllReduce::world(comm)
 }
 
 /// One training step with the batch split over `shards` (see the module's documentation). The
