@@ -220,7 +220,7 @@ pub fn train_step_sharded(
         return Err(errs.swap_remove(at));
     }
     let outs: Vec<ShardOut> = outs.into_iter().filter_map(Result::ok).collect();
-    let [total, jepa, sim, std, cov] = outs[0].1;
+    let losses = outs[0].1;
     let mut per_shard: Vec<HashMap<String, Tensor>> = outs.into_iter().map(|(g, _)| g).collect();
     let mut lap = Lap::new(times.map(|t| {
         *t += shard_times;
@@ -243,14 +243,7 @@ pub fn train_step_sharded(
     drop(per_shard);
     lap.mark(|t| &mut t.backward);
     let optim = update(nets, opt, named, hyper, &mut lap)?;
-    Ok(StepLosses {
-        total,
-        jepa,
-        sim,
-        std,
-        cov,
-        optim,
-    })
+    Ok(StepLosses::new(losses, optim))
 }
 
 /// The error of a shard released by another one's failure.
@@ -270,6 +263,12 @@ mod tests {
     use crate::model::VitConfig;
     use crate::train::optim::AdamWConfig;
     use crate::train::step::train_step;
+
+    const HYPER: StepHyper = StepHyper {
+        lr: 1e-3,
+        wd: 0.04,
+        momentum: 0.99,
+    };
 
     /// A 4x4-token ViT of width 16, two blocks, predictor of width 16.
     fn cfg() -> VitConfig {
@@ -327,14 +326,9 @@ mod tests {
                 masks_enc: &enc,
                 masks_pred: &pred,
             };
-            let hyper = StepHyper {
-                lr: 1e-3,
-                wd: 0.04,
-                momentum: 0.99,
-            };
             let l = match &pools {
-                Some(p) => train_step_sharded(&nets, &b, &loss_cfg, &mut opt, hyper, p, None),
-                None => train_step(&nets, &b, &loss_cfg, &mut opt, hyper),
+                Some(p) => train_step_sharded(&nets, &b, &loss_cfg, &mut opt, HYPER, p, None),
+                None => train_step(&nets, &b, &loss_cfg, &mut opt, HYPER),
             }
             .unwrap();
             let norm = l.optim.grad_norm.unwrap() as f32;
@@ -372,33 +366,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_batch_that_does_not_split_evenly_is_an_error() {
+    /// The error of one two-shard step on zero images with these masks.
+    fn two_shard_step_error(batch: usize, enc: &[Tensor], pred: &[Tensor]) -> StepError {
         let nets = JepaNetworks::new_random(&cfg(), 3, &Device::Cpu).unwrap();
         let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default()).unwrap();
-        let images = Tensor::zeros((5, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let (enc, pred) = masks(5, 0);
+        let shape = (batch, 3, 32, 32);
+        let images = Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
         let b = Batch {
             images: &images,
-            masks_enc: &enc,
-            masks_pred: &pred,
-        };
-        let hyper = StepHyper {
-            lr: 1e-3,
-            wd: 0.04,
-            momentum: 0.99,
+            masks_enc: enc,
+            masks_pred: pred,
         };
         let pools = ThreadShards::new(2, 2).unwrap();
-        let e = train_step_sharded(
+        train_step_sharded(
             &nets,
             &b,
             &LossConfig::cjepa(),
             &mut opt,
-            hyper,
+            HYPER,
             &pools,
             None,
         )
-        .unwrap_err();
+        .unwrap_err()
+    }
+
+    #[test]
+    fn a_batch_that_does_not_split_evenly_is_an_error() {
+        let (enc, pred) = masks(5, 0);
+        let e = two_shard_step_error(5, &enc, &pred);
         assert!(
             e.to_string().contains("does not split into 2 equal shards"),
             "{e}"
@@ -407,33 +402,11 @@ mod tests {
 
     #[test]
     fn a_failing_shard_fails_the_step_without_hanging() {
-        // masks of 6 images with a batch of 4: shard 1's masks index rows that do not exist
-        let nets = JepaNetworks::new_random(&cfg(), 3, &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default()).unwrap();
-        let images = Tensor::zeros((4, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        // The first target mask has 3 rows for a batch of 4: shard 1 cannot take its rows 2..4
+        // and fails before the first all-reduce, where shard 0 waits for it.
         let (enc, mut pred) = masks(4, 0);
         pred[0] = pred[0].narrow(0, 0, 3).unwrap();
-        let b = Batch {
-            images: &images,
-            masks_enc: &enc,
-            masks_pred: &pred,
-        };
-        let hyper = StepHyper {
-            lr: 1e-3,
-            wd: 0.04,
-            momentum: 0.99,
-        };
-        let pools = ThreadShards::new(2, 2).unwrap();
-        let e = train_step_sharded(
-            &nets,
-            &b,
-            &LossConfig::cjepa(),
-            &mut opt,
-            hyper,
-            &pools,
-            None,
-        )
-        .unwrap_err();
+        let e = two_shard_step_error(4, &enc, &pred);
         assert!(!is_release(&e), "the root cause, not the release: {e}");
     }
 

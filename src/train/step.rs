@@ -96,6 +96,20 @@ pub struct StepLosses {
     pub optim: StepStats,
 }
 
+impl StepLosses {
+    /// From the `[total, jepa, sim, std, cov]` of [`mean_losses`] and the optimiser's statistics.
+    pub(super) fn new([total, jepa, sim, std, cov]: [f32; 5], optim: StepStats) -> Self {
+        Self {
+            total,
+            jepa,
+            sim,
+            std,
+            cov,
+            optim,
+        }
+    }
+}
+
 /// Wall-clock seconds spent in each part of training steps (summed over the steps timed).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PhaseTimes {
@@ -302,7 +316,7 @@ pub fn train_step_dp(
 ) -> Result<StepLosses, StepError> {
     let mut lap = Lap::new(times);
     let fwd = forward_loss_timed(nets, batch, cfg, &mut lap, comm)?;
-    let [total, jepa, sim, std, cov] = mean_losses(&fwd.loss, comm)?;
+    let losses = mean_losses(&fwd.loss, comm)?;
     lap.mark(|t| &mut t.loss);
     let grads = fwd.backward_root.backward()?;
     drop(fwd);
@@ -310,14 +324,7 @@ pub fn train_step_dp(
     let named = dist::mean_grads(comm, opt.named_grads(&grads))?;
     drop(grads);
     let optim = update(nets, opt, named, hyper, &mut lap)?;
-    Ok(StepLosses {
-        total,
-        jepa,
-        sim,
-        std,
-        cov,
-        optim,
-    })
+    Ok(StepLosses::new(losses, optim))
 }
 
 /// The five loss values averaged over the ranks: total, jepa, sim, std, cov. A non-finite total

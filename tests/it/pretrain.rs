@@ -30,16 +30,22 @@ fn run(dir: &Path) -> (i32, String) {
     run_on(dir, 1)
 }
 
-/// `cjepa run` on `threads` threads (with two or more, `pretrain` trains shards on threads).
+/// The arguments of `cjepa run` on `threads` threads (with two or more, `pretrain` trains shards
+/// on threads).
+fn run_args(threads: usize) -> [String; 5] {
+    [
+        "run",
+        "p.yaml",
+        "--plain",
+        "--threads",
+        &threads.to_string(),
+    ]
+    .map(String::from)
+}
+
 fn run_on(dir: &Path, threads: usize) -> (i32, String) {
     let out = cjepa(dir)
-        .args([
-            "run",
-            "p.yaml",
-            "--plain",
-            "--threads",
-            &threads.to_string(),
-        ])
+        .args(run_args(threads))
         .env_remove("CJEPA_SHARDS")
         .output()
         .unwrap();
@@ -120,13 +126,7 @@ fn interrupted_then_resumed_on(signal: i32, threads: usize) -> Fingerprint {
     let dir = pipeline(&resumable(".store"));
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
         .current_dir(dir.path())
-        .args([
-            "run",
-            "p.yaml",
-            "--plain",
-            "--threads",
-            &threads.to_string(),
-        ])
+        .args(run_args(threads))
         .env_remove("CJEPA_SHARDS")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -328,7 +328,7 @@ fn divergence_fails_with_the_step() {
 fn a_shard_count_that_does_not_split_the_batch_is_a_usage_error() {
     let dir = pipeline(&resumable(".store"));
     let out = cjepa(dir.path())
-        .args(["run", "p.yaml", "--plain", "--threads", "2"])
+        .args(run_args(2))
         .env("CJEPA_SHARDS", "3")
         .output()
         .unwrap();
