@@ -3,7 +3,7 @@
 //! upstream `imagefolder` dataset (labels unused) or `clevr` dataset (`images/<split>/*.png`).
 //!
 //! Each iteration: a batch of `RandomResizedCrop(img, crop_scale)` + ImageNet-normalised images (no
-//! flip), one multi-block mask draw for the batch, then [`train_step`] (targets, context encoder,
+//! flip), one multi-block mask draw for the batch, then [`crate::train::step::train_step`] (targets, context encoder,
 //! predictor, JEPA (+ VICReg) loss, AdamW with this iteration's lr / wd, EMA with its momentum).
 //! On the CPU in one process the batch trains as one shard per thread ([`train_step_sharded`];
 //! `CJEPA_SHARDS` sets the count): the same step up to float rounding, the same from run to run.
