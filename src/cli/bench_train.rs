@@ -15,7 +15,7 @@ use cjepa::model::masks::{MaskConfig, MaskSampler, Masks};
 use cjepa::model::{fused, JepaNetworks, VitConfig};
 use cjepa::train::loss::LossConfig;
 use cjepa::train::optim::{AdamW, AdamWConfig};
-use cjepa::train::sharded::{train_step_sharded, ThreadShards};
+use cjepa::train::sharded::{shard_count, train_step_sharded, ThreadShards};
 use cjepa::train::step::{train_step_timed, Batch, PhaseTimes, StepHyper};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -226,30 +226,19 @@ fn run_mode(
     Ok(run)
 }
 
-/// The shard counts of `--shards`: `auto`, a number or a comma list; each must divide the batch.
+/// The shard counts of `--shards`: `auto`, a number or a comma list of them (see
+/// [`shard_count`]); on CUDA only one batch.
 fn parse_shards(arg: &str, threads: usize, batch: usize, cpu: bool) -> anyhow::Result<Vec<usize>> {
-    if arg == "auto" {
-        return Ok(vec![if cpu {
-            ThreadShards::auto(threads, batch)
-        } else {
-            1
-        }]);
+    if !cpu {
+        anyhow::ensure!(
+            arg == "auto" || arg == "1",
+            "--shards {arg}: shards train on the CPU only"
+        );
+        return Ok(vec![1]);
     }
-    let counts = arg
-        .split(',')
-        .map(|p| {
-            let n: usize = p.trim().parse().ok().filter(|n| *n > 0).with_context(|| {
-                format!("--shards {arg}: use auto, a number or a list like 1,2")
-            })?;
-            anyhow::ensure!(
-                batch.is_multiple_of(n),
-                "--shards {n}: the batch of {batch} does not split into {n} equal shards"
-            );
-            anyhow::ensure!(cpu || n == 1, "--shards {n}: sharding runs on the CPU only");
-            Ok(n)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(counts)
+    arg.split(',')
+        .map(|p| shard_count("--shards", Some(p), threads, batch).map_err(anyhow::Error::msg))
+        .collect()
 }
 
 fn json_masks(masks: &[Masks], cfg: &VitConfig, batch: usize) -> serde_json::Value {

@@ -66,7 +66,7 @@ fn check_shards_setting(plan: &cjepa::plan::Plan) -> cjepa::Result<()> {
             continue;
         }
         let batch = s.config["params"]["batch"].as_u64().unwrap_or(1) as usize;
-        shard_count(Some(&v), 1, batch)
+        shard_count(SHARDS_ENV, Some(&v), 1, batch)
             .map_err(|e| cjepa::Error::Usage(format!("stage `{}`: {e}", s.inst.id)))?;
     }
     Ok(())

@@ -31,15 +31,14 @@ fn data<'a>(s: &'a CpuStorage, l: &Layout, n: usize, op: &'static str) -> Result
     Ok(d)
 }
 
-/// `dst[i] = f(dst[i], a[i], b[i])` over parallel chunks.
-fn zip3(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) {
+/// `dst[i] = f(dst[i], a[i])` over parallel chunks.
+fn zip2(dst: &mut [f32], a: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     dst.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((d, a), b)| {
+        .for_each(|(d, a)| {
             fused::kernels::simd(|| {
-                for ((d, a), b) in d.iter_mut().zip(a).zip(b) {
-                    *d = f(*d, *a, *b);
+                for (d, a) in d.iter_mut().zip(a) {
+                    *d = f(*d, *a);
                 }
             })
         });
@@ -206,7 +205,7 @@ impl InplaceOp2 for Ema {
         let t = data_mut(s1, l1, self.name())?;
         let s = data(s2, l2, t.len(), self.name())?;
         let (m, c) = (self.m, self.c);
-        zip3(t, s, s, |t, s, _| (t * m + 0.0) + (s * c + 0.0));
+        zip2(t, s, |t, s| (t * m + 0.0) + (s * c + 0.0));
         Ok(())
     }
 }

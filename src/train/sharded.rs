@@ -82,19 +82,25 @@ impl ThreadShards {
 }
 
 /// The shard count for a CPU step of `batch` images on `threads` threads, from `setting` (the
-/// value of [`SHARDS_ENV`], if set): `auto` or unset picks [`ThreadShards::auto`]; a number must
-/// divide the batch. The error says what to set instead.
-pub fn shard_count(setting: Option<&str>, threads: usize, batch: usize) -> Result<usize, String> {
+/// value of [`SHARDS_ENV`] or of a command-line option, named `name` in the error), if set: `auto`
+/// or unset picks [`ThreadShards::auto`]; a number must divide the batch. The error says what to
+/// set instead.
+pub fn shard_count(
+    name: &str,
+    setting: Option<&str>,
+    threads: usize,
+    batch: usize,
+) -> Result<usize, String> {
     match setting.map(str::trim) {
         None | Some("") | Some("auto") => Ok(ThreadShards::auto(threads, batch)),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if n > 0 && batch.is_multiple_of(n) => Ok(n),
             Ok(n) if n > 0 => Err(format!(
-                "{SHARDS_ENV}={v}: a batch of {batch} images does not split into {n} equal \
+                "{name}={v}: a batch of {batch} images does not split into {n} equal \
                  shards; set a divisor of the batch, `auto`, or 1 to train without shards"
             )),
             _ => Err(format!(
-                "{SHARDS_ENV}={v}: not a shard count; set a positive number, `auto`, or 1 to \
+                "{name}={v}: not a shard count; set a positive number, `auto`, or 1 to \
                  train without shards"
             )),
         },
@@ -125,8 +131,25 @@ fn shard_of(
 
 type ShardOut = (HashMap<String, Tensor>, [f32; 5]);
 
-/// Forward and backward of shard `k`: its named gradients and the batch's mean loss values.
+/// Forward and backward of shard `k`: its named gradients and the batch's mean loss values. A
+/// shard that fails aborts the group, releasing the others from the reductions they wait in.
 fn run_shard(
+    nets: &JepaNetworks,
+    batch: &Batch,
+    cfg: &LossConfig,
+    opt: &AdamW,
+    k: usize,
+    comm: &mut LocalComm,
+    times: Option<&mut PhaseTimes>,
+) -> Result<ShardOut, StepError> {
+    let r = shard_pass(nets, batch, cfg, opt, k, comm, times);
+    if r.is_err() {
+        comm.abort();
+    }
+    r
+}
+
+fn shard_pass(
     nets: &JepaNetworks,
     batch: &Batch,
     cfg: &LossConfig,
@@ -185,24 +208,13 @@ pub fn train_step_sharded(
             .map(|(i, mut comm)| {
                 let pool = &shards.pools[i + 1];
                 s.spawn(move || {
-                    pool.install(|| {
-                        let r = run_shard(nets, batch, cfg, opt_ref, i + 1, &mut comm, None);
-                        if r.is_err() {
-                            comm.abort();
-                        }
-                        r
-                    })
+                    pool.install(|| run_shard(nets, batch, cfg, opt_ref, i + 1, &mut comm, None))
                 })
             })
             .collect();
         let t0 = want_times.then_some(&mut shard_times);
-        let first = shards.pools[0].install(|| {
-            let r = run_shard(nets, batch, cfg, opt_ref, 0, &mut comm0, t0);
-            if r.is_err() {
-                comm0.abort();
-            }
-            r
-        });
+        let first =
+            shards.pools[0].install(|| run_shard(nets, batch, cfg, opt_ref, 0, &mut comm0, t0));
         let mut all = vec![first];
         for h in handles {
             match h.join() {
@@ -248,7 +260,7 @@ pub fn train_step_sharded(
 
 /// The error of a shard released by another one's failure.
 fn is_release(e: &StepError) -> bool {
-    matches!(e, StepError::Dist(DistError::Protocol { msg, .. }) if msg.contains("stopped before the others"))
+    matches!(e, StepError::Dist(DistError::PeerStopped { .. }))
 }
 
 #[cfg(test)]
@@ -412,17 +424,17 @@ mod tests {
 
     #[test]
     fn the_setting_is_auto_a_divisor_or_an_error_that_names_the_fix() {
-        assert_eq!(shard_count(None, 2, 32), Ok(2));
-        assert_eq!(shard_count(Some("auto"), 4, 6), Ok(3));
-        assert_eq!(shard_count(Some("1"), 2, 32), Ok(1));
-        assert_eq!(shard_count(Some(" 4 "), 2, 32), Ok(4));
-        let e = shard_count(Some("3"), 2, 32).unwrap_err();
+        assert_eq!(shard_count(SHARDS_ENV, None, 2, 32), Ok(2));
+        assert_eq!(shard_count(SHARDS_ENV, Some("auto"), 4, 6), Ok(3));
+        assert_eq!(shard_count(SHARDS_ENV, Some("1"), 2, 32), Ok(1));
+        assert_eq!(shard_count(SHARDS_ENV, Some(" 4 "), 2, 32), Ok(4));
+        let e = shard_count(SHARDS_ENV, Some("3"), 2, 32).unwrap_err();
         assert!(
             e.contains("CJEPA_SHARDS=3") && e.contains("does not split"),
             "{e}"
         );
         for bad in ["0", "two", "-1"] {
-            let e = shard_count(Some(bad), 2, 32).unwrap_err();
+            let e = shard_count(SHARDS_ENV, Some(bad), 2, 32).unwrap_err();
             assert!(e.contains("not a shard count"), "{e}");
         }
     }

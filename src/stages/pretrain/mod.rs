@@ -161,7 +161,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let shards = if dev.is_cpu() && world == 1 {
         let threads = rayon::current_num_threads();
         let setting = std::env::var(SHARDS_ENV).ok();
-        let n = shard_count(setting.as_deref(), threads, p.batch).map_err(fail)?;
+        let n = shard_count(SHARDS_ENV, setting.as_deref(), threads, p.batch).map_err(fail)?;
         if n > 1 {
             let pools = ThreadShards::new(n, threads).map_err(|e| fail(e.to_string()))?;
             ctx.log(format!(

@@ -74,9 +74,9 @@ impl LocalComm {
     }
 
     fn aborted(&self, by: usize) -> DistError {
-        DistError::Protocol {
+        DistError::PeerStopped {
             rank: self.rank,
-            msg: format!("shard {by} stopped before the others"),
+            peer: by,
         }
     }
 }

@@ -41,6 +41,15 @@ pub enum DistError {
         /// What is wrong.
         msg: String,
     },
+    /// Another rank of an in-process group ([`local`]) stopped before the others; the reduction
+    /// this rank waited in can no longer complete.
+    #[error("rank {rank}: shard {peer} stopped before the others")]
+    PeerStopped {
+        /// This rank.
+        rank: usize,
+        /// The rank that stopped.
+        peer: usize,
+    },
     /// The NCCL library failed.
     #[error("rank {rank}: NCCL: {msg}")]
     Nccl {
