@@ -47,7 +47,8 @@ pub struct Args {
     /// numbers, each timed in turn on the same masks and weights (e.g. `1,2`: the baseline first).
     #[arg(long, default_value = "auto")]
     shards: String,
-    /// `on`, `off` or `both` (fused first, then unfused, and their ratio).
+    /// `on`, `off` or `both` (fused first, then unfused, and their ratio). On CUDA: our CUDA
+    /// kernels (`model::cuda_kernels`: row gathers, AdamW, EMA) against candle's ops.
     #[arg(long, default_value = "both")]
     fused: String,
     /// Seed of weights, images and masks.
@@ -56,9 +57,14 @@ pub struct Args {
     /// Write the masks of every step as JSON (for `bench/torch_step.py --masks`).
     #[arg(long)]
     masks_out: Option<std::path::PathBuf>,
-    /// cpu, cuda, cuda:N or auto. On CUDA the fused CPU kernels do not apply: one `cuda` mode runs.
+    /// cpu, cuda, cuda:N or auto. On CUDA the fused CPU kernels do not apply; `--fused` picks
+    /// our CUDA kernels instead.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// `f32` (TF32 matmuls on CUDA) or `bf16` (autocast of the matrix products, f32 master
+    /// weights; see `model::precision`).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Peak FLOP/s (in TFLOP/s) for the model FLOP utilisation; default on CUDA: the H100 dense
     /// bf16 peak (989.4, what `cjepa run --dry-run` estimates assume), on the CPU: none.
     #[arg(long)]
@@ -168,6 +174,7 @@ fn run_mode(
     masks: &[Masks],
 ) -> anyhow::Result<Run> {
     fused::set_enabled(on);
+    cjepa::model::cuda_kernels::set_enabled(on);
     let dev = images.device().clone();
     let nets = JepaNetworks::new_random(cfg, a.seed, &dev)?;
     let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default())?;
@@ -190,8 +197,9 @@ fn run_mode(
         loss: f32::NAN,
     };
     for (i, m) in masks.iter().enumerate() {
-        let enc = mask_tensors(&m.enc, &dev)?;
-        let pred = mask_tensors(&m.pred, &dev)?;
+        // masks are host data (the networks read their index lists without a device sync)
+        let enc = mask_tensors(&m.enc, &Device::Cpu)?;
+        let pred = mask_tensors(&m.pred, &Device::Cpu)?;
         let batch = Batch {
             images,
             masks_enc: &enc,
@@ -252,6 +260,10 @@ fn json_masks(masks: &[Masks], cfg: &VitConfig, batch: usize) -> serde_json::Val
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let dev = cjepa::stages::backbone::parse_device(&a.device)?;
+    let precision =
+        cjepa::model::precision::Precision::parse(&a.precision).map_err(anyhow::Error::msg)?;
+    cjepa::model::precision::set_process(precision);
+    let tf32 = cjepa::model::precision::allow_tf32_from_env();
     let threads = a.threads.unwrap_or_else(rayon::current_num_threads);
     anyhow::ensure!(threads > 0, "--threads must be at least 1");
     let shard_counts = parse_shards(&a.shards, threads, a.batch, dev.is_cpu())?;
@@ -267,7 +279,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .num_threads(threads)
         .build_global();
     let modes: Vec<(&'static str, bool)> = match a.fused.as_str() {
-        _ if !dev.is_cpu() => vec![("cuda", false)],
+        // on CUDA "fused" means our CUDA kernels (`model::cuda_kernels`), "unfused" candle's ops
+        "on" if !dev.is_cpu() => vec![("cuda-kernels", true)],
+        "off" if !dev.is_cpu() => vec![("candle", false)],
+        "both" if !dev.is_cpu() => vec![("cuda-kernels", true), ("candle", false)],
         "on" => vec![("fused", true)],
         "off" => vec![("unfused", false)],
         "both" => vec![("fused", true), ("unfused", false)],
@@ -303,7 +318,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         |f: fn(&Masks) -> usize| masks.iter().map(f).sum::<usize>() as f64 / masks.len() as f64;
     println!(
         "bench train-step: model {} (D {}, depth {}, predictor {}x{}), {} px, patch {}, batch {}, \
-         {} threads, {} timed steps after {} warm-up, device {}",
+         {} threads, {} timed steps after {} warm-up, device {}, precision {}{}",
         a.model,
         cfg.embed_dim,
         cfg.depth,
@@ -315,7 +330,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         threads,
         a.steps,
         a.warmup,
-        a.device
+        a.device,
+        precision.name(),
+        if tf32 && !dev.is_cpu() && precision == cjepa::model::precision::Precision::F32 {
+            " (TF32 matmuls)"
+        } else {
+            ""
+        }
     );
     println!(
         "  masks: {} tokens, mean context keep {:.1}, mean target keep {:.1} x {} targets",
@@ -416,6 +437,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         );
     }
     fused::set_enabled(true);
+    cjepa::model::cuda_kernels::set_enabled(true);
     Ok(0)
 }
 

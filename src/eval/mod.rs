@@ -7,3 +7,4 @@ pub mod davis;
 pub mod embed;
 pub mod label_propagation;
 pub mod segmentation;
+pub mod topk;

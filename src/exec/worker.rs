@@ -118,6 +118,14 @@ pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
     }
+    // bf16 autocast for the whole stage process (the plan writes `precision` only for bf16)
+    let precision = match job.config.get("precision").and_then(|v| v.as_str()) {
+        Some(s) => crate::model::precision::Precision::parse(s).map_err(crate::Error::Usage)?,
+        None => crate::model::precision::Precision::F32,
+    };
+    crate::model::precision::set_process(precision);
+    // f32 matrix products on CUDA use TF32 tensor cores (`CJEPA_TF32=0`: exact f32)
+    crate::model::precision::allow_tf32_from_env();
     fs_err::create_dir_all(&job.out_dir)?;
     let progress = match rank {
         Some((r, _)) if r > 0 => ranks::dist_dir(&job).join(format!("progress-{r}.json")),

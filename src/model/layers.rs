@@ -12,12 +12,15 @@ use candle_nn::{Init, VarBuilder};
 
 use super::config::VitConfig;
 use super::error::Result;
-use super::fused;
+use super::{cuda_ops, fused, precision};
 
 /// Softmax over the last axis (fused kernel on the CPU, else [`softmax_last_unfused`]).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if fused::applies_to(x) {
         return Ok(fused::softmax_last(x)?);
+    }
+    if cuda_ops::applies(x) {
+        return Ok(cuda_ops::softmax_last(x)?);
     }
     softmax_last_unfused(x)
 }
@@ -35,6 +38,9 @@ pub fn softmax_last_unfused(x: &Tensor) -> Result<Tensor> {
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     if fused::applies_to(x) {
         return Ok(fused::layer_norm_plain(x, eps)?);
+    }
+    if cuda_ops::applies(x) {
+        return Ok(cuda_ops::layer_norm(x, None, eps)?);
     }
     layer_norm_plain_unfused(x, eps)
 }
@@ -68,6 +74,13 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fused::applies_to(x) {
             return Ok(fused::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+        }
+        if cuda_ops::applies(x) {
+            return Ok(cuda_ops::layer_norm(
+                x,
+                Some((&self.weight, &self.bias)),
+                self.eps,
+            )?);
         }
         let xn = layer_norm_plain_unfused(x, self.eps)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
@@ -114,7 +127,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = precision::matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -190,9 +203,11 @@ impl Attention {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let attn = q.matmul(&k.t()?)?.affine(self.scale, 0.0)?;
-        let attn = softmax_last_unfused(&attn)?;
-        Ok(attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?)
+        let attn = precision::matmul(&q, &k.t()?)?.affine(self.scale, 0.0)?;
+        let attn = softmax_last(&attn)?;
+        Ok(precision::matmul(&attn, &v)?
+            .transpose(1, 2)?
+            .reshape((b, t, e))?)
     }
 }
 

@@ -9,17 +9,23 @@
 //! - `vit`: the encoder; `predictor`: the predictor;
 //! - `masks`: the multi-block mask sampler;
 //! - `jepa`: the three networks with their variables (init, load, EMA pairs);
+//! - `precision`: bf16 autocast of the matrix products (f32 master weights), TF32 on CUDA;
 //! - `import`: official I-JEPA `.pth.tar` checkpoints (names and shapes checked).
 
 pub mod config;
+pub mod cuda_kernels;
+pub mod cuda_ops;
 pub mod detect;
 pub mod error;
 pub mod fused;
+pub mod gather;
 pub mod import;
 pub mod jepa;
+pub mod launch;
 pub mod layers;
 pub mod masks;
 pub mod pos_embed;
+pub mod precision;
 pub mod predictor;
 pub mod resize;
 pub mod seg_heads;

@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::error::{ModelError, Result};
 use super::resize::{adaptive_avg_pool, resize_bilinear};
+use super::{launch, precision};
 
 /// BatchNorm epsilon and momentum (PyTorch defaults, as mmseg's `SyncBN`).
 const BN_EPS: f64 = 1e-5;
@@ -181,22 +182,32 @@ impl ConvModule {
     }
 }
 
-/// Stride-1 convolution with `k/2` zero padding (odd `k`), no bias. On the CPU it is an im2col
-/// (shifted views stacked) times the `(out, in*k*k)` weight matrix: candle's CPU `conv2d`
-/// backward goes through a direct `conv_transpose2d` loop that is orders of magnitude slower.
-/// Elsewhere candle's `conv2d` (with its backward) is used, which keeps no column buffer alive.
+/// Stride-1 convolution with `k/2` zero padding (odd `k`), no bias, as an im2col (shifted views
+/// stacked) times the `(out, in*k*k)` weight matrix, on every device: candle's `conv2d` backward
+/// goes through a direct `conv_transpose2d` loop (orders of magnitude slower on the CPU, naive on
+/// CUDA), and its CUDA im2col of a batch of 10+ UperNet maps passes 2^32 elements. The column
+/// buffer is bounded by [`launch::MAX_LAUNCH_ELEMS`]: larger batches run in chunks of images.
 pub fn conv_same(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    conv_same_limited(x, weight, launch::MAX_LAUNCH_ELEMS)
+}
+
+/// [`conv_same`] with no intermediate over `limit` elements (tests lower the limit).
+pub fn conv_same_limited(x: &Tensor, weight: &Tensor, limit: usize) -> Result<Tensor> {
     let (cout, cin, k, _) = weight.dims4()?;
-    if !x.device().is_cpu() {
-        return Ok(x.conv2d(weight, k / 2, 1, 1, 1)?);
-    }
-    let (b, c, h, w) = x.dims4()?;
+    let (_, c, h, w) = x.dims4()?;
     if c != cin {
         return Err(ModelError::Input {
             what: "conv",
             msg: format!("{c} input channels, the weight expects {cin}"),
         });
     }
+    let per_image = (cin * k * k).max(cout) * h * w;
+    launch::map_row_chunks(x, per_image, limit, |x| conv_cols(x, weight))
+}
+
+fn conv_cols(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (cout, cin, k, _) = weight.dims4()?;
+    let (b, c, h, w) = x.dims4()?;
     let cols = if k == 1 {
         x.reshape((b, c, h * w))?
     } else {
@@ -212,7 +223,7 @@ pub fn conv_same(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         Tensor::stack(&taps, 2)?.reshape((b, c * k * k, h * w))?
     };
     let wm = weight.reshape((cout, cin * k * k))?;
-    Ok(wm.broadcast_matmul(&cols)?.reshape((b, cout, h, w))?)
+    Ok(precision::broadcast_matmul(&wm, &cols)?.reshape((b, cout, h, w))?)
 }
 
 /// 1×1 convolution with bias (`conv_seg`), as a matmul over channels.
@@ -234,7 +245,7 @@ impl Conv1x1 {
     fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, cin, _, _) = self.weight.dims4()?;
         let w = self.weight.reshape((cout, cin))?.t()?;
-        Ok(x.broadcast_matmul(&w)?.broadcast_add(&self.bias)?)
+        Ok(precision::broadcast_matmul(x, &w)?.broadcast_add(&self.bias)?)
     }
 
     /// `(B, Cin, H, W)` to `(B, Cout, H, W)`.
@@ -314,7 +325,7 @@ impl Deconv2x2 {
             .broadcast_as((cout, 4))?
             .contiguous()?
             .reshape(cout * 4)?;
-        let y = t.matmul(&wm)?.broadcast_add(&bias)?;
+        let y = precision::matmul(&t, &wm)?.broadcast_add(&bias)?;
         Ok(y.reshape((b, h, w, cout, 2, 2))?
             .permute((0, 3, 1, 4, 2, 5))?
             .contiguous()?
@@ -608,8 +619,15 @@ mod tests {
             let want = x.conv2d(&w, k / 2, 1, 1, 1).unwrap();
             let got = conv_same(&x, &w).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+            // with the launch guard lowered to one image's columns, the batch runs image by
+            // image and gives the same values
+            let per_image = (3 * k * k).max(4) * 5 * 4;
+            let chunked = conv_same_limited(&x, &w, per_image).unwrap();
+            let diff = (chunked - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(conv_same_limited(&x, &w, per_image - 1).is_err());
         }
     }
 

@@ -4,6 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
+use super::gather::gather_rows;
+use crate::util::host_read;
 
 /// Validated index lists: one `(B, K)` list per mask, flattened row-major, all with the same K.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +55,14 @@ impl MaskIndices {
                     m.dtype()
                 )));
             }
-            let v = m.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+            // Masks are host data (the sampler builds them on the CPU): reading one waits for no
+            // device. A mask given on a device costs a counted device-to-host read.
+            let flat = m.to_dtype(DType::I64)?.flatten_all()?;
+            let v = if host_read::is_host(&flat) {
+                flat.to_vec1::<i64>()?
+            } else {
+                host_read::vec1::<i64>(&flat)?
+            };
             let mut out = Vec::with_capacity(v.len());
             for x in v {
                 if x < 0 || x as usize >= n_tokens {
@@ -127,18 +136,14 @@ pub fn apply_masks(x: &Tensor, masks: &MaskIndices) -> Result<Tensor> {
     }
     let idx = masks.flat_batch_index(n, x.device())?;
     let flat = x.reshape((b * n, e))?;
-    Ok(flat
-        .index_select(&idx, 0)?
-        .reshape((masks.len() * b, masks.keep, e))?)
+    Ok(gather_rows(&flat, &idx)?.reshape((masks.len() * b, masks.keep, e))?)
 }
 
 /// `apply_masks` on a table shared by all images: `table (N, E)` -> `(M*B, K, E)`.
 pub fn gather_table(table: &Tensor, masks: &MaskIndices) -> Result<Tensor> {
     let (_, e) = table.dims2()?;
     let idx = masks.flat_table_index(table.device())?;
-    Ok(table
-        .index_select(&idx, 0)?
-        .reshape((masks.len() * masks.batch, masks.keep, e))?)
+    Ok(gather_rows(table, &idx)?.reshape((masks.len() * masks.batch, masks.keep, e))?)
 }
 
 /// `repeat_interleave_batch(x, B, repeat)`: each chunk of B rows is written `repeat` times in a row.
@@ -160,7 +165,12 @@ pub fn repeat_interleave_batch(x: &Tensor, batch: usize, repeat: usize) -> Resul
         }
     }
     let n = idx.len();
-    Ok(x.index_select(&Tensor::from_vec(idx, n, x.device())?, 0)?)
+    let idx = Tensor::from_vec(idx, n, x.device())?;
+    let mut dims = x.dims().to_vec();
+    let inner: usize = dims[1..].iter().product();
+    let y = gather_rows(&x.reshape((rows, inner))?, &idx)?;
+    dims[0] = n;
+    Ok(y.reshape(dims)?)
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use candle_nn::{Init, VarBuilder};
 
 use super::config::VitConfig;
 use super::error::{ModelError, Result};
-use super::fused;
 use super::layers::{Block, LayerNorm};
 use super::pos_embed::sincos_2d_tensor;
 use super::tokens::{apply_masks, MaskIndices};
+use super::{fused, precision};
 
 /// The context / target encoder.
 #[derive(Debug, Clone)]
@@ -112,9 +112,7 @@ impl VisionTransformer {
         let tok = if fused::applies_to(&patches) {
             fused::linear(&patches, &wmat, Some(&self.patch_bias))?
         } else {
-            patches
-                .matmul(&wmat.t()?)?
-                .broadcast_add(&self.patch_bias)?
+            precision::matmul(&patches, &wmat.t()?)?.broadcast_add(&self.patch_bias)?
         };
         let tok = tok.reshape((b, gh * gw, d))?;
         let g = self.cfg.grid_size();

@@ -20,7 +20,8 @@
 //! * `dataset`, `command`: no GPU work.
 //!
 //! FLOPs are turned into hours at [`ASSUMED_UTILISATION`] of one H100's dense bf16 peak
-//! ([`H100_BF16_PEAK_FLOPS`]). Plausibility (checked in the tests: 20-200 H100-hours): ViT-B/16,
+//! ([`H100_BF16_PEAK_FLOPS`]) for stages at `precision: bf16`, of its TF32 peak (half that) for
+//! stages at `f32`. Plausibility (checked in the tests: 20-200 H100-hours): ViT-B/16,
 //! 600 epochs on ImageNet-1K comes to 6.4e19 FLOPs, about 52 H100-hours; ViT-L/16 600 epochs ~160;
 //! ViT-H/14 300 epochs 2.5e20 FLOPs, ~200. The I-JEPA paper trained ViT-H/14 for 300 epochs in
 //! under 72 hours on 16 A100s, which by this count is at least 19% of the A100 bf16 peak, so 35%
@@ -36,6 +37,8 @@ use crate::model::VitConfig;
 
 /// Dense bf16 peak of one H100 SXM, FLOP/s.
 pub const H100_BF16_PEAK_FLOPS: f64 = 989.4e12;
+/// Dense TF32 peak of one H100 SXM, FLOP/s: what a stage at `precision: f32` multiplies with.
+pub const H100_TF32_PEAK_FLOPS: f64 = 494.7e12;
 /// Fraction of the peak a training run sustains (model FLOPs utilisation).
 pub const ASSUMED_UTILISATION: f64 = 0.35;
 /// Context tokens kept after truncation, as a fraction of the grid (50.11 / 196).
@@ -180,7 +183,13 @@ pub fn plan_estimates(plan: &Plan) -> Vec<Option<f64>> {
             } else {
                 return None;
             };
-            estimate_gpu_hours(kind, &model, images, epochs, img)
+            let hours = estimate_gpu_hours(kind, &model, images, epochs, img)?;
+            // `precision: bf16` is written into the config; f32 runs at the TF32 peak
+            Some(if s.config.get("precision").is_some() {
+                hours
+            } else {
+                hours * H100_BF16_PEAK_FLOPS / H100_TF32_PEAK_FLOPS
+            })
         })
         .collect()
 }

@@ -48,6 +48,10 @@ pub fn key_input(
     if let Some(m) = config.get("model") {
         v["model"] = m.clone();
     }
+    // only `bf16` is written: f32 stages keep the keys they had before precision existed
+    if let Some(pr) = config.get("precision") {
+        v["precision"] = pr.clone();
+    }
     if !extra.is_null() {
         v["inputs"] = extra.clone();
     }

@@ -118,6 +118,12 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
         if has_model {
             config["model"] = Value::Object(model_map);
         }
+        // precision matters to the kinds that run a network (not to datasets or commands, whose
+        // keys a `defaults: { precision: bf16 }` must not change)
+        let precision = spec.precision.unwrap_or(p.spec.defaults.precision);
+        if precision != crate::spec::types::Precision::F32 && kind.takes_model() {
+            config["precision"] = json!(precision.name());
+        }
         let upstream: BTreeMap<String, String> = inst
             .upstream
             .iter()

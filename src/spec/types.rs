@@ -5,6 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::model::precision::Precision;
+
 /// A whole pipeline file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +43,11 @@ pub struct Defaults {
     /// Default retries for every stage.
     #[serde(default)]
     pub retries: u32,
+    /// Arithmetic of the matrix products: `f32` (default; TF32 tensor cores on CUDA) or `bf16`
+    /// (bf16 autocast with f32 master weights, see `model::precision`). `bf16` enters the stage
+    /// key (its results differ beyond float reordering); `f32` leaves keys as they were.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn default_device() -> String {
@@ -53,6 +60,7 @@ impl Default for Defaults {
             seed: 0,
             device: default_device(),
             retries: 0,
+            precision: Precision::F32,
         }
     }
 }
@@ -123,6 +131,9 @@ pub struct StageSpec {
     /// Retries on failure (default: `defaults.retries`).
     #[serde(default)]
     pub retries: Option<u32>,
+    /// `f32` or `bf16` for this stage (default: `defaults.precision`).
+    #[serde(default)]
+    pub precision: Option<Precision>,
     /// Free text shown by `cjepa dag` and `status`.
     #[serde(default)]
     pub description: Option<String>,

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
@@ -489,12 +489,18 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             )));
         }
         if let Some(max) = p.clip_grad_norm {
-            let mut sq = 0f64;
-            for m in &named {
-                for g in m.values() {
-                    sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-                }
-            }
+            // one read for the global norm (the per-parameter sums, in f64, added in the order
+            // of the former per-parameter reads)
+            let parts = named
+                .iter()
+                .flat_map(|m| m.values())
+                .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let sq = if parts.is_empty() {
+                0.0
+            } else {
+                crate::util::host_read::scalar::<f64>(&Tensor::stack(&parts, 0)?.sum_all()?)?
+            };
             let coef = max / (sq.sqrt() + 1e-6);
             if coef < 1.0 {
                 for m in &mut named {

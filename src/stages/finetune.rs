@@ -348,8 +348,10 @@ impl Head {
             .fc_norm
             .forward(&pooled)
             .map_err(|e| Error::Data(e.to_string()))?;
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())?)
+        Ok(
+            crate::model::precision::matmul(&x, &self.weight.as_tensor().t()?)?
+                .broadcast_add(self.bias.as_tensor())?,
+        )
     }
 }
 

@@ -9,7 +9,7 @@
 //! `at_epoch: k` probes the upstream pretrain stage's snapshot of epoch k (see
 //! [`super::backbone`]) instead of its final weights.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,27 @@ pub fn knn_hits(
     k: usize,
     temperature: f64,
 ) -> Result<(usize, usize)> {
+    let device_topk = !val.device().is_cpu();
+    knn_hits_with(
+        train,
+        train_labels,
+        val,
+        val_labels,
+        (classes, k, temperature),
+        device_topk,
+    )
+}
+
+/// [`knn_hits`] with the top-k taken where the similarities live (`device_topk`, the GPU path)
+/// or over the whole rows on the host.
+fn knn_hits_with(
+    train: &Tensor,
+    train_labels: &[usize],
+    val: &Tensor,
+    val_labels: &[usize],
+    (classes, k, temperature): (usize, usize, f64),
+    device_topk: bool,
+) -> Result<(usize, usize)> {
     let n = train.dim(0)?;
     let m = val.dim(0)?;
     let k = k.min(n);
@@ -108,12 +129,24 @@ pub fn knn_hits(
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
-        let sim = val
-            .narrow(0, start, len)?
-            .matmul(&train_t)?
-            .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
+        let sim = val.narrow(0, start, len)?.matmul(&train_t)?;
         let labels = &val_labels[start..start + len];
+        if device_topk {
+            // on a GPU only the k best of each row come back (see `eval::topk`)
+            let (vals, idxs) = crate::eval::topk::topk_rows(&sim, k)?;
+            for ((row_v, row_i), &y) in vals.iter().zip(&idxs).zip(labels) {
+                let mut votes = vec![0f64; classes];
+                for (&v, &i) in row_v.iter().zip(row_i) {
+                    votes[train_labels[i as usize]] += (v as f64 / temperature).exp();
+                }
+                let above = votes.iter().filter(|&&v| v > votes[y]).count();
+                h1 += usize::from(above == 0);
+                h5 += usize::from(above < top);
+            }
+            start += len;
+            continue;
+        }
+        let sim = sim.to_vec2::<f32>()?;
         let hits: Vec<(bool, bool)> = sim
             .par_iter()
             .zip(labels.par_iter())
@@ -203,6 +236,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn weighted_vote() {
@@ -228,5 +262,20 @@ mod tests {
         // k = 1: nearest neighbour.
         let (h1, _) = knn_hits(&train, &tl, &val, &[1, 1], 2, 1, 0.07).unwrap();
         assert_eq!(h1, 1);
+    }
+
+    /// The GPU path (top-k on the device, `eval::topk`) counts the hits of the host path.
+    #[test]
+    fn device_topk_path_gives_the_host_hits() {
+        let dev = Device::Cpu;
+        let train = l2_normalize(&Tensor::randn(0f32, 1.0, (200, 8), &dev).unwrap()).unwrap();
+        let val = l2_normalize(&Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap()).unwrap();
+        let tl: Vec<usize> = (0..200).map(|i| (i * 7) % 6).collect();
+        let vl: Vec<usize> = (0..50).map(|i| (i * 5) % 6).collect();
+        for k in [1, 5, 20] {
+            let host = knn_hits_with(&train, &tl, &val, &vl, (6, k, 0.07), false).unwrap();
+            let device = knn_hits_with(&train, &tl, &val, &vl, (6, k, 0.07), true).unwrap();
+            assert_eq!(host, device, "k {k}");
+        }
     }
 }

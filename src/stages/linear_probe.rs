@@ -350,8 +350,7 @@ impl Bank {
                 self.b.as_tensor().clone(),
             ),
         };
-        let logits = inp
-            .matmul(&w.reshape((din, h * c))?)?
+        let logits = crate::model::precision::matmul(&inp, &w.reshape((din, h * c))?)?
             .reshape((n, h, c))?
             .broadcast_add(&bias)?;
         Ok(logits.transpose(0, 1)?)

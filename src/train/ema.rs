@@ -40,7 +40,8 @@ pub fn ema_update(pairs: &[(Var, Var)], momentum: f64) -> Result<(), EmaError> {
                 online: s.dims().to_vec(),
             });
         }
-        if fused_update::applies(&[t.as_tensor(), s.as_tensor()]) {
+        let ts = [t.as_tensor(), s.as_tensor()];
+        if fused_update::applies(&ts) || fused_update::applies_cuda(&ts) {
             fused_update::ema_inplace(t.as_tensor(), s.as_tensor(), momentum)?;
             continue;
         }

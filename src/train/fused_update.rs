@@ -215,6 +215,25 @@ pub(crate) fn applies(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| fused::applies_to(t) && t.is_contiguous())
 }
 
+/// True when every tensor can be updated by the CUDA kernels of the same formulas (contiguous f32
+/// on one CUDA device, `model::cuda_kernels` on and compiled). Their f32 results follow the
+/// formulas of the CPU kernels with fused multiply-adds, so they agree to float rounding, not
+/// bit for bit.
+pub(crate) fn applies_cuda(ts: &[&Tensor]) -> bool {
+    #[cfg(feature = "cuda")]
+    return ts.iter().all(|t| {
+        t.device().is_cuda()
+            && t.dtype() == candle_core::DType::F32
+            && t.is_contiguous()
+            && t.device().same_device(ts[0].device())
+    }) && crate::model::cuda_kernels::available(cuda::MODULE, cuda::SRC);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ts;
+        false
+    }
+}
+
 /// One AdamW step of a parameter with existing moments, all in place.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adamw_inplace(
@@ -247,11 +266,19 @@ pub(crate) fn adamw_inplace(
             )
         }
     }
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda() {
+        return cuda::adamw(w, g, m, v, &k);
+    }
     m.inplace_op1(&MomentOne { w, g, v, k })
 }
 
 /// `target = m target + (1 - m) online`, in place.
 pub(crate) fn ema_inplace(target: &Tensor, online: &Tensor, momentum: f64) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if target.device().is_cuda() {
+        return cuda::ema(target, online, momentum as f32, (1.0 - momentum) as f32);
+    }
     target.inplace_op2(
         online,
         &Ema {
@@ -259,6 +286,121 @@ pub(crate) fn ema_inplace(target: &Tensor, online: &Tensor, momentum: f64) -> Re
             c: (1.0 - momentum) as f32,
         },
     )
+}
+
+/// The AdamW update and the EMA as one CUDA kernel launch per parameter (the candle chain takes
+/// about a dozen passes over each parameter, each a launch and a temporary tensor). The kernels
+/// write the weight and the moments in place through their device pointers, as the CPU kernels
+/// do through their storage.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{bail, Result, Storage, Tensor};
+
+    use super::AdamConsts;
+    use crate::model::cuda_kernels::{launch_config, ptx};
+
+    pub const MODULE: &str = "cjepa_update";
+    pub const SRC: &str = r#"
+extern "C" __global__ void cjepa_adamw_f32(
+    float* w, float* m, float* v, const float* g, unsigned long long n,
+    float c1, float b2, float c2, int has_decay, float decay, float inv_bc2, float eps, float step) {
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)blockDim.x * gridDim.x) {
+    float gi = g[i];
+    float mi = m[i];
+    mi += (gi - mi) * c1;
+    float vi = v[i] * b2 + gi * gi * c2;
+    m[i] = mi;
+    v[i] = vi;
+    float denom = sqrtf(vi) * inv_bc2 + eps;
+    float wi = has_decay ? w[i] * decay : w[i];
+    w[i] = wi - (mi / denom) * step;
+  }
+}
+extern "C" __global__ void cjepa_ema_f32(
+    float* t, const float* s, unsigned long long n, float m, float c) {
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)blockDim.x * gridDim.x) {
+    t[i] = t[i] * m + s[i] * c;
+  }
+}
+"#;
+
+    /// The device slice of a contiguous f32 CUDA tensor, `(storage guard, start, len)`.
+    macro_rules! slice_of {
+        ($t:expr, $guard:ident) => {{
+            let (s, l) = $t.storage_and_layout();
+            let Some((a, b)) = l.contiguous_offsets() else {
+                bail!("cuda update: a contiguous tensor is needed")
+            };
+            $guard = s;
+            match &*$guard {
+                Storage::Cuda(c) => c.as_cuda_slice::<f32>()?.slice(a..b),
+                _ => bail!("cuda update: a CUDA tensor is needed"),
+            }
+        }};
+    }
+
+    pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: &AdamConsts) -> Result<()> {
+        let Some(dev) = w.device().as_cuda_device().ok() else {
+            bail!("cuda update: the weight is not on CUDA")
+        };
+        let n = w.elem_count() as u64;
+        let (gw, gg, gm, gv);
+        let sw = slice_of!(w, gw);
+        let sg = slice_of!(g, gg);
+        let sm = slice_of!(m, gm);
+        let sv = slice_of!(v, gv);
+        let func = dev.get_or_load_custom_func("cjepa_adamw_f32", MODULE, ptx(MODULE, SRC)?)?;
+        let (has_decay, decay) = match k.decay {
+            Some(d) => (1i32, d),
+            None => (0i32, 1.0f32),
+        };
+        let mut b = func.builder();
+        b.arg(&sw);
+        b.arg(&sm);
+        b.arg(&sv);
+        b.arg(&sg);
+        b.arg(&n);
+        b.arg(&k.c1);
+        b.arg(&k.b2);
+        b.arg(&k.c2);
+        b.arg(&has_decay);
+        b.arg(&decay);
+        b.arg(&k.inv_bc2);
+        b.arg(&k.eps);
+        b.arg(&k.step);
+        // SAFETY: the four slices hold `n` f32 each (checked by the caller); the kernel writes
+        // w, m and v in place, which no other tensor reads during the update.
+        unsafe { b.launch(launch_config(n)) }
+            .map_err(|e| candle_core::Error::Msg(format!("cjepa_adamw_f32: {e:?}")))?;
+        Ok(())
+    }
+
+    pub fn ema(t: &Tensor, s: &Tensor, m: f32, c: f32) -> Result<()> {
+        let Some(dev) = t.device().as_cuda_device().ok() else {
+            bail!("cuda update: the target is not on CUDA")
+        };
+        if s.elem_count() != t.elem_count() {
+            bail!("ema: {} vs {} elements", t.elem_count(), s.elem_count())
+        }
+        let n = t.elem_count() as u64;
+        let (gt, gs);
+        let st = slice_of!(t, gt);
+        let ss = slice_of!(s, gs);
+        let func = dev.get_or_load_custom_func("cjepa_ema_f32", MODULE, ptx(MODULE, SRC)?)?;
+        let mut b = func.builder();
+        b.arg(&st);
+        b.arg(&ss);
+        b.arg(&n);
+        b.arg(&m);
+        b.arg(&c);
+        // SAFETY: both slices hold `n` f32; the target is written in place.
+        unsafe { b.launch(launch_config(n)) }
+            .map_err(|e| candle_core::Error::Msg(format!("cjepa_ema_f32: {e:?}")))?;
+        Ok(())
+    }
 }
 
 /// The elementwise mean of equally shaped tensors, `((p0 + p1) + ...) * (1 / n)` (the order of a

@@ -221,7 +221,8 @@ impl AdamW {
             let total = if sq.is_empty() {
                 0.0
             } else {
-                Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()? as f64
+                // one device-to-host read per step, with clipping on only
+                crate::util::host_read::scalar::<f32>(&Tensor::stack(&sq, 0)?.sum_all()?)? as f64
             };
             let norm = total.sqrt();
             stats.grad_norm = Some(norm);
@@ -253,7 +254,8 @@ impl AdamW {
             p.step += 1;
             let t = p.step as i32;
             if let (Some(m), Some(v)) = (&p.exp_avg, &p.exp_avg_sq) {
-                if fused_update::applies(&[p.var.as_tensor(), &g, m, v]) {
+                let ts = [p.var.as_tensor(), &g, m, v];
+                if fused_update::applies(&ts) || fused_update::applies_cuda(&ts) {
                     // One in-place pass per tensor; bit-identical to the chain below.
                     let bc1 = 1.0 - b1.powi(t);
                     let bc2 = 1.0 - b2.powi(t);

@@ -21,8 +21,8 @@ use super::fused_update::mean_of;
 use super::loss::LossConfig;
 use super::optim::AdamW;
 use super::step::{
-    forward_loss_timed, mean_losses, update, Batch, Lap, PhaseTimes, StepError, StepHyper,
-    StepLosses,
+    forward_loss_timed, pending_values, update, Batch, Lap, PendingLosses, PhaseTimes, StepError,
+    StepHyper, StepLosses,
 };
 use crate::model::JepaNetworks;
 
@@ -129,7 +129,7 @@ fn shard_of(
     ))
 }
 
-type ShardOut = (HashMap<String, Tensor>, [f32; 5]);
+type ShardOut = (HashMap<String, Tensor>, Tensor);
 
 /// Forward and backward of shard `k`: its named gradients and the batch's mean loss values. A
 /// shard that fails aborts the group, releasing the others from the reductions they wait in.
@@ -165,9 +165,9 @@ fn shard_pass(
         masks_enc: &masks_enc,
         masks_pred: &masks_pred,
     };
-    let mut lap = Lap::new(times);
+    let mut lap = Lap::new(times, images.device());
     let fwd = forward_loss_timed(nets, &shard, cfg, &mut lap, comm)?;
-    let losses = mean_losses(&fwd.loss, comm)?;
+    let losses = pending_values(&fwd.loss, &fwd.z_t_global, comm)?;
     lap.mark(|t| &mut t.loss);
     let grads = fwd.backward_root.backward()?;
     drop(fwd);
@@ -189,6 +189,20 @@ pub fn train_step_sharded(
     shards: &ThreadShards,
     times: Option<&mut PhaseTimes>,
 ) -> Result<StepLosses, StepError> {
+    train_step_sharded_pending(nets, batch, cfg, opt, hyper, shards, times)?.read()
+}
+
+/// [`train_step_sharded`] that leaves the step's values unread (see
+/// [`super::step::train_step_pending`]).
+pub fn train_step_sharded_pending(
+    nets: &JepaNetworks,
+    batch: &Batch,
+    cfg: &LossConfig,
+    opt: &mut AdamW,
+    hyper: StepHyper,
+    shards: &ThreadShards,
+    times: Option<&mut PhaseTimes>,
+) -> Result<PendingLosses, StepError> {
     let n = shards.count();
     let size = batch.images.dim(0)?;
     if !size.is_multiple_of(n) {
@@ -232,12 +246,15 @@ pub fn train_step_sharded(
         return Err(errs.swap_remove(at));
     }
     let outs: Vec<ShardOut> = outs.into_iter().filter_map(Result::ok).collect();
-    let losses = outs[0].1;
+    let values = outs[0].1.clone();
     let mut per_shard: Vec<HashMap<String, Tensor>> = outs.into_iter().map(|(g, _)| g).collect();
-    let mut lap = Lap::new(times.map(|t| {
-        *t += shard_times;
-        t
-    }));
+    let mut lap = Lap::new(
+        times.map(|t| {
+            *t += shard_times;
+            t
+        }),
+        batch.images.device(),
+    );
     let names: Vec<String> = per_shard[0].keys().cloned().collect();
     let mut named = HashMap::with_capacity(names.len());
     for name in names {
@@ -255,7 +272,7 @@ pub fn train_step_sharded(
     drop(per_shard);
     lap.mark(|t| &mut t.backward);
     let optim = update(nets, opt, named, hyper, &mut lap)?;
-    Ok(StepLosses::new(losses, optim))
+    Ok(PendingLosses::new(values, optim))
 }
 
 /// The error of a shard released by another one's failure.

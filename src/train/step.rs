@@ -3,7 +3,7 @@
 //! AdamW with this iteration's lr / wd, then the EMA of the target encoder with this iteration's
 //! momentum. The `pretrain` stage calls [`train_step`] in a loop.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::dist::{self, AllReduce, DistError, Single};
 use super::ema::{ema_update, EmaError};
@@ -13,12 +13,14 @@ use super::loss::{
 };
 use super::optim::{AdamW, OptimError, StepStats};
 use crate::model::{JepaNetworks, ModelError};
+use crate::util::host_read;
 
 /// Errors of a training step.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    /// The loss is NaN or infinite; no update was applied.
-    #[error("non-finite loss {total} (jepa {jepa}); the step was not applied")]
+    /// The loss is NaN or infinite (found when the step's values are read: the weights of
+    /// that step are not to be kept).
+    #[error("non-finite loss {total} (jepa {jepa})")]
     NonFinite { total: f32, jepa: f32 },
     /// From the networks.
     #[error(transparent)]
@@ -77,6 +79,8 @@ pub struct ForwardOut {
     /// The tensor back-propagated: `loss.total`, except over several ranks where the VICReg
     /// terms (computed on the global batch) enter `world` times (see [`train_step_dp`]).
     pub backward_root: Tensor,
+    /// z_t of the global batch (every rank's rows), for the collapse monitor.
+    pub z_t_global: Tensor,
 }
 
 /// Loss values of a step, plus the optimiser's statistics.
@@ -92,21 +96,48 @@ pub struct StepLosses {
     pub std: f32,
     /// Raw VICReg covariance term.
     pub cov: f32,
+    /// Collapse monitor: the mean over feature dimensions of the batch std of z_t (the per-image
+    /// mean of the layer-normed target-encoder output) over the global batch, before the update;
+    /// 0 means collapse, NaN for a batch of one image.
+    pub target_std: f32,
     /// Optimiser statistics.
     pub optim: StepStats,
 }
 
-impl StepLosses {
-    /// From the `[total, jepa, sim, std, cov]` of [`mean_losses`] and the optimiser's statistics.
-    pub(super) fn new([total, jepa, sim, std, cov]: [f32; 5], optim: StepStats) -> Self {
-        Self {
+/// The values of a step still on the device: `[total, jepa, sim, std, cov, target_std]`,
+/// averaged over the ranks. A training loop keeps the step running ahead of the host and reads
+/// them with one device-to-host read ([`PendingLosses::read`]) on the steps it logs or
+/// checkpoints only.
+#[derive(Debug, Clone)]
+pub struct PendingLosses {
+    values: Tensor,
+    optim: StepStats,
+}
+
+impl PendingLosses {
+    pub(super) fn new(values: Tensor, optim: StepStats) -> Self {
+        Self { values, optim }
+    }
+
+    /// The six values, in one counted device-to-host read. A non-finite total is
+    /// [`StepError::NonFinite`] (on every rank alike: the values are the ranks' means).
+    pub fn read(&self) -> Result<StepLosses, StepError> {
+        let v: Vec<f32> = host_read::vec1(&self.values)?;
+        let [total, jepa, sim, std, cov, target_std] = v[..] else {
+            unreachable!("six values are stacked by pending_values")
+        };
+        if !total.is_finite() {
+            return Err(StepError::NonFinite { total, jepa });
+        }
+        Ok(StepLosses {
             total,
             jepa,
             sim,
             std,
             cov,
-            optim,
-        }
+            target_std,
+            optim: self.optim,
+        })
     }
 }
 
@@ -161,15 +192,22 @@ impl std::ops::AddAssign for PhaseTimes {
     }
 }
 
-/// Adds the time since the last lap to a phase (no-op without a timer).
-pub(super) struct Lap<'a>(Option<(&'a mut PhaseTimes, std::time::Instant)>);
+/// Adds the time since the last lap to a phase (no-op without a timer). With a timer, each lap
+/// first waits for the device to finish the work queued so far (a GPU runs behind the host: a
+/// host timestamp alone would charge a phase's kernels to whichever phase next waits).
+pub(super) struct Lap<'a>(Option<(&'a mut PhaseTimes, std::time::Instant, Device)>);
 
 impl<'a> Lap<'a> {
-    pub(super) fn new(t: Option<&'a mut PhaseTimes>) -> Self {
-        Self(t.map(|t| (t, std::time::Instant::now())))
+    pub(super) fn new(t: Option<&'a mut PhaseTimes>, device: &Device) -> Self {
+        Self(t.map(|t| {
+            // work queued before the step is not the step's
+            let _ = device.synchronize();
+            (t, std::time::Instant::now(), device.clone())
+        }))
     }
     pub(super) fn mark(&mut self, phase: fn(&mut PhaseTimes) -> &mut f64) {
-        if let Some((t, last)) = &mut self.0 {
+        if let Some((t, last, device)) = &mut self.0 {
+            let _ = device.synchronize();
             let now = std::time::Instant::now();
             *phase(t) += (now - *last).as_secs_f64();
             *last = now;
@@ -208,10 +246,10 @@ pub(super) fn forward_loss_timed(
         .predictor
         .forward(&enc_ctx, batch.masks_enc, batch.masks_pred)?;
     lap.mark(|t| &mut t.predictor);
-    let (loss, backward_root) = if comm.world() == 1 {
+    let (loss, backward_root, z_t_global) = if comm.world() == 1 {
         let l = compute_loss(&pred, &targets, &enc_ctx, nenc, cfg)?;
         let root = l.total.clone();
-        (l, root)
+        (l, root, targets.z_t.clone())
     } else {
         global_loss(&pred, &targets, &enc_ctx, nenc, cfg, comm)?
     };
@@ -221,6 +259,7 @@ pub(super) fn forward_loss_timed(
         pred,
         loss,
         backward_root,
+        z_t_global,
     })
 }
 
@@ -239,7 +278,7 @@ fn global_loss(
     nenc: usize,
     cfg: &LossConfig,
     comm: &mut dyn AllReduce,
-) -> Result<(LossOutput, Tensor), StepError> {
+) -> Result<(LossOutput, Tensor, Tensor), StepError> {
     cfg.validate()?;
     let jepa = jepa_loss(pred, &targets.feats, cfg)?;
     let z_c = context_embedding(enc_ctx, nenc)?;
@@ -272,7 +311,7 @@ fn global_loss(
         std,
         cov,
     };
-    Ok((loss, root))
+    Ok((loss, root, z_t_all))
 }
 
 /// One full training step: forward, backward, AdamW (`hyper.lr`, `hyper.wd`), EMA (`hyper.momentum`).
@@ -314,9 +353,24 @@ pub fn train_step_dp(
     comm: &mut dyn AllReduce,
     times: Option<&mut PhaseTimes>,
 ) -> Result<StepLosses, StepError> {
-    let mut lap = Lap::new(times);
+    train_step_pending(nets, batch, cfg, opt, hyper, comm, times)?.read()
+}
+
+/// [`train_step_dp`] that leaves the step's values on the device: no device-to-host read
+/// happens inside (the masks are host data; see [`crate::util::host_read`]). The caller reads
+/// the values when it logs or checkpoints; a non-finite loss shows there.
+pub fn train_step_pending(
+    nets: &JepaNetworks,
+    batch: &Batch,
+    cfg: &LossConfig,
+    opt: &mut AdamW,
+    hyper: StepHyper,
+    comm: &mut dyn AllReduce,
+    times: Option<&mut PhaseTimes>,
+) -> Result<PendingLosses, StepError> {
+    let mut lap = Lap::new(times, batch.images.device());
     let fwd = forward_loss_timed(nets, batch, cfg, &mut lap, comm)?;
-    let losses = mean_losses(&fwd.loss, comm)?;
+    let values = pending_values(&fwd.loss, &fwd.z_t_global, comm)?;
     lap.mark(|t| &mut t.loss);
     let grads = fwd.backward_root.backward()?;
     drop(fwd);
@@ -324,33 +378,48 @@ pub fn train_step_dp(
     let named = dist::mean_grads(comm, opt.named_grads(&grads))?;
     drop(grads);
     let optim = update(nets, opt, named, hyper, &mut lap)?;
-    Ok(StepLosses::new(losses, optim))
+    Ok(PendingLosses { values, optim })
 }
 
-/// The five loss values averaged over the ranks: total, jepa, sim, std, cov. A non-finite total
-/// is [`StepError::NonFinite`] (on every rank alike).
-pub(super) fn mean_losses(l: &LossOutput, comm: &mut dyn AllReduce) -> Result<[f32; 5], StepError> {
-    let scalar = |t: &Tensor| -> Result<f32, StepError> {
-        Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
+/// `[total, jepa, sim, std, cov, target_std]` as one f32 tensor on the device, the losses
+/// averaged over the ranks (an all-reduce of the tensor, no read).
+pub(super) fn pending_values(
+    l: &LossOutput,
+    z_t_global: &Tensor,
+    comm: &mut dyn AllReduce,
+) -> Result<Tensor, StepError> {
+    let f = |t: &Tensor| -> Result<Tensor, StepError> {
+        Ok(t.detach().to_dtype(candle_core::DType::F32)?.reshape(1)?)
     };
-    let local = [
-        scalar(&l.total)?,
-        scalar(&l.jepa)?,
-        scalar(&l.sim)?,
-        scalar(&l.std)?,
-        scalar(&l.cov)?,
-    ];
-    let dev = l.total.device().clone();
-    let means: [f32; 5] = dist::mean_scalars(comm, &local, &dev)?
-        .try_into()
-        .expect("five values in, five out");
-    if !means[0].is_finite() {
-        return Err(StepError::NonFinite {
-            total: means[0],
-            jepa: means[1],
-        });
+    let monitor = target_std(z_t_global)?;
+    let v = Tensor::cat(
+        &[
+            f(&l.total)?,
+            f(&l.jepa)?,
+            f(&l.sim)?,
+            f(&l.std)?,
+            f(&l.cov)?,
+            f(&monitor)?,
+        ],
+        0,
+    )?;
+    let world = comm.world();
+    if world == 1 {
+        return Ok(v);
     }
-    Ok(means)
+    Ok((comm.all_reduce_sum(&v)? / world as f64)?)
+}
+
+/// The collapse monitor of z_t `(B, D)`: the mean over dimensions of the unbiased batch std
+/// (NaN for fewer than two rows).
+pub fn target_std(z_t: &Tensor) -> Result<Tensor, StepError> {
+    let z = z_t.detach().to_dtype(candle_core::DType::F32)?;
+    let b = z.dim(0)?;
+    if b < 2 {
+        return Ok(Tensor::new(f32::NAN, z.device())?);
+    }
+    let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+    Ok((zc.sqr()?.sum(0)? / (b - 1) as f64)?.sqrt()?.mean_all()?)
 }
 
 /// The end of a step once the gradients are known: AdamW, then the EMA of the target encoder.
@@ -367,4 +436,120 @@ pub(super) fn update(
     ema_update(&nets.ema_pairs(), hyper.momentum)?;
     lap.mark(|t| &mut t.ema);
     Ok(optim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testutil::randn;
+    use crate::model::masks::{MaskConfig, MaskSampler};
+    use crate::model::VitConfig;
+    use crate::train::optim::AdamWConfig;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// Masks as the host tensors the pretrain stage builds.
+    fn host_masks(cfg: &VitConfig, batch: usize, seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {
+        let g = cfg.grid_size();
+        let sampler =
+            MaskSampler::new(MaskConfig::default().scaled_for_grid(g, g).unwrap(), g, g).unwrap();
+        let m = sampler.sample(&mut ChaCha8Rng::seed_from_u64(seed), batch);
+        let t = |lists: &[Vec<Vec<u32>>]| -> Vec<Tensor> {
+            lists
+                .iter()
+                .map(|per_image| {
+                    let flat: Vec<u32> = per_image.iter().flatten().copied().collect();
+                    Tensor::from_vec(flat, (per_image.len(), per_image[0].len()), &Device::Cpu)
+                        .unwrap()
+                })
+                .collect()
+        };
+        (t(&m.enc), t(&m.pred))
+    }
+
+    /// The step makes no device-to-host read: its values stay on the device until the loop reads
+    /// them, in one read. (Five reads of the losses, a read-back of every mask in the encoder,
+    /// the predictor and the targets, and a second target forward for the collapse monitor were
+    /// made before; each would count here.)
+    #[test]
+    fn a_step_reads_nothing_from_the_device_and_its_values_read_once() {
+        let cfg = VitConfig {
+            img_size: 32,
+            patch_size: 8,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 2.0,
+            pred_embed_dim: 16,
+            pred_depth: 1,
+            pred_num_heads: 2,
+            ..VitConfig::vit_tiny()
+        };
+        let nets = JepaNetworks::new_random(&cfg, 1, &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default()).unwrap();
+        let loss_cfg = LossConfig::cjepa();
+        let hyper = StepHyper {
+            lr: 1e-3,
+            wd: 0.04,
+            momentum: 0.99,
+        };
+        let mut last = None;
+        for step in 0..3 {
+            let images = randn(&[4, 3, 32, 32], step);
+            let (enc, pred) = host_masks(&cfg, 4, step);
+            let b = Batch {
+                images: &images,
+                masks_enc: &enc,
+                masks_pred: &pred,
+            };
+            let before = host_read::reads();
+            let pending =
+                train_step_pending(&nets, &b, &loss_cfg, &mut opt, hyper, &mut Single, None)
+                    .unwrap();
+            assert_eq!(
+                host_read::reads() - before,
+                0,
+                "step {step} read from the device"
+            );
+            last = Some(pending);
+        }
+        let before = host_read::reads();
+        let l = last.unwrap().read().unwrap();
+        assert_eq!(host_read::reads() - before, 1);
+        assert!(l.total.is_finite() && l.target_std > 0.0, "{l:?}");
+        // with gradient clipping on, the global norm is one more read per step
+        let mut clipped = AdamW::new(
+            nets.online_vars(),
+            AdamWConfig {
+                clip_grad_norm: Some(1.0),
+                ..AdamWConfig::default()
+            },
+        )
+        .unwrap();
+        let images = randn(&[4, 3, 32, 32], 9);
+        let (enc, pred) = host_masks(&cfg, 4, 9);
+        let b = Batch {
+            images: &images,
+            masks_enc: &enc,
+            masks_pred: &pred,
+        };
+        let before = host_read::reads();
+        train_step_pending(&nets, &b, &loss_cfg, &mut clipped, hyper, &mut Single, None).unwrap();
+        assert_eq!(host_read::reads() - before, 1);
+    }
+
+    /// The collapse monitor: mean over dimensions of the unbiased batch std.
+    #[test]
+    fn target_std_is_the_mean_unbiased_std() {
+        let z = Tensor::new(&[[1f32, 0.0], [3.0, 0.0], [5.0, 3.0]], &Device::Cpu).unwrap();
+        // column 0: mean 3, var (4+0+4)/2 = 4 -> 2; column 1: mean 1, var (1+1+4)/2 = 3
+        let got = target_std(&z).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - (2.0 + 3f32.sqrt()) / 2.0).abs() < 1e-6, "{got}");
+        let one = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
+        assert!(target_std(&one)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .is_nan());
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod atomic;
 pub mod canon;
+pub mod host_read;
 pub mod malloc;
 pub mod numpy;
 pub mod rng;

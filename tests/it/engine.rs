@@ -445,3 +445,35 @@ fn quickstart_long_shares_the_quickstarts_pretraining() {
         assert!(long.contains_key(id), "{id}");
     }
 }
+
+/// `precision: bf16` (in `defaults:` or on a stage) is part of the stage key; `f32`, written or
+/// not, leaves every key as it was before precision existed.
+#[test]
+fn bf16_precision_enters_the_key_and_f32_leaves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = |defaults: &str, stage: &str| -> String {
+        let yaml = format!(
+            "name: p\ndefaults: {{ seed: 0{defaults} }}\nstages:\n  data:\n    kind: dataset\n    \
+             source: synth\n    format: imagefolder\n    params: {{ classes: 2, train_per_class: 4, \
+             val_per_class: 2, size: 32 }}\n  pre:\n    kind: pretrain\n    needs: [data]\n{stage}    \
+             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch: 4 }}\n"
+        );
+        let f = dir.path().join("p.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let p = cjepa::spec::load_pipeline(&f, &Default::default()).unwrap();
+        let plan = cjepa::plan::build(&p).unwrap();
+        let s = plan.stages.iter().find(|s| s.inst.id == "pre").unwrap();
+        s.key.clone()
+    };
+    let plain = key("", "");
+    assert_eq!(key(", precision: f32", ""), plain);
+    assert_eq!(key("", "    precision: f32\n"), plain);
+    let bf16 = key(", precision: bf16", "");
+    assert_ne!(bf16, plain);
+    assert_eq!(key("", "    precision: bf16\n"), bf16);
+    assert_eq!(
+        key(", precision: bf16", "    precision: f32\n"),
+        plain,
+        "the stage's own wins"
+    );
+}

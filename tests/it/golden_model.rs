@@ -507,3 +507,121 @@ fn golden_model_train_step_end_to_end() {
         r.finish(&c.dir);
     }
 }
+
+/// One full step under bf16 autocast (`model::precision`) against the official f32 step. On the
+/// CPU the bf16 products are emulated (see `model::precision`), so CI runs the autocast logic;
+/// `scripts/gpu-check.sh` runs this test on CUDA's bf16 tensor cores.
+///
+/// Tolerances, from what bf16 changes:
+/// - loss terms: every matrix product rounds its operands and its result to bf16 (a relative
+///   error of up to 2^-9 each); through the encoder, predictor and targets these add up to a few
+///   tenths of a percent of each term: `rtol` 2e-2 (about 10 roundings' worth) plus a small
+///   `atol` for terms near 0;
+/// - parameters after the step: AdamW's first step moves each element by `lr * g / (|g| + eps)`,
+///   i.e. `lr * sign(g)` wherever `|g| >> eps`. bf16 gradients keep the sign of every clearly
+///   non-zero gradient and can flip it only where `|g|` is within bf16 noise of 0: so every
+///   element must lie within `2 lr` of the official value (a flip moves it by `2 lr`), and at most
+///   5% of the elements may have flipped (differ by more than `lr / 2`). A step that did not
+///   happen, or a wrong gradient, fails the second bound (about half the elements flip);
+/// - target encoder (EMA): the online parameters enter with weight `1 - momentum`, so its bound
+///   is `(1 - momentum) 2 lr`.
+#[test]
+fn golden_model_train_step_bf16() {
+    use cjepa::model::precision::{scope, Precision};
+    for c in all_cases() {
+        let _bf16 = scope(Precision::Bf16);
+        let n = nets(&c);
+        let mut opt = AdamW::new(n.online_vars(), c.adam.clone()).unwrap();
+        let batch = Batch {
+            images: &c.images,
+            masks_enc: &c.masks_enc,
+            masks_pred: &c.masks_pred,
+        };
+        let hyper = StepHyper {
+            lr: c.lr,
+            wd: c.wd,
+            momentum: c.momentum,
+        };
+        let l = train_step(&n, &batch, &c.loss, &mut opt, hyper).unwrap();
+        let mut r = Report::default();
+        let dev = Device::Cpu;
+        let official = c.out["loss_total"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        eprintln!(
+            "{}: bf16 loss {} vs official f32 {official} (relative {:.2e})",
+            c.dir.display(),
+            l.total,
+            ((l.total - official) / official).abs()
+        );
+        // bf16 really ran: f32 matches the official loss to 1e-5 relative (the f32 test)
+        assert!(
+            ((l.total - official) / official).abs() > 1e-5,
+            "the bf16 step gave the f32 loss {}: autocast did not apply",
+            l.total
+        );
+        for (name, v, key) in [
+            ("total", l.total, "loss_total"),
+            ("jepa", l.jepa, "loss_jepa_smoothl1"),
+            ("sim", l.sim, "vic_sim"),
+            ("std", l.std, "vic_std"),
+            ("cov", l.cov, "vic_cov"),
+        ] {
+            r.check(
+                &format!("bf16 {name}"),
+                &Tensor::new(v, &dev).unwrap(),
+                &c.out[key],
+                1e-4,
+                2e-2,
+            );
+        }
+        let (mut flipped, mut total) = (0usize, 0usize);
+        for (k, v) in n.online_vars() {
+            let reference = &c.out[&format!("step1.{k}")];
+            r.check(
+                &format!("bf16 step1.{k}"),
+                v.as_tensor(),
+                reference,
+                2.0 * c.lr * (1.0 + 1e-3) + 1e-6,
+                1e-5,
+            );
+            let w = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let rf = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            total += w.len();
+            flipped += w
+                .iter()
+                .zip(&rf)
+                .filter(|(a, b)| ((**a - **b) as f64).abs() > 0.5 * c.lr)
+                .count();
+        }
+        let share = flipped as f64 / total as f64;
+        eprintln!(
+            "{}: bf16 step: {flipped} of {total} parameter elements ({:.3}%) moved the other way",
+            c.dir.display(),
+            100.0 * share
+        );
+        if share > 0.05 {
+            r.0.push(format!(
+                "bf16 step: {flipped} of {total} elements ({:.1}%) moved the other way (at most 5%)",
+                100.0 * share
+            ));
+        }
+        for (k, v) in n.target_vars() {
+            r.check(
+                &format!("bf16 step1.{k}"),
+                v.as_tensor(),
+                &c.out[&format!("step1.{k}")],
+                (1.0 - c.momentum) * 2.0 * c.lr * (1.0 + 1e-3) + 1e-6,
+                1e-5,
+            );
+        }
+        r.finish(&c.dir);
+    }
+}

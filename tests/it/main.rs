@@ -16,6 +16,8 @@ mod golden_masks;
 mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod pretrain;
 mod report;
 #[cfg(feature = "test-stages")]

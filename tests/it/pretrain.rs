@@ -320,7 +320,7 @@ fn divergence_fails_with_the_step() {
     let dir = pipeline(&yaml);
     let (code, err) = run(dir.path());
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("diverged at step"), "{err}");
+    assert!(err.contains("diverged by step"), "{err}");
     assert!(err.contains("non-finite loss"), "{err}");
 }
 

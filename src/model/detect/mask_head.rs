@@ -82,10 +82,11 @@ impl MaskHead {
             .flat_map(|(i, &c)| (0..m * m2).map(move |j| ((i * m * m2 + j) * k + c) as u32))
             .collect();
         let idx = Tensor::from_vec(idx, r * m * m2, logits.device())?;
-        Ok(logits
-            .flatten_all()?
-            .index_select(&idx, 0)?
-            .reshape((r, m, m2))?)
+        let n = logits.elem_count();
+        Ok(
+            crate::model::gather::gather_rows(&logits.flatten_all()?.reshape((n, 1))?, &idx)?
+                .reshape((r, m, m2))?,
+        )
     }
 
     /// Mean BCE of the class maps against `targets` (`R * M * M` values in {0, 1}).

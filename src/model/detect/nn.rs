@@ -18,13 +18,30 @@ use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::model::error::Result;
+use crate::model::{launch, precision};
+
+/// The im2col columns of a `k x k` "same" convolution of channels-last `(B, H, W, C)` as shifted
+/// views of the zero-padded map, concatenated on the channel axis: `(B, H, W, k*k*C)` in
+/// `(ky, kx, c)` order (the order of [`im2col_indices`]' taps).
+pub fn shifted_columns(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let p = k / 2;
+    let xp = x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?;
+    let mut taps = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        for kx in 0..k {
+            taps.push(xp.narrow(1, ky, h)?.narrow(2, kx, w)?);
+        }
+    }
+    Ok(Tensor::cat(&taps, 3)?)
+}
 
 /// `y = x W^T (+ b)` on the last axis of `(..., in)`.
 fn matmul_last(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let cin = *dims.last().unwrap_or(&1);
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, cin))?.matmul(wt)?;
+    let y = precision::matmul(&x.reshape((rows, cin))?, wt)?;
     let mut out = dims;
     if let Some(l) = out.last_mut() {
         *l = wt.dim(1)?;
@@ -92,6 +109,19 @@ impl Conv2d {
         let wt = self.weight.permute((2, 3, 1, 0))?.reshape((k * k * c, o))?;
         let y = if k == 1 {
             matmul_last(x, &wt)?
+        } else if !x.device().is_cpu() {
+            // On CUDA candle's index_add (the gather's backward) walks the ids serially: take
+            // the columns as shifted views instead (their backward is parallel copies), in
+            // chunks of images that keep the column buffer within one launch.
+            let per_image = h * w * k * k * c.max(o);
+            launch::map_row_chunks(x, per_image, launch::MAX_LAUNCH_ELEMS, |x| {
+                let cols = shifted_columns(x, k)?;
+                let b = x.dim(0)?;
+                Ok(
+                    precision::matmul(&cols.reshape((b * h * w, k * k * c))?, &wt)?
+                        .reshape((b, h, w, o))?,
+                )
+            })?
         } else {
             // im2col as one gather from the rows of x plus a zero row for the padding: its
             // backward is a single index_add (candle's narrow / cat backward is much slower).
@@ -105,7 +135,7 @@ impl Conv2d {
             )?;
             let idx = Tensor::from_vec(im2col_indices(b, h, w, k), rows * k * k, x.device())?;
             let cols = table.index_select(&idx, 0)?.reshape((rows, k * k * c))?;
-            cols.matmul(&wt)?.reshape((b, h, w, o))?
+            precision::matmul(&cols, &wt)?.reshape((b, h, w, o))?
         };
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
@@ -135,9 +165,10 @@ impl Deconv2x2 {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let o = self.cout;
-        let y = x
-            .reshape((b * h * w, c))?
-            .matmul(&self.weight.reshape((c, o * 4))?)?;
+        let y = precision::matmul(
+            &x.reshape((b * h * w, c))?,
+            &self.weight.reshape((c, o * 4))?,
+        )?;
         let y = y
             .reshape((b, h, w, o, 2, 2))?
             .permute((0, 1, 4, 2, 5, 3))?
@@ -401,6 +432,33 @@ mod tests {
                 assert!((a - (b + 0.5)).abs() < 1e-4);
             }
         }
+    }
+
+    /// The shifted-view columns (the CUDA path) are the gathered columns (the CPU path).
+    #[test]
+    fn shifted_columns_equal_the_gathered_columns() {
+        let dev = Device::Cpu;
+        let (b, h, w, c, k) = (2, 4, 5, 3, 3);
+        let x = Tensor::randn(0f32, 1.0, (b, h, w, c), &dev).unwrap();
+        let table = Tensor::cat(
+            &[
+                x.reshape((b * h * w, c)).unwrap(),
+                Tensor::zeros((1, c), x.dtype(), &dev).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let idx = Tensor::from_vec(im2col_indices(b, h, w, k), b * h * w * k * k, &dev).unwrap();
+        let gathered = table
+            .index_select(&idx, 0)
+            .unwrap()
+            .reshape((b, h, w, k * k * c))
+            .unwrap();
+        let shifted = shifted_columns(&x, k).unwrap();
+        assert_eq!(shifted.dims(), gathered.dims());
+        let a = shifted.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = gathered.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, g);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! the host as a sparse **plan**: output row `dst` (roi `k`, bin `(ph, pw)`) receives
 //! `weight * table[src]`, where `table` is every level's channels-last map flattened to
 //! `(N * H * W, C)` rows and concatenated. The tensor side is then
-//! `zeros.index_add(dst, table.index_select(src) * weight)`: both ops have a backward in candle
-//! (the gradient flows to the features; like torchvision there is none for the boxes).
+//! `zeros.index_add(dst, table.index_select(src) * weight)` (`model::gather`: candle's ops on the
+//! CPU, parallel custom kernels on CUDA), differentiable with respect to the features (like
+//! torchvision there is no gradient for the boxes).
 //!
 //! Geometry (torchvision): with `aligned`, box corners are shifted by -0.5 pixel after scaling;
 //! without it a box is at least 1x1. Each of the `P x P` bins averages a
@@ -20,6 +21,7 @@ use candle_core::{DType, Tensor};
 
 use super::box_coding::BoxXyxy;
 use crate::model::error::{ModelError, Result};
+use crate::model::gather::{gather_rows, scatter_add_rows};
 
 /// One region: image in the batch, pyramid level (index into the feature list), box in input pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -244,15 +246,14 @@ pub fn roi_align(
         .collect::<candle_core::Result<_>>()?;
     let table = Tensor::cat(&rows, 0)?;
     let m = pl.src.len();
-    let out = Tensor::zeros((pl.rows_out, c), dtype, dev)?;
     let out = if m == 0 {
-        out
+        Tensor::zeros((pl.rows_out, c), dtype, dev)?
     } else {
         let src = Tensor::from_vec(pl.src, m, dev)?;
         let dst = Tensor::from_vec(pl.dst, m, dev)?;
         let wt = Tensor::from_vec(pl.weight, (m, 1), dev)?.to_dtype(dtype)?;
-        let g = table.index_select(&src, 0)?.broadcast_mul(&wt)?;
-        out.index_add(&dst, &g, 0)?
+        let g = gather_rows(&table, &src)?.broadcast_mul(&wt)?;
+        scatter_add_rows(&g, &dst, pl.rows_out)?
     };
     Ok(out.reshape((rois.len(), p, p, c))?)
 }

@@ -59,9 +59,13 @@ pub fn set_enabled(on: bool) {
     STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// True when `t` can take the fused path: f32 on the CPU.
+/// True when `t` can take the fused path: f32 on the CPU, outside bf16 autocast (the fused
+/// kernels compute in f32).
 pub fn applies_to(t: &Tensor) -> bool {
-    enabled() && t.device().is_cpu() && t.dtype() == DType::F32
+    enabled()
+        && t.device().is_cpu()
+        && t.dtype() == DType::F32
+        && super::precision::current() == super::precision::Precision::F32
 }
 
 /// The contiguous f32 slice of a `cpu_fwd` argument.

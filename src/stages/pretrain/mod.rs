@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -50,15 +50,15 @@ use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::{ImageSamples, Loader, LoaderConfig};
 use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
-use crate::model::layers::layer_norm_plain;
 use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
 use crate::train::dist;
-use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedules::Schedules;
-use crate::train::sharded::{shard_count, train_step_sharded, ThreadShards, SHARDS_ENV};
-use crate::train::step::{train_step_dp, Batch, StepError, StepHyper, StepLosses};
+use crate::train::sharded::{shard_count, train_step_sharded_pending, ThreadShards, SHARDS_ENV};
+use crate::train::step::{
+    train_step_pending, Batch, PendingLosses, StepError, StepHyper, StepLosses,
+};
 use crate::util::rng::{derive_seed, stage_rng};
 
 /// Implementation version (part of the key).
@@ -243,9 +243,17 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 
     let t0 = Instant::now();
     let mut epoch_iter = None;
+    // the last step's values while they are still on the device: (step, values, lr)
+    let mut unread: Option<(u64, PendingLosses, f64)> = None;
+    let mut progress_msg = String::new();
     while st.step < total {
         // every rank stops at the same step; rank 0 checkpoints while the others wait
-        ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &nets, &opt, &st))?;
+        ranks.stop_if_interrupted(ctx, |ctx| {
+            if let Some((l, lr)) = settle(&id, ctx, &mut unread, total)? {
+                st.last = last_values(&l, lr);
+            }
+            save(ctx, &nets, &opt, &st)
+        })?;
         let it = st.step;
         let epoch = it / ipe;
         let iter = match &mut epoch_iter {
@@ -265,17 +273,16 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         let shard = |m: &[Vec<Vec<u32>>]| -> Vec<Vec<Vec<u32>>> {
             m.iter().map(|l| dist::shard_rows(l, rank, world)).collect()
         };
-        let masks_enc = mask_tensors(&shard(&masks.enc), &dev)?;
-        let masks_pred = mask_tensors(&shard(&masks.pred), &dev)?;
+        // masks stay host data: the networks read their index lists without a device sync
+        let masks_enc = mask_tensors(&shard(&masks.enc), &Device::Cpu)?;
+        let masks_pred = mask_tensors(&shard(&masks.pred), &Device::Cpu)?;
         let completed = it + 1;
         let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
-        let target_std = if log_now {
-            // over the global batch (the embeddings of every rank)
-            collapse_monitor(&nets, &images, &loss_cfg, ranks.comm())
-                .map_err(|e| fail(e.to_string()))?
-        } else {
-            f64::NAN
-        };
+        let snapshot = snapshots
+            .iter()
+            .find(|(_, s)| *s == completed)
+            .map(|&(k, _)| k);
+        let ckpt_now = rank == 0 && completed < total && ctx.ckpt.due(completed);
         let hv = sched.at(it);
         let hyper = StepHyper {
             lr: hv.lr,
@@ -287,54 +294,48 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             masks_enc: &masks_enc,
             masks_pred: &masks_pred,
         };
-        let l = match &shards {
-            Some(pools) => train_step_sharded(&nets, &b, &loss_cfg, &mut opt, hyper, pools, None),
-            None => train_step_dp(&nets, &b, &loss_cfg, &mut opt, hyper, ranks.comm(), None),
-        }
-        .map_err(|e| match e {
-            StepError::NonFinite { .. } => fail(format!(
-                "diverged at step {completed} of {total}: {e}; the last good checkpoint ({}) is \
-                 kept; lower `lr` or set `clip_grad`",
-                match ctx.ckpt.load() {
-                    Ok(Some(c)) => format!("step {}", c.step),
-                    _ => "none yet".into(),
-                }
-            )),
-            e => fail(format!("step {completed}: {e}")),
-        })?;
-        st.step = completed;
-        // The monitor runs on logged steps only (always the last one): keep the latest value.
-        let monitor = if target_std.is_finite() {
-            target_std
-        } else {
-            st.last.target_std
-        };
-        st.last = last_values(&l, monitor, hv.lr);
-        if rank == 0 {
-            if let Some(&(k, _)) = snapshots.iter().find(|(_, s)| *s == completed) {
-                write_snapshot(&snap_root, k, &nets, &cfg)?;
-                ctx.log(format!("snapshot of epoch {k} (step {completed})"));
+        let pending = match &shards {
+            Some(pools) => {
+                train_step_sharded_pending(&nets, &b, &loss_cfg, &mut opt, hyper, pools, None)
             }
+            None => train_step_pending(&nets, &b, &loss_cfg, &mut opt, hyper, ranks.comm(), None),
+        }
+        .map_err(|e| fail(format!("step {completed}: {e}")))?;
+        st.step = completed;
+        // The step's values stay on the device (no sync) except where they are used: logged
+        // steps (always the first and the last) and steps whose weights are written, which must
+        // not be written after a divergence.
+        unread = Some((completed, pending, hv.lr));
+        if !(log_now || ckpt_now || snapshot.is_some()) {
+            ctx.progress.set(completed, total, progress_msg.clone());
+            continue;
+        }
+        let (l, _) = settle(&id, ctx, &mut unread, total)?.expect("a step was just taken");
+        st.last = last_values(&l, hv.lr);
+        progress_msg = format!("loss {:.4}", l.total);
+        if let Some(k) = snapshot {
+            write_snapshot(&snap_root, k, &nets, &cfg)?;
+            ctx.log(format!("snapshot of epoch {k} (step {completed})"));
         }
         if log_now {
-            log_step(&mut st, &l, target_std, hv.lr, hv.wd);
+            log_step(&mut st, &l, hv.lr, hv.wd);
             let secs = t0.elapsed().as_secs_f64();
             ctx.log(format!(
                 "step {completed}/{total} epoch {} loss {:.5} (jepa {:.5} sim {:.4} std {:.4} \
-                 cov {:.4}) target_std {target_std:.4} lr {:.3e} | {:.1} img/s",
+                 cov {:.4}) target_std {:.4} lr {:.3e} | {:.1} img/s",
                 epoch + 1,
                 l.total,
                 l.jepa,
                 l.sim,
                 l.std,
                 l.cov,
+                l.target_std,
                 hv.lr,
                 ((completed - resumed_from) as usize * p.batch) as f64 / secs.max(1e-9),
             ));
         }
-        ctx.progress
-            .set(completed, total, format!("loss {:.4}", l.total));
-        if rank == 0 && completed < total && ctx.ckpt.due(completed) {
+        ctx.progress.set(completed, total, progress_msg.clone());
+        if ckpt_now {
             save(ctx, &nets, &opt, &st)?;
         }
     }
@@ -519,47 +520,54 @@ fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// Collapse monitor: mean over feature dims of the batch std of z_t, the per-image mean of the
-/// layer-normed target-encoder output (the target of the VICReg terms), over the global batch
-/// (gathered from every rank). 0 means collapse.
-fn collapse_monitor(
-    nets: &JepaNetworks,
-    images: &Tensor,
-    cfg: &LossConfig,
-    comm: &mut dyn dist::AllReduce,
-) -> std::result::Result<f64, StepError> {
-    let h = nets.target_encoder.forward_features(images, None)?.detach();
-    let z = layer_norm_plain(&h, cfg.target_ln_eps)?.mean(1)?;
-    let z = dist::all_gather_rows(comm, &z)?;
-    let b = z.dim(0)?;
-    if b < 2 {
-        return Ok(f64::NAN);
+/// Reads the values of the last step taken, if still unread. A divergence stops the stage; the
+/// weights of the diverged steps are never written, so the last checkpoint is the last good one.
+fn settle(
+    id: &str,
+    ctx: &StageContext,
+    unread: &mut Option<(u64, PendingLosses, f64)>,
+    total: u64,
+) -> Result<Option<(StepLosses, f64)>> {
+    let Some((step, pending, lr)) = unread.take() else {
+        return Ok(None);
+    };
+    match pending.read() {
+        Ok(l) => Ok(Some((l, lr))),
+        Err(e @ StepError::NonFinite { .. }) => Err(Error::stage(
+            id,
+            format!(
+                "diverged by step {step} of {total}: {e}; the last good checkpoint ({}) is \
+                 kept; lower `lr` or set `clip_grad`",
+                match ctx.ckpt.load() {
+                    Ok(Some(c)) => format!("step {}", c.step),
+                    _ => "none yet".into(),
+                }
+            ),
+        )),
+        Err(e) => Err(Error::stage(id, format!("step {step}: {e}"))),
     }
-    let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
-    let std = (zc.sqr()?.sum(0)? / (b - 1) as f64)?.sqrt()?.mean_all()?;
-    Ok(std.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-fn last_values(l: &StepLosses, target_std: f64, lr: f64) -> Last {
+fn last_values(l: &StepLosses, lr: f64) -> Last {
     Last {
         loss: l.total as f64,
         loss_jepa: l.jepa as f64,
         loss_sim: l.sim as f64,
         loss_std: l.std as f64,
         loss_cov: l.cov as f64,
-        target_std,
+        target_std: l.target_std as f64,
         lr,
     }
 }
 
-fn log_step(st: &mut TrainState, l: &StepLosses, target_std: f64, lr: f64, wd: f64) {
+fn log_step(st: &mut TrainState, l: &StepLosses, lr: f64, wd: f64) {
     for (name, v) in [
         ("loss", l.total as f64),
         ("loss_jepa", l.jepa as f64),
         ("loss_sim", l.sim as f64),
         ("loss_std", l.std as f64),
         ("loss_cov", l.cov as f64),
-        ("target_std", target_std),
+        ("target_std", l.target_std as f64),
         ("lr", lr),
         ("wd", wd),
         ("grad_norm", l.optim.grad_norm.unwrap_or(f64::NAN)),

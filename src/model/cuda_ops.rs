@@ -1,0 +1,703 @@
+//! LayerNorm and softmax over the last axis as single CUDA kernels with their backward, for f32
+//! tensors on CUDA (`model::cuda_kernels` on). candle composes LayerNorm from ten element-wise
+//! and reduction kernels and softmax from five, each a full pass over the activations plus one
+//! more per gradient in the backward; on a GPU those passes, not the matrix products, set the
+//! step time (see `bench/RESULTS.md`). One kernel per direction reads and writes each element
+//! once or twice.
+//!
+//! The ops also run on the CPU (plain loops: the CPU takes the fused kernels of `model::fused`
+//! instead), which is how their backward wiring (the partial column sums of the LayerNorm
+//! parameters, the softmax gradient) is tested without a GPU; the CUDA kernels compute the same
+//! formulas and are checked on a GPU by the golden model tests (`scripts/gpu-check.sh`).
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+/// Rows of one partial column sum of the LayerNorm parameter gradients: 64, more for very long
+/// inputs (a launch has at most 65535 chunks).
+fn param_chunk(rows: usize) -> usize {
+    rows.div_ceil(65_535).max(64)
+}
+
+/// True when `x` takes these kernels: f32 on CUDA, our CUDA kernels on and compiled.
+pub fn applies(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return x.device().is_cuda()
+        && x.dtype() == DType::F32
+        && super::cuda_kernels::available(cuda::MODULE, cuda::SRC);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// Softmax over the last axis, with its backward.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// LayerNorm over the last axis (biased variance), affine when `wb` is given, with its backward.
+pub fn layer_norm(x: &Tensor, wb: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let (w, b) = match wb {
+        Some((w, b)) => (w.contiguous()?, b.contiguous()?),
+        None => (
+            Tensor::ones(d, DType::F32, x.device())?,
+            Tensor::zeros(d, DType::F32, x.device())?,
+        ),
+    };
+    x.contiguous()?
+        .apply_op3(&w, &b, LayerNorm { eps: eps as f32 })
+}
+
+fn rows_of(l: &Layout) -> Result<(usize, usize)> {
+    let d = *l.dims().last().unwrap_or(&1);
+    if d == 0 {
+        candle_core::bail!("cuda ops: empty last axis")
+    }
+    Ok((l.shape().elem_count() / d, d))
+}
+
+fn host<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("cuda ops: contiguous f32 expected"),
+    }
+}
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct Softmax;
+struct SoftmaxBwd;
+struct LayerNorm {
+    eps: f32,
+}
+struct LayerNormBwdX {
+    eps: f32,
+}
+struct LayerNormBwdParams {
+    eps: f32,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "cuda-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, n) = rows_of(l)?;
+        let mut y = host(s, l)?.to_vec();
+        for row in y.chunks_exact_mut(n) {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - m).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, n) = rows_of(l)?;
+        Ok((cuda::softmax_fwd(s, l, rows, n)?, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "cuda-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, n) = rows_of(l1)?;
+        let (y, dy) = (host(s1, l1)?, host(s2, l2)?);
+        let mut dx = vec![0f32; y.len()];
+        for ((yr, gr), o) in y
+            .chunks_exact(n)
+            .zip(dy.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n))
+        {
+            let c: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, p), g) in o.iter_mut().zip(yr).zip(gr) {
+                *o = p * (g - c);
+            }
+        }
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, n) = rows_of(l1)?;
+        Ok((
+            cuda::softmax_bwd(s1, l1, s2, l2, rows, n)?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_of(l1)?;
+        let (x, w, b) = (host(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+        if w.len() != d || b.len() != d {
+            candle_core::bail!("cuda layer_norm: weight / bias do not fit the last axis {d}")
+        }
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            for (j, (o, v)) in yr.iter_mut().zip(xr).enumerate() {
+                *o = (v - mean) * rstd * w[j] + b[j];
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_of(l1)?;
+        if l2.shape().elem_count() != d || l3.shape().elem_count() != d {
+            candle_core::bail!("cuda layer_norm: weight / bias do not fit the last axis {d}")
+        }
+        let y = cuda::ln_fwd((s1, l1), (s2, l2), (s3, l3), rows, d, self.eps)?;
+        Ok((y, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &LayerNormBwdX { eps: self.eps })?;
+        let d = x.dim(candle_core::D::Minus1)?;
+        // (chunks, 2, d) partial sums of dy x̂ and dy, added up here
+        let part = x.apply_op2_no_bwd(&dy, &LayerNormBwdParams { eps: self.eps })?;
+        let sums = part.sum(0)?;
+        let dw = sums.narrow(0, 0, 1)?.reshape(d)?;
+        let db = sums.narrow(0, 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormBwdX {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm-bwd-x"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_of(l1)?;
+        let (x, w, dy) = (host(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+        let mut dx = vec![0f32; x.len()];
+        for ((xr, gr), o) in x
+            .chunks_exact(d)
+            .zip(dy.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            let (mut a, mut c) = (0f32, 0f32);
+            for j in 0..d {
+                let g = gr[j] * w[j];
+                a += g;
+                c += g * (xr[j] - mean) * rstd;
+            }
+            let (a, c) = (a / d as f32, c / d as f32);
+            for j in 0..d {
+                let g = gr[j] * w[j];
+                o[j] = rstd * (g - a - (xr[j] - mean) * rstd * c);
+            }
+        }
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_of(l1)?;
+        let dx = cuda::ln_bwd_x((s1, l1), (s2, l2), (s3, l3), rows, d, self.eps)?;
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for LayerNormBwdParams {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm-bwd-params"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = rows_of(l1)?;
+        let (x, dy) = (host(s1, l1)?, host(s2, l2)?);
+        let chunk = param_chunk(rows);
+        let chunks = rows.div_ceil(chunk);
+        let mut part = vec![0f32; chunks * 2 * d];
+        for r in 0..rows {
+            let xr = &x[r * d..(r + 1) * d];
+            let (mean, rstd) = row_stats(xr, self.eps);
+            let k = r / chunk;
+            for j in 0..d {
+                let g = dy[r * d + j];
+                part[(2 * k) * d + j] += g * (xr[j] - mean) * rstd;
+                part[(2 * k + 1) * d + j] += g;
+            }
+        }
+        Ok((CpuStorage::F32(part), Shape::from((chunks, 2, d))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_of(l1)?;
+        let chunk = param_chunk(rows);
+        let chunks = rows.div_ceil(chunk);
+        let part = cuda::ln_bwd_params((s1, l1), (s2, l2), rows, d, self.eps, chunk)?;
+        Ok((part, Shape::from((chunks, 2, d))))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Layout, Result};
+
+    use crate::model::cuda_kernels::ptx;
+
+    pub const MODULE: &str = "cjepa_norms";
+    pub const SRC: &str = r#"
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float* sh) {
+  int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < nw ? sh[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) sh[0] = t;
+  }
+  __syncthreads();
+  return sh[0];
+}
+// Mean and 1/std of row r (block per row).
+__device__ void row_stats(const float* xr, int d, float eps, float* sh, float* mean, float* rstd) {
+  float s = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j];
+  float m = block_sum(s, sh) / d;
+  float q = 0.f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) { float c = xr[j] - m; q += c * c; }
+  float var = block_sum(q, sh) / d;
+  *mean = m;
+  *rstd = 1.f / sqrtf(var + eps);
+}
+extern "C" __global__ void cjepa_ln_fwd(const float* x, const float* w, const float* b, float* y,
+                                        long long rows, int d, float eps) {
+  __shared__ float sh[32];
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* xr = x + r * d;
+    float* yr = y + r * d;
+    float mean, rstd;
+    row_stats(xr, d, eps, sh, &mean, &rstd);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+  }
+}
+extern "C" __global__ void cjepa_ln_bwd_x(const float* x, const float* w, const float* dy, float* dx,
+                                          long long rows, int d, float eps) {
+  __shared__ float sh[32];
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* xr = x + r * d;
+    const float* gr = dy + r * d;
+    float* o = dx + r * d;
+    float mean, rstd;
+    row_stats(xr, d, eps, sh, &mean, &rstd);
+    float sa = 0.f, sc = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+      float g = gr[j] * w[j];
+      sa += g;
+      sc += g * (xr[j] - mean) * rstd;
+    }
+    float a = block_sum(sa, sh) / d;
+    float c = block_sum(sc, sh) / d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+      float g = gr[j] * w[j];
+      o[j] = rstd * (g - a - (xr[j] - mean) * rstd * c);
+    }
+  }
+}
+extern "C" __global__ void cjepa_ln_stats(const float* x, float* mean, float* rstd, long long rows,
+                                          int d, float eps) {
+  __shared__ float sh[32];
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    float m, s;
+    row_stats(x + r * d, d, eps, sh, &m, &s);
+    if (threadIdx.x == 0) { mean[r] = m; rstd[r] = s; }
+  }
+}
+// part[k][0][j] = sum over rows r of chunk k of dy[r][j] * xhat[r][j]; part[k][1][j] = sum of dy.
+extern "C" __global__ void cjepa_ln_bwd_params(const float* x, const float* dy, const float* mean,
+                                               const float* rstd, float* part, long long rows, int d,
+                                               int chunk) {
+  int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  long long r0 = (long long)blockIdx.y * chunk;
+  long long r1 = r0 + chunk < rows ? r0 + chunk : rows;
+  float aw = 0.f, ab = 0.f;
+  for (long long r = r0; r < r1; ++r) {
+    float g = dy[r * d + j];
+    aw += g * (x[r * d + j] - mean[r]) * rstd[r];
+    ab += g;
+  }
+  part[(2LL * blockIdx.y) * d + j] = aw;
+  part[(2LL * blockIdx.y + 1) * d + j] = ab;
+}
+// Softmax of each n-wide row, one warp per row.
+extern "C" __global__ void cjepa_softmax_fwd(const float* x, float* y, long long rows, int n) {
+  int lane = threadIdx.x & 31;
+  long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  for (long long r = warp; r < rows; r += nwarps) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    float m = __int_as_float(0xff800000);
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, xr[j]);
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < n; j += 32) { float e = expf(xr[j] - m); yr[j] = e; s += e; }
+    float inv = 1.f / warp_sum(s);
+    for (int j = lane; j < n; j += 32) yr[j] *= inv;
+  }
+}
+extern "C" __global__ void cjepa_softmax_bwd(const float* y, const float* dy, float* dx, long long rows,
+                                             int n) {
+  int lane = threadIdx.x & 31;
+  long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  for (long long r = warp; r < rows; r += nwarps) {
+    const float* yr = y + r * n;
+    const float* gr = dy + r * n;
+    float* o = dx + r * n;
+    float c = 0.f;
+    for (int j = lane; j < n; j += 32) c += yr[j] * gr[j];
+    c = warp_sum(c);
+    for (int j = lane; j < n; j += 32) o[j] = yr[j] * (gr[j] - c);
+  }
+}
+"#;
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    macro_rules! view {
+        ($s:expr, $l:expr) => {{
+            let Some((a, b)) = $l.contiguous_offsets() else {
+                candle_core::bail!("cuda ops: contiguous input expected")
+            };
+            $s.as_cuda_slice::<f32>()?.slice(a..b)
+        }};
+    }
+
+    fn cfg(blocks: u64, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks.clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn err(name: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("{name}: {e:?}"))
+    }
+
+    /// 256 threads per row for wide rows, fewer (a multiple of 32) for narrow ones.
+    fn row_threads(d: usize) -> u32 {
+        (d.div_ceil(32) * 32).clamp(32, 256) as u32
+    }
+
+    pub fn softmax_fwd(s: &CudaStorage, l: &Layout, rows: usize, n: usize) -> Result<CudaStorage> {
+        let dev = s.device().clone();
+        let x = view!(s, l);
+        let mut y = dev.alloc_zeros::<f32>(rows * n)?;
+        let func = dev.get_or_load_custom_func("cjepa_softmax_fwd", MODULE, ptx(MODULE, SRC)?)?;
+        let (r, n32) = (rows as i64, n as i32);
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&mut y);
+        b.arg(&r);
+        b.arg(&n32);
+        // SAFETY: one warp per row reads and writes inside the row's `n` elements.
+        unsafe { b.launch(cfg((rows as u64).div_ceil(8), 256)) }.map_err(|e| err("softmax", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    pub fn softmax_bwd(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        rows: usize,
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let dev = s1.device().clone();
+        let (y, dy) = (view!(s1, l1), view!(s2, l2));
+        let mut dx = dev.alloc_zeros::<f32>(rows * n)?;
+        let func = dev.get_or_load_custom_func("cjepa_softmax_bwd", MODULE, ptx(MODULE, SRC)?)?;
+        let (r, n32) = (rows as i64, n as i32);
+        let mut b = func.builder();
+        b.arg(&y);
+        b.arg(&dy);
+        b.arg(&mut dx);
+        b.arg(&r);
+        b.arg(&n32);
+        // SAFETY: as the forward.
+        unsafe { b.launch(cfg((rows as u64).div_ceil(8), 256)) }
+            .map_err(|e| err("softmax bwd", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+    }
+
+    pub fn ln_fwd(x: In, w: In, bias: In, rows: usize, d: usize, eps: f32) -> Result<CudaStorage> {
+        let dev = x.0.device().clone();
+        let (xv, wv, bv) = (view!(x.0, x.1), view!(w.0, w.1), view!(bias.0, bias.1));
+        let mut y = dev.alloc_zeros::<f32>(rows * d)?;
+        let func = dev.get_or_load_custom_func("cjepa_ln_fwd", MODULE, ptx(MODULE, SRC)?)?;
+        let (r, d32) = (rows as i64, d as i32);
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&wv);
+        b.arg(&bv);
+        b.arg(&mut y);
+        b.arg(&r);
+        b.arg(&d32);
+        b.arg(&eps);
+        // SAFETY: one block per row, inside the row.
+        unsafe { b.launch(cfg(rows as u64, row_threads(d))) }.map_err(|e| err("layer_norm", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    pub fn ln_bwd_x(x: In, w: In, dy: In, rows: usize, d: usize, eps: f32) -> Result<CudaStorage> {
+        let dev = x.0.device().clone();
+        let (xv, wv, gv) = (view!(x.0, x.1), view!(w.0, w.1), view!(dy.0, dy.1));
+        let mut dx = dev.alloc_zeros::<f32>(rows * d)?;
+        let func = dev.get_or_load_custom_func("cjepa_ln_bwd_x", MODULE, ptx(MODULE, SRC)?)?;
+        let (r, d32) = (rows as i64, d as i32);
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&wv);
+        b.arg(&gv);
+        b.arg(&mut dx);
+        b.arg(&r);
+        b.arg(&d32);
+        b.arg(&eps);
+        // SAFETY: one block per row, inside the row.
+        unsafe { b.launch(cfg(rows as u64, row_threads(d))) }
+            .map_err(|e| err("layer_norm bwd", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+    }
+
+    pub fn ln_bwd_params(
+        x: In,
+        dy: In,
+        rows: usize,
+        d: usize,
+        eps: f32,
+        chunk: usize,
+    ) -> Result<CudaStorage> {
+        let dev = x.0.device().clone();
+        let (xv, gv) = (view!(x.0, x.1), view!(dy.0, dy.1));
+        let mut mean = dev.alloc_zeros::<f32>(rows)?;
+        let mut rstd = dev.alloc_zeros::<f32>(rows)?;
+        let (r, d32) = (rows as i64, d as i32);
+        let stats = dev.get_or_load_custom_func("cjepa_ln_stats", MODULE, ptx(MODULE, SRC)?)?;
+        let mut b = stats.builder();
+        b.arg(&xv);
+        b.arg(&mut mean);
+        b.arg(&mut rstd);
+        b.arg(&r);
+        b.arg(&d32);
+        b.arg(&eps);
+        // SAFETY: one block per row writes that row's two statistics.
+        unsafe { b.launch(cfg(rows as u64, row_threads(d))) }.map_err(|e| err("ln stats", e))?;
+        let chunks = rows.div_ceil(chunk);
+        let mut part = dev.alloc_zeros::<f32>(chunks * 2 * d)?;
+        let func = dev.get_or_load_custom_func("cjepa_ln_bwd_params", MODULE, ptx(MODULE, SRC)?)?;
+        let c32 = chunk as i32;
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&gv);
+        b.arg(&mean);
+        b.arg(&rstd);
+        b.arg(&mut part);
+        b.arg(&r);
+        b.arg(&d32);
+        b.arg(&c32);
+        let launch = LaunchConfig {
+            grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: thread (column j, chunk k) writes part[k][0..2][j] only.
+        unsafe { b.launch(launch) }.map_err(|e| err("ln params", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(part, dev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::{layer_norm_plain_unfused, softmax_last_unfused};
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < tol, "max difference {d}");
+    }
+
+    /// The ops' formulas and backward wiring (run here by their host loops) equal candle's
+    /// composition, values and gradients; 150 rows cover three partial chunks of the LayerNorm
+    /// parameter sums.
+    #[test]
+    fn layer_norm_and_softmax_match_the_composition_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 50, 24), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 24, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 50, 24), &dev).unwrap();
+        let ours = layer_norm(x.as_tensor(), Some((w.as_tensor(), b.as_tensor())), 1e-6).unwrap();
+        let theirs = layer_norm_plain_unfused(x.as_tensor(), 1e-6)
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        close(&ours, &theirs, 1e-5);
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            close(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+                1e-4,
+            );
+        }
+        let plain = layer_norm(x.as_tensor(), None, 1e-6).unwrap();
+        close(
+            &plain,
+            &layer_norm_plain_unfused(x.as_tensor(), 1e-6).unwrap(),
+            1e-5,
+        );
+
+        let s1 = softmax_last(x.as_tensor()).unwrap();
+        let s2 = softmax_last_unfused(x.as_tensor()).unwrap();
+        close(&s1, &s2, 1e-6);
+        let g1 = (s1 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (s2 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+}
