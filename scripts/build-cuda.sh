@@ -10,15 +10,16 @@
 #   4. add unversioned .so links in lib/;
 #   5. generate a stub lib/stubs/libcuda.so (soname libcuda.so.1) from cudarc's driver bindings
 #      (the real driver replaces it at run time);
-#   6. export CUDA_HOME / PATH / CUDA_COMPUTE_CAP=90 and `cargo build --release --features cuda`
-#      into a separate target dir (default target/cuda) so the CPU build stays valid.
+#   6. export CUDA_HOME / PATH / CUDA_COMPUTE_CAP=90 and `cargo build --release --features
+#      cuda,nccl` into a separate target dir (default target/cuda) so the CPU build stays valid.
+# GPU builds include NCCL (data-parallel stages over several GPUs) unless CJEPA_CUDA_NCCL=0.
 #
-# Usage: scripts/build-cuda.sh [extra cargo args, e.g. --features cuda,nccl]
+# Usage: scripts/build-cuda.sh [extra cargo args; `--features cuda` alone builds without NCCL]
 # Environment:
 #   CJEPA_CUDA_CACHE   wheel cache + unpacked toolkit (default: $HOME/.cache/cjepa-cuda)
 #   CJEPA_CUDA_TARGET  cargo target dir (default: <repo>/target/cuda)
 #   CUDA_COMPUTE_CAP   default 90 (H100/H200, sm_90a)
-#   CJEPA_CUDA_NCCL=1  also fetch NCCL (needed only for a `nccl` feature)
+#   CJEPA_CUDA_NCCL=0  build without NCCL (`--features cuda`; default 1: `--features cuda,nccl`)
 #   CJEPA_CUDA_NCCL_VERSION  nvidia-nccl-cu13 version to fetch (default 2.32.3: 2.30.7, the version
 #                      CANDLE.md names, is no longer on the index; any 2.x links, and at run time
 #                      the GPU machine's own libnccl is used)
@@ -45,7 +46,9 @@ wheels=(
   nvidia-curand==10.4.0.35
   nvidia-cublas==13.1.1.3
 )
-if [[ "${CJEPA_CUDA_NCCL:-0}" == 1 ]]; then wheels+=("nvidia-nccl-cu13==${CJEPA_CUDA_NCCL_VERSION:-2.32.3}"); fi
+nccl="${CJEPA_CUDA_NCCL:-1}"
+[[ " $* " == *" --features"* && " $* " != *nccl* ]] && nccl=0
+if [[ "$nccl" == 1 ]]; then wheels+=("nvidia-nccl-cu13==${CJEPA_CUDA_NCCL_VERSION:-2.32.3}"); fi
 
 say() { printf '[build-cuda] %s\n' "$*" >&2; }
 
@@ -73,7 +76,7 @@ chmod +x "$cuda"/bin/* 2>/dev/null || true
 
 # 4. unversioned links
 libs=(cublas cublasLt cudart curand nvrtc)
-[[ "${CJEPA_CUDA_NCCL:-0}" == 1 ]] && libs+=(nccl)
+[[ "$nccl" == 1 ]] && libs+=(nccl)
 for name in "${libs[@]}"; do
   dir="$cuda/lib"
   versioned="$(ls "$dir"/lib"$name".so.* 2>/dev/null | sort | head -n1 || true)"
@@ -112,7 +115,8 @@ if [[ "${CJEPA_CUDA_PREPARE_ONLY:-0}" == 1 ]]; then
     "$CUDA_HOME" "$PATH" "$LIBRARY_PATH" "$LD_LIBRARY_PATH" "$CUDA_COMPUTE_CAP"
   exit 0
 fi
-features=(--features cuda)
+features=(--features cuda,nccl)
+[[ "$nccl" == 1 ]] || features=(--features cuda)
 for a in "$@"; do [[ "$a" == --features* ]] && features=(); done
 cd "$repo"
 start=$(date +%s)
