@@ -32,7 +32,7 @@ fn davis_golden_cases() {
     for case in cases {
         let exp: Value =
             serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap()).unwrap();
-        let rep = evaluate_davis(&case, &case.join("predictions"), "val")
+        let rep = evaluate_davis(&case, &case.join("predictions"), &golden::davis_set(&case))
             .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
         let order: Vec<String> = rep.objects().map(|o| o.name()).collect();
         let want_order: Vec<String> = exp["per_object_order"]
