@@ -125,7 +125,7 @@ fn import(file: &Path, model: &str, out: Option<PathBuf>) -> anyhow::Result<i32>
         .meta
         .get("epoch")
         .map_or("unknown".to_string(), |e| e.to_string());
-    println!(
+    outln!(
         "imported {} ({} tensors, epoch {epoch}; target encoder: {params} parameters, D {}, depth {}, patch {}, {} px)",
         file.display(),
         ck.tensors.len(),
@@ -133,19 +133,19 @@ fn import(file: &Path, model: &str, out: Option<PathBuf>) -> anyhow::Result<i32>
         cfg.depth,
         cfg.patch_size,
         cfg.img_size
-    );
-    println!(
+    )?;
+    outln!(
         "wrote {}/{{{}, {}, {}, import.json}}",
         out.display(),
         cjepa::stages::pretrain::FULL_FILE,
         backbone::ENCODER_FILE,
         backbone::MODEL_FILE
-    );
-    println!(
+    )?;
+    outln!(
         "use it with `checkpoint: {}` in an evaluation stage, or `cjepa embed --checkpoint {}`",
         out.display(),
         out.display()
-    );
+    )?;
     Ok(0)
 }
 
