@@ -133,16 +133,16 @@ fn plan(n: usize, reps: usize) -> anyhow::Result<i32> {
         phases[1] += (t2 - t1).as_secs_f64();
     }
     let med = median(times);
-    println!("bench plan: {n} cached stages, median of {reps}");
-    println!(
+    outln!("bench plan: {n} cached stages, median of {reps}")?;
+    outln!(
         "  load + matrix + resolve + keys: {:.3} s (mean)",
         phases[0] / reps as f64
-    );
-    println!(
+    )?;
+    outln!(
         "  open store + cache check:       {:.3} s (mean)",
         phases[1] / reps as f64
-    );
-    println!("  total: {med:.3} s = {:.2}x of the 1 s budget", med / 1.0);
+    )?;
+    outln!("  total: {med:.3} s = {:.2}x of the 1 s budget", med / 1.0)?;
     Ok(0)
 }
 
@@ -170,7 +170,7 @@ fn report(n: usize, reps: usize) -> anyhow::Result<i32> {
         times.push(t0.elapsed().as_secs_f64());
     }
     let med = median(times);
-    println!("bench report: {n} records -> markdown table ({len} bytes), median of {reps}");
-    println!("  total: {med:.3} s = {:.2}x of the 1 s budget", med / 1.0);
+    outln!("bench report: {n} records -> markdown table ({len} bytes), median of {reps}")?;
+    outln!("  total: {med:.3} s = {:.2}x of the 1 s budget", med / 1.0)?;
     Ok(0)
 }

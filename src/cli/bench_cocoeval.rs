@@ -125,18 +125,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "dt_mb": dt_bytes as f64 / 1e6, "generate_s": gen_s, "dir": dir.display().to_string(),
     });
     if !a.json {
-        println!(
+        outln!(
             "bench cocoeval: {} images, {n_ann} ground truths ({crowd} crowd), {n_det} detections, \
              80 categories (generated in {gen_s:.1} s)",
             a.images
-        );
-        println!(
+        )?;
+        outln!(
             "  files: {} ({:.1} MB), {} ({:.1} MB)",
             gt.display(),
             gt_bytes as f64 / 1e6,
             dt.display(),
             dt_bytes as f64 / 1e6
-        );
+        )?;
     }
     let mut runs = Vec::new();
     if !a.no_eval {
@@ -151,7 +151,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             for &t in &types {
                 let x = pool.install(|| time_best(&gt, &dt, t, a.reps))?;
                 if !a.json {
-                    println!(
+                    outln!(
                         "  {n:>2} threads {:<4}: load {:7.3} s + eval {:7.3} s = {:7.3} s  \
                          (cpu {:7.3} s; AP {:.4}, AR100 {:.4})",
                         t.as_str(),
@@ -161,7 +161,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                         x.load_cpu + x.eval_cpu,
                         x.stats[0],
                         x.stats[8]
-                    );
+                    )?;
                 }
                 per_type.insert(
                     t.as_str().into(),
@@ -175,7 +175,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     if a.json {
         let out = json!({"problem": problem, "runs": runs});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
     }
     Ok(0)
 }

@@ -83,17 +83,17 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let _warm = time_epoch(&samples, threads)?;
     let one = time_epoch(&samples, 1)?;
     let all = time_epoch(&samples, threads)?;
-    println!(
+    outln!(
         "bench loader: {} JPEGs ({}px) -> RandomResizedCrop({}) bicubic + flip + normalise",
         folder.samples.len(),
         a.src_size,
         a.size
-    );
-    println!("  1 thread:  {one:.1} images/s (per core)");
-    println!(
+    )?;
+    outln!("  1 thread:  {one:.1} images/s (per core)")?;
+    outln!(
         "  {threads} threads: {all:.1} images/s ({:.2}x of 1 thread)",
         all / one
-    );
-    println!("RESULT rust_per_core={one:.2} rust_all={all:.2}");
+    )?;
+    outln!("RESULT rust_per_core={one:.2} rust_all={all:.2}")?;
     Ok(0)
 }

@@ -316,7 +316,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     let mean_k =
         |f: fn(&Masks) -> usize| masks.iter().map(f).sum::<usize>() as f64 / masks.len() as f64;
-    println!(
+    outln!(
         "bench train-step: model {} (D {}, depth {}, predictor {}x{}), {} px, patch {}, batch {}, \
          {} threads, {} timed steps after {} warm-up, device {}, precision {}{}",
         a.model,
@@ -337,32 +337,32 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         } else {
             ""
         }
-    );
-    println!(
+    )?;
+    outln!(
         "  masks: {} tokens, mean context keep {:.1}, mean target keep {:.1} x {} targets",
         g * g,
         mean_k(Masks::k_enc),
         mean_k(Masks::k_pred),
         masks[0].pred.len()
-    );
+    )?;
     let timed = &masks[a.warmup..];
     let flops = timed
         .iter()
         .map(|m| step_flops(&cfg, m, a.batch))
         .sum::<f64>()
         / timed.len() as f64;
-    println!(
+    outln!(
         "  model FLOPs per step: {:.1} GFLOP (forward + backward, plan::cost model)",
         flops / 1e9
-    );
-    println!(
+    )?;
+    outln!(
         "  shards of the batch on separate threads: {}",
         shard_counts
             .iter()
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )?;
     let mut runs = Vec::new();
     for (label, on) in modes.iter().copied() {
         for &n in &shard_counts {
@@ -375,7 +375,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
     }
     for r in &runs {
-        println!(
+        outln!(
             "  {}: {:.3} s/step wall ({:.2} images/s), {:.3} s/step cpu, peak RSS {}, final loss {:.5}",
             r.label,
             r.mean_wall(),
@@ -384,7 +384,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             r.peak_mib
                 .map_or("n/a".into(), |m| format!("{m:.0} MiB")),
             r.loss
-        );
+        )?;
         let n = r.wall.len() as f64;
         let parts: Vec<String> = r
             .phases
@@ -392,40 +392,40 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .iter()
             .map(|(name, t)| format!("{name} {:.0} ms", 1e3 * t / n))
             .collect();
-        println!("    phases: {}", parts.join(", "));
+        outln!("    phases: {}", parts.join(", "))?;
         let achieved = flops / r.mean_wall();
         match peak {
-            Some(p) => println!(
+            Some(p) => outln!(
                 "    {:.2} TFLOP/s achieved, model FLOP utilisation {:.2}% of {:.1} TFLOP/s",
                 achieved / 1e12,
                 100.0 * achieved / p,
                 p / 1e12
-            ),
-            None => println!("    {:.1} GFLOP/s achieved", achieved / 1e9),
+            )?,
+            None => outln!("    {:.1} GFLOP/s achieved", achieved / 1e9)?,
         }
     }
     if shard_counts.len() > 1 {
         for group in runs.chunks(shard_counts.len()) {
             for r in &group[1..] {
-                println!(
+                outln!(
                     "  {} / {} speed: {:.2}x (wall), {:.2}x (cpu)",
                     r.label,
                     group[0].label,
                     group[0].mean_wall() / r.mean_wall(),
                     group[0].mean_cpu() / r.mean_cpu()
-                );
+                )?;
             }
         }
     } else if let [f, u] = runs.as_slice() {
-        println!(
+        outln!(
             "  fused/unfused speed: {:.2}x (wall), {:.2}x (cpu)",
             u.mean_wall() / f.mean_wall(),
             u.mean_cpu() / f.mean_cpu()
-        );
+        )?;
     }
     for r in &runs {
         // one machine-readable line per mode, for bench/compare.sh
-        println!(
+        outln!(
             "RESULT impl=candle-{} images_per_s={:.4} s_per_step={:.4} cpu_s_per_step={:.4} peak_rss_mib={:.1} threads={threads} tflops={:.4} mfu={:.4}",
             r.label,
             a.batch as f64 / r.mean_wall(),
@@ -434,7 +434,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             r.peak_mib.unwrap_or(f64::NAN),
             flops / r.mean_wall() / 1e12,
             peak.map_or(f64::NAN, |p| flops / r.mean_wall() / p)
-        );
+        )?;
     }
     fused::set_enabled(true);
     cjepa::model::cuda_kernels::set_enabled(true);

@@ -6,7 +6,9 @@
 //! position embeddings included), `encoder.safetensors` + `model.json` (the target encoder, the
 //! backbone contract of `stages::backbone`: `checkpoint: DIR` in an evaluation stage, or
 //! `cjepa embed --checkpoint DIR`), and `import.json` (where it came from: path, size, blake3,
-//! the file's scalar entries such as `epoch`).
+//! the file's scalar entries such as `epoch`). What the import accepted with a remark (a target
+//! position embedding drifted by the training loop's EMA, imported as the exact table) is printed
+//! to stderr as `warning: ...`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -91,6 +93,9 @@ fn import(file: &Path, model: &str, out: Option<PathBuf>) -> anyhow::Result<i32>
         return Err(cjepa::Error::Usage(format!("{}: no such file", file.display())).into());
     }
     let ck = read_ijepa_checkpoint(file, &cfg)?;
+    for w in &ck.warnings {
+        eprintln!("warning: {w}");
+    }
     let out = out.unwrap_or_else(|| default_out(file));
     fs_err::create_dir_all(&out)?;
     let all: HashMap<String, candle_core::Tensor> = ck.tensors.clone().into_iter().collect();
@@ -120,7 +125,7 @@ fn import(file: &Path, model: &str, out: Option<PathBuf>) -> anyhow::Result<i32>
         .meta
         .get("epoch")
         .map_or("unknown".to_string(), |e| e.to_string());
-    println!(
+    outln!(
         "imported {} ({} tensors, epoch {epoch}; target encoder: {params} parameters, D {}, depth {}, patch {}, {} px)",
         file.display(),
         ck.tensors.len(),
@@ -128,19 +133,19 @@ fn import(file: &Path, model: &str, out: Option<PathBuf>) -> anyhow::Result<i32>
         cfg.depth,
         cfg.patch_size,
         cfg.img_size
-    );
-    println!(
+    )?;
+    outln!(
         "wrote {}/{{{}, {}, {}, import.json}}",
         out.display(),
         cjepa::stages::pretrain::FULL_FILE,
         backbone::ENCODER_FILE,
         backbone::MODEL_FILE
-    );
-    println!(
+    )?;
+    outln!(
         "use it with `checkpoint: {}` in an evaluation stage, or `cjepa embed --checkpoint {}`",
         out.display(),
         out.display()
-    );
+    )?;
     Ok(0)
 }
 

@@ -19,6 +19,6 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "dot" => cjepa::plan::graph_fmt::dot(&plan),
         _ => cjepa::plan::graph_fmt::mermaid(&plan),
     };
-    print!("{out}");
+    out!("{out}")?;
     Ok(0)
 }

@@ -56,9 +56,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             };
             let r = cjepa::data::check::check_with(fmt, &path, &opts)
                 .map_err(|e| cjepa::Error::Data(e.to_string()))?;
-            println!("{}", r.summary());
+            outln!("{}", r.summary())?;
             for p in &r.problems {
-                println!("problem: {}: {}", p.path.display(), p.message);
+                outln!("problem: {}: {}", p.path.display(), p.message)?;
             }
             Ok(if r.is_ok() { 0 } else { 1 })
         }
@@ -87,7 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 .map_err(|e| cjepa::Error::Data(e.to_string()))?;
             let r = cjepa::data::check::check(fmt, &out)
                 .map_err(|e| cjepa::Error::Data(e.to_string()))?;
-            println!("{}", r.summary());
+            outln!("{}", r.summary())?;
             Ok(0)
         }
     }

@@ -160,13 +160,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     });
     let sc = sidecar(&a.out);
     fs_err::write(&sc, serde_json::to_string_pretty(&side)? + "\n")?;
-    println!(
+    outln!(
         "wrote {} (last {:?}, last4 {:?}) and {} in {secs:.1} s ({:.1} images/s)",
         a.out.display(),
         emb.last.dims(),
         emb.last4.dims(),
         sc.display(),
         files.len() as f64 / secs.max(1e-9)
-    );
+    )?;
     Ok(0)
 }

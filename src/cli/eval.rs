@@ -85,9 +85,9 @@ fn seg(a: SegArgs) -> anyhow::Result<i32> {
     let rep = cjepa::eval::segmentation::evaluate_dirs(&a.gt, &a.pred)
         .with_context(|| format!("evaluating {} against {}", a.pred.display(), a.gt.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep.to_json())?);
+        outln!("{}", serde_json::to_string_pretty(&rep.to_json())?)?;
     } else {
-        print!("{}", rep.to_table(None));
+        out!("{}", rep.to_table(None))?;
     }
     Ok(0)
 }
@@ -110,10 +110,10 @@ fn davis(a: DavisArgs) -> anyhow::Result<i32> {
         )
     })?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep.to_json())?);
+        outln!("{}", serde_json::to_string_pretty(&rep.to_json())?)?;
     } else {
-        println!("{}", rep.global_table());
-        print!("{}", rep.sequence_table());
+        outln!("{}", rep.global_table())?;
+        out!("{}", rep.sequence_table())?;
     }
     Ok(0)
 }

@@ -46,9 +46,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 json!({ "stats": r.stats.to_vec() }),
             );
         }
-        println!("{}", serde_json::to_string_pretty(&Value::Object(top))?);
+        outln!("{}", serde_json::to_string_pretty(&Value::Object(top))?)?;
     } else {
-        print!("{}", report.to_text());
+        out!("{}", report.to_text())?;
     }
     Ok(0)
 }

@@ -50,13 +50,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         let dir = store.artifact_dir(&r.key);
         let size: u64 = r.artifacts.iter().map(|x| x.size).sum();
-        println!(
+        outln!(
             "{} {} {} ({} bytes)",
             if a.dry_run { "would delete" } else { "delete" },
             &r.key[..12],
             r.stage_id,
             size
-        );
+        )?;
         if !a.dry_run {
             if dir.exists() {
                 fs_err::remove_dir_all(&dir)?;
@@ -69,13 +69,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         bytes += size;
     }
     store.flush()?;
-    println!(
+    outln!(
         "{n} artifact folders, {bytes} bytes{}; metrics kept",
         if a.dry_run {
             " would be freed"
         } else {
             " freed"
         }
-    );
+    )?;
     Ok(0)
 }

@@ -20,7 +20,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             cjepa::store::Status::Succeeded => "ok",
             cjepa::store::Status::Failed => "FAILED",
         };
-        println!(
+        outln!(
             "{}  {:<7} {:<14} {:<40} {:>8.1}s  {}",
             &r.key[..12],
             status,
@@ -28,7 +28,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             format!("{}/{}", r.pipeline, r.stage_id),
             r.secs,
             r.finished.format("%Y-%m-%d %H:%M")
-        );
+        )?;
     }
     Ok(0)
 }

@@ -1,6 +1,23 @@
 //! clap definitions and dispatch; one file per subcommand.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+/// `println!` for command output; returns `anyhow::Result<()>` (see [`stdout`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::stdout::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::stdout::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output; returns `anyhow::Result<()>` (see [`stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::stdout::write(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod bench_cocoeval;
 mod bench_cocoeval_gen;
@@ -21,6 +38,7 @@ mod run;
 mod schema;
 mod show;
 mod status;
+pub mod stdout;
 
 use std::path::PathBuf;
 

@@ -109,12 +109,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         // one JSON document on stdout: the list of tables (each file holds one table)
         let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
         if which == "metrics" {
-            println!("{}", serde_json::to_string_pretty(&all[0])?);
+            outln!("{}", serde_json::to_string_pretty(&all[0])?)?;
         } else {
-            println!("{}", serde_json::to_string_pretty(&all)?);
+            outln!("{}", serde_json::to_string_pretty(&all)?)?;
         }
     } else {
-        print!("{}", texts.join("\n"));
+        out!("{}", texts.join("\n"))?;
     }
     if let Some(dir) = &a.out {
         fs_err::create_dir_all(dir)?;

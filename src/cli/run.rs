@@ -110,31 +110,31 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let (mut n_run, mut total) = (0, 0.0);
         for ((s, d), e) in plan.stages.iter().zip(&d).zip(&est) {
             match d {
-                Decision::Cached => println!(
+                Decision::Cached => outln!(
                     "cached  {:<40} {}  {:>14}",
                     s.inst.id,
                     &s.key[..12],
                     gpuh(*e)
-                ),
+                )?,
                 Decision::Run(why) => {
                     n_run += 1;
                     total += e.unwrap_or(0.0);
-                    println!(
+                    outln!(
                         "run     {:<40} {}  {:>14}  {}",
                         s.inst.id,
                         &s.key[..12],
                         gpuh(*e),
                         why.join("; ")
-                    );
+                    )?;
                 }
                 Decision::NotSelected => {}
             }
         }
-        println!(
+        outln!(
             "{n_run} of {} stages would run (~{total:.1} H100 GPU-hours at {:.0}% of bf16 peak; see plan::cost)",
             plan.stages.len(),
             cjepa::plan::cost::ASSUMED_UTILISATION * 100.0
-        );
+        )?;
         return Ok(0);
     }
     let on_slurm = match a.executor.as_deref() {

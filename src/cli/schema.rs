@@ -9,6 +9,6 @@ pub fn run() -> anyhow::Result<i32> {
     if let Some(k) = schema.pointer_mut("/definitions/StageSpec/properties/kind") {
         k["enum"] = serde_json::Value::Array(kinds);
     }
-    println!("{}", serde_json::to_string_pretty(&schema)?);
+    outln!("{}", serde_json::to_string_pretty(&schema)?)?;
     Ok(0)
 }

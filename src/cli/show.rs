@@ -19,8 +19,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         0 => Err(cjepa::Error::Usage(format!("no record with key {}", a.key)).into()),
         1 => {
             let r = &found[0];
-            println!("{}", serde_json::to_string_pretty(r)?);
-            println!("artifacts: {}", store.artifact_dir(&r.key).display());
+            outln!("{}", serde_json::to_string_pretty(r)?)?;
+            outln!("artifacts: {}", store.artifact_dir(&r.key).display())?;
             Ok(0)
         }
         n => Err(cjepa::Error::Usage(format!(

@@ -33,11 +33,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
                 .map(|c| format!(" (checkpoint at step {})", c.step))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "{label:<8} {:<40} {}{ckpt}  {state}",
                 s.inst.id,
                 &s.key[..12]
-            );
+            )?;
             continue;
         }
         let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
@@ -57,10 +57,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 _ => ("missing", reason.into_iter().collect()),
             },
         };
-        println!("{state:<8} {:<40} {}{ckpt}", s.inst.id, &s.key[..12]);
+        outln!("{state:<8} {:<40} {}{ckpt}", s.inst.id, &s.key[..12])?;
         if a.explain {
             for w in why {
-                println!("           {}: {w}", s.inst.id);
+                outln!("           {}: {w}", s.inst.id)?;
             }
         }
     }

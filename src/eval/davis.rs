@@ -377,8 +377,12 @@ pub fn evaluate_sequence(
 
 /// Semi-supervised DAVIS-2017 evaluation of `<pred_dir>/<seq>/<frame>.png` against
 /// `<davis_root>/Annotations/480p/<seq>/<frame>.png` for the sequences listed in
-/// `<davis_root>/ImageSets/2017/<set>.txt` (sorted and deduplicated, as the official loader's
-/// `np.unique` does).
+/// `<davis_root>/ImageSets/2017/<set>.txt`.
+///
+/// Sequences keep the order of the image set file (a repeated name counts once, at its first
+/// line), and objects follow their sequence in id order: the official loader keys a dict by the
+/// file's names and the evaluation lists `<seq>_<id>` as it walks that dict, so the per-sequence
+/// tables and the global means follow the same order.
 pub fn evaluate_davis(
     davis_root: &Path,
     pred_dir: &Path,
@@ -389,14 +393,13 @@ pub fn evaluate_davis(
         path: set_path.clone(),
         source,
     })?;
-    // The official loader keeps `np.unique(names)`: sorted and deduplicated.
-    let mut names: Vec<&str> = text
+    // File order, first occurrence of each name (the official loader's dict keys).
+    let mut seen = std::collections::HashSet::new();
+    let names: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && seen.insert(*l))
         .collect();
-    names.sort_unstable();
-    names.dedup();
     if names.is_empty() {
         return Err(DavisError::EmptyImageSet { path: set_path });
     }

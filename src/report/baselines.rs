@@ -101,13 +101,22 @@ pub enum Benchmark {
 }
 
 impl Benchmark {
-    /// Column label; ImageNet names its protocol, since the paper has a column for each.
+    /// Column label of the published benchmark; ImageNet names its protocol, since the paper has
+    /// a column for each.
     pub fn label(self, protocol: &str) -> String {
+        self.label_on(protocol, super::runs::IMAGENET_LABEL)
+    }
+
+    /// Column label of a measurement on the data set `dataset` (the report's name of it, see
+    /// [`super::runs::dataset_label`]): image classification names the data set and the
+    /// protocol (`IN-1K linear`, `images (synthetic) knn`); the other benchmarks have their data
+    /// set in their name.
+    pub fn label_on(self, protocol: &str, dataset: &str) -> String {
         match self {
             Benchmark::Imagenet => match protocol {
-                "linear" => "IN-1K linear".into(),
-                "finetune" => "IN-1K fine-tune".into(),
-                p => format!("IN-1K {p}"),
+                "linear" => format!("{dataset} linear"),
+                "finetune" => format!("{dataset} fine-tune"),
+                p => format!("{dataset} {p}"),
             },
             Benchmark::CocoApBox => "COCO AP^box".into(),
             Benchmark::CocoApMask => "COCO AP^mask".into(),

@@ -4,8 +4,9 @@
 //! the published value.
 //!
 //! Rules:
-//! * A measured cell is tagged with its evaluation protocol, schedule length and run key(s), and
-//!   `synth data` when its dataset is synthetic.
+//! * A measured cell is tagged with its evaluation protocol, schedule length and run key(s),
+//!   `synth data` when its dataset is synthetic, and `on <data set>` when an image-classification
+//!   measurement is on another data set than ImageNet-1K ([`runs::dataset_label`]).
 //! * Seeds aggregate as `mean ± std (n)` (sample std): records that differ only in their seed (same
 //!   seed-free identity, see [`super::runs::identity_of`]) form one entry. Different
 //!   configurations that land in the same cell are listed side by side (`;`), never averaged.
@@ -14,7 +15,9 @@
 //!   with that protocol, so rows whose protocol differs are never averaged together; its published
 //!   cell stays empty.
 //! * A measured row is placed in every table that has a published row of the same backbone and
-//!   epochs; runs that fit no table (tiny models, sweeps at other lengths) form "Other runs".
+//!   epochs; runs that fit no table (tiny models, sweeps at other lengths) form "Other runs",
+//!   whose image-classification columns name the data set measured on (`IN-1K linear`,
+//!   `images (synthetic) knn`, `cifar10 fine-tune`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,12 +43,24 @@ pub struct Measurement {
     pub origin: Origin,
     /// Evaluated on a synthetic dataset.
     pub synth: bool,
+    /// The report's name of the data set it was measured on ([`runs::dataset_label`]); `None`
+    /// when the record's dataset record is not at hand.
+    pub dataset: Option<String>,
     /// Record key.
     pub key: String,
     /// Seed-free identity of the record (seeds of one configuration share it).
     pub identity: String,
     /// Pipeline seed of the record.
     pub seed: u64,
+}
+
+impl Measurement {
+    /// The data set an image-classification measurement names in its label (`IN-1K` when its
+    /// dataset record is not at hand); `None` for the other benchmarks.
+    pub fn classification_dataset(&self) -> Option<&str> {
+        (self.benchmark == Benchmark::Imagenet)
+            .then(|| self.dataset.as_deref().unwrap_or(runs::IMAGENET_LABEL))
+    }
 }
 
 /// Benchmarks a stage kind measures: (benchmark, protocol of the full recipe, metric name).
@@ -120,6 +135,7 @@ pub fn measurements(records: &[Record]) -> Vec<Measurement> {
         }
         let origin = runs::origin(r, &by_key);
         let synth = runs::on_synth_data(r, &by_key);
+        let dataset = runs::dataset_label(r, &by_key);
         let params = &r.config["params"];
         for (bench, base, metric) in benches {
             let Some(v) = r.metrics.get(*metric) else {
@@ -132,6 +148,7 @@ pub fn measurements(records: &[Record]) -> Vec<Measurement> {
                 value: *v,
                 origin: origin.clone(),
                 synth,
+                dataset: dataset.clone(),
                 key: r.key.clone(),
                 identity: ids.get(&r.key).cloned().unwrap_or_else(|| r.key.clone()),
                 seed: r.config["seed"].as_u64().unwrap_or(0),
@@ -162,6 +179,11 @@ fn entry(ms: &[&Measurement]) -> String {
     let mut tags = vec![m0.protocol.clone(), m0.schedule.clone()];
     if m0.synth {
         tags.push("synth data".into());
+    } else if let Some(d) = m0
+        .classification_dataset()
+        .filter(|d| *d != runs::IMAGENET_LABEL)
+    {
+        tags.push(format!("on {d}"));
     }
     let mut keys: Vec<&str> = ms.iter().map(|m| &m.key[..8.min(m.key.len())]).collect();
     keys.sort();
@@ -442,13 +464,29 @@ fn default_protocol(b: Benchmark) -> &'static str {
 }
 
 fn other_runs(ms: &[&Measurement]) -> Table {
-    let mut cols: Vec<(Benchmark, String)> = ms
+    // (benchmark, protocol, data set of an image-classification measurement)
+    let col_of = |m: &Measurement| {
+        (
+            m.benchmark,
+            m.protocol.clone(),
+            m.classification_dataset().map(str::to_string),
+        )
+    };
+    let mut cols: Vec<(Benchmark, String, Option<String>)> = ms
         .iter()
-        .map(|m| (m.benchmark, m.protocol.clone()))
+        .map(|m| col_of(m))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    cols.sort_by_key(|(b, p)| (*b, p != default_protocol(*b), p.clone()));
+    cols.sort_by_key(|(b, p, d)| {
+        (
+            *b,
+            d.as_deref() != Some(runs::IMAGENET_LABEL),
+            d.clone(),
+            p != default_protocol(*b),
+            p.clone(),
+        )
+    });
     // (method, method label, arch, epochs, snapshot of): a row, without protocol variants (the
     // columns differ)
     type Row = (Option<Method>, String, String, Option<u64>, Option<u64>);
@@ -463,17 +501,21 @@ fn other_runs(ms: &[&Measurement]) -> Table {
             m.origin.snapshot_of,
         );
         rows.insert(rk.clone(), m.origin.arch_label.clone());
+        let want = col_of(m);
         let c = cols
             .iter()
-            .position(|(b, p)| *b == m.benchmark && *p == m.protocol)
+            .position(|c| *c == want)
             .expect("column of every measurement");
         cells.entry((rk, c)).or_default().push(m);
     }
     let mut header: Vec<String> = ["method", "backbone", "pt epochs"]
         .map(String::from)
         .to_vec();
-    for (b, p) in &cols {
-        let l = b.label(p);
+    for (b, p, d) in &cols {
+        let l = match d {
+            Some(d) => b.label_on(p, d),
+            None => b.label(p),
+        };
         header.push(if b != &Benchmark::Imagenet && p != default_protocol(*b) {
             format!("{l} ({p})")
         } else {

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 
 use super::baselines::{Baseline, Benchmark, Method, Protocol};
 use super::paper::{mean_std, measurements};
+use super::runs::IMAGENET_LABEL;
 use crate::store::Record;
 
 /// One line of a chart.
@@ -313,28 +314,35 @@ fn one_run(o: &super::runs::Origin) -> Option<u64> {
 }
 
 /// Linear-probe top-1 against pretraining epochs, one plot per backbone
-/// (`probe_vs_epochs_<arch>.svg`): one line per (method, probe schedule, data, route), seeds
+/// (`probe_vs_epochs_<arch>.svg`): one line per (method, probe schedule, data set, route), seeds
 /// averaged; drawn for a backbone when one of its lines has two or more epoch values. Two routes:
 /// separate runs of each length (a point per run), or one run's snapshots (`snapshot_epochs`,
 /// probed with `at_epoch: k`, a point at k) plus its final weights (`one <n>-ep run` in the
-/// legend). The published ImageNet linear numbers of that backbone are added as dashed lines.
+/// legend). A line probed on synthetic data ends its legend with `, synth`, one on another data
+/// set than ImageNet-1K with `, on <data set>`. The published ImageNet linear numbers of that
+/// backbone are added as dashed lines.
 pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> {
-    // (method label, probe schedule, synth, one run's length) -> pretraining epochs -> top-1 of
-    // each seed
-    type Lines = BTreeMap<(String, String, bool, Option<u64>), BTreeMap<u64, Vec<f64>>>;
+    // (method label, probe schedule, data set suffix, one run's length) -> pretraining epochs ->
+    // top-1 of each seed
+    type Lines = BTreeMap<(String, String, String, Option<u64>), BTreeMap<u64, Vec<f64>>>;
     let mut by_arch: BTreeMap<(String, String), Lines> = BTreeMap::new();
     for m in measurements(records) {
         if m.benchmark != Benchmark::Imagenet || m.protocol != "linear" {
             continue;
         }
         let Some(e) = m.origin.epochs else { continue };
+        let data = match m.classification_dataset() {
+            _ if m.synth => ", synth".to_string(),
+            Some(d) if d != IMAGENET_LABEL => format!(", on {d}"),
+            _ => String::new(),
+        };
         by_arch
             .entry((m.origin.arch.clone(), m.origin.arch_label.clone()))
             .or_default()
             .entry((
                 m.origin.method_label.clone(),
                 m.schedule.clone(),
-                m.synth,
+                data,
                 one_run(&m.origin),
             ))
             .or_default()
@@ -349,11 +357,11 @@ pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> 
         }
         let mut series: Vec<Series> = lines
             .iter()
-            .map(|((method, sched, synth, run), pts)| Series {
+            .map(|((method, sched, data, run), pts)| Series {
                 name: format!(
                     "{method}, probe {sched}{}{}",
                     run.map_or(String::new(), |n| format!(", one {n}-ep run")),
-                    if *synth { ", synth" } else { "" }
+                    data
                 ),
                 points: pts
                     .iter()
@@ -385,7 +393,9 @@ pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> 
         out.push(Plot {
             file: format!("probe_vs_epochs_{}.svg", file_part(&arch)),
             svg: line_chart(
-                &format!("ImageNet linear probe top-1 vs pretraining epochs, {arch_label}"),
+                &format!(
+                    "Linear probe top-1 vs pretraining epochs, {arch_label} (paper: ImageNet-1K)"
+                ),
                 "pretraining epochs",
                 "top-1 (%)",
                 &series,

@@ -163,6 +163,31 @@ pub fn upstream_of_kind<'a>(
     None
 }
 
+/// The report's name of ImageNet-1K, the data set of the paper's image-classification columns.
+pub const IMAGENET_LABEL: &str = "IN-1K";
+
+/// The report's name of the data set behind a record (its nearest upstream `dataset` record):
+/// `IN-1K` for ImageNet-1K, the preset name for another data set of `registry/datasets/`
+/// (recognised by its folder name among the presets built into the binary), else the dataset
+/// stage's id; generated data is `<stage id> (synthetic)`. `None` when no upstream dataset record
+/// is among `by_key`.
+pub fn dataset_label(r: &Record, by_key: &BTreeMap<String, Record>) -> Option<String> {
+    let d = upstream_of_kind(r, "dataset", by_key)?;
+    let p = &d.config["params"];
+    if p["source"].as_str() == Some("synth") {
+        return Some(format!("{} (synthetic)", d.stage_id));
+    }
+    let preset = match (p["path"].as_str(), p["format"].as_str()) {
+        (Some(path), Some(format)) => crate::spec::datasets::recognise_embedded(path, format),
+        _ => None,
+    };
+    Some(match preset {
+        Some(preset) if preset.name == "imagenet" => IMAGENET_LABEL.to_string(),
+        Some(preset) => preset.name,
+        None => d.stage_id.clone(),
+    })
+}
+
 /// Whether the nearest upstream dataset of a record is synthetic.
 pub fn on_synth_data(r: &Record, by_key: &BTreeMap<String, Record>) -> bool {
     upstream_of_kind(r, "dataset", by_key)

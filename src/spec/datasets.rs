@@ -71,15 +71,29 @@ pub fn all(start: &Path) -> Result<Vec<DatasetPreset>, String> {
 /// The preset a dataset stage's `path` points at: its last folder name is one of a preset's
 /// `dirnames` (or the preset's own default `path`), and the format agrees.
 pub fn recognise(path: &str, format: &str, start: &Path) -> Option<DatasetPreset> {
+    all(start)
+        .ok()?
+        .into_iter()
+        .find(|d| points_at(d, path, format))
+}
+
+/// [`recognise`] among the presets built into the binary only (no `registry/` folder on disk
+/// is consulted), for callers that have no pipeline location (reports from stored records).
+pub fn recognise_embedded(path: &str, format: &str) -> Option<DatasetPreset> {
+    registry::EMBEDDED
+        .iter()
+        .filter(|(rel, _)| rel.starts_with("datasets/"))
+        .filter_map(|(_, text)| serde_yaml::from_str::<DatasetPreset>(text).ok())
+        .find(|d| points_at(d, path, format))
+}
+
+fn points_at(d: &DatasetPreset, path: &str, format: &str) -> bool {
     let base = path
         .trim_end_matches(['/', '\\'])
         .rsplit(['/', '\\'])
         .next()
         .unwrap_or("");
-    all(start)
-        .ok()?
-        .into_iter()
-        .find(|d| d.format == format && (d.path == path || d.dirnames.iter().any(|n| n == base)))
+    d.format == format && (d.path == path || d.dirnames.iter().any(|n| n == base))
 }
 
 #[cfg(test)]
@@ -102,5 +116,12 @@ mod tests {
             "ade20k"
         );
         assert!(recognise("/mnt/x/imagenet", "coco", none).is_none());
+        assert_eq!(
+            recognise_embedded("/data/ILSVRC2012", "imagefolder")
+                .unwrap()
+                .name,
+            "imagenet"
+        );
+        assert!(recognise_embedded("/data/cifar10", "imagefolder").is_none());
     }
 }

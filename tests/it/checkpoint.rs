@@ -220,6 +220,136 @@ fn import_errors_name_file_key_and_shapes_and_exit_2() {
     assert!(err.contains("vit_enormous"), "{err}");
 }
 
+/// A copy of the fixture with `drift` added to every entry of `<net>`'s `module.<key>` (sign
+/// alternating), as the official EMA leaves a frozen table; the rest of the archive unchanged.
+fn drifted_fixture(dir: &Path, net: &str, key: &str, drift: f32) -> PathBuf {
+    use std::io::{Read, Write};
+    let src = fixture("tiny_ijepa.pth.tar");
+    let pth = candle_core::pickle::PthTensors::new(&src, Some(net)).unwrap();
+    let info = &pth.tensor_infos()[&format!("module.{key}")];
+    assert!(info.layout.is_contiguous());
+    let (start, n) = (info.layout.start_offset(), info.layout.shape().elem_count());
+    let mut zin = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+    let dst = dir.join(format!("drifted_{net}_{drift}.pth.tar"));
+    let mut zout = zip::ZipWriter::new(std::fs::File::create(&dst).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut hit = false;
+    for i in 0..zin.len() {
+        let mut f = zin.by_index(i).unwrap();
+        let name = f.name().unwrap().to_string();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        if name == info.path {
+            hit = true;
+            for j in 0..n {
+                let o = (start + j) * 4;
+                let v = f32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+                let d = if j % 2 == 0 { drift } else { -drift };
+                bytes[o..o + 4].copy_from_slice(&(v + d).to_le_bytes());
+            }
+        }
+        zout.start_file(name, opts).unwrap();
+        zout.write_all(&bytes).unwrap();
+    }
+    zout.finish().unwrap();
+    assert!(hit, "no storage {} in the fixture", info.path);
+    dst
+}
+
+/// The official loop's EMA also updates the frozen `target_encoder.pos_embed`: a checkpoint whose
+/// table drifted by 3e-5 imports, with a warning giving the drift, and the exact table; a drift
+/// that no EMA reaches, or any drift of a table the EMA does not touch, is still refused.
+#[test]
+fn import_accepts_an_ema_drifted_target_pos_embed_with_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny.yaml");
+    std::fs::write(&model, serde_yaml::to_string(&expected()["model"]).unwrap()).unwrap();
+    let cfg: VitConfig = serde_json::from_value(expected()["model"].clone()).unwrap();
+    let g = cfg.grid_size();
+    let exact = cjepa::model::pos_embed::sincos_2d(cfg.embed_dim, g, g).unwrap();
+
+    let drifted = drifted_fixture(d.path(), "target_encoder", "pos_embed", 3e-5);
+    let ck = cjepa::model::import::read_ijepa_checkpoint(&drifted, &cfg).unwrap();
+    assert_eq!(ck.warnings.len(), 1, "{:?}", ck.warnings);
+    assert!(
+        ck.warnings[0].contains("target_encoder.pos_embed") && ck.warnings[0].contains("3.0"),
+        "{}",
+        ck.warnings[0]
+    );
+    assert_eq!(flat(&ck.tensors["target_encoder.pos_embed"]), exact);
+    assert_eq!(
+        ck.tensors["target_encoder.pos_embed"].dims(),
+        &[1, g * g, cfg.embed_dim]
+    );
+    let clean =
+        cjepa::model::import::read_ijepa_checkpoint(&fixture("tiny_ijepa.pth.tar"), &cfg).unwrap();
+    assert!(clean.warnings.is_empty(), "{:?}", clean.warnings);
+
+    let (code, out, err) = cjepa(
+        d.path(),
+        &[
+            "checkpoint",
+            "import",
+            drifted.to_str().unwrap(),
+            "--model",
+            "tiny.yaml",
+            "--out",
+            "imported",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let warn = err
+        .lines()
+        .find(|l| l.starts_with("warning:"))
+        .unwrap_or_else(|| panic!("no warning on stderr: {err}"));
+    // The drift measured in f32: 3e-5 up to the rounding of the sums.
+    let max: f32 = warn
+        .split("by up to ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no drift in {warn}"));
+    assert!((max - 3e-5).abs() < 1e-6, "{warn}");
+    assert!(!out.contains("warning"), "warnings go to stderr: {out}");
+    let full =
+        candle_core::safetensors::load(d.path().join("imported/full.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(flat(&full["target_encoder.pos_embed"]), exact);
+    JepaNetworks::from_safetensors(
+        &cfg,
+        &d.path().join("imported/full.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+
+    // Too large for an EMA drift: refused, the bound named.
+    let wrong = drifted_fixture(d.path(), "target_encoder", "pos_embed", 0.05);
+    let (code, _, err) = cjepa(
+        d.path(),
+        &[
+            "checkpoint",
+            "import",
+            wrong.to_str().unwrap(),
+            "--model",
+            "tiny.yaml",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("target_encoder.pos_embed")
+            && err.contains("1e-2")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    // The context encoder's table is never updated by the EMA: any drift is refused.
+    let enc = drifted_fixture(d.path(), "encoder", "pos_embed", 3e-5);
+    let e = cjepa::model::import::read_ijepa_checkpoint(&enc, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`encoder.pos_embed` is not the fixed"), "{e}");
+}
+
 #[test]
 fn a_stage_loads_the_imported_folder() {
     let d = tempfile::tempdir().unwrap();

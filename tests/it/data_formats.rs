@@ -285,8 +285,9 @@ fn davis_golden_annotations_are_palette_pngs() {
     for case in golden::cases("metrics/davis") {
         let expected: Value =
             serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap()).unwrap();
-        let set = std::fs::read_to_string(case.join("ImageSets/2017/val.txt")).unwrap();
-        for seq in set.lines().filter(|l| !l.trim().is_empty()) {
+        let set_file = format!("ImageSets/2017/{}.txt", golden::davis_set(&case));
+        let set = std::fs::read_to_string(case.join(set_file)).unwrap();
+        for seq in set.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let e = &expected["sequences"][seq];
             let dir = case.join("Annotations/480p").join(seq);
             let mut frames: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -359,11 +360,28 @@ fn coco_golden_instances_parse() {
         );
         let crowd = f.annotations.iter().filter(|a| a.iscrowd == 1).count() as u64;
         assert_eq!(crowd, expected["counts"]["gt_crowd"].as_u64().unwrap());
+        // The case's own category ids: COCOeval's `params.catIds` (sorted GT category ids).
+        let want_ids: Vec<u64> = match expected["params"]["catIds"].as_array() {
+            Some(ids) => ids.iter().map(|v| v.as_u64().unwrap()).collect(),
+            None => {
+                eprintln!(
+                    "{}: expected.json has no params.catIds; checking the category map against instances_gt.json",
+                    case.display()
+                );
+                let mut ids: Vec<u64> = f.categories.iter().map(|c| c.id).collect();
+                ids.sort_unstable();
+                ids
+            }
+        };
         let map = CategoryMap::new(&f.categories);
-        assert_eq!(map.ids(), &[1, 3, 7, 18, 44]);
-        assert_eq!(map.to_contiguous(18), Some(3));
-        assert_eq!(map.to_category_id(4), Some(44));
-        assert_eq!(map.to_contiguous(2), None);
+        assert_eq!(map.ids(), &want_ids[..], "{}", case.display());
+        for (k, &id) in want_ids.iter().enumerate() {
+            assert_eq!(map.to_contiguous(id), Some(k), "{}", case.display());
+            assert_eq!(map.to_category_id(k), Some(id), "{}", case.display());
+        }
+        assert_eq!(map.to_category_id(want_ids.len()), None);
+        let absent = (1..).find(|id| !want_ids.contains(id)).unwrap();
+        assert_eq!(map.to_contiguous(absent), None, "{}", case.display());
         for a in &f.annotations {
             match (&a.segmentation, a.iscrowd) {
                 (Some(Segmentation::Polygons(p)), 0) => {

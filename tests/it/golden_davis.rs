@@ -32,7 +32,7 @@ fn davis_golden_cases() {
     for case in cases {
         let exp: Value =
             serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap()).unwrap();
-        let rep = evaluate_davis(&case, &case.join("predictions"), "val")
+        let rep = evaluate_davis(&case, &case.join("predictions"), &golden::davis_set(&case))
             .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
         let order: Vec<String> = rep.objects().map(|o| o.name()).collect();
         let want_order: Vec<String> = exp["per_object_order"]
@@ -180,4 +180,77 @@ fn davis_errors_name_the_file() {
     write_palette_png(&d.join("predictions/seq/00002.png"), 6, 8, &[2; 48]).unwrap();
     let e = evaluate_davis(&d, &d.join("predictions"), "val").unwrap_err();
     assert!(matches!(e, DavisError::TooManyObjects { .. }), "{e}");
+}
+
+/// Sequences in the image set's order (not sorted), one repeated; `bear` has 11 objects, so
+/// name order would put `bear_10` before `bear_2`.
+#[test]
+fn davis_lists_sequences_in_image_set_order() {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("davis_order");
+    let _ = std::fs::remove_dir_all(&root);
+    let objects = [("kite", 1u8), ("bear", 11), ("dogs", 2)];
+    for (seq, n) in objects {
+        for sub in ["Annotations/480p", "predictions"] {
+            std::fs::create_dir_all(root.join(sub).join(seq)).unwrap();
+        }
+        let mut ids = vec![0u8; 6 * 8];
+        for k in 1..=n {
+            ids[k as usize * 3] = k;
+        }
+        for f in 0..3 {
+            let name = format!("{f:05}.png");
+            for sub in ["Annotations/480p", "predictions"] {
+                write_palette_png(&root.join(sub).join(seq).join(&name), 6, 8, &ids).unwrap();
+            }
+        }
+    }
+    std::fs::create_dir_all(root.join("ImageSets/2017")).unwrap();
+    std::fs::write(
+        root.join("ImageSets/2017/val.txt"),
+        "kite\nbear\n\ndogs\nbear\n",
+    )
+    .unwrap();
+
+    let want: Vec<String> = objects
+        .iter()
+        .flat_map(|(s, n)| (1..=*n).map(move |k| format!("{s}_{k}")))
+        .collect();
+    let rep = evaluate_davis(&root, &root.join("predictions"), "val").unwrap();
+    let seqs: Vec<&str> = rep.sequences.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(seqs, ["kite", "bear", "dogs"]);
+    let order: Vec<String> = rep.objects().map(|o| o.name()).collect();
+    assert_eq!(order, want);
+    let j = rep.to_json();
+    assert_eq!(j["per_object_order"], serde_json::json!(want));
+    let keys: Vec<&String> = j["sequences"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["kite", "bear", "dogs"]);
+    let rows = |text: &str, skip: usize, sep: char| -> Vec<String> {
+        text.lines()
+            .skip(skip)
+            .map(|l| l.split(sep).find(|c| !c.is_empty()).unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(rows(&rep.per_sequence_csv(), 1, ','), want);
+    assert_eq!(rows(&rep.sequence_table(), 2, ' '), want);
+
+    // The CLI prints the same order.
+    let out = assert_cmd::Command::cargo_bin("cjepa")
+        .unwrap()
+        .args(["eval", "davis", "--davis"])
+        .arg(&root)
+        .arg("--pred")
+        .arg(root.join("predictions"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let table = text
+        .split("Per sequence results")
+        .nth(1)
+        .expect("per-sequence table");
+    assert_eq!(rows(table, 2, ' '), want, "{text}");
 }

@@ -273,17 +273,31 @@ fn check_file(path: &std::path::Path) {
                 "{ctx}: stat {i} = {got} vs {want} (tol {tol})"
             );
         }
-        // Exact zeros: overlap and (nearly) no relaxation, as in the golden run.
-        assert_eq!(
-            run["context_target_overlap_fraction"]["max"].as_f64(),
-            Some(0.0)
-        );
-        assert_eq!(acc.mean(3), 0.0, "{ctx}: context overlaps targets");
-        assert_eq!(
-            relax as u64,
-            run["context_relaxation_events"].as_u64().unwrap(),
-            "{ctx}"
-        );
+        // Context / target overlap: none when the golden run has none (exactly), else its mean.
+        let overlap = &run["context_target_overlap_fraction"];
+        if overlap["max"].as_f64() == Some(0.0) {
+            assert_eq!(acc.mean(3), 0.0, "{ctx}: context overlaps targets");
+        } else {
+            let want = overlap["mean"].as_f64().expect("overlap mean");
+            let tol = 4.0 * 2f64.sqrt() * acc.se(3);
+            assert!(
+                (acc.mean(3) - want).abs() <= tol,
+                "{ctx}: context/target overlap {} vs {want} (tol {tol})",
+                acc.mean(3)
+            );
+        }
+        // Relaxations (rare events): exactly none when the golden run has none, else a count
+        // within 4 SE of a difference of two Poisson counts of that mean.
+        let want = run["context_relaxation_events"].as_u64().unwrap();
+        if want == 0 {
+            assert_eq!(relax as u64, 0, "{ctx}: relaxation events");
+        } else {
+            let tol = 4.0 * (2.0 * want as f64).sqrt();
+            assert!(
+                (relax as f64 - want as f64).abs() <= tol,
+                "{ctx}: {relax} relaxation events vs {want} (tol {tol})"
+            );
+        }
         // Coverage maps.
         for (m, name) in MAPS.iter().enumerate() {
             let rows = run["coverage"][*name].as_array().expect("coverage map");

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod classify;
+mod closed_stdout;
 mod convergence;
 mod data_formats;
 mod data_parallel;

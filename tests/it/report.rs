@@ -808,3 +808,147 @@ fn cli_report_prints_paper_tables_and_writes_files_and_plots() {
         .assert()
         .code(2);
 }
+
+/// Image-classification probes name the data set they used: "Other runs" has a column per data
+/// set (`IN-1K` for ImageNet-1K recognised by its folder, the dataset stage's id for an
+/// unknown folder, `<id> (synthetic)` for generated data), and a paper-table cell measured on
+/// another data set than ImageNet-1K says which.
+#[test]
+fn classification_columns_name_the_data_set_of_the_probe() {
+    let dataset = |tag: &'static str, stage: &'static str, params: Value| {
+        rec(tag, "dataset", stage, params).build()
+    };
+    let mut v = vec![
+        dataset(
+            "d_synth",
+            "images",
+            json!({"source": "synth", "format": "imagefolder"}),
+        ),
+        dataset(
+            "d_in1k",
+            "inet",
+            json!({"source": "path", "format": "imagefolder", "path": "/mnt/ILSVRC2012"}),
+        ),
+        dataset(
+            "d_cifar",
+            "cifar10",
+            json!({"source": "path", "format": "imagefolder", "path": "/mnt/cifar-10"}),
+        ),
+    ];
+    let mut tiny = VitConfig::vit_tiny();
+    tiny.depth = 2;
+    tiny.patch_size = 8;
+    tiny.img_size = 32;
+    v.push(
+        Rec {
+            model: Some(model(tiny)),
+            up: vec![("images", key("d_synth"))],
+            ..rec(
+                "t_pt",
+                "pretrain",
+                "pretrain",
+                json!({"method": "cjepa", "epochs": 2, "img": 32}),
+            )
+        }
+        .build(),
+    );
+    let eval = |tag: &'static str, kind: &'static str, data: &'static str, top1: f64| Rec {
+        up: vec![("pretrain", key("t_pt")), ("data", key(data))],
+        metrics: vec![("top1", top1)],
+        ..rec(tag, kind, tag, json!({"epochs": 3}))
+    };
+    v.push(eval("lin_synth", "linear_probe", "d_synth", 41.0).build());
+    v.push(eval("knn_synth", "knn", "d_synth", 38.0).build());
+    v.push(eval("lin_cifar", "linear_probe", "d_cifar", 55.0).build());
+    v.push(eval("ft_in1k", "finetune", "d_in1k", 12.0).build());
+    // a ViT-B/16 600-epoch run probed on CIFAR-10 lands in the paper's table, tagged
+    v.push(
+        Rec {
+            model: Some(model(VitConfig::vit_base())),
+            up: vec![("inet", key("d_in1k"))],
+            ..rec(
+                "b_pt",
+                "pretrain",
+                "pretrain_b16",
+                json!({"method": "cjepa", "epochs": 600, "img": 224}),
+            )
+        }
+        .build(),
+    );
+    v.push(
+        Rec {
+            up: vec![("pretrain_b16", key("b_pt")), ("cifar10", key("d_cifar"))],
+            metrics: vec![("top1", 91.0)],
+            ..rec("b_lin", "linear_probe", "b_lin", json!({"epochs": 50}))
+        }
+        .build(),
+    );
+
+    // and a 100-epoch run probed on CIFAR-10: a line of the convergence plot
+    v.push(
+        Rec {
+            model: Some(model(VitConfig::vit_base())),
+            up: vec![("inet", key("d_in1k"))],
+            ..rec(
+                "b_pt100",
+                "pretrain",
+                "pretrain_b16_100",
+                json!({"method": "cjepa", "epochs": 100, "img": 224}),
+            )
+        }
+        .build(),
+    );
+    v.push(
+        Rec {
+            up: vec![
+                ("pretrain_b16_100", key("b_pt100")),
+                ("cifar10", key("d_cifar")),
+            ],
+            metrics: vec![("top1", 85.0)],
+            ..rec(
+                "b_lin100",
+                "linear_probe",
+                "b_lin100",
+                json!({"epochs": 50}),
+            )
+        }
+        .build(),
+    );
+
+    let ts = paper_tables(&baselines::embedded().unwrap(), &v);
+    let other = find(&ts, "other_runs");
+    let col = |name: &str| -> &str {
+        let c = other
+            .header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {:?}", other.header));
+        &other.rows[0][c]
+    };
+    assert!(
+        col("images (synthetic) linear").starts_with("41.00 (1) [linear, 3 ep, synth data,"),
+        "{:?}",
+        other.rows
+    );
+    assert!(col("images (synthetic) knn").starts_with("38.00 (1) [knn, 3 ep, synth data,"));
+    assert!(col("cifar10 linear").starts_with("55.00 (1) [linear, 3 ep, on cifar10,"));
+    assert!(col("IN-1K fine-tune").starts_with("12.00 (1) [finetune, 3 ep,"));
+    for h in &other.header {
+        assert!(
+            !["IN-1K linear", "IN-1K knn"].contains(&h.as_str()),
+            "{:?}",
+            other.header
+        );
+    }
+    let t1 = find(&ts, "cjepa_table1");
+    let lin = cell(t1, "C-JEPA", "paper", "IN-1K linear");
+    assert!(
+        lin.starts_with("91.00 (1) [linear, 50 ep, on cifar10,"),
+        "{lin}"
+    );
+    let plots = cjepa::report::plots::probe_vs_epochs(&v, &baselines::embedded().unwrap());
+    assert_eq!(plots.len(), 1);
+    let svg = &plots[0].svg;
+    assert!(svg.contains(">C-JEPA, probe 50 ep, on cifar10<"), "{svg}");
+    assert!(!svg.contains("ImageNet linear probe"), "{svg}");
+}
