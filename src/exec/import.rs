@@ -130,6 +130,11 @@ pub fn commit_success(
         error: None,
         provenance: Provenance::here(device, &who.pipeline_dir),
     };
+    // the live curves outlive the work folder: they become artifacts of the record
+    let curves = job.work_dir.join("tb");
+    if curves.is_dir() && !job.out_dir.join("tb").exists() {
+        fs_err::rename(&curves, job.out_dir.join("tb"))?;
+    }
     let rec = store.commit(rec, &job.out_dir)?;
     store.clear_checkpoint(&who.key)?;
     let _ = fs_err::remove_dir_all(&job.work_dir);

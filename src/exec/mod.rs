@@ -13,4 +13,5 @@ pub mod progress;
 pub mod ranks;
 pub mod signals;
 pub mod slurm;
+pub mod tensorboard;
 pub mod worker;

@@ -136,6 +136,7 @@ pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
         progress: ProgressFile::new(progress),
         interrupted,
         job,
+        curves: Default::default(),
     };
     let t0 = Instant::now();
     ctx.log(format!(

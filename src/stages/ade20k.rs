@@ -407,6 +407,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             let m = st.window.iter().sum::<f64>() / st.window.len() as f64;
             st.loss.push((st.step, m));
             st.window.clear();
+            ctx.scalars(st.step, &[("loss", m), ("lr", lr)]);
             ctx.log(format!(
                 "iter {}/{} loss {m:.4} lr {lr:.3e}",
                 st.step, p.iters

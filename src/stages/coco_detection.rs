@@ -520,6 +520,17 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         st.loss.push((st.step, total as f64));
         st.cls.push((st.step, out.cls as f64));
         st.mask.push((st.step, out.mask as f64));
+        ctx.scalars(
+            st.step,
+            &[
+                ("loss", total as f64),
+                ("loss_cls", out.cls as f64),
+                ("loss_box", out.reg as f64),
+                ("loss_ctr", out.ctr as f64),
+                ("loss_mask", out.mask as f64),
+                ("lr", lr),
+            ],
+        );
         let msg = format!(
             "loss {total:.4} (cls {:.4} box {:.4} ctr {:.4} mask {:.4}, {} pos, {} mask rois) lr {lr:.2e}",
             out.cls, out.reg, out.ctr, out.mask, out.num_pos, out.num_rois

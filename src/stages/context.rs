@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::exec::checkpoint::Checkpointer;
 use crate::exec::job::Job;
 use crate::exec::progress::ProgressFile;
+use crate::exec::tensorboard::EventWriter;
 
 /// Metrics and small outputs of a finished stage (artifacts are files in `job.out_dir`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -36,12 +37,52 @@ pub struct StageContext {
     pub progress: ProgressFile,
     /// Set by SIGINT / SIGTERM: checkpoint and return [`crate::Error::Interrupted`].
     pub interrupted: Arc<AtomicBool>,
+    /// Live curves (TensorBoard event file in the work folder), opened at the first
+    /// [`StageContext::scalars`].
+    pub curves: Curves,
 }
+
+/// The stage's TensorBoard event writer, opened on first use (`None` also after a write
+/// failed: curves are a view, never a reason to stop training).
+#[derive(Debug, Default)]
+pub struct Curves(Option<Result<EventWriter, ()>>);
 
 impl StageContext {
     /// True once Ctrl-C / SIGTERM arrived.
     pub fn is_interrupted(&self) -> bool {
         self.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Where this stage's curves go: `<work>/tb/<stage instance>` (TensorBoard names the run by
+    /// the path, so `tensorboard --logdir <store>` lists every stage instance).
+    pub fn curves_dir(&self) -> std::path::PathBuf {
+        self.job.work_dir.join("tb").join(&self.job.id)
+    }
+
+    /// Writes the scalars of a logged step to the live curves and flushes them. Only the first
+    /// rank of a data-parallel stage writes; non-finite values are left out. A failure is logged
+    /// once and the curves stop; training goes on.
+    pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        if self.job.dist.as_ref().is_some_and(|d| d.rank > 0) {
+            return;
+        }
+        if self.curves.0.is_none() {
+            let opened = EventWriter::create(&self.curves_dir());
+            if let Err(e) = &opened {
+                self.log(format!(
+                    "live curves off: {}: {e}",
+                    self.curves_dir().display()
+                ));
+            }
+            self.curves.0 = Some(opened.map_err(|_| ()));
+        }
+        if let Some(Ok(w)) = &mut self.curves.0 {
+            if let Err(e) = w.scalars(step, values) {
+                let path = w.path().display().to_string();
+                self.curves.0 = Some(Err(()));
+                self.log(format!("live curves off: {path}: {e}"));
+            }
+        }
     }
 
     /// Log a line to the stage's log file (stdout of the worker process is the log).

@@ -584,6 +584,7 @@ pub(crate) fn test_context(
         progress: ProgressFile::new(work.join("progress.json")),
         interrupted: Arc::new(AtomicBool::new(false)),
         job,
+        curves: Default::default(),
     }
 }
 

@@ -588,6 +588,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         st.step += 1;
         st.epoch_loss += step_loss;
         st.epoch_steps += 1;
+        ctx.scalars(st.step, &[("loss", step_loss), ("lr", lr)]);
         if st.step.is_multiple_of(ipe as u64) {
             st.loss
                 .push((epoch + 1, st.epoch_loss / st.epoch_steps as f64));

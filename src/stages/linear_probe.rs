@@ -647,6 +647,10 @@ pub fn train_sweep(
         st.step += 1;
         st.epoch_loss += step_loss / specs.len() as f64;
         st.epoch_batches += 1;
+        ctx.scalars(
+            st.step,
+            &[("loss_mean_of_heads", step_loss / specs.len() as f64)],
+        );
         if st.step.is_multiple_of(nb as u64) {
             st.loss
                 .push((epoch as u64 + 1, st.epoch_loss / st.epoch_batches as f64));

@@ -328,6 +328,7 @@ fn run_stage(job: Job, every: u64) -> cjepa::stages::StageOutput {
         progress: ProgressFile::new(job.progress_file()),
         interrupted: Arc::new(AtomicBool::new(false)),
         job,
+        curves: Default::default(),
     };
     StageKind::CocoDetection.run(&mut ctx).unwrap()
 }

@@ -82,19 +82,28 @@ fn pretrain_record(dir: &Path, store: &str) -> (Value, PathBuf) {
     (serde_json::from_str(json).unwrap(), dir.join(art.trim()))
 }
 
-/// Everything that must be bit-identical: weights, metrics except the timing, series.
-fn fingerprint(dir: &Path, store: &str) -> (Vec<u8>, Vec<u8>, BTreeMap<String, Value>, Value) {
+/// Everything that must be bit-identical: weights, metrics except the timing, series, and the
+/// live curves (TensorBoard event files, kept with the artifacts) but for the throughput.
+fn fingerprint(dir: &Path, store: &str) -> Fingerprint {
     let (rec, art) = pretrain_record(dir, store);
     let mut metrics: BTreeMap<String, Value> =
         serde_json::from_value(rec["metrics"].clone()).unwrap();
     metrics.remove("images_per_sec"); // timing: the only metric allowed to differ
+    let curves: Curves = cjepa::exec::tensorboard::read_curves(&art.join("tb").join("pretrain"))
+        .unwrap()
+        .into_iter()
+        .filter(|(tag, _)| tag != "images_per_sec")
+        .collect();
     (
         std::fs::read(art.join("encoder.safetensors")).unwrap(),
         std::fs::read(art.join("full.safetensors")).unwrap(),
         metrics,
         rec["series"].clone(),
+        curves,
     )
 }
+
+type Curves = Vec<(String, Vec<(u64, f64)>)>;
 
 fn wait_for_checkpoint(store: &Path, child: &mut Child) {
     let t0 = Instant::now();
@@ -116,7 +125,7 @@ fn wait_for_checkpoint(store: &Path, child: &mut Child) {
     }
 }
 
-type Fingerprint = (Vec<u8>, Vec<u8>, BTreeMap<String, Value>, Value);
+type Fingerprint = (Vec<u8>, Vec<u8>, BTreeMap<String, Value>, Value, Curves);
 
 fn interrupted_then_resumed(signal: i32) -> Fingerprint {
     interrupted_then_resumed_on(signal, 1)
@@ -254,6 +263,24 @@ fn interrupted_runs_resume_bit_identical() {
         assert!(got.1 == want.1, "{name}: full.safetensors differs");
         assert_eq!(got.2, want.2, "{name}: metrics differ");
         assert_eq!(got.3, want.3, "{name}: series differ");
+        // the resumed run's live curves continue the interrupted ones: the same points, no step
+        // twice (TensorBoard's purge at the first step logged after the resume)
+        assert_eq!(got.4, want.4, "{name}: live curves differ");
+    }
+    let loss = &want
+        .4
+        .iter()
+        .find(|(t, _)| t == "loss")
+        .expect("a loss curve")
+        .1;
+    let series: Vec<(u64, f64)> = serde_json::from_value(rec["series"]["loss"].clone()).unwrap();
+    assert_eq!(loss.len(), series.len(), "one point per logged step");
+    for ((s1, v1), (s2, v2)) in loss.iter().zip(&series) {
+        assert_eq!(s1, s2);
+        assert!(
+            (v1 - v2).abs() <= 1e-6 * v2.abs().max(1.0),
+            "{v1} vs {v2} at step {s1}"
+        );
     }
 }
 

@@ -318,8 +318,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             ctx.log(format!("snapshot of epoch {k} (step {completed})"));
         }
         if log_now {
-            log_step(&mut st, &l, hv.lr, hv.wd);
             let secs = t0.elapsed().as_secs_f64();
+            let ips = ((completed - resumed_from) as usize * p.batch) as f64 / secs.max(1e-9);
+            log_step(ctx, &mut st, &l, (hv.lr, hv.wd), ips);
             ctx.log(format!(
                 "step {completed}/{total} epoch {} loss {:.5} (jepa {:.5} sim {:.4} std {:.4} \
                  cov {:.4}) target_std {:.4} lr {:.3e} | {:.1} img/s",
@@ -331,7 +332,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                 l.cov,
                 l.target_std,
                 hv.lr,
-                ((completed - resumed_from) as usize * p.batch) as f64 / secs.max(1e-9),
+                ips,
             ));
         }
         ctx.progress.set(completed, total, progress_msg.clone());
@@ -560,8 +561,16 @@ fn last_values(l: &StepLosses, lr: f64) -> Last {
     }
 }
 
-fn log_step(st: &mut TrainState, l: &StepLosses, lr: f64, wd: f64) {
-    for (name, v) in [
+/// Records a logged step in the stage's series and its live curves (which also get the
+/// throughput since the run started).
+fn log_step(
+    ctx: &mut StageContext,
+    st: &mut TrainState,
+    l: &StepLosses,
+    (lr, wd): (f64, f64),
+    images_per_sec: f64,
+) {
+    let values = [
         ("loss", l.total as f64),
         ("loss_jepa", l.jepa as f64),
         ("loss_sim", l.sim as f64),
@@ -571,9 +580,13 @@ fn log_step(st: &mut TrainState, l: &StepLosses, lr: f64, wd: f64) {
         ("lr", lr),
         ("wd", wd),
         ("grad_norm", l.optim.grad_norm.unwrap_or(f64::NAN)),
-    ] {
+    ];
+    for (name, v) in values {
         st.push(name, v);
     }
+    let mut curves = values.to_vec();
+    curves.push(("images_per_sec", images_per_sec));
+    ctx.scalars(st.step, &curves);
 }
 
 /// Save the training state after `st.step` completed steps.
