@@ -41,7 +41,7 @@ for prec in "${precisions[@]}"; do
   # shellcheck disable=SC2086
   timeout "${PROFILE_TIMEOUT:-150}" "$ncu" --metrics gpu__time_duration.sum --csv --print-units base \
     --cache-control none --clock-control none --target-processes all \
-    "$cjepa" bench train-step --model vit_base --img 224 --batch 64 --device "$gpu" --steps 1 \
+    "$cjepa" bench train-step --model vit_base --img 224 --batch 64 --device "$gpu" --steps 1 --fused on \
     --warmup 1 --precision "$prec" ${PROFILE_ARGS:-} >"$work/$prec.csv" 2>"$work/$prec.err"
   echo "ncu exit $?; $(grep -c gpu__time_duration "$work/$prec.csv") kernel launches"
   python3 - "$work/$prec.csv" <<'PY'
