@@ -4,36 +4,45 @@
 //! passes over memory for one formula (the AdamW update and the EMA, see
 //! `train::fused_update`). Every user falls back to candle's ops when a source fails to compile
 //! (the error is kept and reported by [`available`]), and `CJEPA_CUDA_KERNELS=0` turns them all
-//! off (the baseline of `bench train-step --cuda-kernels both`).
+//! off (the baseline of `bench train-step --fused both` on CUDA).
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
-/// 0: not read yet, 1: on, 2: off.
-static STATE: AtomicU8 = AtomicU8::new(0);
+static SWITCH: crate::util::switch::EnvSwitch =
+    crate::util::switch::EnvSwitch::new("CJEPA_CUDA_KERNELS");
 
 /// Whether our CUDA kernels are used (first call reads `CJEPA_CUDA_KERNELS`: `0`/`off` = off).
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = matches!(
-                std::env::var("CJEPA_CUDA_KERNELS").as_deref(),
-                Ok("0") | Ok("off") | Ok("false")
-            );
-            STATE.store(if off { 2 } else { 1 }, Ordering::Relaxed);
-            !off
-        }
-    }
+    SWITCH.get()
 }
 
 /// Turns our CUDA kernels on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    SWITCH.set(on)
 }
 
 #[cfg(feature = "cuda")]
 pub use imp::{available, launch_config, ptx};
+
+/// Launches kernel `$name` of the source `($module, $src)` on `$dev` (a candle `CudaDevice`)
+/// with the launch configuration `$cfg`, pushing each argument as given (`&slice`, `&mut out`,
+/// `&scalar`); a `candle_core::Result<()>`. The launch is unsafe: every use states why its
+/// arguments fit the kernel.
+#[cfg(feature = "cuda")]
+macro_rules! launch {
+    ($dev:expr, ($module:expr, $src:expr), $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
+        let name: &str = $name;
+        let ptx = $crate::model::cuda_kernels::ptx($module, $src)?;
+        let func = $dev.get_or_load_custom_func(name, $module, ptx)?;
+        let cfg = $cfg;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )*
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| candle_core::Error::Msg(format!("{name}: {e:?}")))
+    }};
+}
+#[cfg(feature = "cuda")]
+pub(crate) use launch;
 
 /// Without CUDA there is nothing to compile.
 #[cfg(not(feature = "cuda"))]

@@ -325,10 +325,10 @@ impl CustomOp2 for LayerNormBwdParams {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     use candle_core::{CudaStorage, Layout, Result};
 
-    use crate::model::cuda_kernels::ptx;
+    use crate::model::cuda_kernels::launch;
 
     pub const MODULE: &str = "cjepa_norms";
     pub const SRC: &str = r#"
@@ -479,29 +479,43 @@ extern "C" __global__ void cjepa_softmax_bwd(const float* y, const float* dy, fl
         }
     }
 
-    fn err(name: &str, e: impl std::fmt::Debug) -> candle_core::Error {
-        candle_core::Error::Msg(format!("{name}: {e:?}"))
-    }
-
     /// 256 threads per row for wide rows, fewer (a multiple of 32) for narrow ones.
     fn row_threads(d: usize) -> u32 {
         (d.div_ceil(32) * 32).clamp(32, 256) as u32
     }
 
-    pub fn softmax_fwd(s: &CudaStorage, l: &Layout, rows: usize, n: usize) -> Result<CudaStorage> {
-        let dev = s.device().clone();
-        let x = view!(s, l);
-        let mut y = dev.alloc_zeros::<f32>(rows * n)?;
-        let func = dev.get_or_load_custom_func("cjepa_softmax_fwd", MODULE, ptx(MODULE, SRC)?)?;
+    /// One warp per row (8 rows a block): `y = kernel(x)` or, for the backward, `(y, dy)`.
+    fn warp_rows(name: &str, ins: &[In], rows: usize, n: usize) -> Result<CudaStorage> {
+        let dev = ins[0].0.device().clone();
+        let a = view!(ins[0].0, ins[0].1);
+        let mut out = dev.alloc_zeros::<f32>(rows * n)?;
         let (r, n32) = (rows as i64, n as i32);
-        let mut b = func.builder();
-        b.arg(&x);
-        b.arg(&mut y);
-        b.arg(&r);
-        b.arg(&n32);
-        // SAFETY: one warp per row reads and writes inside the row's `n` elements.
-        unsafe { b.launch(cfg((rows as u64).div_ceil(8), 256)) }.map_err(|e| err("softmax", e))?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        let launch_cfg = cfg((rows as u64).div_ceil(8), 256);
+        // SAFETY: one warp per row reads its `n` elements of each input and writes the same
+        // `n` of the output, all `rows * n` long (the ops check the layouts).
+        if let Some(b) = ins.get(1) {
+            let b = view!(b.0, b.1);
+            launch!(
+                dev,
+                (MODULE, SRC),
+                name,
+                launch_cfg,
+                [&a, &b, &mut out, &r, &n32]
+            )?;
+        } else {
+            launch!(
+                dev,
+                (MODULE, SRC),
+                name,
+                launch_cfg,
+                [&a, &mut out, &r, &n32]
+            )?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    pub fn softmax_fwd(s: &CudaStorage, l: &Layout, rows: usize, n: usize) -> Result<CudaStorage> {
+        warp_rows("cjepa_softmax_fwd", &[(s, l)], rows, n)
     }
 
     pub fn softmax_bwd(
@@ -512,60 +526,45 @@ extern "C" __global__ void cjepa_softmax_bwd(const float* y, const float* dy, fl
         rows: usize,
         n: usize,
     ) -> Result<CudaStorage> {
-        let dev = s1.device().clone();
-        let (y, dy) = (view!(s1, l1), view!(s2, l2));
-        let mut dx = dev.alloc_zeros::<f32>(rows * n)?;
-        let func = dev.get_or_load_custom_func("cjepa_softmax_bwd", MODULE, ptx(MODULE, SRC)?)?;
-        let (r, n32) = (rows as i64, n as i32);
-        let mut b = func.builder();
-        b.arg(&y);
-        b.arg(&dy);
-        b.arg(&mut dx);
-        b.arg(&r);
-        b.arg(&n32);
-        // SAFETY: as the forward.
-        unsafe { b.launch(cfg((rows as u64).div_ceil(8), 256)) }
-            .map_err(|e| err("softmax bwd", e))?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+        warp_rows("cjepa_softmax_bwd", &[(s1, l1), (s2, l2)], rows, n)
+    }
+
+    /// One block per row over three `(rows, d)` / `(d)` inputs (the LayerNorm forward and the
+    /// input gradient): `out = kernel(a, b, c)`.
+    fn block_rows(
+        name: &str,
+        ins: [In; 3],
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = ins[0].0.device().clone();
+        let (a, b, c) = (
+            view!(ins[0].0, ins[0].1),
+            view!(ins[1].0, ins[1].1),
+            view!(ins[2].0, ins[2].1),
+        );
+        let mut out = dev.alloc_zeros::<f32>(rows * d)?;
+        let (r, d32) = (rows as i64, d as i32);
+        let launch_cfg = cfg(rows as u64, row_threads(d));
+        // SAFETY: one block per row reads that row of the `(rows, d)` inputs and all `d` of the
+        // per-column ones, and writes that row of the output.
+        launch!(
+            dev,
+            (MODULE, SRC),
+            name,
+            launch_cfg,
+            [&a, &b, &c, &mut out, &r, &d32, &eps]
+        )?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
     pub fn ln_fwd(x: In, w: In, bias: In, rows: usize, d: usize, eps: f32) -> Result<CudaStorage> {
-        let dev = x.0.device().clone();
-        let (xv, wv, bv) = (view!(x.0, x.1), view!(w.0, w.1), view!(bias.0, bias.1));
-        let mut y = dev.alloc_zeros::<f32>(rows * d)?;
-        let func = dev.get_or_load_custom_func("cjepa_ln_fwd", MODULE, ptx(MODULE, SRC)?)?;
-        let (r, d32) = (rows as i64, d as i32);
-        let mut b = func.builder();
-        b.arg(&xv);
-        b.arg(&wv);
-        b.arg(&bv);
-        b.arg(&mut y);
-        b.arg(&r);
-        b.arg(&d32);
-        b.arg(&eps);
-        // SAFETY: one block per row, inside the row.
-        unsafe { b.launch(cfg(rows as u64, row_threads(d))) }.map_err(|e| err("layer_norm", e))?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        block_rows("cjepa_ln_fwd", [x, w, bias], rows, d, eps)
     }
 
     pub fn ln_bwd_x(x: In, w: In, dy: In, rows: usize, d: usize, eps: f32) -> Result<CudaStorage> {
-        let dev = x.0.device().clone();
-        let (xv, wv, gv) = (view!(x.0, x.1), view!(w.0, w.1), view!(dy.0, dy.1));
-        let mut dx = dev.alloc_zeros::<f32>(rows * d)?;
-        let func = dev.get_or_load_custom_func("cjepa_ln_bwd_x", MODULE, ptx(MODULE, SRC)?)?;
-        let (r, d32) = (rows as i64, d as i32);
-        let mut b = func.builder();
-        b.arg(&xv);
-        b.arg(&wv);
-        b.arg(&gv);
-        b.arg(&mut dx);
-        b.arg(&r);
-        b.arg(&d32);
-        b.arg(&eps);
-        // SAFETY: one block per row, inside the row.
-        unsafe { b.launch(cfg(rows as u64, row_threads(d))) }
-            .map_err(|e| err("layer_norm bwd", e))?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+        block_rows("cjepa_ln_bwd_x", [x, w, dy], rows, d, eps)
     }
 
     pub fn ln_bwd_params(
@@ -581,36 +580,30 @@ extern "C" __global__ void cjepa_softmax_bwd(const float* y, const float* dy, fl
         let mut mean = dev.alloc_zeros::<f32>(rows)?;
         let mut rstd = dev.alloc_zeros::<f32>(rows)?;
         let (r, d32) = (rows as i64, d as i32);
-        let stats = dev.get_or_load_custom_func("cjepa_ln_stats", MODULE, ptx(MODULE, SRC)?)?;
-        let mut b = stats.builder();
-        b.arg(&xv);
-        b.arg(&mut mean);
-        b.arg(&mut rstd);
-        b.arg(&r);
-        b.arg(&d32);
-        b.arg(&eps);
-        // SAFETY: one block per row writes that row's two statistics.
-        unsafe { b.launch(cfg(rows as u64, row_threads(d))) }.map_err(|e| err("ln stats", e))?;
+        // SAFETY: one block per row reads the row and writes its two statistics.
+        launch!(
+            dev,
+            (MODULE, SRC),
+            "cjepa_ln_stats",
+            cfg(rows as u64, row_threads(d)),
+            [&xv, &mut mean, &mut rstd, &r, &d32, &eps]
+        )?;
         let chunks = rows.div_ceil(chunk);
         let mut part = dev.alloc_zeros::<f32>(chunks * 2 * d)?;
-        let func = dev.get_or_load_custom_func("cjepa_ln_bwd_params", MODULE, ptx(MODULE, SRC)?)?;
         let c32 = chunk as i32;
-        let mut b = func.builder();
-        b.arg(&xv);
-        b.arg(&gv);
-        b.arg(&mean);
-        b.arg(&rstd);
-        b.arg(&mut part);
-        b.arg(&r);
-        b.arg(&d32);
-        b.arg(&c32);
-        let launch = LaunchConfig {
+        let launch_cfg = LaunchConfig {
             grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: thread (column j, chunk k) writes part[k][0..2][j] only.
-        unsafe { b.launch(launch) }.map_err(|e| err("ln params", e))?;
+        // SAFETY: thread (column j, chunk k) reads column j of its rows and writes part[k][0..2][j].
+        launch!(
+            dev,
+            (MODULE, SRC),
+            "cjepa_ln_bwd_params",
+            launch_cfg,
+            [&xv, &gv, &mean, &rstd, &mut part, &r, &d32, &c32]
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(part, dev))
     }
 }

@@ -202,8 +202,9 @@ impl CustomOp2 for ScatterAddRows {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{CudaStorage, Layout, Result};
+
+    use crate::model::cuda_kernels::{launch, launch_config};
 
     pub const MODULE: &str = "cjepa_gather";
     pub const GATHER: &str = "cjepa_gather_rows_f32";
@@ -252,19 +253,17 @@ extern "C" __global__ void cjepa_scatter_add_rows_f32(
         let mut out = dev.alloc_zeros::<f32>(out_len)?;
         let total = if kernel == GATHER { out_len } else { a1 - a0 } as u64;
         if total > 0 {
-            let ptx = crate::model::cuda_kernels::ptx(MODULE, SRC)?;
-            let func = dev.get_or_load_custom_func(kernel, MODULE, ptx)?;
-            let cfg = crate::model::cuda_kernels::launch_config(total);
             let c = c as u64;
-            let mut b = func.builder();
-            b.arg(&src);
-            b.arg(&idx);
-            b.arg(&mut out);
-            b.arg(&total);
-            b.arg(&c);
-            // SAFETY: the kernel reads `total` elements of `src` (gather: `total / c` indices,
-            // each < the table's rows, checked by the caller's plan) and writes inside `out`.
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+            // SAFETY: the kernel reads `total` elements of `src` (gather: `total / c` indices)
+            // and writes inside `out`; the indices are below the table's rows (they come from
+            // validated mask lists and RoIAlign plans; the CPU op checks them).
+            launch!(
+                dev,
+                (MODULE, SRC),
+                kernel,
+                launch_config(total),
+                [&src, &idx, &mut out, &total, &c]
+            )?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

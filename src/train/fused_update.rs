@@ -294,11 +294,10 @@ pub(crate) fn ema_inplace(target: &Tensor, online: &Tensor, momentum: f64) -> Re
 /// do through their storage.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{bail, Result, Storage, Tensor};
 
     use super::AdamConsts;
-    use crate::model::cuda_kernels::{launch_config, ptx};
+    use crate::model::cuda_kernels::{launch, launch_config};
 
     pub const MODULE: &str = "cjepa_update";
     pub const SRC: &str = r#"
@@ -352,30 +351,22 @@ extern "C" __global__ void cjepa_ema_f32(
         let sg = slice_of!(g, gg);
         let sm = slice_of!(m, gm);
         let sv = slice_of!(v, gv);
-        let func = dev.get_or_load_custom_func("cjepa_adamw_f32", MODULE, ptx(MODULE, SRC)?)?;
         let (has_decay, decay) = match k.decay {
             Some(d) => (1i32, d),
             None => (0i32, 1.0f32),
         };
-        let mut b = func.builder();
-        b.arg(&sw);
-        b.arg(&sm);
-        b.arg(&sv);
-        b.arg(&sg);
-        b.arg(&n);
-        b.arg(&k.c1);
-        b.arg(&k.b2);
-        b.arg(&k.c2);
-        b.arg(&has_decay);
-        b.arg(&decay);
-        b.arg(&k.inv_bc2);
-        b.arg(&k.eps);
-        b.arg(&k.step);
         // SAFETY: the four slices hold `n` f32 each (checked by the caller); the kernel writes
         // w, m and v in place, which no other tensor reads during the update.
-        unsafe { b.launch(launch_config(n)) }
-            .map_err(|e| candle_core::Error::Msg(format!("cjepa_adamw_f32: {e:?}")))?;
-        Ok(())
+        launch!(
+            dev,
+            (MODULE, SRC),
+            "cjepa_adamw_f32",
+            launch_config(n),
+            [
+                &sw, &sm, &sv, &sg, &n, &k.c1, &k.b2, &k.c2, &has_decay, &decay, &k.inv_bc2,
+                &k.eps, &k.step
+            ]
+        )
     }
 
     pub fn ema(t: &Tensor, s: &Tensor, m: f32, c: f32) -> Result<()> {
@@ -389,17 +380,14 @@ extern "C" __global__ void cjepa_ema_f32(
         let (gt, gs);
         let st = slice_of!(t, gt);
         let ss = slice_of!(s, gs);
-        let func = dev.get_or_load_custom_func("cjepa_ema_f32", MODULE, ptx(MODULE, SRC)?)?;
-        let mut b = func.builder();
-        b.arg(&st);
-        b.arg(&ss);
-        b.arg(&n);
-        b.arg(&m);
-        b.arg(&c);
         // SAFETY: both slices hold `n` f32; the target is written in place.
-        unsafe { b.launch(launch_config(n)) }
-            .map_err(|e| candle_core::Error::Msg(format!("cjepa_ema_f32: {e:?}")))?;
-        Ok(())
+        launch!(
+            dev,
+            (MODULE, SRC),
+            "cjepa_ema_f32",
+            launch_config(n),
+            [&st, &ss, &n, &m, &c]
+        )
     }
 }
 

@@ -6,3 +6,4 @@ pub mod host_read;
 pub mod malloc;
 pub mod numpy;
 pub mod rng;
+pub mod switch;

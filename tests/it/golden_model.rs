@@ -11,7 +11,7 @@ use cjepa::model::{JepaNetworks, VitConfig};
 use cjepa::train::ema::ema_update;
 use cjepa::train::loss::{LossConfig, Method};
 use cjepa::train::optim::{AdamW, AdamWConfig};
-use cjepa::train::step::{forward_loss, train_step, Batch, StepHyper};
+use cjepa::train::step::{forward_loss, train_step, Batch, StepHyper, StepLosses};
 
 use super::golden::cases;
 
@@ -426,22 +426,29 @@ fn golden_model_optimizer_and_ema_alone() {
     }
 }
 
+/// One full training step of a case from its golden weights: the networks, the optimiser and
+/// the step's values.
+fn one_step(c: &Case) -> (JepaNetworks, AdamW, StepLosses) {
+    let n = nets(c);
+    let mut opt = AdamW::new(n.online_vars(), c.adam.clone()).unwrap();
+    let batch = Batch {
+        images: &c.images,
+        masks_enc: &c.masks_enc,
+        masks_pred: &c.masks_pred,
+    };
+    let hyper = StepHyper {
+        lr: c.lr,
+        wd: c.wd,
+        momentum: c.momentum,
+    };
+    let l = train_step(&n, &batch, &c.loss, &mut opt, hyper).unwrap();
+    (n, opt, l)
+}
+
 #[test]
 fn golden_model_train_step_end_to_end() {
     for c in all_cases() {
-        let n = nets(&c);
-        let mut opt = AdamW::new(n.online_vars(), c.adam.clone()).unwrap();
-        let batch = Batch {
-            images: &c.images,
-            masks_enc: &c.masks_enc,
-            masks_pred: &c.masks_pred,
-        };
-        let hyper = StepHyper {
-            lr: c.lr,
-            wd: c.wd,
-            momentum: c.momentum,
-        };
-        let l = train_step(&n, &batch, &c.loss, &mut opt, hyper).unwrap();
+        let (n, opt, l) = one_step(&c);
         let mut r = Report::default();
         let dev = Device::Cpu;
         for (name, v, key) in [
@@ -530,19 +537,7 @@ fn golden_model_train_step_bf16() {
     use cjepa::model::precision::{scope, Precision};
     for c in all_cases() {
         let _bf16 = scope(Precision::Bf16);
-        let n = nets(&c);
-        let mut opt = AdamW::new(n.online_vars(), c.adam.clone()).unwrap();
-        let batch = Batch {
-            images: &c.images,
-            masks_enc: &c.masks_enc,
-            masks_pred: &c.masks_pred,
-        };
-        let hyper = StepHyper {
-            lr: c.lr,
-            wd: c.wd,
-            momentum: c.momentum,
-        };
-        let l = train_step(&n, &batch, &c.loss, &mut opt, hyper).unwrap();
+        let (n, _, l) = one_step(&c);
         let mut r = Report::default();
         let dev = Device::Cpu;
         let official = c.out["loss_total"]

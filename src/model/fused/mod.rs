@@ -24,8 +24,6 @@ pub mod linear;
 pub mod linear_gelu;
 pub mod softmax;
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use attention::attention;
@@ -35,28 +33,16 @@ pub use linear::linear;
 pub use linear_gelu::linear_gelu;
 pub use softmax::softmax_last;
 
-/// 0: not read yet, 1: on, 2: off.
-static STATE: AtomicU8 = AtomicU8::new(0);
+static SWITCH: crate::util::switch::EnvSwitch = crate::util::switch::EnvSwitch::new("CJEPA_FUSED");
 
 /// Whether the layers use the fused kernels (first call reads `CJEPA_FUSED`: `0`/`off` = off).
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = matches!(
-                std::env::var("CJEPA_FUSED").as_deref(),
-                Ok("0") | Ok("off") | Ok("false")
-            );
-            STATE.store(if off { 2 } else { 1 }, Ordering::Relaxed);
-            !off
-        }
-    }
+    SWITCH.get()
 }
 
 /// Turns the fused path on or off for the whole process (read at every layer call).
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    SWITCH.set(on)
 }
 
 /// True when `t` can take the fused path: f32 on the CPU, outside bf16 autocast (the fused
