@@ -9,6 +9,7 @@ mod data_parallel;
 mod detect;
 mod engine;
 mod errors;
+mod examples;
 mod golden;
 mod golden_clevr;
 mod golden_coco;
