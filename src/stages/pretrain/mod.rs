@@ -313,7 +313,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         let (l, _) = settle(&id, ctx, &mut unread, total)?.expect("a step was just taken");
         st.last = last_values(&l, hv.lr);
         progress_msg = format!("loss {:.4}", l.total);
-        if let Some(k) = snapshot {
+        if let (Some(k), 0) = (snapshot, rank) {
             write_snapshot(&snap_root, k, &nets, &cfg)?;
             ctx.log(format!("snapshot of epoch {k} (step {completed})"));
         }
