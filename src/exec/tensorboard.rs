@@ -230,10 +230,13 @@ pub fn read_events(path: &Path) -> Result<Vec<Event>, ReadError> {
     Ok(out)
 }
 
+/// One scalar curve: its tag and its `(step, value)` points in step order.
+pub type Curve = (String, Vec<(u64, f64)>);
+
 /// The scalar curves of every event file in `dir` as TensorBoard shows them: files in name order
 /// (the name holds the creation time), a `SessionLog START` at step `s` dropping the points at
 /// `s` and later written before it. `(tag, [(step, value)])`, tags sorted.
-pub fn read_curves(dir: &Path) -> Result<Vec<(String, Vec<(u64, f64)>)>, ReadError> {
+pub fn read_curves(dir: &Path) -> Result<Vec<Curve>, ReadError> {
     let mut files: Vec<PathBuf> = fs_err::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())

@@ -103,7 +103,7 @@ fn fingerprint(dir: &Path, store: &str) -> Fingerprint {
     )
 }
 
-type Curves = Vec<(String, Vec<(u64, f64)>)>;
+type Curves = Vec<cjepa::exec::tensorboard::Curve>;
 
 fn wait_for_checkpoint(store: &Path, child: &mut Child) {
     let t0 = Instant::now();
