@@ -369,3 +369,37 @@ fn a_shard_count_that_does_not_split_the_batch_is_a_usage_error() {
     );
     assert!(!dir.path().join(".store").exists(), "nothing is written");
 }
+
+/// `cjepa status --watch` redraws from the readers' copy while a run holds the store, shows the
+/// running stage's step, and ends by itself when the run ends, with every stage fresh.
+#[test]
+fn status_watch_follows_a_run_until_it_ends() {
+    let dir = pipeline(&resumable(".store"));
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
+        .current_dir(dir.path())
+        .args(run_args(1))
+        .env_remove("CJEPA_SHARDS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&dir.path().join(".store"), &mut child);
+    let out = cjepa(dir.path())
+        .args(["status", "p.yaml", "--watch", "0.1"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "the run failed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("holds the store"),
+        "never saw the run:\n{text}"
+    );
+    assert!(text.contains("step "), "no running step shown:\n{text}");
+    let last = text.rsplit("no run holds the store").next().unwrap();
+    assert!(
+        last.lines().filter(|l| l.starts_with("fresh")).count() == 2,
+        "the last redraw shows both stages fresh:\n{last}"
+    );
+}
