@@ -1,7 +1,9 @@
 //! One C-JEPA / I-JEPA training step, as the official `train.py` loop body: targets from the
 //! target encoder (no gradient), context encoder on the context masks, predictor, loss, backward,
 //! AdamW with this iteration's lr / wd, then the EMA of the target encoder with this iteration's
-//! momentum. The `pretrain` stage calls [`train_step`] in a loop.
+//! momentum. The `pretrain` stage calls [`train_step_pending`] in a loop: the step reads nothing
+//! back from the device, and its values ([`PendingLosses`]) are read only on the steps that log
+//! or write weights.
 
 use candle_core::{Device, Tensor};
 
@@ -43,7 +45,8 @@ pub enum StepError {
 }
 
 /// One batch: images `(B, C, H, W)` and the mask index lists, each `(B, K)` integer tensors
-/// (`masks_enc`: nenc context masks, `masks_pred`: npred target masks).
+/// (`masks_enc`: nenc context masks, `masks_pred`: npred target masks). Masks are host data: keep
+/// them on the CPU whatever the images' device (a mask on a GPU costs a device read per use).
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
     /// Images.
