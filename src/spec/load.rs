@@ -62,6 +62,7 @@ pub fn parse_pipeline(file: &Path, text: String, opts: &LoadOptions) -> Result<P
     }
     let mut spec: PipelineFile =
         serde_yaml::from_str(&text).map_err(|e| yaml_error(file, &text, &e))?;
+    check_duplicate_stages(file, &text)?;
     if !opts.sets.is_empty() {
         let sets: Vec<Override> = opts
             .sets
@@ -100,6 +101,120 @@ pub fn parse_pipeline(file: &Path, text: String, opts: &LoadOptions) -> Result<P
     };
     validate(&p)?;
     Ok(p)
+}
+
+/// `stages:` read key by key: a stage id given twice is an error (the map type would keep only
+/// the last one).
+#[derive(serde::Deserialize)]
+struct StageIds {
+    #[serde(default)]
+    #[allow(dead_code)]
+    stages: UniqueKeys,
+}
+
+#[derive(Default)]
+struct UniqueKeys;
+
+const DUPLICATE_STAGE: &str = "duplicate stage id ";
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping of stage ids")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!("{DUPLICATE_STAGE}{k}")));
+                    }
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A stage id given twice under `stages:` names both lines (serde_yaml would keep the last).
+fn check_duplicate_stages(file: &Path, text: &str) -> Result<()> {
+    let e = match serde_yaml::from_str::<StageIds>(text) {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let raw = e.to_string();
+    let Some(i) = raw.find(DUPLICATE_STAGE) else {
+        // anything else was reported by the full parse
+        return Ok(());
+    };
+    let id = raw[i + DUPLICATE_STAGE.len()..]
+        .split(" at line ")
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let lines = stage_key_lines(text, &id);
+    let pos = match lines.as_slice() {
+        [_, second, ..] => Some(*second),
+        _ => locate(text, &["stages", &id]),
+    };
+    let where_ = match lines.as_slice() {
+        [first, second, ..] => format!(" (lines {} and {})", first.line, second.line),
+        _ => String::new(),
+    };
+    Err(Error::config(
+        file,
+        pos,
+        format!(
+            "duplicate stage id `{id}`{where_}: each id under `stages:` may appear once \
+             (the later stage would silently replace the earlier one); rename or remove one of them"
+        ),
+    ))
+}
+
+/// Positions of the block-style keys `id:` directly under the top-level `stages:`.
+fn stage_key_lines(text: &str, id: &str) -> Vec<Pos> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    let mut child_indent: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - t.len();
+        if indent == 0 {
+            inside = t.starts_with("stages:") && t["stages:".len()..].trim().is_empty();
+            child_indent = None;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let ci = *child_indent.get_or_insert(indent);
+        if indent != ci {
+            continue;
+        }
+        let is_key = [id.to_string(), format!("\"{id}\""), format!("'{id}'")]
+            .iter()
+            .any(|k| {
+                t.strip_prefix(k.as_str())
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
+        if is_key {
+            out.push(Pos {
+                line: i + 1,
+                column: indent + 1,
+            });
+        }
+    }
+    out
 }
 
 fn yaml_error(file: &Path, text: &str, e: &serde_yaml::Error) -> Error {

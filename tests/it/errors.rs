@@ -2,7 +2,7 @@
 
 use crate::util::Ctx;
 
-fn bad(yaml: &str, expect: &[&str]) {
+fn bad(yaml: &str, expect: &[&str]) -> Ctx {
     let c = Ctx::new();
     c.write("p.yaml", yaml);
     for args in [
@@ -25,6 +25,13 @@ fn bad(yaml: &str, expect: &[&str]) {
         !c.store().join("db").exists(),
         "no store is created for a bad file"
     );
+    c
+}
+
+/// [`bad`], for errors found when planning: not even the store folder is made.
+fn bad_plan(yaml: &str, expect: &[&str]) {
+    let c = bad(yaml, expect);
+    assert!(!c.store().exists(), "no store folder for a bad plan");
 }
 
 #[test]
@@ -115,4 +122,21 @@ fn bad_overrides_and_missing_file() {
     assert!(o.stderr.contains("nope.yaml"), "{}", o.all());
     let o = c.run(&["run", "p.yaml", "--set", "a.params.cmd=echo hi", "--plain"]);
     assert_eq!(o.code, 0, "{}", o.all());
+}
+
+#[test]
+fn duplicate_stage_id_names_both_lines() {
+    bad_plan(
+        "stages:\n  a:\n    kind: command\n    cmd: 'true'\n  b: {kind: command, cmd: 'true'}\n  a:\n    kind: command\n    cmd: 'false'\n",
+        &[
+            "p.yaml:6:3",
+            "duplicate stage id `a`",
+            "lines 2 and 6",
+            "rename or remove one",
+        ],
+    );
+    bad_plan(
+        "stages:\n  x: {kind: command, cmd: 'true'}\n  x: {kind: command, cmd: 'true'}\n",
+        &["p.yaml:3", "duplicate stage id `x`", "lines 2 and 3"],
+    );
 }
