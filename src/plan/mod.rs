@@ -12,6 +12,8 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
+use crate::model::error::ModelError;
+use crate::model::VitConfig;
 use crate::spec::matrix::{apply_own, expand};
 use crate::spec::types::ModelRef;
 use crate::spec::{registry, Instance, Pipeline, Resources};
@@ -96,6 +98,14 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
             ));
         }
         let resolved = kind.resolve_params(&params).map_err(|m| err("params", m))?;
+        if has_model {
+            check_model(kind, &model_map, &resolved).map_err(|(field, m)| {
+                let path = at("model");
+                let mut refs: Vec<&str> = path.iter().map(String::as_str).collect();
+                refs.push(field);
+                p.err_at(&refs, format!("stage `{}`: {m}", inst.id))
+            })?;
+        }
         crate::stages::parallel::check_plan(kind, &resolved, &spec.resources)
             .map_err(|m| err("resources", m))?;
         if let Some(k) = resolved.get("at_epoch").and_then(Value::as_u64) {
@@ -157,6 +167,48 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
         stages,
         graph,
     })
+}
+
+/// The stage's resolved `model:` checked as a ViT (with a pretrain stage's `img` / `patch`
+/// applied), so that a shape that cannot work fails when planning, not when the stage starts.
+/// A mapping that is not a complete ViT config is left to the stage (it may come with a
+/// checkpoint's `model.json`). The error names the model field and the fix.
+fn check_model(
+    kind: StageKind,
+    model: &Map<String, Value>,
+    params: &Value,
+) -> std::result::Result<(), (&'static str, String)> {
+    let Ok(mut cfg) = serde_json::from_value::<VitConfig>(Value::Object(model.clone())) else {
+        return Ok(());
+    };
+    let mut applied = "";
+    if kind == StageKind::Pretrain {
+        if let Some(i) = params.get("img").and_then(Value::as_u64) {
+            cfg.img_size = i as usize;
+            applied = " (with `params.img` / `params.patch` applied)";
+        }
+        if let Some(s) = params.get("patch").and_then(Value::as_u64) {
+            cfg.patch_size = s as usize;
+            applied = " (with `params.img` / `params.patch` applied)";
+        }
+    }
+    let Err(ModelError::Config { field, msg }) = cfg.validate() else {
+        return Ok(());
+    };
+    let fix = match field {
+        "img_size" => {
+            let p = cfg.patch_size.max(1);
+            let near = (cfg.img_size / p).max(1) * p;
+            format!("set `img_size` to a multiple of `patch_size` (e.g. {near}) or change `patch_size`")
+        }
+        "embed_dim" => "make `embed_dim` a multiple of 4 divisible by `num_heads`, or change `num_heads`".into(),
+        "pred_embed_dim" => "make `pred_embed_dim` a multiple of 4 divisible by `pred_num_heads`, or change `pred_num_heads`".into(),
+        f => format!("fix `model.{f}`"),
+    };
+    Err((
+        field,
+        format!("model field `{field}`{applied}: {msg}; {fix}"),
+    ))
 }
 
 fn resolve_model(

@@ -140,3 +140,31 @@ fn duplicate_stage_id_names_both_lines() {
         &["p.yaml:3", "duplicate stage id `x`", "lines 2 and 3"],
     );
 }
+
+#[test]
+fn model_shape_that_cannot_work_fails_when_planning() {
+    bad_plan(
+        "stages:\n  k:\n    kind: knn\n    checkpoint: random\n    model:\n      preset: vit_tiny\n      img_size: 100\n",
+        &[
+            "p.yaml:7",
+            "stage `k`",
+            "model field `img_size`",
+            "img_size 100 must be a positive multiple of patch_size 16",
+            "(e.g. 96)",
+        ],
+    );
+    bad_plan(
+        "stages:\n  k:\n    kind: knn\n    checkpoint: random\n    model: {preset: vit_tiny, pred_num_heads: 5}\n",
+        &[
+            "p.yaml:5",
+            "stage `k`",
+            "model field `pred_embed_dim`",
+            "divisible by its head count 5",
+            "or change `pred_num_heads`",
+        ],
+    );
+    bad_plan(
+        "stages:\n  k:\n    kind: knn\n    checkpoint: random\n    model: vit_tiny\n    matrix: {model.num_heads: [3, 5]}\n",
+        &["stage `k", "model field `embed_dim`", "change `num_heads`"],
+    );
+}
