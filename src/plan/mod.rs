@@ -106,6 +106,17 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
                 p.err_at(&refs, format!("stage `{}`: {m}", inst.id))
             })?;
         }
+        if kind == StageKind::DavisVos {
+            let patch = plan_patch_size(&model_map, &resolved, &inst, &stages);
+            let dp: crate::stages::davis::Params = serde_json::from_value(resolved.clone())
+                .map_err(|e| err("params", e.to_string()))?;
+            crate::stages::davis::check_params(&dp, patch).map_err(|(field, m)| {
+                let path = at("params");
+                let mut refs: Vec<&str> = path.iter().map(String::as_str).collect();
+                refs.push(field);
+                p.err_at(&refs, format!("stage `{}`: {m}", inst.id))
+            })?;
+        }
         crate::stages::parallel::check_plan(kind, &resolved, &spec.resources)
             .map_err(|m| err("resources", m))?;
         if let Some(k) = resolved.get("at_epoch").and_then(Value::as_u64) {
@@ -209,6 +220,43 @@ fn check_model(
         field,
         format!("model field `{field}`{applied}: {msg}; {fix}"),
     ))
+}
+
+/// The patch size an evaluation stage will run with, when planning can tell: the stage's own
+/// complete `model:` (for `random` or a path), else an upstream `pretrain` stage's model (with its
+/// `params.patch` applied) for `upstream` / `random`.
+fn plan_patch_size(
+    model: &Map<String, Value>,
+    params: &Value,
+    inst: &crate::spec::Instance,
+    stages: &[PlannedStage],
+) -> Option<usize> {
+    let checkpoint = params
+        .get("checkpoint")
+        .and_then(Value::as_str)
+        .unwrap_or("upstream");
+    let upstream_ok = matches!(checkpoint, "" | "upstream" | "random");
+    if checkpoint != "upstream" && checkpoint != "" {
+        if let Ok(c) = serde_json::from_value::<VitConfig>(Value::Object(model.clone())) {
+            return Some(c.patch_size);
+        }
+    }
+    if !upstream_ok {
+        return None;
+    }
+    inst.upstream.iter().find_map(|(_, ui)| {
+        let u = &stages[*ui];
+        if u.kind != StageKind::Pretrain {
+            return None;
+        }
+        let c: VitConfig = serde_json::from_value(u.config.get("model")?.clone()).ok()?;
+        Some(
+            u.config["params"]
+                .get("patch")
+                .and_then(Value::as_u64)
+                .map_or(c.patch_size, |p| p as usize),
+        )
+    })
 }
 
 fn resolve_model(

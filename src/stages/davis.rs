@@ -110,6 +110,51 @@ impl Default for Params {
     }
 }
 
+/// The numbers a run needs (sizes and `topk` positive, `temperature` > 0, `size` and `multiple`
+/// multiples of the patch size when it is known). Called when planning (patch size from the
+/// stage's `model:` or its upstream pretrain stage, when known) and again when the stage starts.
+/// The error names the offending param and the fix.
+pub fn check_params(
+    p: &Params,
+    patch: Option<usize>,
+) -> std::result::Result<(), (&'static str, String)> {
+    for (field, v) in [("size", p.size), ("multiple", p.multiple)] {
+        let bad = match patch {
+            Some(patch) => v == 0 || v % patch != 0,
+            None => v == 0,
+        };
+        if bad {
+            let of = match patch {
+                Some(patch) => format!("the patch size {patch}"),
+                None => "the patch size".into(),
+            };
+            return Err((
+                field,
+                format!(
+                    "`size` ({}) and `multiple` ({}) must be positive multiples of {of}; set `params.{field}` (e.g. size 476, multiple 56 for patch 14; size 480, multiple 16 for patch 16)",
+                    p.size, p.multiple
+                ),
+            ));
+        }
+    }
+    if p.temperature.is_nan() || p.temperature <= 0.0 {
+        return Err((
+            "temperature",
+            format!(
+                "`temperature` ({}) must be > 0; set `params.temperature` (DINO uses 0.1)",
+                p.temperature
+            ),
+        ));
+    }
+    if p.topk == 0 {
+        return Err((
+            "topk",
+            "`topk` must be >= 1; set `params.topk` (DINO uses 5)".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
     Ok(davis_data::resolve_root(&super::dataset::upstream_root(
         ctx, "davis",
@@ -253,15 +298,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     }
     let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
     let patch = bb.cfg.patch_size;
-    if p.size == 0 || p.size % patch != 0 || p.multiple == 0 || p.multiple % patch != 0 {
-        return Err(bad(format!(
-            "`size` ({}) and `multiple` ({}) must be positive multiples of the patch size {patch} (e.g. size 476, multiple 56 for patch 14)",
-            p.size, p.multiple
-        )));
-    }
-    if p.temperature.is_nan() || p.temperature <= 0.0 || p.topk == 0 {
-        return Err(bad("`temperature` must be > 0 and `topk` >= 1".into()));
-    }
+    check_params(&p, Some(patch)).map_err(|(_, m)| bad(m))?;
     let frozen: std::collections::HashMap<String, Tensor> = bb
         .varmap
         .data()

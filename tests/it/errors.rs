@@ -168,3 +168,25 @@ fn model_shape_that_cannot_work_fails_when_planning() {
         &["stage `k", "model field `embed_dim`", "change `num_heads`"],
     );
 }
+
+#[test]
+fn davis_sizes_are_checked_when_planning() {
+    bad_plan(
+        "stages:\n  v:\n    kind: davis_vos\n    checkpoint: random\n    model: vit_tiny\n    params:\n      size: 0\n",
+        &[
+            "p.yaml:7",
+            "stage `v`",
+            "`size` (0)",
+            "positive multiples of the patch size 16",
+            "set `params.size`",
+        ],
+    );
+    bad_plan(
+        "stages:\n  v:\n    kind: davis_vos\n    checkpoint: random\n    model: vit_tiny\n    params: {size: 64, multiple: 10}\n",
+        &["p.yaml:6", "stage `v`", "`multiple` (10)", "set `params.multiple`"],
+    );
+    bad_plan(
+        "stages:\n  v:\n    kind: davis_vos\n    params: {temperature: 0}\n",
+        &["p.yaml:4", "stage `v`", "`temperature`", "DINO uses 0.1"],
+    );
+}
