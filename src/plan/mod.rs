@@ -106,6 +106,22 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
                 p.err_at(&refs, format!("stage `{}`: {m}", inst.id))
             })?;
         }
+        if let Some(c) = resolved.get("checkpoint").and_then(Value::as_str) {
+            let produced_upstream = inst
+                .upstream
+                .iter()
+                .any(|(_, ui)| stages[*ui].kind == StageKind::Command);
+            if !produced_upstream {
+                check_checkpoint_path(c, &p.dir).map_err(|m| {
+                    let own = if spec.checkpoint.is_some() {
+                        vec!["stages", inst.stage.as_str(), "checkpoint"]
+                    } else {
+                        vec!["stages", inst.stage.as_str(), "params", "checkpoint"]
+                    };
+                    p.err_at(&own, format!("stage `{}`: {m}", inst.id))
+                })?;
+            }
+        }
         if kind == StageKind::DavisVos {
             let patch = plan_patch_size(&model_map, &resolved, &inst, &stages);
             let dp: crate::stages::davis::Params = serde_json::from_value(resolved.clone())
@@ -257,6 +273,22 @@ fn plan_patch_size(
                 .map_or(c.patch_size, |p| p as usize),
         )
     })
+}
+
+/// A `checkpoint:` path (not `upstream` / `random`) must exist when planning, unless an upstream
+/// `command` stage may write it; relative paths are read from the pipeline file's folder, as
+/// the stage reads them.
+fn check_checkpoint_path(c: &str, dir: &std::path::Path) -> std::result::Result<(), String> {
+    match crate::stages::backbone::CheckpointRef::parse(c, dir) {
+        crate::stages::backbone::CheckpointRef::Path(path) if !path.exists() => Err(format!(
+            "`checkpoint` {} does not exist (relative paths are read from the pipeline \
+             file's folder); fix the path, import official weights with `cjepa checkpoint import`, \
+             or use `checkpoint: upstream` (with a pretrain / finetune stage in `needs`) or \
+             `checkpoint: random`",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn resolve_model(

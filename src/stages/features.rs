@@ -478,7 +478,8 @@ pub fn checkpoint_key_input(
             // weights (in the folder or next to the file) gives the architecture, so it counts.
             let w = backbone::weights_file(&p);
             if !w.is_file() {
-                // Planning works without the file; the stage fails with the path.
+                // Only a path an upstream `command` stage may write gets here (planning
+                // refuses other missing paths); the stage fails with the path if it is still missing.
                 return Ok(json!({ "checkpoint": "missing" }));
             }
             let mut h = blake3::Hasher::new();

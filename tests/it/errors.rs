@@ -190,3 +190,37 @@ fn davis_sizes_are_checked_when_planning() {
         &["p.yaml:4", "stage `v`", "`temperature`", "DINO uses 0.1"],
     );
 }
+
+#[test]
+fn missing_checkpoint_path_fails_when_planning() {
+    bad_plan(
+        "stages:\n  k:\n    kind: knn\n    checkpoint: weights/enc.safetensors\n    model: vit_tiny\n",
+        &[
+            "p.yaml:4",
+            "stage `k`",
+            "`checkpoint`",
+            "weights/enc.safetensors does not exist",
+            "relative paths are read from the pipeline file's folder",
+            "cjepa checkpoint import",
+        ],
+    );
+    bad_plan(
+        "stages:\n  f:\n    kind: finetune\n    model: vit_tiny\n    params: {checkpoint: nope}\n",
+        &[
+            "p.yaml:5",
+            "stage `f`",
+            "nope does not exist",
+            "checkpoint: random",
+        ],
+    );
+    // an existing folder, or a path an upstream command may write, still plans
+    let c = Ctx::new();
+    c.write("enc/encoder.safetensors", "");
+    c.write(
+        "p.yaml",
+        "stages:\n  get: {kind: command, cmd: 'true'}\n  k: {kind: knn, checkpoint: enc, model: vit_tiny}\n  \
+         l: {kind: knn, needs: [get], checkpoint: later/enc, model: vit_tiny}\n",
+    );
+    let o = c.run(&["dag", "p.yaml"]);
+    assert_eq!(o.code, 0, "{}", o.all());
+}
