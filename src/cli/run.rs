@@ -131,7 +131,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             }
         }
         outln!(
-            "{n_run} of {} stages would run (~{total:.1} H100 GPU-hours at {:.0}% of bf16 peak; see plan::cost)",
+            "{n_run} of {} stages would run (~{total:.1} H100 GPU-hours at {:.0}% of the bf16 peak, of the TF32 peak for f32 stages; see plan::cost)",
             plan.stages.len(),
             cjepa::plan::cost::ASSUMED_UTILISATION * 100.0
         )?;
