@@ -9,3 +9,5 @@ pub mod optim;
 pub mod schedules;
 pub mod sharded;
 pub mod step;
+#[cfg(test)]
+mod testutil;

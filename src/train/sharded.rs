@@ -283,15 +283,13 @@ fn is_release(e: &StepError) -> bool {
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
 
     use super::*;
     use crate::model::fused::testutil::randn;
-    use crate::model::masks::{MaskConfig, MaskSampler};
     use crate::model::VitConfig;
     use crate::train::optim::AdamWConfig;
     use crate::train::step::train_step;
+    use crate::train::testutil::{host_masks, tiny_vit};
 
     const HYPER: StepHyper = StepHyper {
         lr: 1e-3,
@@ -299,38 +297,12 @@ mod tests {
         momentum: 0.99,
     };
 
-    /// A 4x4-token ViT of width 16, two blocks, predictor of width 16.
     fn cfg() -> VitConfig {
-        VitConfig {
-            img_size: 32,
-            patch_size: 8,
-            embed_dim: 16,
-            depth: 2,
-            num_heads: 2,
-            mlp_ratio: 2.0,
-            pred_embed_dim: 16,
-            pred_depth: 1,
-            pred_num_heads: 2,
-            ..VitConfig::vit_tiny()
-        }
+        tiny_vit()
     }
 
     fn masks(batch: usize, seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {
-        let g = cfg().grid_size();
-        let sampler =
-            MaskSampler::new(MaskConfig::default().scaled_for_grid(g, g).unwrap(), g, g).unwrap();
-        let m = sampler.sample(&mut ChaCha8Rng::seed_from_u64(seed), batch);
-        let t = |lists: &[Vec<Vec<u32>>]| -> Vec<Tensor> {
-            lists
-                .iter()
-                .map(|per_image| {
-                    let k = per_image[0].len();
-                    let flat: Vec<u32> = per_image.iter().flatten().copied().collect();
-                    Tensor::from_vec(flat, (per_image.len(), k), &Device::Cpu).unwrap()
-                })
-                .collect()
-        };
-        (t(&m.enc), t(&m.pred))
+        host_masks(&cfg(), batch, seed)
     }
 
     /// Runs three steps with `shards` shards (0: the one-shard `train_step`); the loss values and

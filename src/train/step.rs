@@ -445,30 +445,8 @@ pub(super) fn update(
 mod tests {
     use super::*;
     use crate::model::fused::testutil::randn;
-    use crate::model::masks::{MaskConfig, MaskSampler};
-    use crate::model::VitConfig;
     use crate::train::optim::AdamWConfig;
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
-
-    /// Masks as the host tensors the pretrain stage builds.
-    fn host_masks(cfg: &VitConfig, batch: usize, seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {
-        let g = cfg.grid_size();
-        let sampler =
-            MaskSampler::new(MaskConfig::default().scaled_for_grid(g, g).unwrap(), g, g).unwrap();
-        let m = sampler.sample(&mut ChaCha8Rng::seed_from_u64(seed), batch);
-        let t = |lists: &[Vec<Vec<u32>>]| -> Vec<Tensor> {
-            lists
-                .iter()
-                .map(|per_image| {
-                    let flat: Vec<u32> = per_image.iter().flatten().copied().collect();
-                    Tensor::from_vec(flat, (per_image.len(), per_image[0].len()), &Device::Cpu)
-                        .unwrap()
-                })
-                .collect()
-        };
-        (t(&m.enc), t(&m.pred))
-    }
+    use crate::train::testutil::{host_masks, tiny_vit};
 
     /// The step makes no device-to-host read: its values stay on the device until the loop reads
     /// them, in one read. (Five reads of the losses, a read-back of every mask in the encoder,
@@ -476,18 +454,7 @@ mod tests {
     /// made before; each would count here.)
     #[test]
     fn a_step_reads_nothing_from_the_device_and_its_values_read_once() {
-        let cfg = VitConfig {
-            img_size: 32,
-            patch_size: 8,
-            embed_dim: 16,
-            depth: 2,
-            num_heads: 2,
-            mlp_ratio: 2.0,
-            pred_embed_dim: 16,
-            pred_depth: 1,
-            pred_num_heads: 2,
-            ..VitConfig::vit_tiny()
-        };
+        let cfg = tiny_vit();
         let nets = JepaNetworks::new_random(&cfg, 1, &Device::Cpu).unwrap();
         let mut opt = AdamW::new(nets.online_vars(), AdamWConfig::default()).unwrap();
         let loss_cfg = LossConfig::cjepa();
