@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use cjepa::exec::local::{self, Event, Outcome, Reporter, RunOptions};
+use cjepa::exec::core::{Event, Outcome, Reporter, RunOptions};
+use cjepa::exec::local;
 use cjepa::spec::{load::parse_pipeline, LoadOptions};
 use cjepa::store::Store;
 
@@ -62,7 +63,7 @@ pub fn run_once(
 ) -> anyhow::Result<Vec<StageRow>> {
     let file = dir.join("two_stage.yaml");
     let pipeline = parse_pipeline(&file, PIPELINE.to_string(), &LoadOptions::default())?;
-    let plan = cjepa::plan::build(&pipeline)?;
+    let plan = cjepa::plan::build(&pipeline, cjepa::stages::table)?;
     let store = Store::open(&pipeline.store_dir, false, "two_stage_pipeline example")?;
     let opts = RunOptions {
         device: pipeline.spec.defaults.device.clone(),
@@ -110,7 +111,10 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [cmd, job] = args.as_slice() {
         if cmd == "exec-stage" {
-            std::process::exit(cjepa::exec::worker::exec_stage(Path::new(job))?);
+            std::process::exit(cjepa::exec::worker::exec_stage(
+                Path::new(job),
+                cjepa::stages::table,
+            )?);
         }
     }
     let tmp = tempfile::tempdir()?;

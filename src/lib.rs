@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod exec;
+pub mod kind;
 pub mod model;
 pub mod plan;
 pub mod report;

@@ -102,7 +102,7 @@ fn plan(n: usize, reps: usize) -> anyhow::Result<i32> {
     // populate: every instance committed with one artifact file
     {
         let p = cjepa::spec::load_pipeline(&file, &opts)?;
-        let plan = cjepa::plan::build(&p)?;
+        let plan = cjepa::plan::build(&p, cjepa::stages::table)?;
         let store = Store::open(&p.store_dir, false, "bench")?;
         for (i, s) in plan.stages.iter().enumerate() {
             let out = store.tmp_dir(&s.key).join("out");
@@ -118,13 +118,13 @@ fn plan(n: usize, reps: usize) -> anyhow::Result<i32> {
     for _ in 0..reps {
         let t0 = Instant::now();
         let p = cjepa::spec::load_pipeline(&file, &opts)?;
-        let plan = cjepa::plan::build(&p)?;
+        let plan = cjepa::plan::build(&p, cjepa::stages::table)?;
         let t1 = Instant::now();
         let store = Store::open(&p.store_dir, false, "bench")?;
-        let d = cjepa::exec::local::decide(&plan, &store, &Default::default())?;
+        let d = cjepa::exec::core::decide(&plan, &store, &Default::default())?;
         let t2 = Instant::now();
         anyhow::ensure!(
-            d.iter().all(|d| *d == cjepa::exec::local::Decision::Cached),
+            d.iter().all(|d| *d == cjepa::exec::core::Decision::Cached),
             "not all cached"
         );
         anyhow::ensure!(plan.stages.len() == n);

@@ -132,18 +132,6 @@ fn cpu_seconds() -> f64 {
     }
 }
 
-/// Masks as the `(B, K)` u32 tensors the networks take.
-fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> anyhow::Result<Vec<Tensor>> {
-    lists
-        .iter()
-        .map(|m| {
-            let (b, k) = (m.len(), m.first().map_or(0, |r| r.len()));
-            let flat: Vec<u32> = m.iter().flatten().copied().collect();
-            Ok(Tensor::from_vec(flat, (b, k), dev)?)
-        })
-        .collect()
-}
-
 /// What one mode measured.
 struct Run {
     label: String,
@@ -198,8 +186,8 @@ fn run_mode(
     };
     for (i, m) in masks.iter().enumerate() {
         // masks are host data (the networks read their index lists without a device sync)
-        let enc = mask_tensors(&m.enc, &Device::Cpu)?;
-        let pred = mask_tensors(&m.pred, &Device::Cpu)?;
+        let enc = cjepa::model::masks::mask_tensors(&m.enc, &Device::Cpu)?;
+        let pred = cjepa::model::masks::mask_tensors(&m.pred, &Device::Cpu)?;
         let batch = Batch {
             images,
             masks_enc: &enc,
@@ -462,7 +450,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let plan = cjepa::plan::build(&p).unwrap();
+        let plan = cjepa::plan::build(&p, cjepa::stages::table).unwrap();
         let s = plan
             .stages
             .iter()

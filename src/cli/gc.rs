@@ -28,7 +28,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     for p in &a.pipelines {
         let pl = cjepa::spec::load_pipeline(p, &Default::default())?;
         store_dir.get_or_insert(pl.store_dir.clone());
-        keep.extend(cjepa::plan::build(&pl)?.stages.into_iter().map(|s| s.key));
+        keep.extend(
+            cjepa::plan::build(&pl, cjepa::stages::table)?
+                .stages
+                .into_iter()
+                .map(|s| s.key),
+        );
     }
     let store = Store::open(&super::default_store(&store_dir), false, "cjepa gc")?;
     if a.pipelines.is_empty() {

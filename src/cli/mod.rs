@@ -150,7 +150,11 @@ pub fn main() -> anyhow::Result<i32> {
                 (None, false, true) => Role::Stage(Launcher::Srun),
                 (None, false, false) => Role::Stage(Launcher::Local),
             };
-            Ok(cjepa::exec::worker::exec_stage_as(&job, role)?)
+            Ok(cjepa::exec::worker::exec_stage_as(
+                &job,
+                role,
+                cjepa::stages::table,
+            )?)
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cjepa::exec::local::{Event, Reporter};
+use cjepa::exec::core::{Event, Reporter};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 pub struct Printer {

@@ -2,7 +2,8 @@
 
 use std::io::IsTerminal;
 
-use cjepa::exec::local::{self, Decision, Outcome, RunOptions};
+use cjepa::exec::core::{self, Decision, Outcome, RunOptions};
+use cjepa::exec::local;
 use cjepa::exec::slurm::{self, DetachedOutcome, DetachedSummary, SlurmOptions};
 use cjepa::spec::ExecutorKind;
 use cjepa::store::Store;
@@ -54,28 +55,18 @@ pub struct Args {
     report: bool,
 }
 
-/// A `CJEPA_SHARDS` setting must be a shard count that divides the batch of every `pretrain`
-/// stage (else it is a usage error now, not a failed stage later).
-fn check_shards_setting(plan: &cjepa::plan::Plan) -> cjepa::Result<()> {
-    use cjepa::train::sharded::{shard_count, SHARDS_ENV};
-    let Ok(v) = std::env::var(SHARDS_ENV) else {
-        return Ok(());
-    };
-    for s in &plan.stages {
-        if s.kind != cjepa::stages::StageKind::Pretrain {
-            continue;
-        }
-        let batch = s.config["params"]["batch"].as_u64().unwrap_or(1) as usize;
-        shard_count(SHARDS_ENV, Some(&v), 1, batch)
-            .map_err(|e| cjepa::Error::Usage(format!("stage `{}`: {e}", s.inst.id)))?;
-    }
-    Ok(())
-}
-
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
-    let plan = cjepa::plan::build(&pipeline)?;
-    check_shards_setting(&plan)?;
+    let plan = cjepa::plan::build(&pipeline, cjepa::stages::table)?;
+    let on_slurm = match a.executor.as_deref() {
+        Some(e) => e == "slurm",
+        None => pipeline.spec.executor == Some(ExecutorKind::Slurm),
+    };
+    if !a.dry_run && !on_slurm {
+        // data folders and settings the selected stages need on this machine, before anything
+        // is written (on Slurm the stages run elsewhere and check there)
+        plan.check_environment(&cjepa::plan::select::only(&plan, &a.only)?)?;
+    }
     let opts = RunOptions {
         only: a.only.clone(),
         force: a.force.clone(),
@@ -100,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         &format!("cjepa run {}", pipeline.file.display()),
     )?;
     if a.dry_run {
-        let d = local::decide(&plan, &store, &opts)?;
+        let d = core::decide(&plan, &store, &opts)?;
         let est = cjepa::plan::cost::plan_estimates(&plan);
         let gpuh = |e: Option<f64>| match e {
             Some(h) if h > 0.0 => format!("{h:.3} GPU-h"),
@@ -137,10 +128,6 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         )?;
         return Ok(0);
     }
-    let on_slurm = match a.executor.as_deref() {
-        Some(e) => e == "slurm",
-        None => pipeline.spec.executor == Some(ExecutorKind::Slurm),
-    };
     if a.detach && !on_slurm {
         anyhow::bail!("--detach needs the Slurm executor (`--executor slurm` or `executor: slurm` in the file)");
     }

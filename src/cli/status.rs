@@ -29,7 +29,7 @@ type Seen = HashMap<String, (Instant, u64)>;
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
-    let plan = cjepa::plan::build(&pipeline)?;
+    let plan = cjepa::plan::build(&pipeline, cjepa::stages::table)?;
     let Some(every) = a.watch else {
         let store = super::open_read(&pipeline.store_dir, "cjepa status")?;
         for line in lines(&pipeline, &plan, &store, a.explain, &mut Seen::new())? {
@@ -96,7 +96,7 @@ fn lines(
     };
     let mut out = Vec::new();
     for s in &plan.stages {
-        let ckpt = cjepa::exec::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
+        let ckpt = cjepa::kind::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
             .map(|c| format!(" (checkpoint at step {})", c.step))
             .unwrap_or_default();
         if let Some((label, state)) = slurm.active.get(&s.key) {
@@ -123,7 +123,7 @@ fn lines(
         };
         // a stage with unfinished progress while a run holds the store is that run's
         let progress = (state != "fresh")
-            .then(|| cjepa::exec::progress::read(&store.work_dir(&s.key).join("progress.json")))
+            .then(|| cjepa::kind::progress::read(&store.work_dir(&s.key).join("progress.json")))
             .flatten()
             .filter(|p| p.step < p.total);
         let state = match &progress {

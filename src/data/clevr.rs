@@ -18,7 +18,7 @@ use super::DataError;
 pub const SPLITS: [&str; 2] = ["train", "val"];
 
 /// VTAB closest-object-distance thresholds.
-pub use crate::eval::clevr::DIST_THRESHOLDS;
+pub use crate::data::clevr_labels::DIST_THRESHOLDS;
 
 /// Number of Count classes.
 pub const COUNT_CLASSES: usize = 8;
@@ -120,9 +120,9 @@ impl ClevrTask {
     }
 }
 
-/// `n_objects - 3` for 3..=10 objects, else `None` (the golden-tested [`crate::eval::clevr`] rule).
+/// `n_objects - 3` for 3..=10 objects, else `None` (the golden-tested [`crate::data::clevr_labels`] rule).
 pub fn count_label(n_objects: usize) -> Option<usize> {
-    crate::eval::clevr::count_label(n_objects)
+    crate::data::clevr_labels::count_label(n_objects)
         .ok()
         .map(usize::from)
 }
@@ -139,7 +139,7 @@ pub fn min_depth_f32(scene: &ClevrScene) -> Option<f32> {
 /// Largest `i` with `DIST_THRESHOLDS[i] < d` (f32 compare); `None` for `d <= 0`, `d > 100` or NaN.
 pub fn dist_label(d: f32) -> Option<usize> {
     // f32 -> f64 is exact, and the eval rule compares in f32 again
-    crate::eval::clevr::dist_label(f64::from(d))
+    crate::data::clevr_labels::dist_label(f64::from(d))
         .ok()
         .map(usize::from)
 }

@@ -23,7 +23,7 @@ use super::transforms::{
     decode_rgb, hflip, resize, Chw, Interpolation, IMAGENET_MEAN, IMAGENET_STD,
 };
 use super::DataError;
-use crate::eval::coco::{polygons_to_rle, Rle};
+use crate::data::mask::{polygons_to_rle, Rle};
 
 /// One training instance at input resolution.
 #[derive(Debug, Clone, PartialEq)]

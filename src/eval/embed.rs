@@ -1,5 +1,5 @@
 //! Pooled encoder features of every image in a folder (`cjepa embed`), with the extraction of
-//! the evaluation stages ([`crate::stages::features`]): the last `min(4, depth)` blocks, each
+//! the evaluation stages ([`crate::model::pooled`]): the last `min(4, depth)` blocks, each
 //! through the encoder's final norm, averaged over all patch tokens, under the eval transform.
 //! `last` = the last block `(N, D)`; `last4` = the extracted blocks concatenated, oldest first
 //! `(N, L·D)` (L = 4, or the depth when the encoder is shallower).
@@ -15,11 +15,29 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::data::imagefolder::IMAGE_EXTENSIONS;
-use crate::data::loader::{load_batch, ImageSamples};
+use crate::data::loader::{load_batch, Batch, ImageSamples};
 use crate::data::Transform;
 use crate::error::{Error, Result};
+use crate::model::pooled::{extract_layers, pooled, FeatureSet};
 use crate::model::VisionTransformer;
-use crate::stages::features::{encode, extract_layers, FeatureSet};
+
+/// A loaded batch as a `(B, C, H, W)` tensor on `dev`.
+pub fn batch_tensor(b: &Batch, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(&b.images, b.shape.to_vec(), &Device::Cpu)?.to_device(dev)?)
+}
+
+/// Encode images (no gradient): `(L, B, D)` on the CPU.
+pub fn encode(
+    encoder: &VisionTransformer,
+    b: &Batch,
+    layers: &[i64],
+    dev: &Device,
+) -> Result<Tensor> {
+    let x = batch_tensor(b, dev)?;
+    Ok(pooled(encoder, &x, layers)?
+        .detach()
+        .to_device(&Device::Cpu)?)
+}
 
 /// The images under `dir`, in the documented order.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -1,7 +1,6 @@
 //! Evaluation metrics, each an exact port of its reference tool (tested against golden vectors):
-//! COCO (RLE, COCOeval), ADE20K mIoU, DAVIS-2017 J&F, CLEVR Count/Dist labels.
+//! COCO (RLE, COCOeval), ADE20K mIoU, DAVIS-2017 J&F. (The CLEVR Count/Dist labels are data: [`crate::data::clevr_labels`].)
 
-pub mod clevr;
 pub mod coco;
 pub mod davis;
 pub mod embed;

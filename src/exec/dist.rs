@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use super::ranks;
 use crate::error::{Error, Result};
-use crate::stages::StageContext;
+use crate::kind::StageContext;
 use crate::train::dist::{tcp::TcpHub, AllReduce, Single};
 
 /// How long ranks wait for each other to start (process start, CUDA init, srun scheduling).

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::job::{Job, JobResult};
 use crate::error::Result;
+use crate::kind::job::{Job, JobResult};
+use crate::kind::StageOutput;
 use crate::plan::Plan;
-use crate::stages::StageOutput;
 use crate::store::record::Provenance;
 use crate::store::{Invocation, Record, Status, Store};
 
@@ -74,7 +74,7 @@ pub enum Verdict {
 
 /// Read and classify the verdict files of `job`.
 pub fn verdict(job: &Job) -> Verdict {
-    match super::job::read_verdict(job) {
+    match crate::kind::job::read_verdict(job) {
         Some((
             0,
             Some(JobResult {
@@ -176,7 +176,7 @@ pub fn commit_failure(
 
 /// Point the store at the job's newest checkpoint (an interrupted or failed stage).
 pub fn keep_checkpoint(store: &Store, job: &Job) -> Result<()> {
-    if let Some(c) = super::checkpoint::latest(&job.ckpt_dir())? {
+    if let Some(c) = crate::kind::checkpoint::latest(&job.ckpt_dir())? {
         store.set_checkpoint(&job.key, c.step, &c.path)?;
     }
     Ok(())

@@ -1,17 +1,15 @@
-//! Running stages: the job file, the `exec-stage` worker, the local scheduler with its resource
-//! pool, the Slurm executor, result import shared by both, the checkpointer handed to stages,
-//! progress files and signal handling.
+//! Running stages: the executors' shared core (cache decisions, job preparation, events), the
+//! local scheduler with its resource pool, the Slurm executor, result import shared by both, the
+//! `exec-stage` worker that runs one stage through its kind's hooks, the launcher of a
+//! data-parallel stage's ranks, and signal handling. The stage contract itself (job files,
+//! checkpointer, progress files, live curves) is in [`crate::kind`].
 
-pub mod checkpoint;
+pub mod core;
 pub mod dist;
 pub mod import;
-pub mod job;
 pub mod local;
 pub mod pool;
-pub mod proc;
-pub mod progress;
 pub mod ranks;
 pub mod signals;
 pub mod slurm;
-pub mod tensorboard;
 pub mod worker;

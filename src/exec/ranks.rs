@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::job::{Job, JobResult};
 use crate::error::{Error, Result};
+use crate::kind::job::{Job, JobResult};
 use crate::util::atomic;
 
 /// Seconds the other ranks get to stop after one failed, before they are killed.
@@ -156,7 +156,7 @@ pub fn launch(
                 if let Some(g) = job.gpus.get(r) {
                     cmd.env("CUDA_VISIBLE_DEVICES", g.to_string());
                 }
-                super::proc::die_with_parent(&mut cmd);
+                crate::util::proc::die_with_parent(&mut cmd);
                 v.push((format!("rank {r}"), cmd.spawn()?));
             }
             v
@@ -175,7 +175,7 @@ pub fn launch(
                 .arg(job_file)
                 .arg("--slurm-rank")
                 .stdin(Stdio::null());
-            super::proc::die_with_parent(&mut cmd);
+            crate::util::proc::die_with_parent(&mut cmd);
             let child = cmd
                 .spawn()
                 .map_err(|e| Error::stage(&job.id, format!("could not start srun: {e}")))?;
@@ -316,7 +316,7 @@ mod tests {
     }
 
     fn verdict(code: i32, error: Option<&str>, loss: f64) -> RankVerdict {
-        let mut out = crate::stages::StageOutput::default();
+        let mut out = crate::kind::StageOutput::default();
         out.metrics.insert("loss".into(), loss);
         RankVerdict {
             code,

@@ -4,13 +4,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::checkpoint::Checkpointer;
-use super::job::{DistRole, Job, JobResult};
-use super::progress::ProgressFile;
 use super::ranks::{self, Launcher, RankVerdict};
 use crate::error::{Error, Result};
-use crate::stages::{StageContext, StageKind};
-use crate::train::sharded::SHARDS_ENV;
+use crate::kind::checkpoint::Checkpointer;
+use crate::kind::job::{DistRole, Job, JobResult};
+use crate::kind::progress::ProgressFile;
+use crate::kind::{KindTable, StageContext, StageKind};
 use crate::util::atomic;
 
 /// Checkpoint cadence defaults (overridable per stage with `checkpoint_every` / `checkpoint_secs`).
@@ -28,13 +27,14 @@ pub enum Role {
     SlurmRank,
 }
 
-/// Run the job in `job_file` as its stage process; returns the process exit code.
-pub fn exec_stage(job_file: &Path) -> Result<i32> {
-    exec_stage_as(job_file, Role::Stage(Launcher::Local))
+/// Run the job in `job_file` as its stage process with the kinds' implementations `kinds`;
+/// returns the process exit code.
+pub fn exec_stage(job_file: &Path, kinds: KindTable) -> Result<i32> {
+    exec_stage_as(job_file, Role::Stage(Launcher::Local), kinds)
 }
 
 /// Run the job in `job_file` in the given role; returns the process exit code.
-pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
+pub fn exec_stage_as(job_file: &Path, role: Role, kinds: KindTable) -> Result<i32> {
     let mut job = Job::read(job_file)?;
     let interrupted = super::signals::install();
     let rank = match role {
@@ -107,17 +107,7 @@ pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
             .num_threads(n)
             .build_global();
     }
-    if kind == StageKind::Pretrain
-        && rank.is_none()
-        && std::env::var_os(SHARDS_ENV) != Some("1".into())
-    {
-        // The step trains shards of each batch on separate threads (`train::sharded`), whose
-        // kernels share out their work through rayon; candle's own element-wise thread pool
-        // would make the shards queue for it. Set before the first candle op starts that pool.
-        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-            std::env::set_var("CANDLE_NUM_THREADS", "1");
-        }
-    }
+    kinds(kind).prepare_process(&job, rank.map(|(r, _)| r));
     // bf16 autocast for the whole stage process (the plan writes `precision` only for bf16)
     let precision = match job.config.get("precision").and_then(|v| v.as_str()) {
         Some(s) => crate::model::precision::Precision::parse(s).map_err(crate::Error::Usage)?,
@@ -149,7 +139,7 @@ pub fn exec_stage_as(job_file: &Path, role: Role) -> Result<i32> {
             None => String::new(),
         }
     ));
-    let res = kind.run(&mut ctx);
+    let res = kinds(kind).run(&mut ctx);
     let secs = t0.elapsed().as_secs_f64();
     let device = ctx.job.device.clone();
     let (code, result) = match res {

@@ -519,6 +519,22 @@ fn check_range(name: &'static str, r: [f64; 2], is_scale: bool) -> Result<(), Ma
     }
 }
 
+/// `[M][B][K]` index lists (M masks of B images, K patch indices each) as M `(B, K)` u32
+/// tensors on `dev`, the form the networks take.
+pub fn mask_tensors(
+    lists: &[Vec<Vec<u32>>],
+    dev: &candle_core::Device,
+) -> candle_core::Result<Vec<candle_core::Tensor>> {
+    lists
+        .iter()
+        .map(|per_image| {
+            let k = per_image.first().map_or(0, Vec::len);
+            let flat: Vec<u32> = per_image.iter().flatten().copied().collect();
+            candle_core::Tensor::from_vec(flat, (per_image.len(), k), dev)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ pub mod jepa;
 pub mod launch;
 pub mod layers;
 pub mod masks;
+pub mod pooled;
 pub mod pos_embed;
 pub mod precision;
 pub mod predictor;

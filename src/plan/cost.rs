@@ -30,9 +30,8 @@
 
 use std::collections::VecDeque;
 
-use serde_json::Value;
-
 use super::Plan;
+use crate::kind::{Pass, Schedule};
 use crate::model::VitConfig;
 
 /// Dense bf16 peak of one H100 SXM, FLOP/s.
@@ -69,66 +68,40 @@ pub fn predictor_forward_flops(m: &VitConfig, ctx: f64, tgt: f64) -> f64 {
         + 2.0 * dp * d * tgt
 }
 
-/// FLOPs of one image in one epoch of a stage of `kind` at `img` px; `None` for an unknown kind.
-pub fn flops_per_image(kind: &str, m: &VitConfig, img: usize) -> Option<f64> {
+/// FLOPs of one image in one epoch of a stage whose work per image is `pass`, at `img` px.
+pub fn flops_per_image(pass: Pass, m: &VitConfig, img: usize) -> f64 {
     let side = (img / m.patch_size.max(1)) as f64;
     let n = side * side;
     let fwd = encoder_forward_flops(m, n);
-    Some(match kind {
-        "dataset" | "command" | "counter" => 0.0,
-        "pretrain" => {
+    match pass {
+        Pass::None => 0.0,
+        Pass::Jepa => {
             let (ctx, tgt) = (CONTEXT_FRACTION * n, TARGET_BLOCK_FRACTION * n);
             3.0 * encoder_forward_flops(m, ctx)
                 + fwd
                 + TARGET_BLOCKS * 3.0 * predictor_forward_flops(m, ctx, tgt)
         }
-        "linear_probe" | "clevr_count" | "clevr_dist" | "knn" | "davis_vos" => fwd,
-        "finetune" | "coco_detection" | "ade20k_segmentation" => 3.0 * fwd,
-        _ => return None,
-    })
+        Pass::Forward => fwd,
+        Pass::Train => 3.0 * fwd,
+    }
 }
 
-/// Estimated H100 GPU-hours of a stage of `kind` with encoder `model` over `images` images for
-/// `epochs` epochs at `img` px (see the module doc for the model and its assumptions).
+/// Estimated H100 GPU-hours of a stage whose work per image is `pass`, with encoder `model`,
+/// over `images` images for `epochs` epochs at `img` px (see the module doc for the model and
+/// its assumptions).
 pub fn estimate_gpu_hours(
-    kind: &str,
+    pass: Pass,
     model: &VitConfig,
     images: u64,
     epochs: f64,
     img: usize,
-) -> Option<f64> {
-    let f = flops_per_image(kind, model, img)? * images as f64 * epochs;
-    Some(f / (H100_BF16_PEAK_FLOPS * ASSUMED_UTILISATION) / 3600.0)
+) -> f64 {
+    let f = flops_per_image(pass, model, img) * images as f64 * epochs;
+    f / (H100_BF16_PEAK_FLOPS * ASSUMED_UTILISATION) / 3600.0
 }
 
-/// Default evaluation resolution of a kind when its params give none.
-fn default_img(kind: &str) -> Option<usize> {
-    match kind {
-        "coco_detection" => Some(1024),
-        "ade20k_segmentation" => Some(512),
-        "davis_vos" => Some(480),
-        _ => None,
-    }
-}
-
-/// Training images of a dataset stage's resolved params: synthetic sizes from the generator
-/// params, real datasets from `registry/datasets/` (recognised by their folder name).
-pub fn dataset_images(params: &Value, pipeline_dir: &std::path::Path) -> Option<u64> {
-    let fmt = params["format"].as_str()?;
-    let g = |k: &str| params[k].as_u64();
-    if params["source"].as_str() == Some("synth") {
-        return match fmt {
-            "imagefolder" => Some(g("classes")? * g("train_per_class")?),
-            "davis" => Some(g("train_sequences")? * g("frames")?),
-            _ => g("train_images"),
-        };
-    }
-    let path = params["path"].as_str()?;
-    crate::spec::datasets::recognise(path, fmt, pipeline_dir)?.train_images()
-}
-
-/// The estimate of every planned stage (`None` where a number is missing: unknown kind, dataset
-/// size, model or schedule).
+/// The estimate of every planned stage (`None` where a number is missing: dataset size, model
+/// or schedule).
 pub fn plan_estimates(plan: &Plan) -> Vec<Option<f64>> {
     let nearest = |i: usize, pred: &dyn Fn(usize) -> bool| -> Option<usize> {
         let mut q: VecDeque<usize> = plan.stages[i]
@@ -145,45 +118,37 @@ pub fn plan_estimates(plan: &Plan) -> Vec<Option<f64>> {
         }
         None
     };
+    let hooks = |i: usize| (plan.kinds)(plan.stages[i].kind);
     (0..plan.stages.len())
         .map(|i| {
             let s = &plan.stages[i];
-            let kind = s.kind.name();
-            if flops_per_image(kind, &VitConfig::vit_tiny(), 224)? == 0.0 {
+            let params = &s.config["params"];
+            let cost = hooks(i).cost(params);
+            if cost.pass == Pass::None {
                 return Some(0.0);
             }
-            let params = &s.config["params"];
             let model_at = if s.config.get("model").is_some() {
                 i
             } else {
                 nearest(i, &|u| plan.stages[u].config.get("model").is_some())?
             };
             let mcfg = &plan.stages[model_at].config;
-            let model: VitConfig = serde_json::from_value(mcfg["model"].clone()).ok()?;
-            let img = params["img"]
-                .as_u64()
-                .or(params["img_size"].as_u64())
-                .map(|v| v as usize)
-                .or_else(|| default_img(kind))
-                .or_else(|| mcfg["params"]["img"].as_u64().map(|v| v as usize))
-                .unwrap_or(model.img_size);
-            let data = nearest(i, &|u| plan.stages[u].kind.name() == "dataset")?;
-            let mut images =
-                dataset_images(&plan.stages[data].config["params"], &plan.pipeline.dir)?;
-            let epochs = if let Some(e) = params["epochs"].as_f64() {
-                e
-            } else if let (Some(it), Some(b)) = (
-                params["iters"].as_u64().or(params["steps"].as_u64()),
-                params["batch"].as_u64().or(params["batch_size"].as_u64()),
-            ) {
-                images = it * b;
-                1.0
-            } else if matches!(kind, "knn" | "davis_vos") {
-                1.0
-            } else {
-                return None;
+            // the encoder as the stage that defines it trains it (pretraining's `img` applied)
+            let model =
+                hooks(model_at).planned_model(mcfg["model"].as_object()?, &mcfg["params"])?;
+            let img = cost.img_size.unwrap_or(model.img_size);
+            let data = nearest(i, &|u| plan.stages[u].kind.provides_data())?;
+            let mut images = hooks(data)
+                .train_images(&plan.stages[data].config["params"], &plan.pipeline.dir)?;
+            let epochs = match cost.schedule? {
+                Schedule::Epochs(e) => e,
+                Schedule::Iters { iters, batch } => {
+                    images = iters * batch;
+                    1.0
+                }
+                Schedule::OnePass => 1.0,
             };
-            let hours = estimate_gpu_hours(kind, &model, images, epochs, img)?;
+            let hours = estimate_gpu_hours(cost.pass, &model, images, epochs, img);
             // `precision: bf16` is written into the config; f32 runs at the TF32 peak
             Some(if s.config.get("precision").is_some() {
                 hours
@@ -202,35 +167,15 @@ mod tests {
 
     #[test]
     fn vit_b_600_epochs_is_tens_of_h100_hours() {
-        let h = estimate_gpu_hours("pretrain", &VitConfig::vit_base(), IN1K, 600.0, 224).unwrap();
+        let h = estimate_gpu_hours(Pass::Jepa, &VitConfig::vit_base(), IN1K, 600.0, 224);
         assert!((20.0..200.0).contains(&h), "{h}");
-        let f = flops_per_image("pretrain", &VitConfig::vit_base(), 224).unwrap();
+        let f = flops_per_image(Pass::Jepa, &VitConfig::vit_base(), 224);
         assert!((6e10..1.2e11).contains(&f), "{f}");
     }
 
     #[test]
-    fn dataset_sizes_from_generator_params_and_the_registry() {
-        let here = std::path::Path::new("/nonexistent");
-        let synth = serde_json::json!({"source": "synth", "format": "imagefolder",
-            "classes": 10, "train_per_class": 60});
-        assert_eq!(dataset_images(&synth, here), Some(600));
-        let davis = serde_json::json!({"source": "synth", "format": "davis",
-            "train_sequences": 3, "frames": 8});
-        assert_eq!(dataset_images(&davis, here), Some(24));
-        let inet = serde_json::json!({"source": "path", "format": "imagefolder",
-            "path": "${CJEPA_DATA:-/data}/imagenet"});
-        assert_eq!(dataset_images(&inet, here), Some(IN1K));
-        let coco = serde_json::json!({"source": "path", "format": "coco", "path": "/x/coco2017"});
-        assert_eq!(dataset_images(&coco, here), Some(118_287));
-        let unknown =
-            serde_json::json!({"source": "path", "format": "imagefolder", "path": "/x/mine"});
-        assert_eq!(dataset_images(&unknown, here), None);
-    }
-
-    #[test]
-    fn no_gpu_work_and_unknown_kinds() {
+    fn no_gpu_work() {
         let m = VitConfig::vit_base();
-        assert_eq!(estimate_gpu_hours("dataset", &m, IN1K, 1.0, 224), Some(0.0));
-        assert_eq!(estimate_gpu_hours("nope", &m, IN1K, 1.0, 224), None);
+        assert_eq!(estimate_gpu_hours(Pass::None, &m, IN1K, 1.0, 224), 0.0);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::stages::{StageKind, NON_SEMANTIC};
+use crate::kind::{Kind, StageKind, NON_SEMANTIC};
 use crate::util::canon;
 
 /// Bump when the key format itself changes (invalidates every key).
@@ -15,6 +15,7 @@ pub const KEY_VERSION: u32 = 1;
 /// The JSON that is hashed (and stored, to explain reruns).
 pub fn key_input(
     kind: StageKind,
+    hooks: &dyn Kind,
     config: &Value,
     upstream: &BTreeMap<String, String>,
     extra: &Value,
@@ -24,12 +25,12 @@ pub fn key_input(
         for k in NON_SEMANTIC {
             m.remove(*k);
         }
-        // dataset paths are replaced by the fingerprint of their file list
-        if kind == StageKind::Dataset {
-            m.remove("path");
+        // e.g. dataset paths: the fingerprint of their file list is hashed instead
+        for k in hooks.unkeyed_params() {
+            m.remove(*k);
         }
     }
-    let mut defaults = kind.default_params();
+    let mut defaults = hooks.default_params();
     if let Some(m) = defaults.as_object_mut() {
         for k in NON_SEMANTIC {
             m.remove(*k);
@@ -38,7 +39,7 @@ pub fn key_input(
     let mut v = json!({
         "v": KEY_VERSION,
         "kind": kind.name(),
-        "kind_version": kind.version(),
+        "kind_version": hooks.version(),
         "params": canon::diff_from_default(&params, &defaults),
         "upstream": upstream,
     });
@@ -95,24 +96,46 @@ pub fn explain(old: &Value, new: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kind::{StageContext, StageOutput};
+
+    /// A kind with a command's default params.
+    struct Cmd;
+
+    impl Kind for Cmd {
+        fn version(&self) -> u32 {
+            1
+        }
+        fn resolve_params(
+            &self,
+            params: &serde_json::Map<String, Value>,
+        ) -> std::result::Result<Value, String> {
+            Ok(Value::Object(params.clone()))
+        }
+        fn default_params(&self) -> Value {
+            json!({"cmd": "", "inputs": [], "outputs": [], "metrics": null, "vars": {}})
+        }
+        fn run(&self, _ctx: &mut StageContext) -> crate::Result<StageOutput> {
+            unreachable!("never run")
+        }
+    }
 
     #[test]
     fn non_semantic_and_defaults_do_not_change_keys() {
         let up = BTreeMap::new();
         let a = json!({"params": {"cmd": "x", "inputs": [], "outputs": [], "metrics": null, "vars": {}}, "seed": 0});
         let b = json!({"params": {"cmd": "x", "inputs": [], "outputs": [], "metrics": null, "vars": {}, "device": "cuda"}, "seed": 0});
-        let ka = hash(&key_input(StageKind::Command, &a, &up, &Value::Null));
-        let kb = hash(&key_input(StageKind::Command, &b, &up, &Value::Null));
+        let ka = hash(&key_input(StageKind::Command, &Cmd, &a, &up, &Value::Null));
+        let kb = hash(&key_input(StageKind::Command, &Cmd, &b, &up, &Value::Null));
         assert_eq!(ka, kb);
         let c = json!({"params": {"cmd": "y"}, "seed": 0});
         assert_ne!(
             ka,
-            hash(&key_input(StageKind::Command, &c, &up, &Value::Null))
+            hash(&key_input(StageKind::Command, &Cmd, &c, &up, &Value::Null))
         );
         let d = json!({"params": {"cmd": "x"}, "seed": 1});
         assert_ne!(
             ka,
-            hash(&key_input(StageKind::Command, &d, &up, &Value::Null))
+            hash(&key_input(StageKind::Command, &Cmd, &d, &up, &Value::Null))
         );
     }
 
@@ -121,8 +144,8 @@ mod tests {
         let cfg = json!({"params": {"cmd": "x"}, "seed": 0});
         let u1: BTreeMap<_, _> = [("data".to_string(), "aa".to_string())].into();
         let u2: BTreeMap<_, _> = [("data".to_string(), "bb".to_string())].into();
-        let k1 = key_input(StageKind::Command, &cfg, &u1, &Value::Null);
-        let k2 = key_input(StageKind::Command, &cfg, &u2, &Value::Null);
+        let k1 = key_input(StageKind::Command, &Cmd, &cfg, &u1, &Value::Null);
+        let k2 = key_input(StageKind::Command, &Cmd, &cfg, &u2, &Value::Null);
         assert_ne!(hash(&k1), hash(&k2));
         assert_eq!(explain(&k1, &k2), vec!["upstream data changed".to_string()]);
     }

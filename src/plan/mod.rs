@@ -12,12 +12,12 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
+use crate::kind::{Kind, KindTable, PlanIssue, PlanView, StageKind, UpstreamView};
 use crate::model::error::ModelError;
 use crate::model::VitConfig;
 use crate::spec::matrix::{apply_own, expand};
 use crate::spec::types::ModelRef;
 use crate::spec::{registry, Instance, Pipeline, Resources};
-use crate::stages::StageKind;
 
 /// One planned stage instance.
 #[derive(Debug, Clone)]
@@ -47,9 +47,40 @@ pub struct Plan {
     pub stages: Vec<PlannedStage>,
     /// Edges upstream -> downstream (node index = stage index).
     pub graph: DiGraph<usize, ()>,
+    /// The kinds' implementations the plan was built with.
+    pub kinds: KindTable,
 }
 
 impl Plan {
+    /// Stage `i` as its kind's hooks see it.
+    pub fn view(&self, i: usize) -> PlanView<'_> {
+        let s = &self.stages[i];
+        let upstream: Vec<usize> = s.inst.upstream.iter().map(|(_, ui)| *ui).collect();
+        view_of(
+            &s.inst.id,
+            &s.config["params"],
+            s.config.get("model").and_then(Value::as_object),
+            &s.resources,
+            &upstream,
+            &self.stages,
+            &self.pipeline.dir,
+            self.kinds,
+        )
+    }
+
+    /// The kinds of the stages `selected` (e.g. [`select::only`]) check this process's
+    /// environment (data folders, settings) before a run starts; the error names the stage, the
+    /// field and the fix.
+    pub fn check_environment(&self, selected: &std::collections::BTreeSet<usize>) -> Result<()> {
+        for &i in selected {
+            let s = &self.stages[i];
+            (self.kinds)(s.kind)
+                .check_environment(&self.view(i))
+                .map_err(|issue| issue_error(&self.pipeline, &s.inst, issue))?;
+        }
+        Ok(())
+    }
+
     /// Index of an instance id.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.inst.id == id)
@@ -64,14 +95,16 @@ impl Plan {
     }
 }
 
-/// Build the plan of a loaded pipeline.
-pub fn build(p: &Pipeline) -> Result<Plan> {
+/// Build the plan of a loaded pipeline with the kinds' implementations `kinds`
+/// (`cjepa::stages::table`): every stage resolved, checked by its kind and keyed.
+pub fn build(p: &Pipeline, kinds: KindTable) -> Result<Plan> {
     let insts = expand(p)?;
     let mut stages: Vec<PlannedStage> = Vec::with_capacity(insts.len());
     let mut model_cache: BTreeMap<String, Value> = BTreeMap::new();
     for inst in insts {
         let spec = &p.spec.stages[&inst.stage];
         let kind = StageKind::parse(&spec.kind).expect("validated");
+        let hooks = kinds(kind);
         let at = |field: &str| {
             vec!["stages", inst.stage.as_str(), field]
                 .into_iter()
@@ -97,57 +130,32 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
                 format!("kind `{}` takes no `model:`", kind.name()),
             ));
         }
-        let resolved = kind.resolve_params(&params).map_err(|m| err("params", m))?;
+        let resolved = hooks
+            .resolve_params(&params)
+            .map_err(|m| err("params", m))?;
         if has_model {
-            check_model(kind, &model_map, &resolved).map_err(|(field, m)| {
+            check_model(hooks, &model_map, &resolved).map_err(|(field, m)| {
                 let path = at("model");
                 let mut refs: Vec<&str> = path.iter().map(String::as_str).collect();
                 refs.push(field);
                 p.err_at(&refs, format!("stage `{}`: {m}", inst.id))
             })?;
         }
-        if let Some(c) = resolved.get("checkpoint").and_then(Value::as_str) {
-            let produced_upstream = inst
-                .upstream
-                .iter()
-                .any(|(_, ui)| stages[*ui].kind == StageKind::Command);
-            if !produced_upstream {
-                check_checkpoint_path(c, &p.dir).map_err(|m| {
-                    let own = if spec.checkpoint.is_some() {
-                        vec!["stages", inst.stage.as_str(), "checkpoint"]
-                    } else {
-                        vec!["stages", inst.stage.as_str(), "params", "checkpoint"]
-                    };
-                    p.err_at(&own, format!("stage `{}`: {m}", inst.id))
-                })?;
-            }
-        }
-        if kind == StageKind::DavisVos {
-            let patch = plan_patch_size(&model_map, &resolved, &inst, &stages);
-            let dp: crate::stages::davis::Params = serde_json::from_value(resolved.clone())
-                .map_err(|e| err("params", e.to_string()))?;
-            crate::stages::davis::check_params(&dp, patch).map_err(|(field, m)| {
-                let path = at("params");
-                let mut refs: Vec<&str> = path.iter().map(String::as_str).collect();
-                refs.push(field);
-                p.err_at(&refs, format!("stage `{}`: {m}", inst.id))
-            })?;
-        }
-        crate::stages::parallel::check_plan(kind, &resolved, &spec.resources)
-            .map_err(|m| err("resources", m))?;
-        if let Some(k) = resolved.get("at_epoch").and_then(Value::as_u64) {
-            let ups: Vec<(&str, &str, &Value)> = inst
-                .upstream
-                .iter()
-                .map(|(_, ui)| {
-                    let u = &stages[*ui];
-                    (u.inst.id.as_str(), u.kind.name(), &u.config["params"])
-                })
-                .collect();
-            crate::stages::backbone::check_upstream_snapshot(k, &ups)
-                .map_err(|m| err("params", m))?;
-        }
-        let extra = kind
+        let upstream: Vec<usize> = inst.upstream.iter().map(|(_, ui)| *ui).collect();
+        let view = view_of(
+            &inst.id,
+            &resolved,
+            has_model.then_some(&model_map),
+            &spec.resources,
+            &upstream,
+            &stages,
+            &p.dir,
+            kinds,
+        );
+        hooks
+            .check_plan(&view)
+            .map_err(|issue| issue_error(p, &inst, issue))?;
+        let extra = hooks
             .key_inputs(&resolved, &p.dir)
             .map_err(|m| err("params", m))?;
         let seed = p.spec.defaults.seed;
@@ -166,7 +174,7 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
             .iter()
             .map(|(name, ui)| (name.clone(), stages[*ui].key.clone()))
             .collect();
-        let key_input = key::key_input(kind, &config, &upstream, &extra);
+        let key_input = key::key_input(kind, hooks, &config, &upstream, &extra);
         let key = key::hash(&key_input);
         stages.push(PlannedStage {
             retries: spec.retries.unwrap_or(p.spec.defaults.retries),
@@ -193,7 +201,61 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
         pipeline: p.clone(),
         stages,
         graph,
+        kinds,
     })
+}
+
+/// A stage as its kind's hooks see it (its upstream stages already planned).
+#[allow(clippy::too_many_arguments)]
+fn view_of<'a>(
+    id: &'a str,
+    params: &'a Value,
+    model: Option<&'a Map<String, Value>>,
+    resources: &Resources,
+    upstream: &[usize],
+    stages: &'a [PlannedStage],
+    dir: &'a std::path::Path,
+    kinds: KindTable,
+) -> PlanView<'a> {
+    PlanView {
+        id,
+        params,
+        model,
+        world: resources.world(resources.gpus as usize),
+        world_field: if resources.ranks > 0 {
+            "resources.ranks"
+        } else {
+            "resources.gpus"
+        },
+        upstream: upstream
+            .iter()
+            .map(|ui| UpstreamView {
+                id: &stages[*ui].inst.id,
+                kind: stages[*ui].kind,
+                config: &stages[*ui].config,
+            })
+            .collect(),
+        pipeline_dir: dir,
+        kinds,
+    }
+}
+
+/// A kind's plan issue as an error at the field's line in the pipeline file.
+fn issue_error(p: &Pipeline, inst: &crate::spec::Instance, issue: PlanIssue) -> Error {
+    // `checkpoint:` on the stage is the shorthand of `params.checkpoint`
+    let shorthand = p
+        .spec
+        .stages
+        .get(&inst.stage)
+        .is_some_and(|s| s.checkpoint.is_some());
+    let field: Vec<String> = if issue.field == ["params", "checkpoint"] && shorthand {
+        vec!["checkpoint".into()]
+    } else {
+        issue.field
+    };
+    let mut path = vec!["stages", inst.stage.as_str()];
+    path.extend(field.iter().map(String::as_str));
+    p.err_at(&path, format!("stage `{}`: {}", inst.id, issue.msg))
 }
 
 /// The stage's resolved `model:` checked as a ViT (with a pretrain stage's `img` / `patch`
@@ -201,24 +263,21 @@ pub fn build(p: &Pipeline) -> Result<Plan> {
 /// A mapping that is not a complete ViT config is left to the stage (it may come with a
 /// checkpoint's `model.json`). The error names the model field and the fix.
 fn check_model(
-    kind: StageKind,
+    hooks: &dyn Kind,
     model: &Map<String, Value>,
     params: &Value,
 ) -> std::result::Result<(), (&'static str, String)> {
-    let Ok(mut cfg) = serde_json::from_value::<VitConfig>(Value::Object(model.clone())) else {
+    let Ok(raw) = serde_json::from_value::<VitConfig>(Value::Object(model.clone())) else {
         return Ok(());
     };
-    let mut applied = "";
-    if kind == StageKind::Pretrain {
-        if let Some(i) = params.get("img").and_then(Value::as_u64) {
-            cfg.img_size = i as usize;
-            applied = " (with `params.img` / `params.patch` applied)";
-        }
-        if let Some(s) = params.get("patch").and_then(Value::as_u64) {
-            cfg.patch_size = s as usize;
-            applied = " (with `params.img` / `params.patch` applied)";
-        }
-    }
+    let Some(cfg) = hooks.planned_model(model, params) else {
+        return Ok(());
+    };
+    let applied = if (cfg.img_size, cfg.patch_size) != (raw.img_size, raw.patch_size) {
+        " (with `params.img` / `params.patch` applied)"
+    } else {
+        ""
+    };
     let Err(ModelError::Config { field, msg }) = cfg.validate() else {
         return Ok(());
     };
@@ -236,59 +295,6 @@ fn check_model(
         field,
         format!("model field `{field}`{applied}: {msg}; {fix}"),
     ))
-}
-
-/// The patch size an evaluation stage will run with, when planning can tell: the stage's own
-/// complete `model:` (for `random` or a path), else an upstream `pretrain` stage's model (with its
-/// `params.patch` applied) for `upstream` / `random`.
-fn plan_patch_size(
-    model: &Map<String, Value>,
-    params: &Value,
-    inst: &crate::spec::Instance,
-    stages: &[PlannedStage],
-) -> Option<usize> {
-    let checkpoint = params
-        .get("checkpoint")
-        .and_then(Value::as_str)
-        .unwrap_or("upstream");
-    let upstream_ok = matches!(checkpoint, "" | "upstream" | "random");
-    if checkpoint != "upstream" && checkpoint != "" {
-        if let Ok(c) = serde_json::from_value::<VitConfig>(Value::Object(model.clone())) {
-            return Some(c.patch_size);
-        }
-    }
-    if !upstream_ok {
-        return None;
-    }
-    inst.upstream.iter().find_map(|(_, ui)| {
-        let u = &stages[*ui];
-        if u.kind != StageKind::Pretrain {
-            return None;
-        }
-        let c: VitConfig = serde_json::from_value(u.config.get("model")?.clone()).ok()?;
-        Some(
-            u.config["params"]
-                .get("patch")
-                .and_then(Value::as_u64)
-                .map_or(c.patch_size, |p| p as usize),
-        )
-    })
-}
-
-/// A `checkpoint:` path (not `upstream` / `random`) must exist when planning, unless an upstream
-/// `command` stage may write it; relative paths are read from the pipeline file's folder, as
-/// the stage reads them.
-fn check_checkpoint_path(c: &str, dir: &std::path::Path) -> std::result::Result<(), String> {
-    match crate::stages::backbone::CheckpointRef::parse(c, dir) {
-        crate::stages::backbone::CheckpointRef::Path(path) if !path.exists() => Err(format!(
-            "`checkpoint` {} does not exist (relative paths are read from the pipeline \
-             file's folder); fix the path, import official weights with `cjepa checkpoint import`, \
-             or use `checkpoint: upstream` (with a pretrain / finetune stage in `needs`) or \
-             `checkpoint: random`",
-            path.display()
-        )),
-        _ => Ok(()),
-    }
 }
 
 fn resolve_model(
@@ -322,7 +328,7 @@ fn resolve_model(
     };
     for (k, v) in inline {
         if has_preset && !base.contains_key(&k) {
-            let hint = crate::spec::suggest::did_you_mean(&k, base.keys().map(String::as_str));
+            let hint = crate::util::suggest::did_you_mean(&k, base.keys().map(String::as_str));
             return Err(format!("unknown model field `{k}`{hint}"));
         }
         base.insert(k, v);

@@ -21,7 +21,7 @@ pub fn matching(plan: &Plan, id: &str) -> Result<Vec<usize>> {
             .iter()
             .flat_map(|s| [s.inst.id.as_str(), s.inst.stage.as_str()])
             .collect();
-        let hint = crate::spec::suggest::did_you_mean(id, names.iter().copied());
+        let hint = crate::util::suggest::did_you_mean(id, names.iter().copied());
         return Err(Error::Usage(format!(
             "no stage `{id}` in {}{hint}",
             plan.pipeline.file.display()

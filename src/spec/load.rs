@@ -8,10 +8,10 @@ use serde_json::Value;
 
 use super::locate::locate;
 use super::overrides::{self, Override};
-use super::suggest::{did_you_mean, unknown_field};
 use super::types::PipelineFile;
 use crate::error::{Error, Pos, Result};
-use crate::stages::StageKind;
+use crate::kind::StageKind;
+use crate::util::suggest::{did_you_mean, unknown_field};
 
 /// Options that change how a file is read.
 #[derive(Debug, Clone, Default)]

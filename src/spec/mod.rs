@@ -7,7 +7,6 @@ pub mod locate;
 pub mod matrix;
 pub mod overrides;
 pub mod registry;
-pub mod suggest;
 pub mod types;
 
 pub use load::{load_pipeline, LoadOptions, Pipeline};

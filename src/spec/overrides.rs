@@ -69,7 +69,7 @@ pub fn apply(doc: &mut Value, sets: &[Override]) -> Result<(), String> {
                 .and_then(|s| s.as_object())
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default();
-            let hint = super::suggest::did_you_mean(
+            let hint = crate::util::suggest::did_you_mean(
                 &path[0],
                 stages.iter().map(String::as_str).chain(top.iter().copied()),
             );

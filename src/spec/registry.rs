@@ -98,7 +98,7 @@ pub fn load(group: &str, name: &str, start: &Path) -> Result<(Value, Source), St
         }
     }
     let names = names(group, start);
-    let hint = super::suggest::did_you_mean(name, names.iter().map(String::as_str));
+    let hint = crate::util::suggest::did_you_mean(name, names.iter().map(String::as_str));
     Err(format!(
         "unknown {group} preset `{name}`{hint}; available: {}",
         names.join(", ")

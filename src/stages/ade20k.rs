@@ -50,7 +50,8 @@ use crate::util::rng::{derive_seed, stage_rng};
 
 mod net;
 
-pub use net::{cross_entropy_ignore, layer_scale, lr_at};
+pub use crate::train::cross_entropy::cross_entropy_ignore;
+pub use net::{layer_scale, lr_at};
 use net::{merr, Heads, Model};
 
 /// Implementation version (part of the key).
@@ -597,6 +598,53 @@ fn predict(
         height: h0 as u32,
         data: pred.into_iter().map(|v| v as u8).collect(),
     })
+}
+
+/// The `ade20k_segmentation` kind.
+pub struct Ade20kSegmentation;
+
+impl crate::kind::Kind for Ade20kSegmentation {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::resolve::<Params>(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        super::parallel::check_plan(crate::kind::StageKind::Ade20kSegmentation, stage)?;
+        super::dataset::check_plan_upstream(stage, Some("ade20k"), false)
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Train,
+            img_size: Some(512),
+            schedule: Some(crate::kind::Schedule::Iters {
+                iters: p.iters,
+                batch: p.batch as u64,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::StageContext;
+use super::{StageContext, StageKind};
 use crate::error::{Error, Result};
+use crate::kind::{PlanIssue, PlanView};
 use crate::model::{JepaNetworks, VisionTransformer, VitConfig};
 
 /// Encoder weights file in a producing stage's artifacts.
@@ -41,6 +42,64 @@ pub const SNAPSHOTS_DIR: &str = "snapshots";
 /// `<artifacts>/snapshots/epoch-<epoch>/` (an `encoder.safetensors` + `model.json` pair).
 pub fn snapshot_dir(artifacts: &Path, epoch: u64) -> PathBuf {
     artifacts.join(SNAPSHOTS_DIR).join(format!("epoch-{epoch}"))
+}
+
+/// Plan-time checks of a stage that reads a backbone (`checkpoint:` and `at_epoch:` params): a
+/// `checkpoint:` path must exist unless an upstream `command` stage may write it (relative paths
+/// are read from the pipeline file's folder, as the stage reads them), and `at_epoch: k` needs an
+/// upstream pretrain stage that saves the snapshot of epoch k.
+pub fn check_plan(stage: &PlanView) -> std::result::Result<(), PlanIssue> {
+    if let Some(c) = stage
+        .params
+        .get("checkpoint")
+        .and_then(serde_json::Value::as_str)
+    {
+        if CheckpointRef::parse(c, stage.pipeline_dir) == CheckpointRef::Upstream
+            && !stage
+                .upstream
+                .iter()
+                .any(|u| PRODUCERS.contains(&u.kind.name()))
+        {
+            return Err(PlanIssue::params(
+                "checkpoint",
+                "`checkpoint: upstream` (the default) reads the encoder of a `pretrain` or \
+                 `finetune` stage in `needs`, and there is none; add one to `needs`, or use \
+                 `checkpoint: random` or a path",
+            ));
+        }
+        let produced_upstream = stage.upstream.iter().any(|u| u.kind == StageKind::Command);
+        if !produced_upstream {
+            check_checkpoint_path(c, stage.pipeline_dir)
+                .map_err(|m| PlanIssue::params("checkpoint", m))?;
+        }
+    }
+    if let Some(k) = stage
+        .params
+        .get("at_epoch")
+        .and_then(serde_json::Value::as_u64)
+    {
+        let ups: Vec<(&str, &str, &serde_json::Value)> = stage
+            .upstream
+            .iter()
+            .map(|u| (u.id, u.kind.name(), &u.config["params"]))
+            .collect();
+        check_upstream_snapshot(k, &ups).map_err(|m| PlanIssue::params("", m))?;
+    }
+    Ok(())
+}
+
+/// A `checkpoint:` path (not `upstream` / `random`) must exist.
+fn check_checkpoint_path(c: &str, dir: &Path) -> std::result::Result<(), String> {
+    match CheckpointRef::parse(c, dir) {
+        CheckpointRef::Path(path) if !path.exists() => Err(format!(
+            "`checkpoint` {} does not exist (relative paths are read from the pipeline \
+             file's folder); fix the path, import official weights with `cjepa checkpoint import`, \
+             or use `checkpoint: upstream` (with a pretrain / finetune stage in `needs`) or \
+             `checkpoint: random`",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Check the `at_epoch` of an evaluation stage against its own `checkpoint` (the message names
@@ -181,7 +240,7 @@ pub struct Backbone {
 }
 
 /// Upstream stage that produced an encoder, if any.
-pub fn producer(ctx: &StageContext) -> Option<&crate::exec::job::UpstreamRef> {
+pub fn producer(ctx: &StageContext) -> Option<&crate::kind::job::UpstreamRef> {
     ctx.job
         .upstream
         .values()

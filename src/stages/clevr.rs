@@ -220,6 +220,62 @@ pub fn run(ctx: &mut StageContext, task: ClevrTask) -> Result<StageOutput> {
     Ok(out)
 }
 
+/// The `clevr_count` / `clevr_dist` kinds: one probe recipe, two label sets.
+pub struct ClevrProbe(ClevrTask);
+
+/// `clevr_count`.
+pub static CLEVR_COUNT: ClevrProbe = ClevrProbe(ClevrTask::Count);
+/// `clevr_dist`.
+pub static CLEVR_DIST: ClevrProbe = ClevrProbe(ClevrTask::Dist);
+
+impl crate::kind::Kind for ClevrProbe {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn key_inputs(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::features::checkpoint_key_input(params, pipeline_dir)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        super::dataset::check_plan_upstream(stage, Some("clevr"), true)
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Forward,
+            img_size: p.img.map(|i| i as usize),
+            schedule: p.epochs.map(|e| crate::kind::Schedule::Epochs(e as f64)),
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx, self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

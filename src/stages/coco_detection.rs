@@ -51,6 +51,7 @@ use crate::model::detect::fcos::Detection;
 use crate::model::detect::init::SeededInit;
 use crate::model::detect::mask_head::paste;
 use crate::model::detect::{infer, train, Detector, DetectorConfig};
+use crate::train::layer_decay::layer_scale;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::util::rng::{derive_seed, stage_rng};
 
@@ -252,22 +253,6 @@ impl Params {
     }
 }
 
-/// ViTDet's `get_vit_lr_decay_rate` on encoder parameter names (official I-JEPA names).
-pub fn layer_scale(name: &str, depth: usize, rate: f64) -> f64 {
-    let id = if name.starts_with("patch_embed") || name.starts_with("pos_embed") {
-        0
-    } else if let Some(i) = name
-        .strip_prefix("blocks.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|i| i.parse::<usize>().ok())
-    {
-        i + 1
-    } else {
-        depth + 1
-    };
-    rate.powi((depth + 1 - id) as i32)
-}
-
 /// One optimiser per lr scale (the AdamW has one lr per step).
 struct Group {
     scale: f64,
@@ -288,7 +273,7 @@ const OPTIM: &str = "optim.safetensors";
 const STATE: &str = "state.json";
 
 /// The upstream `dataset` stage of format coco.
-fn coco_upstream(ctx: &StageContext) -> Result<&crate::exec::job::UpstreamRef> {
+fn coco_upstream(ctx: &StageContext) -> Result<&crate::kind::job::UpstreamRef> {
     let u = ctx.job.upstream.values().find(|u| {
         u.kind == "dataset" && u.info.get("format").and_then(|f| f.as_str()) == Some("coco")
     });
@@ -786,6 +771,53 @@ fn detect_all(
         ctx.progress.set(done, n as u64, "evaluating");
     }
     Ok((entries, json_out))
+}
+
+/// The `coco_detection` kind.
+pub struct CocoDetection;
+
+impl crate::kind::Kind for CocoDetection {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        super::parallel::check_plan(crate::kind::StageKind::CocoDetection, stage)?;
+        super::dataset::check_plan_upstream(stage, Some("coco"), false)
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Train,
+            img_size: Some(p.img_size),
+            schedule: Some(crate::kind::Schedule::Iters {
+                iters: p.steps,
+                batch: p.batch_size as u64,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         let var = format!("CJEPA_UPSTREAM_{}", name.to_uppercase().replace('-', "_"));
         cmd.env(var, &u.artifacts);
     }
-    crate::exec::proc::own_process_group(&mut cmd);
+    crate::util::proc::own_process_group(&mut cmd);
     ctx.log(format!("$ {}", p.cmd));
     let mut child = cmd
         .spawn()
@@ -107,7 +107,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             break st;
         }
         if ctx.is_interrupted() {
-            crate::exec::proc::terminate_group(child.id());
+            crate::util::proc::terminate_group(child.id());
             let _ = child.wait();
             return Err(Error::Interrupted);
         }
@@ -159,4 +159,36 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         ));
     }
     Ok(out)
+}
+
+/// The `command` kind.
+pub struct CommandStage;
+
+impl crate::kind::Kind for CommandStage {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::resolve::<Params>(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn key_inputs(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, String> {
+        key_inputs(params, pipeline_dir)
+    }
 }

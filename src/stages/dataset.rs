@@ -59,7 +59,7 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
         .parse::<crate::data::DataFormat>()
         .ok()
         .ok_or_else(|| {
-            let hint = crate::spec::suggest::did_you_mean(&p.format, FORMATS.iter().copied());
+            let hint = crate::util::suggest::did_you_mean(&p.format, FORMATS.iter().copied());
             format!(
                 "`format` must be one of {}{hint} (got `{}`)",
                 FORMATS.join(", "),
@@ -70,7 +70,7 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
     match p.source {
         Source::Path => {
             if let Some(k) = p.synth.keys().next() {
-                let hint = crate::spec::suggest::did_you_mean(k, ["source", "format", "path"]);
+                let hint = crate::util::suggest::did_you_mean(k, ["source", "format", "path"]);
                 return Err(format!(
                     "unknown key `{k}`{hint}; generator params need `source: synth`"
                 ));
@@ -110,11 +110,24 @@ pub fn synth_params(
     let mut base = all[section].as_object().cloned().unwrap_or_default();
     for (k, v) in given {
         if !base.contains_key(k) {
-            let hint = crate::spec::suggest::did_you_mean(k, base.keys().map(String::as_str));
+            let hint = crate::util::suggest::did_you_mean(k, base.keys().map(String::as_str));
             let valid: Vec<&str> = base.keys().map(String::as_str).collect();
             return Err(format!(
                 "unknown key `{k}`{hint}; `{section}` generator params: {}",
                 valid.join(", ")
+            ));
+        }
+        // each value must have its field's type (`classes: "many"` fails here, not when the
+        // stage starts); the message names the field and shows its default as an example
+        let mut one = all[section].clone();
+        one[k.as_str()] = v.clone();
+        let typed = serde_json::json!({ section: one });
+        if let Err(e) = serde_json::from_value::<crate::data::synth::SynthParams>(typed) {
+            let e = e.to_string();
+            let e = e.split(" at line").next().unwrap_or(&e);
+            return Err(format!(
+                "`{k}`: {e}; give a value like the default `{k}: {}`",
+                base[k.as_str()]
             ));
         }
         base.insert(k.clone(), v.clone());
@@ -123,10 +136,55 @@ pub fn synth_params(
 }
 
 /// Root folder of an upstream dataset stage (its `path`, or the generated copy in its artifacts).
-pub fn root_of(u: &crate::exec::job::UpstreamRef) -> PathBuf {
+pub fn root_of(u: &crate::kind::job::UpstreamRef) -> PathBuf {
     match u.info.get("path").and_then(|p| p.as_str()) {
         Some(p) => PathBuf::from(p),
         None => u.artifacts.join("data"),
+    }
+}
+
+/// Plan-time check that a stage has the upstream `dataset` stage it reads, of format `format`
+/// when given: exactly one when `exactly_one` (the frozen-feature probes), else the first one
+/// in `needs` is read (as [`upstream_root`] does when the stage starts).
+pub fn check_plan_upstream(
+    stage: &crate::kind::PlanView,
+    format: Option<&str>,
+    exactly_one: bool,
+) -> std::result::Result<(), crate::kind::PlanIssue> {
+    let ds: Vec<_> = stage
+        .upstream
+        .iter()
+        .filter(|u| u.kind == crate::kind::StageKind::Dataset)
+        .collect();
+    let want = format.map_or(String::new(), |f| format!(" with `format: {f}`"));
+    let Some(first) = ds.first() else {
+        return Err(crate::kind::PlanIssue::at(
+            "needs",
+            format!("needs a `dataset` stage{want} in `needs` (the images it reads); add one"),
+        ));
+    };
+    if exactly_one && ds.len() > 1 {
+        let ids: Vec<&str> = ds.iter().map(|u| u.id).collect();
+        return Err(crate::kind::PlanIssue::at(
+            "needs",
+            format!(
+                "has {} dataset stages in `needs` ({}); keep the one to evaluate on",
+                ds.len(),
+                ids.join(", ")
+            ),
+        ));
+    }
+    let got = first.config["params"]["format"].as_str().unwrap_or("");
+    match format {
+        Some(f) if got != f => Err(crate::kind::PlanIssue::at(
+            "needs",
+            format!(
+                "upstream dataset `{}` has format `{got}`; this stage needs a dataset with \
+                 `format: {f}`",
+                first.id
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -192,7 +250,7 @@ pub fn expand_env(s: &str) -> String {
 pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Value, String> {
     let fmt = params["format"].as_str().unwrap_or("");
     if !FORMATS.contains(&fmt) {
-        let hint = crate::spec::suggest::did_you_mean(fmt, FORMATS.iter().copied());
+        let hint = crate::util::suggest::did_you_mean(fmt, FORMATS.iter().copied());
         return Err(format!(
             "`format` must be one of {}{hint} (got `{fmt}`)",
             FORMATS.join(", ")
@@ -354,4 +412,120 @@ fn finish(
     info["splits"] = serde_json::to_value(&report.splits)?;
     out.info = info;
     Ok(out)
+}
+
+/// Training images of a dataset stage's resolved params: synthetic sizes from the generator
+/// params, real datasets from `registry/datasets/` (recognised by their folder name).
+pub fn train_images(params: &Value, pipeline_dir: &Path) -> Option<u64> {
+    let fmt = params["format"].as_str()?;
+    let g = |k: &str| params[k].as_u64();
+    if params["source"].as_str() == Some("synth") {
+        return match fmt {
+            "imagefolder" => Some(g("classes")? * g("train_per_class")?),
+            "davis" => Some(g("train_sequences")? * g("frames")?),
+            _ => g("train_images"),
+        };
+    }
+    let path = params["path"].as_str()?;
+    crate::spec::datasets::recognise(path, fmt, pipeline_dir)?.train_images()
+}
+
+/// The `dataset` kind.
+pub struct Dataset;
+
+impl crate::kind::Kind for Dataset {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn unkeyed_params(&self) -> &'static [&'static str] {
+        &["path"]
+    }
+
+    fn key_inputs(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, String> {
+        key_inputs(params, pipeline_dir)
+    }
+
+    /// The folder of `source: path` must exist when a run starts (planning works without it),
+    /// unless an upstream `command` stage may write it.
+    fn check_environment(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        if stage.params["source"] == "synth"
+            || stage
+                .upstream
+                .iter()
+                .any(|u| u.kind == crate::kind::StageKind::Command)
+        {
+            return Ok(());
+        }
+        let fmt = stage.params["format"].as_str().unwrap_or("");
+        match data_path(stage.params, stage.pipeline_dir) {
+            Some(dir) if !dir.is_dir() => Err(crate::kind::PlanIssue::params(
+                "path",
+                format!(
+                    "`path` {} is not a folder (relative paths are read from the pipeline \
+                     file's folder; environment variables such as `${{CJEPA_DATA:-/data}}` are \
+                     expanded); fix the path, put the `{fmt}` dataset there ({}), or use \
+                     `source: synth`",
+                    dir.display(),
+                    layout_hint(fmt)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn train_images(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> Option<u64> {
+        train_images(params, pipeline_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_images_from_generator_params_and_the_registry() {
+        const IN1K: u64 = 1_281_167;
+        let here = std::path::Path::new("/nonexistent");
+        let synth = serde_json::json!({"source": "synth", "format": "imagefolder",
+            "classes": 10, "train_per_class": 60});
+        assert_eq!(train_images(&synth, here), Some(600));
+        let davis = serde_json::json!({"source": "synth", "format": "davis",
+            "train_sequences": 3, "frames": 8});
+        assert_eq!(train_images(&davis, here), Some(24));
+        let inet = serde_json::json!({"source": "path", "format": "imagefolder",
+            "path": "${CJEPA_DATA:-/data}/imagenet"});
+        assert_eq!(train_images(&inet, here), Some(IN1K));
+        let coco = serde_json::json!({"source": "path", "format": "coco", "path": "/x/coco2017"});
+        assert_eq!(train_images(&coco, here), Some(118_287));
+        let unknown =
+            serde_json::json!({"source": "path", "format": "imagefolder", "path": "/x/mine"});
+        assert_eq!(train_images(&unknown, here), None);
+    }
 }

@@ -381,6 +381,77 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     Ok(out)
 }
 
+/// Plan-time check of the sizes against the patch size, when planning can tell it: the stage's
+/// own complete `model:` (for `random` or a path), else an upstream `pretrain` stage's model as
+/// it will train (with its `params.patch` applied).
+fn check_plan(stage: &crate::kind::PlanView) -> std::result::Result<(), crate::kind::PlanIssue> {
+    let p: Params = serde_json::from_value(stage.params.clone())
+        .map_err(|e| crate::kind::PlanIssue::params("", e.to_string()))?;
+    let own = || {
+        serde_json::from_value::<crate::model::VitConfig>(serde_json::Value::Object(
+            stage.model?.clone(),
+        ))
+        .ok()
+    };
+    let upstream = || {
+        stage.upstream.iter().find_map(|u| {
+            if u.kind != crate::kind::StageKind::Pretrain {
+                return None;
+            }
+            let model = u.config.get("model")?.as_object()?;
+            (stage.kinds)(u.kind).planned_model(model, &u.config["params"])
+        })
+    };
+    let patch = match p.checkpoint.as_str() {
+        "" | "upstream" => upstream(),
+        "random" => own().or_else(upstream),
+        _ => own(),
+    }
+    .map(|m| m.patch_size);
+    check_params(&p, patch).map_err(|(field, m)| crate::kind::PlanIssue::params(field, m))
+}
+
+/// The `davis_vos` kind.
+pub struct DavisVos;
+
+impl crate::kind::Kind for DavisVos {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::resolve::<Params>(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        check_plan(stage)?;
+        super::dataset::check_plan_upstream(stage, Some("davis"), false)
+    }
+
+    fn cost(&self, _params: &serde_json::Value) -> crate::kind::Cost {
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Forward,
+            img_size: Some(480),
+            schedule: Some(crate::kind::Schedule::OnePass),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,17 +31,17 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::backbone::{self, Backbone};
 use super::{StageContext, StageOutput};
-use crate::data::loader::{load_batch, Batch, ImageSamples};
+use crate::data::loader::{load_batch, ImageSamples};
 use crate::data::Transform;
 use crate::error::{Error, Result};
-use crate::exec::job::UpstreamRef;
-use crate::model::VisionTransformer;
+pub use crate::eval::embed::{batch_tensor, encode};
+use crate::kind::job::UpstreamRef;
+pub use crate::model::pooled::{extract_layers, pooled, FeatureSet};
 
 /// Version of the cache format and of the extraction (part of every cache digest).
 pub const VERSION: u32 = 1;
@@ -49,41 +49,6 @@ pub const VERSION: u32 = 1;
 pub const FEATURES_FILE: &str = "features.safetensors";
 /// Description of a cache entry.
 pub const META_FILE: &str = "meta.json";
-
-/// The pooled features a head reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum FeatureSet {
-    /// `lastPOOL`: patch-mean of the last block (through the final norm), `D` values.
-    Last,
-    /// `concatPOOL4`: patch-means of the last 4 blocks concatenated, `4 D` values.
-    Last4,
-}
-
-impl FeatureSet {
-    /// Name used in head names and logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            FeatureSet::Last => "last",
-            FeatureSet::Last4 => "last4",
-        }
-    }
-
-    /// Select from `(L, N, D)` extracted layers: `(N, D)` or `(N, L D)`.
-    pub fn select(self, all: &Tensor) -> Result<Tensor> {
-        let (l, n, d) = all.dims3()?;
-        Ok(match self {
-            FeatureSet::Last => all.get(l - 1)?,
-            FeatureSet::Last4 => all.permute((1, 0, 2))?.contiguous()?.reshape((n, l * d))?,
-        })
-    }
-}
-
-/// The blocks extracted for an encoder of `depth` blocks: the last `min(4, depth)`, oldest first.
-pub fn extract_layers(depth: usize) -> Vec<i64> {
-    let n = depth.clamp(1, 4) as i64;
-    (-n..0).collect()
-}
 
 /// What to extract.
 #[derive(Debug, Clone)]
@@ -226,36 +191,6 @@ fn rel_list(root: &Path, files: &[PathBuf]) -> String {
         h.update(&[0]);
     }
     h.finalize().to_hex().to_string()
-}
-
-/// Patch-mean of the selected blocks (each through the final norm): `(L, B, D)`.
-pub fn pooled(encoder: &VisionTransformer, x: &Tensor, layers: &[i64]) -> Result<Tensor> {
-    let outs = encoder
-        .forward_layers(x, None, layers)
-        .map_err(|e| Error::Data(format!("encoder forward: {e}")))?;
-    let means = outs
-        .iter()
-        .map(|t| t.mean(1))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&means, 0)?)
-}
-
-/// A loaded batch as a `(B, C, H, W)` tensor on `dev`.
-pub fn batch_tensor(b: &Batch, dev: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(&b.images, b.shape.to_vec(), &Device::Cpu)?.to_device(dev)?)
-}
-
-/// Encode images (no gradient): `(L, B, D)` on the CPU.
-pub fn encode(
-    encoder: &VisionTransformer,
-    b: &Batch,
-    layers: &[i64],
-    dev: &Device,
-) -> Result<Tensor> {
-    let x = batch_tensor(b, dev)?;
-    Ok(pooled(encoder, &x, layers)?
-        .detach()
-        .to_device(&Device::Cpu)?)
 }
 
 /// The features of `req` from the cache, or extracted now and cached.
@@ -554,9 +489,9 @@ pub(crate) fn test_context(
     upstream: BTreeMap<String, UpstreamRef>,
     pipeline_dir: &Path,
 ) -> StageContext {
-    use crate::exec::checkpoint::Checkpointer;
-    use crate::exec::job::Job;
-    use crate::exec::progress::ProgressFile;
+    use crate::kind::checkpoint::Checkpointer;
+    use crate::kind::job::Job;
+    use crate::kind::progress::ProgressFile;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 

@@ -54,6 +54,7 @@ use crate::data::transforms::{random_hflip, to_chw_normalized, Chw, RandomResize
 use crate::data::{DataError, Transform};
 use crate::error::{Error, Result};
 use crate::model::layers::LayerNorm;
+use crate::train::layer_decay::layer_id;
 use crate::train::optim::{AdamW, AdamWConfig};
 
 /// Implementation version (part of the key).
@@ -265,19 +266,6 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
     p.validate()?;
     Ok(v)
-}
-
-/// BEiT / MAE layer id of a parameter name (`depth` encoder blocks).
-pub fn layer_id(name: &str, depth: usize) -> usize {
-    if name.starts_with("patch_embed.") || name == "pos_embed" || name == "cls_token" {
-        return 0;
-    }
-    if let Some(rest) = name.strip_prefix("blocks.") {
-        if let Some(i) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
-            return i + 1;
-        }
-    }
-    depth + 1
 }
 
 /// Train-time source: RRC -> flip -> RandAugment -> Normalize -> RandomErasing.
@@ -815,19 +803,60 @@ pub fn soft_ce(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
         .mean_all()?)
 }
 
+/// The `finetune` kind.
+pub struct Finetune;
+
+impl crate::kind::Kind for Finetune {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn key_inputs(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::features::checkpoint_key_input(params, pipeline_dir)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        super::parallel::check_plan(crate::kind::StageKind::Finetune, stage)
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Train,
+            img_size: p.img.map(|i| i as usize),
+            schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layer_ids_follow_beit() {
-        assert_eq!(layer_id("patch_embed.proj.weight", 12), 0);
-        assert_eq!(layer_id("blocks.0.attn.qkv.weight", 12), 1);
-        assert_eq!(layer_id("blocks.11.mlp.fc2.bias", 12), 12);
-        assert_eq!(layer_id("norm.weight", 12), 13);
-        assert_eq!(layer_id("head.weight", 12), 13);
-        assert_eq!(layer_id("fc_norm.bias", 12), 13);
-    }
 
     #[test]
     fn schedule_is_mae() {
@@ -951,7 +980,7 @@ mod tests {
         let lse1 = (2.0 + 1f32.exp()).ln();
         let want = ((lse0 - 2.0) + (lse1 - 1.0)) / 2.0;
         assert!((a - want).abs() < 1e-6);
-        let b = super::super::linear_probe::cross_entropy(&logits.unsqueeze(0).unwrap(), &t)
+        let b = crate::train::cross_entropy::cross_entropy(&logits.unsqueeze(0).unwrap(), &t)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();

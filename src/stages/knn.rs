@@ -233,6 +233,57 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     Ok(out)
 }
 
+/// The `knn` kind.
+pub struct Knn;
+
+impl crate::kind::Kind for Knn {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn key_inputs(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::features::checkpoint_key_input(params, pipeline_dir)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        super::dataset::check_plan_upstream(stage, None, true)
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Forward,
+            img_size: p.img.map(|i| i as usize),
+            schedule: Some(crate::kind::Schedule::OnePass),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

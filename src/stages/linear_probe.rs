@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -47,6 +47,7 @@ use crate::data::loader::{epoch_permutation, load_batch, ImageSamples};
 use crate::data::Transform;
 use crate::error::{Error, Result};
 use crate::model::VisionTransformer;
+use crate::train::cross_entropy::cross_entropy;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -732,17 +733,6 @@ fn save(ctx: &mut StageContext, st: &ProbeState, banks: &[Bank]) -> Result<()> {
     })
 }
 
-/// Cross-entropy of `(H, B, C)` logits against `(B, C)` targets (one-hot or soft): `(H,)`, mean
-/// over the batch.
-pub fn cross_entropy(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let z = logits.broadcast_sub(&max)?;
-    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let logp = z.broadcast_sub(&lse)?;
-    let nll = logp.broadcast_mul(target)?.sum(D::Minus1)?.neg()?;
-    Ok(nll.mean(D::Minus1)?)
-}
-
 /// Metrics and info of a finished sweep.
 pub fn sweep_output(r: &SweepResult, feats: &Features, source: &str) -> StageOutput {
     let mut out = StageOutput::default();
@@ -993,6 +983,57 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         best.spec.name, best.top1, best.top5
     ));
     Ok(sweep_output(&r, &feats, &bb.source))
+}
+
+/// The `linear_probe` kind.
+pub struct LinearProbe;
+
+impl crate::kind::Kind for LinearProbe {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
+
+    fn key_inputs(
+        &self,
+        params: &serde_json::Value,
+        pipeline_dir: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, String> {
+        super::features::checkpoint_key_input(params, pipeline_dir)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::backbone::check_plan(stage)?;
+        super::dataset::check_plan_upstream(stage, Some("imagefolder"), true)
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Forward,
+            img_size: p.img.map(|i| i as usize),
+            schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::{StageContext, StageKind};
 use crate::error::{Error, Result};
-use crate::spec::Resources;
+use crate::kind::{PlanIssue, PlanView};
 use crate::train::dist::{self, AllReduce, DistError};
 
 /// This process's place in the stage's data-parallel group.
@@ -139,31 +139,24 @@ impl Ranks {
 }
 
 /// The `resources` field that sets the number of ranks of `res`.
-fn ranks_field(res: &Resources) -> &'static str {
-    if res.ranks > 0 {
-        "resources.ranks"
-    } else {
-        "resources.gpus"
-    }
-}
-
-/// Plan-time check that the global batch of a data-parallel stage of `kind` (resolved `params`)
-/// splits over the ranks that `res` asks for; the message names the fields and the fix. The
+/// Plan-time check that the global batch of a data-parallel stage of `kind` splits over the
+/// ranks the stage asks for (`stage.world`); the message names the fields and the fix. The
 /// stages repeat the check when they start (a batch capped by a small dataset, a world given by
 /// the GPUs actually granted).
-pub fn check_plan(
+pub fn check_plan(kind: StageKind, stage: &PlanView) -> std::result::Result<(), PlanIssue> {
+    check_world(kind, stage.params, stage.world, stage.world_field)
+        .map_err(|m| PlanIssue::at("resources", m))
+}
+
+fn check_world(
     kind: StageKind,
     params: &Value,
-    res: &Resources,
+    world: usize,
+    rf: &str,
 ) -> std::result::Result<(), String> {
-    if !kind.data_parallel() {
+    if !kind.data_parallel() || world <= 1 {
         return Ok(());
     }
-    let world = res.world(res.gpus as usize);
-    if world <= 1 {
-        return Ok(());
-    }
-    let rf = ranks_field(res);
     let typed = |e: serde_json::Error| e.to_string();
     let divisible = |field: &str, value: usize| -> std::result::Result<(), String> {
         if value.is_multiple_of(world) {

@@ -1,9 +1,11 @@
 //! Training: schedules, our AdamW with parameter groups and saveable state, EMA, the
 //! JEPA + VICReg losses and the C-JEPA step.
 
+pub mod cross_entropy;
 pub mod dist;
 pub mod ema;
 mod fused_update;
+pub mod layer_decay;
 pub mod loss;
 pub mod optim;
 pub mod schedules;

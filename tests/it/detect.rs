@@ -8,9 +8,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use assert_cmd::Command;
-use cjepa::exec::checkpoint::Checkpointer;
-use cjepa::exec::job::{Job, UpstreamRef};
-use cjepa::exec::progress::ProgressFile;
+use cjepa::kind::checkpoint::Checkpointer;
+use cjepa::kind::job::{Job, UpstreamRef};
+use cjepa::kind::progress::ProgressFile;
 use cjepa::stages::{StageContext, StageKind};
 use serde_json::{json, Value};
 
@@ -286,7 +286,7 @@ fn job(data: &Path, work: &Path, params: &Value) -> Job {
         "img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2,
         "pred_embed_dim": 32, "pred_depth": 1, "pred_num_heads": 2
     });
-    let resolved = StageKind::CocoDetection
+    let resolved = cjepa::stages::table(StageKind::CocoDetection)
         .resolve_params(params.as_object().unwrap())
         .unwrap();
     let mut upstream = BTreeMap::new();
@@ -330,7 +330,9 @@ fn run_stage(job: Job, every: u64) -> cjepa::stages::StageOutput {
         job,
         curves: Default::default(),
     };
-    StageKind::CocoDetection.run(&mut ctx).unwrap()
+    cjepa::stages::table(StageKind::CocoDetection)
+        .run(&mut ctx)
+        .unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -386,7 +386,7 @@ fn quickstart_has_every_stage_kind_both_methods_and_baselines() {
     let p =
         cjepa::spec::load_pipeline(&root.join("pipelines/quickstart.yaml"), &Default::default())
             .unwrap();
-    let plan = cjepa::plan::build(&p).unwrap();
+    let plan = cjepa::plan::build(&p, cjepa::stages::table).unwrap();
     let kinds: std::collections::BTreeSet<&str> =
         plan.stages.iter().map(|s| s.kind.name()).collect();
     for k in StageKind::all() {
@@ -422,7 +422,7 @@ fn quickstart_long_shares_the_quickstarts_pretraining() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let keys = |file: &str| -> std::collections::BTreeMap<String, String> {
         let p = cjepa::spec::load_pipeline(&root.join(file), &Default::default()).unwrap();
-        let plan = cjepa::plan::build(&p).unwrap();
+        let plan = cjepa::plan::build(&p, cjepa::stages::table).unwrap();
         plan.stages
             .iter()
             .map(|s| (s.inst.id.clone(), s.key.clone()))
@@ -461,7 +461,7 @@ fn bf16_precision_enters_the_key_and_f32_leaves_it() {
         let f = dir.path().join("p.yaml");
         std::fs::write(&f, yaml).unwrap();
         let p = cjepa::spec::load_pipeline(&f, &Default::default()).unwrap();
-        let plan = cjepa::plan::build(&p).unwrap();
+        let plan = cjepa::plan::build(&p, cjepa::stages::table).unwrap();
         let s = plan.stages.iter().find(|s| s.inst.id == "pre").unwrap();
         s.key.clone()
     };

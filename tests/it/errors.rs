@@ -164,7 +164,7 @@ fn model_shape_that_cannot_work_fails_when_planning() {
         ],
     );
     bad_plan(
-        "stages:\n  k:\n    kind: knn\n    checkpoint: random\n    model: vit_tiny\n    matrix: {model.num_heads: [3, 5]}\n",
+        "stages:\n  d: {kind: dataset, source: synth, format: imagefolder}\n  k:\n    kind: knn\n    needs: [d]\n    checkpoint: random\n    model: vit_tiny\n    matrix: {model.num_heads: [3, 5]}\n",
         &["stage `k", "model field `embed_dim`", "change `num_heads`"],
     );
 }
@@ -186,8 +186,8 @@ fn davis_sizes_are_checked_when_planning() {
         &["p.yaml:6", "stage `v`", "`multiple` (10)", "set `params.multiple`"],
     );
     bad_plan(
-        "stages:\n  v:\n    kind: davis_vos\n    params: {temperature: 0}\n",
-        &["p.yaml:4", "stage `v`", "`temperature`", "DINO uses 0.1"],
+        "stages:\n  v:\n    kind: davis_vos\n    checkpoint: random\n    params: {temperature: 0}\n",
+        &["p.yaml:5", "stage `v`", "`temperature`", "DINO uses 0.1"],
     );
 }
 
@@ -218,8 +218,9 @@ fn missing_checkpoint_path_fails_when_planning() {
     c.write("enc/encoder.safetensors", "");
     c.write(
         "p.yaml",
-        "stages:\n  get: {kind: command, cmd: 'true'}\n  k: {kind: knn, checkpoint: enc, model: vit_tiny}\n  \
-         l: {kind: knn, needs: [get], checkpoint: later/enc, model: vit_tiny}\n",
+        "stages:\n  d: {kind: dataset, source: synth, format: imagefolder}\n  get: {kind: command, cmd: 'true'}\n  \
+         k: {kind: knn, needs: [d], checkpoint: enc, model: vit_tiny}\n  \
+         l: {kind: knn, needs: [d, get], checkpoint: later/enc, model: vit_tiny}\n",
     );
     let o = c.run(&["dag", "p.yaml"]);
     assert_eq!(o.code, 0, "{}", o.all());

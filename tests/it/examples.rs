@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use cjepa::exec::local::{Event, Reporter};
+use cjepa::exec::core::{Event, Reporter};
 
 #[path = "../../examples/two_stage_pipeline.rs"]
 #[allow(dead_code)]

@@ -1,6 +1,6 @@
 //! CLEVR Count / Dist labels against the VTAB golden cases (`metrics/clevr/<case>/`).
 
-use cjepa::eval::clevr::{labels_from_scenes, scenes_path};
+use cjepa::data::clevr_labels::{labels_from_scenes, scenes_path};
 use serde_json::Value;
 
 use crate::golden;

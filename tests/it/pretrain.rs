@@ -89,7 +89,7 @@ fn fingerprint(dir: &Path, store: &str) -> Fingerprint {
     let mut metrics: BTreeMap<String, Value> =
         serde_json::from_value(rec["metrics"].clone()).unwrap();
     metrics.remove("images_per_sec"); // timing: the only metric allowed to differ
-    let curves: Curves = cjepa::exec::tensorboard::read_curves(&art.join("tb").join("pretrain"))
+    let curves: Curves = cjepa::kind::tensorboard::read_curves(&art.join("tb").join("pretrain"))
         .unwrap()
         .into_iter()
         .filter(|(tag, _)| tag != "images_per_sec")
@@ -103,7 +103,7 @@ fn fingerprint(dir: &Path, store: &str) -> Fingerprint {
     )
 }
 
-type Curves = Vec<cjepa::exec::tensorboard::Curve>;
+type Curves = Vec<cjepa::kind::tensorboard::Curve>;
 
 fn wait_for_checkpoint(store: &Path, child: &mut Child) {
     let t0 = Instant::now();

@@ -538,25 +538,30 @@ fn cost_is_monotone_in_model_size_and_epochs_and_plausible_for_vit_b() {
         VitConfig::vit_large(),
         VitConfig::vit_huge(),
     ];
+    // the work per image each kind declares (its cost hook, on its default params)
+    let pass = |kind: &str| {
+        let hooks = cjepa::stages::table(cjepa::kind::StageKind::parse(kind).unwrap());
+        hooks.cost(&hooks.default_params()).pass
+    };
     for kind in ["pretrain", "linear_probe", "finetune", "davis_vos"] {
         let h: Vec<f64> = sizes
             .iter()
-            .map(|m| estimate_gpu_hours(kind, m, IN1K, 100.0, 224).unwrap())
+            .map(|m| estimate_gpu_hours(pass(kind), m, IN1K, 100.0, 224))
             .collect();
         assert!(h.windows(2).all(|w| w[0] < w[1]), "{kind}: {h:?}");
     }
     let b = VitConfig::vit_base();
     let by_epochs: Vec<f64> = [1.0, 100.0, 300.0, 600.0]
         .iter()
-        .map(|e| estimate_gpu_hours("pretrain", &b, IN1K, *e, 224).unwrap())
+        .map(|e| estimate_gpu_hours(pass("pretrain"), &b, IN1K, *e, 224))
         .collect();
     assert!(by_epochs.windows(2).all(|w| w[0] < w[1]), "{by_epochs:?}");
     // ViT-B/16, 600 epochs on ImageNet-1K: tens of H100-hours (see plan::cost's doc)
     let h = by_epochs[3];
     assert!((20.0..200.0).contains(&h), "{h}");
     // a fine-tune costs less than pretraining the same epochs; a probe less than a fine-tune
-    let ft = estimate_gpu_hours("finetune", &b, IN1K, 100.0, 224).unwrap();
-    let lp = estimate_gpu_hours("linear_probe", &b, IN1K, 100.0, 224).unwrap();
+    let ft = estimate_gpu_hours(pass("finetune"), &b, IN1K, 100.0, 224);
+    let lp = estimate_gpu_hours(pass("linear_probe"), &b, IN1K, 100.0, 224);
     assert!(lp < ft && ft < by_epochs[1] * 2.0, "{lp} {ft}");
 }
 
@@ -665,7 +670,8 @@ fn paper_pipelines_plan_when_the_kinds_exist() {
     ] {
         let p = cjepa::spec::load_pipeline(&root.join(rel), &Default::default())
             .unwrap_or_else(|e| panic!("{rel}: {e}"));
-        let plan = cjepa::plan::build(&p).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let plan =
+            cjepa::plan::build(&p, cjepa::stages::table).unwrap_or_else(|e| panic!("{rel}: {e}"));
         assert_eq!(plan.stages.len(), n, "{rel}");
         let est = cjepa::plan::cost::plan_estimates(&plan);
         for (s, e) in plan.stages.iter().zip(&est) {

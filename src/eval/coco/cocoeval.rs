@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use super::dataset::{CocoDataset, CocoResults, Segmentation};
 use super::iou::{bbox_iou, mask_iou, IouMatrix};
-use super::rle::Rle;
 use super::CocoError;
+use crate::data::mask::Rle;
 
 /// Which geometry the IoU is computed on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

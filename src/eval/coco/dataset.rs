@@ -10,10 +10,10 @@ use serde_json::Value;
 
 use rayon::prelude::*;
 
-use super::polygon::polygons_to_rle;
-use super::rle::Rle;
 use super::segm_json::RawSeg;
 use super::CocoError;
+use crate::data::mask::polygons_to_rle;
+use crate::data::mask::Rle;
 
 /// An image entry (`images[]`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -346,7 +346,7 @@ impl CocoDataset {
                 let im = self.image(image_id).ok_or_else(|| {
                     CocoError::Usage(format!("image_id {image_id} is not in {}", self.source))
                 })?;
-                polygons_to_rle(p, im.height, im.width)
+                Ok(polygons_to_rle(p, im.height, im.width)?)
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::borrow::Borrow;
 
-use super::rle::Rle;
+use crate::data::mask::Rle;
 
 /// A detections x ground-truths IoU matrix, row-major (`get(d, g)`).
 #[derive(Clone, Debug, PartialEq, Default)]

@@ -21,13 +21,14 @@
 pub mod cocoeval;
 pub mod dataset;
 pub mod iou;
-pub mod polygon;
-pub mod rle;
 mod segm_json;
 pub mod summary;
 
 use std::path::PathBuf;
 
+pub use crate::data::mask::{
+    polygons_to_rle, rle_from_bbox, rle_from_polygon, rles_from_polygons, MaskError, Rle,
+};
 pub use cocoeval::{
     evaluate, iou_thresholds, numpy_mean, recall_thresholds, CocoEvalResult, IouType, AREA_LABELS,
     AREA_RANGES, MAX_DETS,
@@ -37,8 +38,6 @@ pub use dataset::{
     Detection, ResultEntry, Segmentation,
 };
 pub use iou::{bbox_iou, box_iou, mask_iou, rle_pair_iou, IouMatrix};
-pub use polygon::{polygons_to_rle, rle_from_bbox, rle_from_polygon, rles_from_polygons};
-pub use rle::Rle;
 pub use summary::{
     evaluate_files, evaluate_files_with, format_summary, parse_iou_types, CocoReport,
 };
@@ -80,4 +79,10 @@ pub enum CocoError {
     /// A bad argument (e.g. an unknown IoU type).
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<MaskError> for CocoError {
+    fn from(e: MaskError) -> Self {
+        CocoError::Rle(e.0)
+    }
 }

@@ -9,7 +9,7 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::dataset::Segmentation;
-use super::rle::Rle;
+use crate::data::mask::Rle;
 
 /// A segmentation as read, before validation.
 #[derive(Debug)]

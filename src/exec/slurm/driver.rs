@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use super::track::{Settled, Tracker};
 use super::{available, script, submit, SlurmOptions};
 use crate::error::{Error, Result};
+use crate::exec::core::{self, Decision, Event, Outcome, Reporter, RunOptions, RunSummary};
 use crate::exec::import;
-use crate::exec::local::{self, Decision, Event, Outcome, Reporter, RunOptions, RunSummary};
 use crate::plan::{select, Plan};
 use crate::store::{Lookup, Record, Store};
 
@@ -82,7 +82,7 @@ impl<'a, 'b> Driver<'a, 'b> {
         }
         self.stop_launching = false;
         self.interrupted = false;
-        let decisions = local::decide(self.plan, self.store, self.opts)?;
+        let decisions = core::decide(self.plan, self.store, self.opts)?;
         let mut pending = BTreeSet::new();
         for (i, d) in decisions.iter().enumerate() {
             let s = &self.plan.stages[i];
@@ -280,7 +280,7 @@ impl<'a, 'b> Driver<'a, 'b> {
             std::thread::sleep(Duration::from_millis(250));
             for t in self.tr.active.values() {
                 if let (Some(p), true) = (
-                    crate::exec::progress::read(&t.job.progress_file()),
+                    crate::kind::progress::read(&t.job.progress_file()),
                     t.announced,
                 ) {
                     self.rep.event(Event::Progress {

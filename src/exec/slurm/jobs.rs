@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::exec::import::StageIdentity;
-use crate::exec::job::Job;
+use crate::kind::job::Job;
 use crate::store::Store;
 use crate::util::atomic;
 

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use self::driver::Driver;
 use self::poll::Commands;
-use super::local::{Reporter, RunOptions, RunSummary};
+use super::core::{Reporter, RunOptions, RunSummary};
 use crate::error::Result;
 use crate::plan::Plan;
 use crate::spec::SlurmSite;

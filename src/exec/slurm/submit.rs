@@ -17,9 +17,9 @@ use super::poll::Commands;
 use super::script::{self, ScriptSpec};
 use super::{sanitize, DetachedOutcome, DetachedSummary};
 use crate::error::{Error, Result};
+use crate::exec::core::{self, Event, Outcome};
 use crate::exec::import::{self, StageIdentity, Verdict};
-use crate::exec::job::{Job, UpstreamRef};
-use crate::exec::local::{self, Event, Outcome};
+use crate::kind::job::{Job, UpstreamRef};
 use crate::plan::{select, Plan};
 
 /// Group `ready` stage indices (in plan order) into submissions: same stage and the same
@@ -136,7 +136,7 @@ impl<'a, 'b> Driver<'a, 'b> {
         let res = &first.resources;
         let threads = res.cpus.max(1) as usize;
         let gpus: Vec<u32> = (0..res.gpus).collect();
-        let device = local::device_for(&self.opts.device, res.gpus > 0);
+        let device = core::device_for(&self.opts.device, res.gpus > 0);
         let mut jobs = Vec::with_capacity(group.len());
         let mut after_ok: Vec<String> = Vec::new();
         let mut waits: Vec<Vec<String>> = Vec::new();
@@ -149,7 +149,7 @@ impl<'a, 'b> Driver<'a, 'b> {
             for (name, u) in &plan.stages[i].inst.upstream {
                 let us = &plan.stages[*u];
                 if let Some(rec) = &self.records[*u] {
-                    upstream.insert(name.clone(), local::upstream_ref(plan, self.store, *u, rec));
+                    upstream.insert(name.clone(), core::upstream_ref(plan, self.store, *u, rec));
                 } else if let Some((_, dep)) = pend.get(name) {
                     upstream.insert(
                         name.clone(),
@@ -177,7 +177,7 @@ impl<'a, 'b> Driver<'a, 'b> {
                     )));
                 }
             }
-            let job = local::prepare_job(
+            let job = core::prepare_job(
                 plan,
                 self.store,
                 i,
@@ -239,7 +239,7 @@ impl<'a, 'b> Driver<'a, 'b> {
                             PathBuf::from(l.to_string_lossy().replace("%a", &k.to_string()))
                         }),
                         waits_for: waits[k].clone(),
-                        resume_step: crate::exec::checkpoint::latest(&job.ckpt_dir())?
+                        resume_step: crate::kind::checkpoint::latest(&job.ckpt_dir())?
                             .map(|c| c.step),
                         attempt: 1,
                         submitted: chrono::Utc::now(),
@@ -315,7 +315,7 @@ impl<'a, 'b> Driver<'a, 'b> {
                 let sub = Submitted {
                     job_id: id,
                     slurm_log: None,
-                    resume_step: crate::exec::checkpoint::latest(&t.job.ckpt_dir())?
+                    resume_step: crate::kind::checkpoint::latest(&t.job.ckpt_dir())?
                         .map(|c| c.step),
                     attempt: t.sub.attempt + 1,
                     submitted: chrono::Utc::now(),
@@ -484,7 +484,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let plan = crate::plan::build(&p).unwrap();
+        let plan = crate::plan::build(&p, crate::stages::table).unwrap();
         let ids: Vec<&str> = plan.stages.iter().map(|s| s.inst.id.as_str()).collect();
         assert_eq!(ids, ["a[vars.x=1]", "a[vars.x=2]", "a[vars.x=3]", "b"]);
         let all: Vec<usize> = (0..4).collect();

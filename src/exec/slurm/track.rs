@@ -10,11 +10,11 @@ use super::jobs::{self, Jobs, MirrorEntry, Submitted};
 use super::poll::{self, Backoff, Commands, JobState};
 use super::{submit, SlurmOptions};
 use crate::error::{Error, Result};
+use crate::exec::core::{Event, Reporter};
 use crate::exec::import::{self, Verdict};
-use crate::exec::job::Job;
-use crate::exec::local::{Event, Reporter};
+use crate::kind::job::Job;
+use crate::kind::StageOutput;
 use crate::plan::Plan;
-use crate::stages::StageOutput;
 use crate::store::{Lookup, Record, Store};
 
 /// A submitted stage being watched.

@@ -157,7 +157,7 @@ impl BoxMask {
     }
 
     /// COCO RLE (column-major runs) of the full-image mask, visiting only the rectangle.
-    pub fn to_rle(&self) -> crate::eval::coco::Rle {
+    pub fn to_rle(&self) -> crate::data::mask::Rle {
         let (h, w) = self.size;
         let (x0, y0) = self.origin;
         let (rh, rw) = self.rect;
@@ -185,7 +185,7 @@ impl BoxMask {
         }
         push(0, ((w - x0 - rw) * h) as u64);
         counts.push(run as u32);
-        crate::eval::coco::Rle { h, w, counts }
+        crate::data::mask::Rle { h, w, counts }
     }
 }
 
@@ -280,7 +280,7 @@ mod tests {
         let probs = vec![0.9f32; 28 * 28];
         let bm = paste(&probs, 28, &[3.0, 2.0, 9.0, 7.0], (10, 12), 0.5);
         let out = bm.to_full();
-        let rle = crate::eval::coco::Rle::encode_row_major(&out, 10, 12).unwrap();
+        let rle = crate::data::mask::Rle::encode_row_major(&out, 10, 12).unwrap();
         assert_eq!(bm.to_rle(), rle, "rectangle RLE = full-image RLE");
         let on: Vec<(usize, usize)> = (0..10)
             .flat_map(|y| (0..12).map(move |x| (y, x)))
@@ -298,7 +298,7 @@ mod tests {
         }
         let bm = paste(&half, 4, &[0.0, 0.0, 8.0, 8.0], (8, 8), 0.5);
         let out = bm.to_full();
-        let rle = crate::eval::coco::Rle::encode_row_major(&out, 8, 8).unwrap();
+        let rle = crate::data::mask::Rle::encode_row_major(&out, 8, 8).unwrap();
         assert_eq!(bm.to_rle(), rle);
         // degenerate and off-image boxes give empty masks with valid RLEs
         for b in [
@@ -307,7 +307,7 @@ mod tests {
             [-9.0, -9.0, -1.5, -2.0],
         ] {
             let bm = paste(&half, 4, &b, (8, 8), 0.5);
-            assert_eq!(bm.to_rle(), crate::eval::coco::Rle::empty(8, 8), "{b:?}");
+            assert_eq!(bm.to_rle(), crate::data::mask::Rle::empty(8, 8), "{b:?}");
         }
         for y in 0..8 {
             assert_eq!(&out[y * 8..y * 8 + 8], &[1, 1, 1, 1, 0, 0, 0, 0], "row {y}");
@@ -329,7 +329,7 @@ mod tests {
                 rect: (rh, rw),
                 data,
             };
-            let want = crate::eval::coco::Rle::encode_row_major(&bm.to_full(), h, w).unwrap();
+            let want = crate::data::mask::Rle::encode_row_major(&bm.to_full(), h, w).unwrap();
             assert_eq!(bm.to_rle(), want, "{bm:?}");
         }
     }

@@ -25,44 +25,12 @@ pub fn lr_at(base: f64, step: u64, warmup: u64, total: u64) -> f64 {
     base * (1.0 - (step - warmup) as f64 / span).max(0.0)
 }
 
-/// mmseg `LayerDecayOptimizerConstructor` scale of a parameter: `decay^(L - 1 - id)` with
-/// `L = depth + 2`, id 0 for the patch embedding, `i + 1` for block `i`, `L - 1` otherwise.
+/// mmseg `LayerDecayOptimizerConstructor` scale of a parameter of the segmentation network:
+/// the backbone's (`backbone.*`) by [`crate::train::layer_decay`], the head's 1.
 pub fn layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
-    let n = depth + 2;
-    let id = match name.strip_prefix("backbone.") {
-        Some(r) if r.starts_with("patch_embed") => 0,
-        Some(r) => r
-            .strip_prefix("blocks.")
-            .and_then(|b| b.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .map_or(n - 1, |i| i + 1),
-        None => n - 1,
-    };
-    decay.powi((n - 1 - id) as i32)
-}
-
-/// Cross-entropy with ignore index 255 over `(B, K, H, W)` logits, averaged over all `B*H*W`
-/// pixels (mmseg `CrossEntropyLoss`, `avg_non_ignore=False`).
-pub fn cross_entropy_ignore(logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
-    let (b, k, h, w) = logits.dims4()?;
-    let max = logits.max_keepdim(1)?.detach();
-    let z = logits.broadcast_sub(&max)?;
-    let lse = z.exp()?.sum_keepdim(1)?.log()?;
-    let logp = z.broadcast_sub(&lse)?;
-    let idx: Vec<u32> = labels
-        .iter()
-        .map(|&l| if (l as usize) < k { l as u32 } else { 0 })
-        .collect();
-    let valid: Vec<f32> = labels
-        .iter()
-        .map(|&l| if (l as usize) < k { 1.0 } else { 0.0 })
-        .collect();
-    let dev = logits.device();
-    let idx = Tensor::from_vec(idx, (b, 1, h, w), dev)?;
-    let valid = Tensor::from_vec(valid, (b, 1, h, w), dev)?;
-    let picked = logp.contiguous()?.gather(&idx, 1)?;
-    let n = (b * h * w) as f64;
-    Ok(((picked * valid)?.sum_all()? * (-1.0 / n))?)
+    name.strip_prefix("backbone.").map_or(1.0, |r| {
+        crate::train::layer_decay::layer_scale(r, depth, decay)
+    })
 }
 
 /// Model-layer errors (shapes, configs) as data errors of the stage.
@@ -292,20 +260,5 @@ mod tests {
             layer_scale("backbone.patch_embed.proj.weight", 12, d),
             d.powi(13),
         );
-    }
-
-    #[test]
-    fn cross_entropy_ignores_255() {
-        let dev = Device::Cpu;
-        // 2 classes, 3 pixels: logits favour class 0 everywhere
-        let l = Tensor::new(&[2f32, 2.0, 2.0, 0.0, 0.0, 0.0], &dev)
-            .unwrap()
-            .reshape((1, 2, 1, 3))
-            .unwrap();
-        let loss = cross_entropy_ignore(&l, &[0, 1, 255]).unwrap();
-        let lse = (2f64.exp() + 1.0).ln();
-        let want = ((lse - 2.0) + lse) / 3.0;
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
 }

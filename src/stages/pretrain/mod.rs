@@ -274,8 +274,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             m.iter().map(|l| dist::shard_rows(l, rank, world)).collect()
         };
         // masks stay host data: the networks read their index lists without a device sync
-        let masks_enc = mask_tensors(&shard(&masks.enc), &Device::Cpu)?;
-        let masks_pred = mask_tensors(&shard(&masks.pred), &Device::Cpu)?;
+        let masks_enc = crate::model::masks::mask_tensors(&shard(&masks.enc), &Device::Cpu)?;
+        let masks_pred = crate::model::masks::mask_tensors(&shard(&masks.pred), &Device::Cpu)?;
         let completed = it + 1;
         let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
         let snapshot = snapshots
@@ -440,7 +440,7 @@ fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, DataFormat)> {
         .values()
         .filter(|u| u.kind == "dataset")
         .collect();
-    let fmt = |u: &crate::exec::job::UpstreamRef| {
+    let fmt = |u: &crate::kind::job::UpstreamRef| {
         u.info
             .get("format")
             .and_then(Value::as_str)
@@ -507,18 +507,6 @@ fn pretraining_images(
             ),
         )),
     }
-}
-
-/// `[M][B][K]` index lists as M tensors `(B, K)` of u32.
-fn mask_tensors(lists: &[Vec<Vec<u32>>], dev: &Device) -> Result<Vec<Tensor>> {
-    lists
-        .iter()
-        .map(|per_image| {
-            let k = per_image.first().map_or(0, Vec::len);
-            let flat: Vec<u32> = per_image.iter().flatten().copied().collect();
-            Ok(Tensor::from_vec(flat, (per_image.len(), k), dev)?)
-        })
-        .collect()
 }
 
 /// Reads the values of the last step taken, if still unread. A divergence stops the stage; the
@@ -658,6 +646,93 @@ fn write_artifacts(
     });
     crate::util::atomic::write_json(&dir.join(CONFIG_FILE), &config)?;
     Ok(())
+}
+
+/// The `pretrain` kind.
+pub struct Pretrain;
+
+impl crate::kind::Kind for Pretrain {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn resolve_params(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<serde_json::Value, String> {
+        resolve(params)
+    }
+
+    fn default_params(&self) -> serde_json::Value {
+        super::to_json(&Params::default())
+    }
+
+    /// `model:` with `params.img` / `params.patch` applied.
+    fn planned_model(
+        &self,
+        model: &serde_json::Map<String, serde_json::Value>,
+        params: &serde_json::Value,
+    ) -> Option<crate::model::VitConfig> {
+        let mut cfg: crate::model::VitConfig =
+            serde_json::from_value(serde_json::Value::Object(model.clone())).ok()?;
+        if let Some(i) = params.get("img").and_then(serde_json::Value::as_u64) {
+            cfg.img_size = i as usize;
+        }
+        if let Some(s) = params.get("patch").and_then(serde_json::Value::as_u64) {
+            cfg.patch_size = s as usize;
+        }
+        Some(cfg)
+    }
+
+    fn check_plan(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        super::parallel::check_plan(crate::kind::StageKind::Pretrain, stage)
+    }
+
+    /// A `CJEPA_SHARDS` setting must be a shard count that divides the batch.
+    fn check_environment(
+        &self,
+        stage: &crate::kind::PlanView,
+    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        use crate::train::sharded::{shard_count, SHARDS_ENV};
+        let Ok(v) = std::env::var(SHARDS_ENV) else {
+            return Ok(());
+        };
+        let batch = stage.params["batch"].as_u64().unwrap_or(1) as usize;
+        shard_count(SHARDS_ENV, Some(&v), 1, batch)
+            .map(|_| ())
+            .map_err(|m| crate::kind::PlanIssue::params("batch", m))
+    }
+
+    fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
+        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
+            return crate::kind::Cost::NONE;
+        };
+        crate::kind::Cost {
+            pass: crate::kind::Pass::Jepa,
+            img_size: p.img,
+            schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
+        }
+    }
+
+    /// The step trains shards of each batch on separate threads (`train::sharded`), whose
+    /// kernels share out their work through rayon; candle's own element-wise thread pool would
+    /// make the shards queue for it. Set before the first candle op starts that pool.
+    fn prepare_process(&self, _job: &crate::kind::job::Job, rank: Option<usize>) {
+        use crate::train::sharded::SHARDS_ENV;
+        if rank.is_none()
+            && std::env::var_os(SHARDS_ENV) != Some("1".into())
+            && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+        {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
+        run(ctx)
+    }
 }
 
 #[cfg(test)]

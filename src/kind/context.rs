@@ -8,10 +8,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::exec::checkpoint::Checkpointer;
-use crate::exec::job::Job;
-use crate::exec::progress::ProgressFile;
-use crate::exec::tensorboard::EventWriter;
+use crate::kind::checkpoint::Checkpointer;
+use crate::kind::job::Job;
+use crate::kind::progress::ProgressFile;
+use crate::kind::tensorboard::EventWriter;
 
 /// Metrics and small outputs of a finished stage (artifacts are files in `job.out_dir`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

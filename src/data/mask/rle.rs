@@ -6,7 +6,7 @@
 //! (`rleToString` / `rleFrString`). Every function reproduces pycocotools bit for bit on
 //! well-formed input; the loops are literal ports so that even odd inputs behave the same.
 
-use super::CocoError;
+use super::MaskError;
 
 /// A run-length encoded binary mask (`h` rows, `w` columns, column-major runs).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -19,14 +19,14 @@ pub struct Rle {
     pub counts: Vec<u32>,
 }
 
-fn rle_err(msg: impl Into<String>) -> CocoError {
-    CocoError::Rle(msg.into())
+fn rle_err(msg: impl Into<String>) -> MaskError {
+    MaskError(msg.into())
 }
 
 impl Rle {
     /// Builds an RLE from run lengths, checking that they sum to `h * w`
     /// (this is `frPyObjects` on an uncompressed RLE `{"size": [h, w], "counts": [...]}`).
-    pub fn from_counts(h: usize, w: usize, counts: Vec<u32>) -> Result<Rle, CocoError> {
+    pub fn from_counts(h: usize, w: usize, counts: Vec<u32>) -> Result<Rle, MaskError> {
         let sum: u64 = counts.iter().map(|&c| c as u64).sum();
         if sum != (h as u64) * (w as u64) {
             return Err(rle_err(format!(
@@ -39,7 +39,7 @@ impl Rle {
     }
 
     /// Uncompressed counts as they appear in JSON (`u64`), range-checked to `u32`.
-    pub fn from_uncompressed(h: usize, w: usize, counts: &[u64]) -> Result<Rle, CocoError> {
+    pub fn from_uncompressed(h: usize, w: usize, counts: &[u64]) -> Result<Rle, MaskError> {
         let mut v = Vec::with_capacity(counts.len());
         for &c in counts {
             let c = u32::try_from(c)
@@ -60,13 +60,13 @@ impl Rle {
 
     /// Encodes a column-major mask (`mask[x * h + y]`, nonzero = foreground), like
     /// `maskUtils.encode` on a Fortran-ordered array.
-    pub fn encode_col_major(mask: &[u8], h: usize, w: usize) -> Result<Rle, CocoError> {
+    pub fn encode_col_major(mask: &[u8], h: usize, w: usize) -> Result<Rle, MaskError> {
         check_len(mask.len(), h, w)?;
         Ok(encode_iter(h, w, mask.iter().map(|&v| v != 0)))
     }
 
     /// Encodes a row-major mask (`mask[y * w + x]`, nonzero = foreground), e.g. image pixels.
-    pub fn encode_row_major(mask: &[u8], h: usize, w: usize) -> Result<Rle, CocoError> {
+    pub fn encode_row_major(mask: &[u8], h: usize, w: usize) -> Result<Rle, MaskError> {
         check_len(mask.len(), h, w)?;
         let it = (0..w).flat_map(move |x| (0..h).map(move |y| mask[y * w + x] != 0));
         Ok(encode_iter(h, w, it))
@@ -124,7 +124,7 @@ impl Rle {
     }
 
     /// Parses the compressed string form (`rleFrString`) and checks that the runs cover `h * w`.
-    pub fn from_compressed(s: &str, h: usize, w: usize) -> Result<Rle, CocoError> {
+    pub fn from_compressed(s: &str, h: usize, w: usize) -> Result<Rle, MaskError> {
         let bytes = s.as_bytes();
         let mut counts: Vec<u32> = Vec::with_capacity(bytes.len());
         let mut p = 0usize;
@@ -220,7 +220,7 @@ impl Rle {
 
     /// Pixelwise union (`intersect = false`) or intersection (`true`) of masks of one size
     /// (`rleMerge`). An empty list gives a 0x0 mask; a single RLE is returned as is.
-    pub fn merge(rles: &[Rle], intersect: bool) -> Result<Rle, CocoError> {
+    pub fn merge(rles: &[Rle], intersect: bool) -> Result<Rle, MaskError> {
         let Some(first) = rles.first() else {
             return Ok(Rle {
                 h: 0,
@@ -243,17 +243,17 @@ impl Rle {
     }
 
     /// Union of masks of one size (`maskUtils.merge(rles)`).
-    pub fn union(rles: &[Rle]) -> Result<Rle, CocoError> {
+    pub fn union(rles: &[Rle]) -> Result<Rle, MaskError> {
         Rle::merge(rles, false)
     }
 
     /// Intersection of masks of one size (`maskUtils.merge(rles, intersect=True)`).
-    pub fn intersection(rles: &[Rle]) -> Result<Rle, CocoError> {
+    pub fn intersection(rles: &[Rle]) -> Result<Rle, MaskError> {
         Rle::merge(rles, true)
     }
 }
 
-fn check_len(len: usize, h: usize, w: usize) -> Result<(), CocoError> {
+fn check_len(len: usize, h: usize, w: usize) -> Result<(), MaskError> {
     if len != h * w {
         return Err(rle_err(format!(
             "mask buffer has {len} values but a {h}x{w} mask needs {}",

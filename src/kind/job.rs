@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::StageOutput;
 use crate::error::Result;
-use crate::stages::StageOutput;
 use crate::util::atomic;
 
 /// One upstream stage as seen by a job.

@@ -6,7 +6,7 @@
 //! zero exactly like the C `(int)` casts.
 
 use super::rle::Rle;
-use super::CocoError;
+use super::MaskError;
 
 /// Rasterises one polygon `[x0, y0, x1, y1, ...]` into an `h` x `w` mask (`rleFrPoly`).
 /// A trailing odd coordinate is ignored (as pycocotools does with `len(p) // 2` points).
@@ -117,9 +117,9 @@ const MAX_COORD: f64 = 1e7;
 /// Like pycocotools, a list whose first element has exactly 4 numbers is a list of boxes
 /// `[x, y, w, h]` (each must then have 4 numbers); otherwise the first element needs more than
 /// 4 numbers and every element is a polygon.
-pub fn rles_from_polygons(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<Rle>, CocoError> {
+pub fn rles_from_polygons(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<Rle>, MaskError> {
     let Some(first) = polys.first() else {
-        return Err(CocoError::Rle(
+        return Err(MaskError(
             "an empty polygon list cannot be rasterised (pycocotools fails on it too); \
              give at least one polygon with 3 or more points"
                 .into(),
@@ -130,7 +130,7 @@ pub fn rles_from_polygons(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<
         .flatten()
         .find(|v| !v.is_finite() || v.abs() > MAX_COORD)
     {
-        return Err(CocoError::Rle(format!(
+        return Err(MaskError(format!(
             "polygon coordinate {bad} is not finite or beyond +-{MAX_COORD} pixels"
         )));
     }
@@ -139,7 +139,7 @@ pub fn rles_from_polygons(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<
             .iter()
             .map(|p| match <[f64; 4]>::try_from(p.as_slice()) {
                 Ok(bb) => Ok(rle_from_bbox(bb, h, w)),
-                Err(_) => Err(CocoError::Rle(format!(
+                Err(_) => Err(MaskError(format!(
                     "the first polygon has 4 numbers, which pycocotools reads as a box list, \
                      but another element has {} numbers",
                     p.len()
@@ -149,7 +149,7 @@ pub fn rles_from_polygons(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<
     } else if first.len() > 4 {
         Ok(polys.iter().map(|p| rle_from_polygon(p, h, w)).collect())
     } else {
-        Err(CocoError::Rle(format!(
+        Err(MaskError(format!(
             "the first polygon has only {} numbers; a polygon needs at least 3 points \
              (6 numbers)",
             first.len()
@@ -159,7 +159,7 @@ pub fn rles_from_polygons(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<
 
 /// The mask of one object made of several polygons: rasterise each and take the union
 /// (`maskUtils.merge(maskUtils.frPyObjects(polys, h, w))`).
-pub fn polygons_to_rle(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Rle, CocoError> {
+pub fn polygons_to_rle(polys: &[Vec<f64>], h: usize, w: usize) -> Result<Rle, MaskError> {
     let rles = rles_from_polygons(polys, h, w)?;
     Rle::union(&rles)
 }
