@@ -240,7 +240,7 @@ fn parse_shards(arg: &str, threads: usize, batch: usize, cpu: bool) -> anyhow::R
 fn json_masks(masks: &[Masks], cfg: &VitConfig, batch: usize) -> serde_json::Value {
     serde_json::json!({
         "config": cfg,
-        "batch": batch,
+        "batch_size": batch,
         "grid": cfg.grid_size(),
         "steps": masks.iter().map(|m| serde_json::json!({"enc": m.enc, "pred": m.pred})).collect::<Vec<_>>(),
     })

@@ -14,7 +14,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
-    let plan = cjepa::plan::build(&pipeline, cjepa::stages::table)?;
+    let plan = super::plan(&pipeline)?;
     let out = match a.format.as_str() {
         "dot" => cjepa::plan::graph_fmt::dot(&plan),
         _ => cjepa::plan::graph_fmt::mermaid(&plan),

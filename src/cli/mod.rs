@@ -174,6 +174,15 @@ pub fn load(a: &PipelineArgs) -> anyhow::Result<cjepa::spec::Pipeline> {
 }
 
 /// Store folder for commands without a pipeline.
+/// Plan `pipeline` with the built-in kinds, printing the deprecations met to stderr.
+pub fn plan(pipeline: &cjepa::spec::Pipeline) -> cjepa::error::Result<cjepa::plan::Plan> {
+    let plan = cjepa::plan::build(pipeline, cjepa::stages::table)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(plan)
+}
+
 pub fn default_store(s: &Option<PathBuf>) -> PathBuf {
     s.clone().unwrap_or_else(|| PathBuf::from(".cjepa"))
 }

@@ -56,7 +56,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     sets: a.sets.clone(),
                 },
             )?;
-            let plan = cjepa::plan::build(&pl, cjepa::stages::table)?;
+            let plan = super::plan(&pl)?;
             (
                 a.store.clone().unwrap_or_else(|| pl.store_dir.clone()),
                 Some(plan),

@@ -57,7 +57,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
-    let plan = cjepa::plan::build(&pipeline, cjepa::stages::table)?;
+    let plan = super::plan(&pipeline)?;
     let on_slurm = match a.executor.as_deref() {
         Some(e) => e == "slurm",
         None => pipeline.spec.executor == Some(ExecutorKind::Slurm),

@@ -29,7 +29,7 @@ type Seen = HashMap<String, (Instant, u64)>;
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let pipeline = super::load(&a.p)?;
-    let plan = cjepa::plan::build(&pipeline, cjepa::stages::table)?;
+    let plan = super::plan(&pipeline)?;
     let Some(every) = a.watch else {
         let store = super::open_read(&pipeline.store_dir, "cjepa status")?;
         for line in lines(&pipeline, &plan, &store, a.explain, &mut Seen::new())? {
@@ -136,9 +136,8 @@ fn lines(
             &s.key[..12]
         ));
         if let Some(p) = progress {
-            let batch = ["batch", "batch_size"]
-                .iter()
-                .find_map(|k| s.config["params"][*k].as_u64());
+            let batch = cjepa::kind::param(&s.config["params"], cjepa::kind::hooks::BATCH)
+                .and_then(|v| v.as_u64());
             out.push(format!(
                 "           step {}/{} {}{}",
                 p.step,

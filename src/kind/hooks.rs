@@ -145,6 +145,13 @@ pub trait Kind: Sync {
         &[]
     }
 
+    /// Params renamed to the shared vocabulary (`batch_size`, `img_size`, `patch_size`): the old
+    /// spelling is still read, with a deprecation warning, and keys keep hashing the old name so
+    /// that no cached result is lost.
+    fn renamed_params(&self) -> &'static [Rename] {
+        &[]
+    }
+
     /// Extra key inputs that depend on files (dataset fingerprints, input digests).
     fn key_inputs(
         &self,
@@ -155,7 +162,7 @@ pub trait Kind: Sync {
     }
 
     /// The encoder this stage builds, as planned, when the plan can tell: its `model:` with the
-    /// params that change it applied (pretraining's `img` / `patch`); `None` when the mapping is
+    /// params that change it applied (pretraining's `img_size` / `patch_size`); `None` when the mapping is
     /// not a complete ViT config (it may come with a checkpoint's `model.json`).
     fn planned_model(&self, model: &Map<String, Value>, _params: &Value) -> Option<VitConfig> {
         serde_json::from_value(Value::Object(model.clone())).ok()
@@ -192,3 +199,28 @@ pub trait Kind: Sync {
     /// Runs the stage (inside `cjepa exec-stage`).
     fn run(&self, ctx: &mut StageContext) -> Result<StageOutput>;
 }
+
+/// A param renamed to the shared vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rename {
+    /// The deprecated spelling, still accepted; the key hashes this name.
+    pub old: &'static str,
+    /// The spelling to write.
+    pub new: &'static str,
+}
+
+/// `batch` -> `batch_size`.
+pub const BATCH: Rename = Rename {
+    old: "batch",
+    new: "batch_size",
+};
+/// `img` -> `img_size`.
+pub const IMG: Rename = Rename {
+    old: "img",
+    new: "img_size",
+};
+/// `patch` -> `patch_size`.
+pub const PATCH: Rename = Rename {
+    old: "patch",
+    new: "patch_size",
+};

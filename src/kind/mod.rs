@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use context::{StageContext, StageOutput};
-pub use hooks::{Cost, Kind, KindTable, Pass, PlanIssue, PlanView, Schedule, UpstreamView};
+pub use hooks::{Cost, Kind, KindTable, Pass, PlanIssue, PlanView, Rename, Schedule, UpstreamView};
 
 use crate::error::Result;
 
@@ -162,4 +162,10 @@ pub fn resolve<P: DeserializeOwned + Serialize>(
 /// Read a stage's typed params from its resolved config.
 pub fn params_of<P: DeserializeOwned>(ctx: &StageContext) -> Result<P> {
     Ok(serde_json::from_value(ctx.job.config["params"].clone())?)
+}
+
+/// A renamed param of resolved or stored `params`, under its new name or, in configs stored
+/// before the rename, its old one.
+pub fn param(params: &serde_json::Value, r: Rename) -> Option<&serde_json::Value> {
+    params.get(r.new).or_else(|| params.get(r.old))
 }

@@ -133,7 +133,7 @@ pub fn plan_estimates(plan: &Plan) -> Vec<Option<f64>> {
                 nearest(i, &|u| plan.stages[u].config.get("model").is_some())?
             };
             let mcfg = &plan.stages[model_at].config;
-            // the encoder as the stage that defines it trains it (pretraining's `img` applied)
+            // the encoder as the stage that defines it trains it (pretraining's `img_size` applied)
             let model =
                 hooks(model_at).planned_model(mcfg["model"].as_object()?, &mcfg["params"])?;
             let img = cost.img_size.unwrap_or(model.img_size);

@@ -36,6 +36,16 @@ pub fn key_input(
             m.remove(*k);
         }
     }
+    // renamed params hash under their old names: the rename keeps every key
+    for v in [&mut params, &mut defaults] {
+        if let Some(m) = v.as_object_mut() {
+            for r in hooks.renamed_params() {
+                if let Some(x) = m.remove(r.new) {
+                    m.insert(r.old.to_string(), x);
+                }
+            }
+        }
+    }
     let mut v = json!({
         "v": KEY_VERSION,
         "kind": kind.name(),

@@ -49,6 +49,8 @@ pub struct Plan {
     pub graph: DiGraph<usize, ()>,
     /// The kinds' implementations the plan was built with.
     pub kinds: KindTable,
+    /// Deprecations met while planning (`file:line:col: ...`), for the CLI to print.
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -101,6 +103,7 @@ pub fn build(p: &Pipeline, kinds: KindTable) -> Result<Plan> {
     let insts = expand(p)?;
     let mut stages: Vec<PlannedStage> = Vec::with_capacity(insts.len());
     let mut model_cache: BTreeMap<String, Value> = BTreeMap::new();
+    let mut warnings: Vec<String> = Vec::new();
     for inst in insts {
         let spec = &p.spec.stages[&inst.stage];
         let kind = StageKind::parse(&spec.kind).expect("validated");
@@ -129,6 +132,36 @@ pub fn build(p: &Pipeline, kinds: KindTable) -> Result<Plan> {
                 "model",
                 format!("kind `{}` takes no `model:`", kind.name()),
             ));
+        }
+        for r in hooks.renamed_params() {
+            let Some(v) = params.remove(r.old) else {
+                continue;
+            };
+            if params.contains_key(r.new) {
+                return Err(err(
+                    "params",
+                    format!(
+                        "`params.{}` and `params.{}` are the same param; keep `{}`",
+                        r.old, r.new, r.new
+                    ),
+                ));
+            }
+            params.insert(r.new.to_string(), v);
+            let path = at("params");
+            let mut refs: Vec<&str> = path.iter().map(String::as_str).collect();
+            refs.push(r.old);
+            let note = p
+                .err_at(
+                    &refs,
+                    format!(
+                        "stage `{}`: `params.{}` is deprecated; write `{}` (same meaning, same key)",
+                        inst.id, r.old, r.new
+                    ),
+                )
+                .to_string();
+            if !warnings.contains(&note) {
+                warnings.push(note);
+            }
         }
         let resolved = hooks
             .resolve_params(&params)
@@ -202,6 +235,7 @@ pub fn build(p: &Pipeline, kinds: KindTable) -> Result<Plan> {
         stages,
         graph,
         kinds,
+        warnings,
     })
 }
 

@@ -296,7 +296,10 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
         Some(p) => {
             let params = &p.config["params"];
             let (method, method_label) = method_of(params);
-            let (arch, arch_label) = arch_of(&p.config["model"], params["img"].as_u64());
+            let (arch, arch_label) = arch_of(
+                &p.config["model"],
+                crate::kind::param(params, crate::kind::hooks::IMG).and_then(|v| v.as_u64()),
+            );
             let run_epochs = params["epochs"].as_u64();
             // an evaluation of the run's snapshot of epoch K counts as K pretraining epochs
             let at_epoch = match r.kind.as_str() {
@@ -327,7 +330,11 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
                 ),
             };
             let (arch, arch_label) = if r.config.get("model").is_some() {
-                arch_of(&r.config["model"], r.config["params"]["img"].as_u64())
+                arch_of(
+                    &r.config["model"],
+                    crate::kind::param(&r.config["params"], crate::kind::hooks::IMG)
+                        .and_then(|v| v.as_u64()),
+                )
             } else {
                 ("?".into(), "?".into())
             };

@@ -16,7 +16,7 @@
 //! (`predictions/<stem>.png`, classes 0..149) and scored by `evaluate_dirs`.
 //!
 //! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): each rank takes
-//! every `N`-th image of each global batch (`batch` must be a multiple of `N`), the gradients are
+//! every `N`-th image of each global batch (`batch_size` must be a multiple of `N`), the gradients are
 //! averaged over the ranks (the loss is a mean over equal shards' pixels, so the mean of the
 //! ranks' gradients is the global batch's); rank 0 checkpoints, predicts and scores. The linear
 //! protocol thus trains the weights of one process. UperNet's BatchNorm layers normalise with
@@ -149,7 +149,8 @@ pub struct Params {
     pub iters: u64,
     /// Images per iteration (mmseg: 16).
     #[serde(default = "d_batch")]
-    pub batch: usize,
+    #[serde(alias = "batch")]
+    pub batch_size: usize,
     /// Peak learning rate (default: 8e-4 linear, 1e-4 UperNet).
     #[serde(default)]
     pub lr: Option<f64>,
@@ -307,9 +308,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                 layers
             )));
         }
-        if p.batch < 2 {
+        if p.batch_size < 2 {
             return Err(bad(
-                "UperNet trains BatchNorm layers: `batch` must be at least 2".into(),
+                "UperNet trains BatchNorm layers: `batch_size` must be at least 2".into(),
             ));
         }
         if p.crop / patch < 2 {
@@ -319,15 +320,15 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             )));
         }
     }
-    if p.batch == 0 || p.iters == 0 {
-        return Err(bad("`batch` and `iters` must be positive".into()));
+    if p.batch_size == 0 || p.iters == 0 {
+        return Err(bad("`batch_size` and `iters` must be positive".into()));
     }
-    ranks.check_divides("batch", p.batch)?;
-    if p.protocol == Protocol::Upernet && p.batch / world < 2 {
+    ranks.check_divides("batch_size", p.batch_size)?;
+    if p.protocol == Protocol::Upernet && p.batch_size / world < 2 {
         return Err(bad(format!(
-            "UperNet trains BatchNorm layers on each rank's shard: `batch` ({}) must be at \
+            "UperNet trains BatchNorm layers on each rank's shard: `batch_size` ({}) must be at \
              least 2 x the number of ranks ({world})",
-            p.batch
+            p.batch_size
         )));
     }
     ctx.log(format!(
@@ -360,7 +361,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         flip: 0.5,
     };
     let base_lr = p.lr();
-    let shard = ranks.shard(&(0..p.batch).collect::<Vec<_>>());
+    let shard = ranks.shard(&(0..p.batch_size).collect::<Vec<_>>());
     while st.step < p.iters {
         ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &model, &opt, &st))?;
         let step = st.step;
@@ -515,7 +516,7 @@ fn train_batch(
     let items: Vec<Result<(Vec<f32>, Vec<u8>)>> = shard
         .par_iter()
         .map(|&b| {
-            let g = step * p.batch as u64 + b as u64;
+            let g = step * p.batch_size as u64 + b as u64;
             let (img_path, ann_path) = &ds.samples[sample_index(key, seed, n, g)];
             let img = transforms::decode_rgb(img_path).map_err(|e| Error::Data(e.to_string()))?;
             let lab = read_labels(ann_path)?;
@@ -604,6 +605,10 @@ fn predict(
 pub struct Ade20kSegmentation;
 
 impl crate::kind::Kind for Ade20kSegmentation {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[crate::kind::hooks::BATCH]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
@@ -641,7 +646,7 @@ impl crate::kind::Kind for Ade20kSegmentation {
             img_size: Some(512),
             schedule: Some(crate::kind::Schedule::Iters {
                 iters: p.iters,
-                batch: p.batch as u64,
+                batch: p.batch_size as u64,
             }),
         }
     }

@@ -78,7 +78,8 @@ pub struct Params {
     pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`; VISSL: 224).
     #[serde(default)]
-    pub img: Option<u32>,
+    #[serde(alias = "img")]
+    pub img_size: Option<u32>,
     /// Epochs (default: 50 for Count, 100 for Dist).
     #[serde(default)]
     pub epochs: Option<u32>,
@@ -178,7 +179,7 @@ pub fn run(ctx: &mut StageContext, task: ClevrTask) -> Result<StageOutput> {
             .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))
     };
     let (train, val) = (open("train")?, open("val")?);
-    let img = p.img.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
     let tp: Vec<_> = train.iter().map(|s| s.0.clone()).collect();
     let vp: Vec<_> = val.iter().map(|s| s.0.clone()).collect();
     let req = FeatureRequest {
@@ -229,6 +230,10 @@ pub static CLEVR_COUNT: ClevrProbe = ClevrProbe(ClevrTask::Count);
 pub static CLEVR_DIST: ClevrProbe = ClevrProbe(ClevrTask::Dist);
 
 impl crate::kind::Kind for ClevrProbe {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[crate::kind::hooks::IMG]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
@@ -266,7 +271,7 @@ impl crate::kind::Kind for ClevrProbe {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Forward,
-            img_size: p.img.map(|i| i as usize),
+            img_size: p.img_size.map(|i| i as usize),
             schedule: p.epochs.map(|e| crate::kind::Schedule::Epochs(e as f64)),
         }
     }

@@ -101,7 +101,8 @@ pub struct Params {
     pub temperature: f64,
     /// Frames encoded at once.
     #[serde(default = "d_batch")]
-    pub batch: usize,
+    #[serde(alias = "batch")]
+    pub batch_size: usize,
 }
 
 impl Default for Params {
@@ -267,7 +268,7 @@ fn run_sequence(
         &gt,
     )
     .map_err(werr)?;
-    let feats = encode_frames(enc, &seq.frames, th, tw, p.batch, dev)?;
+    let feats = encode_frames(enc, &seq.frames, th, tw, p.batch_size, dev)?;
     propagate_sequence(cfg, &feats, first, c, h, w, |t, soft| {
         let seg = frame_output(soft, c, h, w, patch, ah, aw);
         write_palette_png(
@@ -415,6 +416,10 @@ fn check_plan(stage: &crate::kind::PlanView) -> std::result::Result<(), crate::k
 pub struct DavisVos;
 
 impl crate::kind::Kind for DavisVos {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[crate::kind::hooks::BATCH]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }

@@ -136,7 +136,8 @@ pub struct Params {
     pub checkpoint: String,
     /// Input side in pixels (default: the model's `img_size`).
     #[serde(default)]
-    pub img: Option<u32>,
+    #[serde(alias = "img")]
+    pub img_size: Option<u32>,
     /// Epochs (MAE: 100 for B, 50 for L/H).
     #[serde(default = "d_epochs")]
     pub epochs: u32,
@@ -407,7 +408,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
     let (_, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
     let classes = train.num_classes();
-    let img = p.img.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
     let depth = bb.cfg.depth;
     let mut init_rng = crate::util::rng::stage_rng(&ctx.job.key, ctx.job.seed, "head-init");
     let head = Head::new(
@@ -807,6 +808,10 @@ pub fn soft_ce(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
 pub struct Finetune;
 
 impl crate::kind::Kind for Finetune {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[crate::kind::hooks::IMG]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
@@ -848,7 +853,7 @@ impl crate::kind::Kind for Finetune {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Train,
-            img_size: p.img.map(|i| i as usize),
+            img_size: p.img_size.map(|i| i as usize),
             schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
         }
     }

@@ -52,7 +52,8 @@ pub struct Params {
     pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`).
     #[serde(default)]
-    pub img: Option<u32>,
+    #[serde(alias = "img")]
+    pub img_size: Option<u32>,
     /// Neighbours.
     #[serde(default = "d_k")]
     pub k: usize,
@@ -187,7 +188,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let dev = super::backbone::device(ctx)?;
     let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
     let (root, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
-    let img = p.img.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
     let paths =
         |s: &[(std::path::PathBuf, usize)]| s.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     let (tp, vp) = (paths(&train.samples), paths(&val.samples));
@@ -237,6 +238,10 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 pub struct Knn;
 
 impl crate::kind::Kind for Knn {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[crate::kind::hooks::IMG]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
@@ -278,7 +283,7 @@ impl crate::kind::Kind for Knn {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Forward,
-            img_size: p.img.map(|i| i as usize),
+            img_size: p.img_size.map(|i| i as usize),
             schedule: Some(crate::kind::Schedule::OnePass),
         }
     }

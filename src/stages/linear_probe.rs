@@ -821,9 +821,10 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`); eval transform = resize the
-    /// shorter side to `img * 256 / 224`, centre crop `img`.
+    /// shorter side to `img_size * 256 / 224`, centre crop `img_size`.
     #[serde(default)]
-    pub img: Option<u32>,
+    #[serde(alias = "img")]
+    pub img_size: Option<u32>,
     /// Training epochs (VISSL: 50).
     #[serde(default = "d_epochs")]
     pub epochs: u32,
@@ -944,7 +945,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let dev = super::backbone::device(ctx)?;
     let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
     let (root, train, val) = imagefolder_splits(ctx)?;
-    let img = p.img.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
     let paths = |f: &ImageFolder| f.samples.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
     let (tp, vp) = (paths(&train), paths(&val));
     let u = features::dataset_upstream(ctx)?.clone();
@@ -989,6 +990,10 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 pub struct LinearProbe;
 
 impl crate::kind::Kind for LinearProbe {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[crate::kind::hooks::IMG]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
@@ -1030,7 +1035,7 @@ impl crate::kind::Kind for LinearProbe {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Forward,
-            img_size: p.img.map(|i| i as usize),
+            img_size: p.img_size.map(|i| i as usize),
             schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
         }
     }

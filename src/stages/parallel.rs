@@ -172,7 +172,7 @@ fn check_world(
         StageKind::Pretrain => {
             let p: super::pretrain::Params =
                 serde_json::from_value(params.clone()).map_err(typed)?;
-            divisible("batch", p.batch)
+            divisible("batch_size", p.batch_size)
         }
         StageKind::CocoDetection => {
             let p: super::coco_detection::Params =
@@ -181,13 +181,13 @@ fn check_world(
         }
         StageKind::Ade20kSegmentation => {
             let p: super::ade20k::Params = serde_json::from_value(params.clone()).map_err(typed)?;
-            divisible("batch", p.batch)?;
-            if p.protocol == super::ade20k::Protocol::Upernet && p.batch / world < 2 {
+            divisible("batch_size", p.batch_size)?;
+            if p.protocol == super::ade20k::Protocol::Upernet && p.batch_size / world < 2 {
                 return Err(format!(
-                    "UperNet trains BatchNorm layers on each rank's shard: `params.batch` ({}) \
+                    "UperNet trains BatchNorm layers on each rank's shard: `params.batch_size` ({}) \
                      must be at least 2 x the number of ranks (`{rf}`: {world}); raise \
-                     `params.batch` to at least {} or lower `{rf}`",
-                    p.batch,
+                     `params.batch_size` to at least {} or lower `{rf}`",
+                    p.batch_size,
                     2 * world
                 ));
             }

@@ -27,7 +27,7 @@ fn pipeline_yaml(method: &str, epochs: u32, resources: &str) -> String {
          params: {{ classes: 4, train_per_class: 8, val_per_class: 2, size: 32 }}\n  \
          pretrain:\n    kind: pretrain\n    needs: [data]\n    \
          model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n    \
-         params: {{ method: {method}, epochs: {epochs}, batch: 8, warmup_epochs: 1, log_every: 2, checkpoint_every: 3 }}\n{resources}"
+         params: {{ method: {method}, epochs: {epochs}, batch_size: 8, warmup_epochs: 1, log_every: 2, checkpoint_every: 3 }}\n{resources}"
     )
 }
 
@@ -144,8 +144,8 @@ fn global_batch_must_split_over_the_ranks() {
     assert!(
         err.contains("stage `pretrain`")
             && err.contains(
-                "`params.batch` (8) is the global batch and must be divisible by the number of \
-                 ranks (`resources.ranks`: 3); set `params.batch` to a multiple of 3"
+                "`params.batch_size` (8) is the global batch and must be divisible by the number \
+                 of ranks (`resources.ranks`: 3); set `params.batch_size` to a multiple of 3"
             ),
         "{err}"
     );
@@ -299,7 +299,7 @@ fn finetune_micro_batch_must_hold_whole_mixup_pairs_per_rank() {
 const SEG_DATA: &str =
     "    format: ade20k\n    params: { train_images: 8, val_images: 2, size: 32 }\n";
 const SEG_LINEAR: &str = "    kind: ade20k_segmentation\n    \
-    params: { protocol: linear, iters: 12, batch: 4, warmup_iters: 2, lr: 0.01, crop: 32, scale: [64, 32], checkpoint_every: 5, log_every: 4 }\n";
+    params: { protocol: linear, iters: 12, batch_size: 4, warmup_iters: 2, lr: 0.01, crop: 32, scale: [64, 32], checkpoint_every: 5, log_every: 4 }\n";
 
 #[test]
 fn segmentation_two_ranks_train_the_weights_of_one() {
@@ -329,7 +329,7 @@ fn upernet_runs_on_two_ranks_with_at_least_two_images_each() {
     let upernet = |batch: u32| {
         format!(
             "    kind: ade20k_segmentation\n    \
-             params: {{ protocol: upernet, iters: 3, batch: {batch}, warmup_iters: 1, crop: 32, scale: [64, 32], channels: 16, aux_channels: 8 }}\n"
+             params: {{ protocol: upernet, iters: 3, batch_size: {batch}, warmup_iters: 1, crop: 32, scale: [64, 32], channels: 16, aux_channels: 8 }}\n"
         )
     };
     let two = "    resources: { ranks: 2 }\n";
@@ -337,7 +337,7 @@ fn upernet_runs_on_two_ranks_with_at_least_two_images_each() {
     let err = refused_at_plan(dir.path());
     assert!(
         err.contains(
-            "`params.batch` (2) must be at least 2 x the number of ranks (`resources.ranks`: 2)"
+            "`params.batch_size` (2) must be at least 2 x the number of ranks (`resources.ranks`: 2)"
         ),
         "{err}"
     );

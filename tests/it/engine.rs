@@ -456,7 +456,7 @@ fn bf16_precision_enters_the_key_and_f32_leaves_it() {
             "name: p\ndefaults: {{ seed: 0{defaults} }}\nstages:\n  data:\n    kind: dataset\n    \
              source: synth\n    format: imagefolder\n    params: {{ classes: 2, train_per_class: 4, \
              val_per_class: 2, size: 32 }}\n  pre:\n    kind: pretrain\n    needs: [data]\n{stage}    \
-             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch: 4 }}\n"
+             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch_size: 4 }}\n"
         );
         let f = dir.path().join("p.yaml");
         std::fs::write(&f, yaml).unwrap();
@@ -476,4 +476,54 @@ fn bf16_precision_enters_the_key_and_f32_leaves_it() {
         plain,
         "the stage's own wins"
     );
+}
+
+/// `batch` / `img` / `patch` are the old spellings of `batch_size` / `img_size` / `patch_size`:
+/// still read, with a warning naming the new one, and hashed as before (same key).
+#[test]
+fn old_param_spellings_warn_and_keep_the_key() {
+    let yaml = |params: &str| {
+        format!(
+            "stages:\n  d: {{kind: dataset, source: synth, format: imagefolder}}\n  \
+             p:\n    kind: pretrain\n    needs: [d]\n    model: {{ preset: vit_tiny, depth: 1 }}\n    \
+             params: {{ epochs: 1, {params} }}\n  \
+             k:\n    kind: knn\n    needs: [d, p]\n    params: {{ {knn} }}\n",
+            knn = if params.contains("batch_size") { "img_size: 32" } else { "img: 32" }
+        )
+    };
+    let plan = |text: String| {
+        let p = cjepa::spec::load::parse_pipeline(
+            std::path::Path::new("p.yaml"),
+            text,
+            &Default::default(),
+        )
+        .unwrap();
+        cjepa::plan::build(&p, cjepa::stages::table).unwrap()
+    };
+    let old = plan(yaml("batch: 8, img: 32, patch: 8"));
+    let new = plan(yaml("batch_size: 8, img_size: 32, patch_size: 8"));
+    assert!(new.warnings.is_empty(), "{:?}", new.warnings);
+    assert_eq!(old.warnings.len(), 4, "{:?}", old.warnings);
+    assert!(old.warnings[0].contains("p.yaml:7"), "{}", old.warnings[0]);
+    assert!(old.warnings[0].contains("`params.batch` is deprecated; write `batch_size`"));
+    for (a, b) in old.stages.iter().zip(&new.stages) {
+        assert_eq!(a.key, b.key, "{}", a.inst.id);
+        assert_eq!(a.config, b.config, "{}", a.inst.id);
+    }
+    // the key hashes the old name, as before the rename: cached results stay valid
+    let p = new.stages.iter().find(|s| s.inst.id == "p").unwrap();
+    assert_eq!(p.key_input["params"]["batch"], 8, "{}", p.key_input);
+    assert!(p.key_input["params"].get("batch_size").is_none());
+    // both spellings at once is an error naming the param to keep
+    let text = yaml("batch: 8, batch_size: 8");
+    let p = cjepa::spec::load::parse_pipeline(
+        std::path::Path::new("p.yaml"),
+        text,
+        &Default::default(),
+    )
+    .unwrap();
+    let e = cjepa::plan::build(&p, cjepa::stages::table)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("keep `batch_size`"), "{e}");
 }

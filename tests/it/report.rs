@@ -605,7 +605,7 @@ fn paper_pipelines_parse_and_cover_the_tables() {
             Some(cjepa::spec::types::ModelRef::Preset(preset.into()))
         );
         assert_eq!(s.params["epochs"], 600);
-        assert_eq!(s.params["batch"], 2048);
+        assert_eq!(s.params["batch_size"], 2048);
         assert_eq!(s.matrix["method"], vec![json!("ijepa"), json!("cjepa")]);
     }
     // the ablation matrix yields the paper's four rows

@@ -373,7 +373,7 @@ stages:
     needs: [ade]
     checkpoint: random
     model: { preset: vit_tiny, img_size: 32, patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2, pred_embed_dim: 16, pred_depth: 1, pred_num_heads: 2 }
-    params: { protocol: linear, iters: 150, batch: 2, warmup_iters: 5, lr: 0.01, crop: 32, scale: [64, 32], checkpoint_every: 5, log_every: 7 }
+    params: { protocol: linear, iters: 150, batch_size: 2, warmup_iters: 5, lr: 0.01, crop: 32, scale: [64, 32], checkpoint_every: 5, log_every: 7 }
 "#;
 
 /// The newest in-stage checkpoint step under a store's work folders, if any.

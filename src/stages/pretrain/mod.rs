@@ -122,7 +122,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     // global batch, its masks and the schedules are those of a one-process run).
     let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
     let (rank, world) = (ranks.rank(), ranks.world());
-    ranks.check_divides("batch", p.batch)?;
+    ranks.check_divides("batch_size", p.batch_size)?;
 
     let (root, format) = dataset_root(ctx)?;
     let samples = pretraining_images(&root, format, &p.split).map_err(|e| fail(e.to_string()))?;
@@ -134,7 +134,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let loader = Loader::new(
         &source,
         LoaderConfig {
-            batch_size: p.batch / world,
+            batch_size: p.batch_size / world,
             shuffle: true,
             drop_last: true,
             seed: derive_seed(&key, seed, "data"),
@@ -145,10 +145,10 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let ipe = loader.num_batches() as u64;
     if ipe == 0 {
         return Err(fail(format!(
-            "split `{}` of {} has {n_images} images, fewer than one batch of {}; lower `batch`",
+            "split `{}` of {} has {n_images} images, fewer than one batch of {}; lower `batch_size`",
             p.split,
             root.display(),
-            p.batch
+            p.batch_size
         )));
     }
     let sched = Schedules::from_config(&p.schedule_config(), ipe, p.epochs)
@@ -161,12 +161,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let shards = if dev.is_cpu() && world == 1 {
         let threads = rayon::current_num_threads();
         let setting = std::env::var(SHARDS_ENV).ok();
-        let n = shard_count(SHARDS_ENV, setting.as_deref(), threads, p.batch).map_err(fail)?;
+        let n = shard_count(SHARDS_ENV, setting.as_deref(), threads, p.batch_size).map_err(fail)?;
         if n > 1 {
             let pools = ThreadShards::new(n, threads).map_err(|e| fail(e.to_string()))?;
             ctx.log(format!(
                 "each batch of {} trains as {n} shards on separate threads ({threads} threads)",
-                p.batch
+                p.batch_size
             ));
             Some(pools)
         } else {
@@ -269,7 +269,10 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             .ok_or_else(|| fail(format!("epoch {epoch} ended before step {it}")))?
             .map_err(|e| fail(e.to_string()))?;
         let images = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
-        let masks = sampler.sample(&mut stage_rng(&key, seed, &format!("masks/{it}")), p.batch);
+        let masks = sampler.sample(
+            &mut stage_rng(&key, seed, &format!("masks/{it}")),
+            p.batch_size,
+        );
         let shard = |m: &[Vec<Vec<u32>>]| -> Vec<Vec<Vec<u32>>> {
             m.iter().map(|l| dist::shard_rows(l, rank, world)).collect()
         };
@@ -319,7 +322,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         }
         if log_now {
             let secs = t0.elapsed().as_secs_f64();
-            let ips = ((completed - resumed_from) as usize * p.batch) as f64 / secs.max(1e-9);
+            let ips = ((completed - resumed_from) as usize * p.batch_size) as f64 / secs.max(1e-9);
             log_step(ctx, &mut st, &l, (hv.lr, hv.wd), ips);
             ctx.log(format!(
                 "step {completed}/{total} epoch {} loss {:.5} (jepa {:.5} sim {:.4} std {:.4} \
@@ -383,7 +386,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     if trained > 0 {
         m.insert(
             "images_per_sec".into(),
-            (trained as usize * p.batch) as f64 / secs.max(1e-9),
+            (trained as usize * p.batch_size) as f64 / secs.max(1e-9),
         );
     }
     out.series = st.series;
@@ -400,7 +403,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     Ok(out)
 }
 
-/// The architecture: `config["model"]` with `img` / `patch` applied.
+/// The architecture: `config["model"]` with `img_size` / `patch_size` applied.
 fn model_config(ctx: &StageContext, p: &Params) -> Result<VitConfig> {
     let id = &ctx.job.id;
     let m = ctx
@@ -417,14 +420,18 @@ fn model_config(ctx: &StageContext, p: &Params) -> Result<VitConfig> {
         })?;
     let mut cfg: VitConfig = serde_json::from_value(m.clone())
         .map_err(|e| Error::stage(id, format!("`model:` is not a valid ViT config: {e}")))?;
-    if let Some(i) = p.img {
+    if let Some(i) = p.img_size {
         cfg.img_size = i;
     }
-    if let Some(s) = p.patch {
+    if let Some(s) = p.patch_size {
         cfg.patch_size = s;
     }
-    cfg.validate()
-        .map_err(|e| Error::stage(id, format!("model (with `img` / `patch` applied): {e}")))?;
+    cfg.validate().map_err(|e| {
+        Error::stage(
+            id,
+            format!("model (with `img_size` / `patch_size` applied): {e}"),
+        )
+    })?;
     Ok(cfg)
 }
 
@@ -652,6 +659,14 @@ fn write_artifacts(
 pub struct Pretrain;
 
 impl crate::kind::Kind for Pretrain {
+    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+        &[
+            crate::kind::hooks::BATCH,
+            crate::kind::hooks::IMG,
+            crate::kind::hooks::PATCH,
+        ]
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
@@ -667,7 +682,7 @@ impl crate::kind::Kind for Pretrain {
         super::to_json(&Params::default())
     }
 
-    /// `model:` with `params.img` / `params.patch` applied.
+    /// `model:` with `params.img_size` / `params.patch_size` applied.
     fn planned_model(
         &self,
         model: &serde_json::Map<String, serde_json::Value>,
@@ -675,10 +690,14 @@ impl crate::kind::Kind for Pretrain {
     ) -> Option<crate::model::VitConfig> {
         let mut cfg: crate::model::VitConfig =
             serde_json::from_value(serde_json::Value::Object(model.clone())).ok()?;
-        if let Some(i) = params.get("img").and_then(serde_json::Value::as_u64) {
+        if let Some(i) =
+            crate::kind::param(params, crate::kind::hooks::IMG).and_then(serde_json::Value::as_u64)
+        {
             cfg.img_size = i as usize;
         }
-        if let Some(s) = params.get("patch").and_then(serde_json::Value::as_u64) {
+        if let Some(s) = crate::kind::param(params, crate::kind::hooks::PATCH)
+            .and_then(serde_json::Value::as_u64)
+        {
             cfg.patch_size = s as usize;
         }
         Some(cfg)
@@ -700,10 +719,10 @@ impl crate::kind::Kind for Pretrain {
         let Ok(v) = std::env::var(SHARDS_ENV) else {
             return Ok(());
         };
-        let batch = stage.params["batch"].as_u64().unwrap_or(1) as usize;
+        let batch = stage.params["batch_size"].as_u64().unwrap_or(1) as usize;
         shard_count(SHARDS_ENV, Some(&v), 1, batch)
             .map(|_| ())
-            .map_err(|m| crate::kind::PlanIssue::params("batch", m))
+            .map_err(|m| crate::kind::PlanIssue::params("batch_size", m))
     }
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
@@ -712,7 +731,7 @@ impl crate::kind::Kind for Pretrain {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Jepa,
-            img_size: p.img,
+            img_size: p.img_size,
             schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
         }
     }

@@ -116,11 +116,14 @@ pub struct Params {
     /// Epochs (sets the schedules' length).
     pub epochs: u64,
     /// Global batch size.
-    pub batch: usize,
+    #[serde(alias = "batch")]
+    pub batch_size: usize,
     /// Training image side; overrides `model.img_size`.
-    pub img: Option<usize>,
+    #[serde(alias = "img")]
+    pub img_size: Option<usize>,
     /// Patch side; overrides `model.patch_size`.
-    pub patch: Option<usize>,
+    #[serde(alias = "patch")]
+    pub patch_size: Option<usize>,
     /// Peak learning rate (end of warmup).
     pub lr: f64,
     /// Learning rate the warmup starts from.
@@ -167,9 +170,9 @@ impl Default for Params {
             method: Method::Cjepa,
             loss: LossParams::default(),
             epochs: 600,
-            batch: 2048,
-            img: None,
-            patch: None,
+            batch_size: 2048,
+            img_size: None,
+            patch_size: None,
             lr: s.ref_lr,
             start_lr: s.start_lr,
             final_lr: s.final_lr,
@@ -237,10 +240,10 @@ impl Params {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let pos = [
             ("epochs", self.epochs as f64),
-            ("batch", self.batch as f64),
+            ("batch_size", self.batch_size as f64),
             ("log_every", self.log_every as f64),
-            ("img", self.img.unwrap_or(1) as f64),
-            ("patch", self.patch.unwrap_or(1) as f64),
+            ("img_size", self.img_size.unwrap_or(1) as f64),
+            ("patch_size", self.patch_size.unwrap_or(1) as f64),
             ("max_steps", self.max_steps.unwrap_or(1) as f64),
             ("clip_grad", self.clip_grad.unwrap_or(1.0)),
         ];
@@ -281,8 +284,10 @@ impl Params {
             .map_err(|e| format!("{e} (keys `loss.b_*`)"))?;
         Schedules::from_config(&self.schedule_config(), 1, 1).map_err(|e| e.to_string())?;
         let (_, w_std, w_cov) = self.loss_config().term_weights();
-        if self.batch < 2 && (w_std != 0.0 || w_cov != 0.0) {
-            return Err("`batch` must be >= 2 for the VICReg variance / covariance terms".into());
+        if self.batch_size < 2 && (w_std != 0.0 || w_cov != 0.0) {
+            return Err(
+                "`batch_size` must be >= 2 for the VICReg variance / covariance terms".into(),
+            );
         }
         Ok(())
     }
