@@ -15,7 +15,7 @@ use cjepa::model::masks::{MaskConfig, MaskSampler, Masks};
 use cjepa::model::{fused, JepaNetworks, VitConfig};
 use cjepa::train::loss::LossConfig;
 use cjepa::train::optim::{AdamW, AdamWConfig};
-use cjepa::train::sharded::{shard_count, train_step_sharded, ThreadShards};
+use cjepa::train::parallel::shards::{shard_count, train_step_sharded, ThreadShards};
 use cjepa::train::step::{train_step_timed, Batch, PhaseTimes, StepHyper};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -42,7 +42,7 @@ pub struct Args {
     /// Threads (rayon and candle); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
-    /// Shards of the batch trained on separate threads (`cjepa::train::sharded`): a number,
+    /// Shards of the batch trained on separate threads (`cjepa::train::parallel::shards`): a number,
     /// `auto` (one per thread, at most 4, dividing the batch; 1 on CUDA) or a comma list of
     /// numbers, each timed in turn on the same masks and weights (e.g. `1,2`: the baseline first).
     #[arg(long, default_value = "auto")]

@@ -143,7 +143,7 @@ pub fn main() -> anyhow::Result<i32> {
             slurm_rank,
             srun,
         } => {
-            use cjepa::exec::{ranks::Launcher, worker::Role};
+            use cjepa::{exec::worker::Role, train::parallel::launch::Launcher};
             let role = match (rank, slurm_rank, srun) {
                 (Some(r), _, _) => Role::Rank(r),
                 (None, true, _) => Role::SlurmRank,

@@ -5,11 +5,9 @@
 //! checkpointer, progress files, live curves) is in [`crate::kind`].
 
 pub mod core;
-pub mod dist;
 pub mod import;
 pub mod local;
 pub mod pool;
-pub mod ranks;
 pub mod signals;
 pub mod slurm;
 pub mod worker;

@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::ranks::{self, Launcher, RankVerdict};
 use crate::error::{Error, Result};
 use crate::kind::checkpoint::Checkpointer;
 use crate::kind::job::{DistRole, Job, JobResult};
 use crate::kind::progress::ProgressFile;
 use crate::kind::{KindTable, StageContext, StageKind};
+use crate::train::parallel::launch::{self as ranks, Launcher, RankVerdict};
 use crate::util::atomic;
 
 /// Checkpoint cadence defaults (overridable per stage with `checkpoint_every` / `checkpoint_secs`).

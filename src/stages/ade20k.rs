@@ -15,7 +15,7 @@
 //! averaged, resized to the original image size, argmax; predictions are written as mode-L PNGs
 //! (`predictions/<stem>.png`, classes 0..149) and scored by `evaluate_dirs`.
 //!
-//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): each rank takes
+//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`crate::train::parallel`]): each rank takes
 //! every `N`-th image of each global batch (`batch_size` must be a multiple of `N`), the gradients are
 //! averaged over the ranks (the loss is a mean over equal shards' pixels, so the mean of the
 //! ranks' gradients is the global batch's); rank 0 checkpoints, predicts and scores. The linear
@@ -272,7 +272,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
     let dev = backbone::device(ctx)?;
-    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
     let (rank, world) = (ranks.rank(), ranks.world());
     let root = dataset_root(ctx)?;
     let bad = |m: String| Error::stage(&id, m);
@@ -633,7 +633,21 @@ impl crate::kind::Kind for Ade20kSegmentation {
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
         super::backbone::check_plan(stage)?;
-        super::parallel::check_plan(crate::kind::StageKind::Ade20kSegmentation, stage)?;
+        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
+            let p: Params =
+                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+            crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)?;
+            if p.protocol == Protocol::Upernet && p.batch_size / world < 2 {
+                return Err(format!(
+                    "UperNet trains BatchNorm layers on each rank's shard: `params.batch_size` ({}) \
+                     must be at least 2 x the number of ranks (`{rf}`: {world}); raise \
+                     `params.batch_size` to at least {} or lower `{rf}`",
+                    p.batch_size,
+                    2 * world
+                ));
+            }
+            Ok(())
+        })?;
         super::dataset::check_plan_upstream(stage, Some("ade20k"), false)
     }
 

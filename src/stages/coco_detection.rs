@@ -12,7 +12,7 @@
 //! the optimiser moments and the loss series; every random draw derives from the stage key, so a
 //! resumed run is bit-identical on CPU.
 //!
-//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): every rank draws
+//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`crate::train::parallel`]): every rank draws
 //! the same global batch and takes its shard (every N-th image). An image's augmentation and its
 //! mask RoIs come from streams of that image (`aug/{epoch}/{index}`,
 //! `mask-rois/{step}/{index}`), so each rank sees the images and RoIs of the one-process run.
@@ -305,7 +305,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let serr = |e: &dyn std::fmt::Display| Error::stage(&id, e.to_string());
     p.validate().map_err(|m| serr(&m))?;
     let dev = backbone::device(ctx)?;
-    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
     let world = ranks.world();
     ranks.check_divides("batch_size", p.batch_size)?;
     let root = dataset::root_of(coco_upstream(ctx)?);
@@ -617,7 +617,7 @@ pub const STAT_NAMES: [&str; 12] = [
 /// (the mask head of a shard without RoIs) counts as zero there, and one without a gradient on
 /// every rank stays without one, as in the one-process run.
 fn mean_grads(
-    ranks: &mut super::parallel::Ranks,
+    ranks: &mut crate::train::parallel::ranks::Ranks,
     trainable: &[(String, Var, f64)],
     groups: &[Group],
     named: Vec<HashMap<String, Tensor>>,
@@ -801,7 +801,11 @@ impl crate::kind::Kind for CocoDetection {
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
         super::backbone::check_plan(stage)?;
-        super::parallel::check_plan(crate::kind::StageKind::CocoDetection, stage)?;
+        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
+            let p: Params =
+                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+            crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
+        })?;
         super::dataset::check_plan_upstream(stage, Some("coco"), false)
     }
 

@@ -20,7 +20,7 @@
 //!   smoothing 0.1 folded into the soft targets (soft-target cross-entropy).
 //! * Eval: the eval transform of EVALS.md §1.2 on val; `top1`, `top5` after the last epoch.
 //!
-//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`super::parallel`]): every rank takes
+//! Data parallel (`resources: { ranks: N }` / `gpus: N`, [`crate::train::parallel`]): every rank takes
 //! its share of each micro-batch, averaged gradients make every rank apply the one-process
 //! update. Mixup / CutMix pair image `i` with image `B-1-i` of the micro-batch, so a rank holds
 //! whole pairs: rank `r` of `N` takes positions `[r*h, (r+1)*h)` and `[B-(r+1)*h, B-r*h)` with
@@ -403,7 +403,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     p.validate().map_err(|m| Error::stage(&ctx.job.id, m))?;
     let dev = super::backbone::device(ctx)?;
-    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
     let (rank, world) = (ranks.rank(), ranks.world());
     let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
     let (_, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
@@ -691,7 +691,7 @@ fn shard_positions(m: usize, rank: usize, world: usize) -> Vec<usize> {
             .chain(m - (rank + 1) * h..m - rank * h)
             .collect()
     } else {
-        crate::train::dist::shard_rows(&(0..m).collect::<Vec<_>>(), rank, world)
+        crate::train::parallel::comm::shard_rows(&(0..m).collect::<Vec<_>>(), rank, world)
     }
 }
 
@@ -844,7 +844,29 @@ impl crate::kind::Kind for Finetune {
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
         super::backbone::check_plan(stage)?;
-        super::parallel::check_plan(crate::kind::StageKind::Finetune, stage)
+        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
+            let p: Params =
+                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+            let micro = p.batch_size / p.accum_iter.max(1);
+            let need = if p.mixes_pairs() { 2 * world } else { world };
+            if micro.is_multiple_of(need) {
+                return Ok(());
+            }
+            let why = if p.mixes_pairs() {
+                format!(
+                    "2 x the number of ranks (`{rf}`: {world}) = {need}: Mixup / CutMix mix image \
+                     pairs and each rank holds whole pairs"
+                )
+            } else {
+                format!("the number of ranks (`{rf}`: {world})")
+            };
+            Err(format!(
+                "`params.batch_size` ({}) / `params.accum_iter` ({}) = {micro} images per \
+                 micro-batch must be divisible by {why}; change `params.batch_size` or \
+                 `params.accum_iter` (a micro-batch of a multiple of {need}) or `{rf}`",
+                p.batch_size, p.accum_iter
+            ))
+        })
     }
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {

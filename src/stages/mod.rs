@@ -16,7 +16,6 @@ pub mod features;
 pub mod finetune;
 pub mod knn;
 pub mod linear_probe;
-pub mod parallel;
 pub mod pretrain;
 
 use serde::Serialize;

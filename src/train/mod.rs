@@ -2,14 +2,13 @@
 //! JEPA + VICReg losses and the C-JEPA step.
 
 pub mod cross_entropy;
-pub mod dist;
 pub mod ema;
 mod fused_update;
 pub mod layer_decay;
 pub mod loss;
 pub mod optim;
+pub mod parallel;
 pub mod schedules;
-pub mod sharded;
 pub mod step;
 #[cfg(test)]
 mod testutil;

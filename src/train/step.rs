@@ -7,13 +7,13 @@
 
 use candle_core::{Device, Tensor};
 
-use super::dist::{self, AllReduce, DistError, Single};
 use super::ema::{ema_update, EmaError};
 use super::loss::{
     compute_loss, context_embedding, jepa_loss, make_targets, vicreg_terms, LossConfig, LossError,
     LossOutput, Targets,
 };
 use super::optim::{AdamW, OptimError, StepStats};
+use super::parallel::comm::{self as dist, AllReduce, DistError, Single};
 use crate::model::{JepaNetworks, ModelError};
 use crate::util::host_read;
 

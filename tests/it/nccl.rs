@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use candle_core::Tensor;
-use cjepa::train::dist::nccl::{Nccl, ID_FILE};
-use cjepa::train::dist::AllReduce;
+use cjepa::train::parallel::comm::nccl::{Nccl, ID_FILE};
+use cjepa::train::parallel::comm::AllReduce;
 
 #[test]
 fn nccl_world_of_one() {

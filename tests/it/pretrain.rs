@@ -284,7 +284,7 @@ fn interrupted_runs_resume_bit_identical() {
     }
 }
 
-/// On two threads each batch trains as two shards on separate threads (`train::sharded`): a
+/// On two threads each batch trains as two shards on separate threads (`train::parallel::shards`): a
 /// killed run still resumes bit-identical, and the weights are the one-thread run's up to float
 /// rounding (the final loss agrees to 1e-3).
 #[test]

@@ -52,10 +52,12 @@ use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
 use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
-use crate::train::dist;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::parallel::comm as dist;
+use crate::train::parallel::shards::{
+    shard_count, train_step_sharded_pending, ThreadShards, SHARDS_ENV,
+};
 use crate::train::schedules::Schedules;
-use crate::train::sharded::{shard_count, train_step_sharded_pending, ThreadShards, SHARDS_ENV};
 use crate::train::step::{
     train_step_pending, Batch, PendingLosses, StepError, StepHyper, StepLosses,
 };
@@ -120,7 +122,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
     // Data parallel: this process holds every `world`-th image of each global batch (the
     // global batch, its masks and the schedules are those of a one-process run).
-    let mut ranks = super::parallel::Ranks::connect(ctx, &dev)?;
+    let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
     let (rank, world) = (ranks.rank(), ranks.world());
     ranks.check_divides("batch_size", p.batch_size)?;
 
@@ -707,7 +709,11 @@ impl crate::kind::Kind for Pretrain {
         &self,
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
-        super::parallel::check_plan(crate::kind::StageKind::Pretrain, stage)
+        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
+            let p: Params =
+                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+            crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
+        })
     }
 
     /// A `CJEPA_SHARDS` setting must be a shard count that divides the batch.
@@ -715,7 +721,7 @@ impl crate::kind::Kind for Pretrain {
         &self,
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
-        use crate::train::sharded::{shard_count, SHARDS_ENV};
+        use crate::train::parallel::shards::{shard_count, SHARDS_ENV};
         let Ok(v) = std::env::var(SHARDS_ENV) else {
             return Ok(());
         };
@@ -736,11 +742,11 @@ impl crate::kind::Kind for Pretrain {
         }
     }
 
-    /// The step trains shards of each batch on separate threads (`train::sharded`), whose
+    /// The step trains shards of each batch on separate threads (`train::parallel::shards`), whose
     /// kernels share out their work through rayon; candle's own element-wise thread pool would
     /// make the shards queue for it. Set before the first candle op starts that pool.
     fn prepare_process(&self, _job: &crate::kind::job::Job, rank: Option<usize>) {
-        use crate::train::sharded::SHARDS_ENV;
+        use crate::train::parallel::shards::SHARDS_ENV;
         if rank.is_none()
             && std::env::var_os(SHARDS_ENV) != Some("1".into())
             && std::env::var_os("CANDLE_NUM_THREADS").is_none()

@@ -1,5 +1,5 @@
 //! The all-reduce between threads of one process: the ranks are the shards of a batch trained on
-//! separate threads ([`crate::train::sharded`]). Each call sums the ranks' buffers in rank order,
+//! separate threads ([`crate::train::parallel::shards`]). Each call sums the ranks' buffers in rank order,
 //! so the result is the same on every rank and from run to run.
 //!
 //! A rank that stops early (an error, a panic) aborts the group: the others, waiting in a

@@ -3,9 +3,9 @@
 //! On the CPU, splitting each matrix product over the threads leaves them waiting for each other
 //! after every one of the step's thousands of small ops. Here the batch is cut into `n` equal
 //! shards instead, and each shard runs the whole forward and backward pass on its own thread
-//! pool, exactly as a rank of a data-parallel group does ([`super::step::train_step_dp`]): the
+//! pool, exactly as a rank of a data-parallel group does ([`crate::train::step::train_step_dp`]): the
 //! JEPA term is the shard's mean, the VICReg terms are computed on the whole batch (gathered
-//! through an in-process all-reduce, [`super::dist::local`]), and the gradients are averaged over
+//! through an in-process all-reduce, [`super::comm::local`]), and the gradients are averaged over
 //! the shards in shard order. The optimiser step and the EMA then run once, on all threads.
 //!
 //! The result is the one-shard step's up to the order of float sums; for a given shard count it
@@ -15,16 +15,16 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::dist::local::{local_group, LocalComm};
-use super::dist::{AllReduce, DistError};
-use super::fused_update::mean_of;
-use super::loss::LossConfig;
-use super::optim::AdamW;
-use super::step::{
+use super::comm::local::{local_group, LocalComm};
+use super::comm::{AllReduce, DistError};
+use crate::model::JepaNetworks;
+use crate::train::fused_update::mean_of;
+use crate::train::loss::LossConfig;
+use crate::train::optim::AdamW;
+use crate::train::step::{
     forward_loss_timed, pending_values, update, Batch, Lap, PendingLosses, PhaseTimes, StepError,
     StepHyper, StepLosses,
 };
-use crate::model::JepaNetworks;
 
 /// The environment variable that sets the shard count of the `pretrain` stage on the CPU: a
 /// number (`1` turns sharding off) or `auto` (the default, [`ThreadShards::auto`]).
@@ -193,7 +193,7 @@ pub fn train_step_sharded(
 }
 
 /// [`train_step_sharded`] that leaves the step's values unread (see
-/// [`super::step::train_step_pending`]).
+/// [`crate::train::step::train_step_pending`]).
 pub fn train_step_sharded_pending(
     nets: &JepaNetworks,
     batch: &Batch,

@@ -1,7 +1,7 @@
 //! Data-parallel plumbing shared by the stages that train over `resources.ranks` /
 //! `resources.gpus` processes (`pretrain`, `finetune`, `ade20k_segmentation`,
 //! `coco_detection`; see
-//! [`super::StageKind::data_parallel`]).
+//! [`crate::kind::StageKind::data_parallel`]).
 //!
 //! Every rank runs the same loop on the same global batches, schedules and seeded draws; it takes
 //! its shard of each global batch ([`Ranks::shard`]: every `world`-th image), and after the
@@ -16,12 +16,11 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use serde_json::Value;
 
-use super::{StageContext, StageKind};
+use super::comm::{self as dist, AllReduce, DistError};
 use crate::error::{Error, Result};
+use crate::kind::StageContext;
 use crate::kind::{PlanIssue, PlanView};
-use crate::train::dist::{self, AllReduce, DistError};
 
 /// This process's place in the stage's data-parallel group.
 pub struct Ranks {
@@ -34,7 +33,7 @@ impl Ranks {
     /// Join the stage's group on `dev` (one process: a group of one).
     pub fn connect(ctx: &StageContext, dev: &Device) -> Result<Self> {
         Ok(Self {
-            comm: crate::exec::dist::connect(ctx, dev)?,
+            comm: crate::train::parallel::group::connect(ctx, dev)?,
             dev: dev.clone(),
             id: ctx.job.id.clone(),
         })
@@ -138,84 +137,35 @@ impl Ranks {
     }
 }
 
-/// The `resources` field that sets the number of ranks of `res`.
-/// Plan-time check that the global batch of a data-parallel stage of `kind` splits over the
-/// ranks the stage asks for (`stage.world`); the message names the fields and the fix. The
-/// stages repeat the check when they start (a batch capped by a small dataset, a world given by
-/// the GPUs actually granted).
-pub fn check_plan(kind: StageKind, stage: &PlanView) -> std::result::Result<(), PlanIssue> {
-    check_world(kind, stage.params, stage.world, stage.world_field)
-        .map_err(|m| PlanIssue::at("resources", m))
+/// Plan-time check that the global batch of a data-parallel stage splits over the ranks it asks
+/// for (`stage.world`, set by `stage.world_field`): `rule(world, field)` is the kind's own
+/// condition ([`batch_divides`] for most), its message naming the params and the fix. The stages
+/// repeat the check when they start (a batch capped by a small dataset, a world given by the
+/// GPUs actually granted).
+pub fn check_plan(
+    stage: &PlanView,
+    rule: impl FnOnce(usize, &str) -> std::result::Result<(), String>,
+) -> std::result::Result<(), PlanIssue> {
+    if stage.world <= 1 {
+        return Ok(());
+    }
+    rule(stage.world, stage.world_field).map_err(|m| PlanIssue::at("resources", m))
 }
 
-fn check_world(
-    kind: StageKind,
-    params: &Value,
+/// The usual rule: `params.{field}` (`value` images) is the global batch and must be divisible
+/// by the `world` ranks set by `rf`.
+pub fn batch_divides(
+    field: &str,
+    value: usize,
     world: usize,
     rf: &str,
 ) -> std::result::Result<(), String> {
-    if !kind.data_parallel() || world <= 1 {
+    if value.is_multiple_of(world) {
         return Ok(());
     }
-    let typed = |e: serde_json::Error| e.to_string();
-    let divisible = |field: &str, value: usize| -> std::result::Result<(), String> {
-        if value.is_multiple_of(world) {
-            return Ok(());
-        }
-        Err(format!(
-            "`params.{field}` ({value}) is the global batch and must be divisible by the number \
-             of ranks (`{rf}`: {world}); set `params.{field}` to a multiple of {world} or change \
-             `{rf}`"
-        ))
-    };
-    match kind {
-        StageKind::Pretrain => {
-            let p: super::pretrain::Params =
-                serde_json::from_value(params.clone()).map_err(typed)?;
-            divisible("batch_size", p.batch_size)
-        }
-        StageKind::CocoDetection => {
-            let p: super::coco_detection::Params =
-                serde_json::from_value(params.clone()).map_err(typed)?;
-            divisible("batch_size", p.batch_size)
-        }
-        StageKind::Ade20kSegmentation => {
-            let p: super::ade20k::Params = serde_json::from_value(params.clone()).map_err(typed)?;
-            divisible("batch_size", p.batch_size)?;
-            if p.protocol == super::ade20k::Protocol::Upernet && p.batch_size / world < 2 {
-                return Err(format!(
-                    "UperNet trains BatchNorm layers on each rank's shard: `params.batch_size` ({}) \
-                     must be at least 2 x the number of ranks (`{rf}`: {world}); raise \
-                     `params.batch_size` to at least {} or lower `{rf}`",
-                    p.batch_size,
-                    2 * world
-                ));
-            }
-            Ok(())
-        }
-        StageKind::Finetune => {
-            let p: super::finetune::Params =
-                serde_json::from_value(params.clone()).map_err(typed)?;
-            let micro = p.batch_size / p.accum_iter.max(1);
-            let need = if p.mixes_pairs() { 2 * world } else { world };
-            if micro.is_multiple_of(need) {
-                return Ok(());
-            }
-            let why = if p.mixes_pairs() {
-                format!(
-                    "2 x the number of ranks (`{rf}`: {world}) = {need}: Mixup / CutMix mix image \
-                     pairs and each rank holds whole pairs"
-                )
-            } else {
-                format!("the number of ranks (`{rf}`: {world})")
-            };
-            Err(format!(
-                "`params.batch_size` ({}) / `params.accum_iter` ({}) = {micro} images per \
-                 micro-batch must be divisible by {why}; change `params.batch_size` or \
-                 `params.accum_iter` (a micro-batch of a multiple of {need}) or `{rf}`",
-                p.batch_size, p.accum_iter
-            ))
-        }
-        _ => Ok(()),
-    }
+    Err(format!(
+        "`params.{field}` ({value}) is the global batch and must be divisible by the number \
+         of ranks (`{rf}`: {world}); set `params.{field}` to a multiple of {world} or change \
+         `{rf}`"
+    ))
 }

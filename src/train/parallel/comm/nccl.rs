@@ -117,7 +117,7 @@ impl CustomOp1 for SumOp<'_> {
 mod tests {
     use super::*;
 
-    /// The GPU check (`cargo test --features cuda,nccl --lib train::dist::nccl`): a world of one
+    /// The GPU check (`cargo test --features cuda,nccl --lib train::parallel::comm::nccl`): a world of one
     /// through NCCL on `cuda:0` returns its buffer, offsets of a narrowed tensor included.
     #[test]
     fn world_of_one_through_nccl_returns_the_buffer() {

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use candle_core::Device;
 
-use super::ranks;
+use super::launch as ranks;
 use crate::error::{Error, Result};
 use crate::kind::StageContext;
-use crate::train::dist::{tcp::TcpHub, AllReduce, Single};
+use crate::train::parallel::comm::{tcp::TcpHub, AllReduce, Single};
 
 /// How long ranks wait for each other to start (process start, CUDA init, srun scheduling).
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
@@ -21,11 +21,11 @@ pub fn connect(ctx: &StageContext, dev: &Device) -> Result<Box<dyn AllReduce>> {
         return Ok(Box::new(Single));
     };
     let dir = ranks::dist_dir(job);
-    let fail = |e: crate::train::dist::DistError| Error::stage(&job.id, e.to_string());
+    let fail = |e: crate::train::parallel::comm::DistError| Error::stage(&job.id, e.to_string());
     if dev.is_cuda() {
         #[cfg(feature = "nccl")]
         {
-            let c = crate::train::dist::nccl::Nccl::connect(
+            let c = crate::train::parallel::comm::nccl::Nccl::connect(
                 dev,
                 role.rank,
                 job.ranks,
