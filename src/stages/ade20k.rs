@@ -71,145 +71,88 @@ pub enum Protocol {
     Upernet,
 }
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_iters() -> u64 {
-    160_000
-}
-fn d_batch() -> usize {
-    16
-}
-fn d_wd() -> f64 {
-    0.05
-}
-fn d_warmup() -> u64 {
-    1500
-}
-fn d_layer_decay() -> f64 {
-    0.65
-}
-fn d_crop() -> usize {
-    512
-}
-fn d_scale() -> [usize; 2] {
-    [2048, 512]
-}
-fn d_ratio() -> [f64; 2] {
-    [0.5, 2.0]
-}
-fn d_cat_max() -> f64 {
-    0.75
-}
-fn d_channels() -> usize {
-    768
-}
-fn d_aux_channels() -> usize {
-    256
-}
-fn d_aux_weight() -> f64 {
-    0.4
-}
-fn d_dropout() -> f64 {
-    0.1
-}
-fn d_train_split() -> String {
-    "training".into()
-}
-fn d_val_split() -> String {
-    "validation".into()
-}
-fn d_ckpt_every() -> u64 {
-    1000
-}
-fn d_ckpt_secs() -> u64 {
-    600
-}
-fn d_log_every() -> u64 {
-    50
-}
-
 /// Params of an `ade20k_segmentation` stage (defaults: the mmseg / iBOT recipes at 512 px).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// `upstream` (pretrain / finetune encoder), `random`, or a safetensors path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// `linear` (frozen backbone) or `upernet` (fine-tuned).
-    #[serde(default)]
     pub protocol: Protocol,
     /// 0-based block indices whose outputs (after the final norm) feed the head; negative count
     /// from the end. Empty = blocks 4, 6, 8, 12 of a 12-block model scaled to the depth
     /// (`round(k * depth / 12) - 1`, i.e. 3, 5, 7, 11 for ViT-B). UperNet takes exactly four.
-    #[serde(default)]
     pub layers: Vec<i64>,
     /// Training iterations (mmseg: 160k).
-    #[serde(default = "d_iters")]
     pub iters: u64,
     /// Images per iteration (mmseg: 16).
-    #[serde(default = "d_batch")]
     #[serde(alias = "batch")]
     pub batch_size: usize,
     /// Peak learning rate (default: 8e-4 linear, 1e-4 UperNet).
-    #[serde(default)]
     pub lr: Option<f64>,
     /// AdamW weight decay (not on biases and norms).
-    #[serde(default = "d_wd")]
     pub weight_decay: f64,
     /// Linear warmup iterations from 1e-6 × lr.
-    #[serde(default = "d_warmup")]
     pub warmup_iters: u64,
     /// Layer-wise lr decay of the backbone (UperNet only).
-    #[serde(default = "d_layer_decay")]
     pub layer_decay: f64,
     /// Training crop and sliding-window side in pixels (a multiple of the patch size).
-    #[serde(default = "d_crop")]
     pub crop: usize,
     /// `[long, short]` resize target (train: times the sampled ratio; test: as is).
-    #[serde(default = "d_scale")]
     pub scale: [usize; 2],
     /// Ratio range of the training random resize.
-    #[serde(default = "d_ratio")]
     pub ratio_range: [f64; 2],
     /// `cat_max_ratio` of the training random crop.
-    #[serde(default = "d_cat_max")]
     pub cat_max_ratio: f64,
     /// Sliding-window stride (default: 2/3 of the crop for linear (341 at 512), 1/2 for UperNet).
-    #[serde(default)]
     pub stride: Option<usize>,
     /// UperNet decode-head width.
-    #[serde(default = "d_channels")]
     pub channels: usize,
     /// UperNet auxiliary FCN head width (0 = no auxiliary head).
-    #[serde(default = "d_aux_channels")]
     pub aux_channels: usize,
     /// Weight of the auxiliary loss.
-    #[serde(default = "d_aux_weight")]
     pub aux_weight: f64,
     /// Dropout2d before the UperNet classifiers.
-    #[serde(default = "d_dropout")]
     pub dropout: f64,
     /// Training split folder.
-    #[serde(default = "d_train_split")]
     pub train_split: String,
     /// Evaluation split folder.
-    #[serde(default = "d_val_split")]
     pub val_split: String,
     /// Checkpoint every N iterations (not hashed).
-    #[serde(default = "d_ckpt_every")]
     pub checkpoint_every: u64,
     /// Checkpoint every N seconds (not hashed).
-    #[serde(default = "d_ckpt_secs")]
     pub checkpoint_secs: u64,
     /// Record the training loss every N iterations (not hashed).
-    #[serde(default = "d_log_every")]
     pub log_every: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            protocol: Default::default(),
+            layers: Default::default(),
+            iters: 160_000,
+            batch_size: 16,
+            lr: Default::default(),
+            weight_decay: 0.05,
+            warmup_iters: 1500,
+            layer_decay: 0.65,
+            crop: 512,
+            scale: [2048, 512],
+            ratio_range: [0.5, 2.0],
+            cat_max_ratio: 0.75,
+            stride: Default::default(),
+            channels: 768,
+            aux_channels: 256,
+            aux_weight: 0.4,
+            dropout: 0.1,
+            train_split: "training".into(),
+            val_split: "validation".into(),
+            checkpoint_every: 1000,
+            checkpoint_secs: 600,
+            log_every: 50,
+        }
     }
 }
 
@@ -609,24 +552,7 @@ impl crate::kind::Kind for Ade20kSegmentation {
         &[crate::kind::hooks::BATCH]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        super::resolve::<Params>(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(super::resolve::<Params>, run);
 
     fn check_plan(
         &self,

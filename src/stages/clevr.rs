@@ -31,99 +31,67 @@ use crate::error::{Error, Result};
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_batch() -> usize {
-    256
-}
-fn d_lr() -> f64 {
-    0.01
-}
-fn d_end_lr() -> f64 {
-    1e-4
-}
-fn d_momentum() -> f64 {
-    0.9
-}
-fn d_wd() -> f64 {
-    5e-4
-}
-fn d_true() -> bool {
-    true
-}
-fn d_sets() -> Vec<FeatureSet> {
-    vec![FeatureSet::Last4, FeatureSet::Last]
-}
-fn d_heads() -> Vec<HeadKind> {
-    vec![HeadKind::BnLinear, HeadKind::Linear]
-}
-fn d_extract_batch() -> usize {
-    64
-}
-fn d_ckpt_secs() -> u64 {
-    300
-}
-
 /// Params of `clevr_count` / `clevr_dist` (defaults: the VISSL recipe).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// `upstream`, `random`, or a safetensors path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// Read the upstream pretrain stage's snapshot of this epoch (one of its
     /// `snapshot_epochs`) instead of its final weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`; VISSL: 224).
-    #[serde(default)]
     #[serde(alias = "img")]
     pub img_size: Option<u32>,
     /// Epochs (default: 50 for Count, 100 for Dist).
-    #[serde(default)]
     pub epochs: Option<u32>,
     /// Batch size (VISSL: 32 x 8 GPUs).
-    #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// Learning rate per 256 images at epoch 0.
-    #[serde(default = "d_lr")]
     pub base_lr: f64,
     /// Cosine end learning rate per 256 images.
-    #[serde(default = "d_end_lr")]
     pub end_lr: f64,
     /// Momentum.
-    #[serde(default = "d_momentum")]
     pub momentum: f64,
     /// Nesterov momentum.
-    #[serde(default = "d_true")]
     pub nesterov: bool,
     /// Weight decay (linear weights and biases).
-    #[serde(default = "d_wd")]
     pub weight_decay: f64,
     /// Feature sets.
-    #[serde(default = "d_sets")]
     pub feature_sets: Vec<FeatureSet>,
     /// Head kinds.
-    #[serde(default = "d_heads")]
     pub heads: Vec<HeadKind>,
     /// Recompute train features every epoch with VISSL's random horizontal flip.
-    #[serde(default)]
     pub augment: bool,
     /// Images per forward pass during extraction.
-    #[serde(default = "d_extract_batch")]
     pub extract_batch: usize,
     /// Checkpoint every N steps (0 = by time only; not hashed).
-    #[serde(default)]
     pub checkpoint_every: u64,
     /// Checkpoint every N seconds (not hashed).
-    #[serde(default = "d_ckpt_secs")]
     pub checkpoint_secs: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            at_epoch: Default::default(),
+            img_size: Default::default(),
+            epochs: Default::default(),
+            batch_size: 256,
+            base_lr: 0.01,
+            end_lr: 1e-4,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            feature_sets: vec![FeatureSet::Last4, FeatureSet::Last],
+            heads: vec![HeadKind::BnLinear, HeadKind::Linear],
+            augment: Default::default(),
+            extract_batch: 64,
+            checkpoint_every: Default::default(),
+            checkpoint_secs: 300,
+        }
     }
 }
 
@@ -234,20 +202,7 @@ impl crate::kind::Kind for ClevrProbe {
         &[crate::kind::hooks::IMG]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
+    kind_basics!(resolve);
 
     fn key_inputs(
         &self,

@@ -80,113 +80,74 @@ pub enum LrSchedule {
     Step,
 }
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_size() -> usize {
-    512
-}
-fn d_scale_range() -> [f64; 2] {
-    [0.1, 2.0]
-}
-fn d_half() -> f64 {
-    0.5
-}
-fn d_steps() -> u64 {
-    5000
-}
-fn d_batch() -> usize {
-    16
-}
-fn d_lr() -> f64 {
-    1e-4
-}
-fn d_wd() -> f64 {
-    0.1
-}
-fn d_layer_decay() -> f64 {
-    0.7
-}
-fn d_warmup() -> u64 {
-    250
-}
-fn d_warmup_factor() -> f64 {
-    1e-3
-}
-fn d_milestones() -> Vec<f64> {
-    // ViTDet: 163889 and 177546 of 184375 iterations
-    vec![0.889, 0.963]
-}
-fn d_eval_batch() -> usize {
-    4
-}
-
 /// Params of a `coco_detection` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// Encoder weights: `upstream` (a pretrain / finetune stage in `needs`), `random` or a path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// `finetune` (paper protocol) or `frozen` (cheap variant).
-    #[serde(default)]
     pub backbone: BackboneMode,
     /// Side of the square input (a multiple of 2 x patch size).
-    #[serde(default = "d_size")]
     pub img_size: usize,
     /// Range of the LSJ scale factor.
-    #[serde(default = "d_scale_range")]
     pub scale_range: [f64; 2],
     /// Horizontal flip probability.
-    #[serde(default = "d_half")]
     pub flip_prob: f64,
     /// Optimiser steps.
-    #[serde(default = "d_steps")]
     pub steps: u64,
     /// Images per step.
-    #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// Peak learning rate.
-    #[serde(default = "d_lr")]
     pub lr: f64,
     /// AdamW weight decay (not on biases and norms).
-    #[serde(default = "d_wd")]
     pub weight_decay: f64,
     /// Layer-wise lr decay of the encoder (1 = none).
-    #[serde(default = "d_layer_decay")]
     pub layer_decay: f64,
     /// Linear warmup steps.
-    #[serde(default = "d_warmup")]
     pub warmup_steps: u64,
     /// lr factor at step 0 of the warmup.
-    #[serde(default = "d_warmup_factor")]
     pub warmup_factor: f64,
     /// Decay after warmup.
-    #[serde(default)]
     pub schedule: LrSchedule,
     /// Fractions of `steps` where `schedule: step` multiplies the lr by 0.1.
-    #[serde(default = "d_milestones")]
     pub milestones: Vec<f64>,
     /// Clip the global gradient 2-norm (all parameters together) to this value.
-    #[serde(default)]
     pub clip_grad_norm: Option<f64>,
     /// Detector architecture, loss and test settings.
-    #[serde(default)]
     pub head: DetectorConfig,
     /// Images per evaluation forward pass.
-    #[serde(default = "d_eval_batch")]
     pub eval_batch_size: usize,
     /// Checkpoint every N steps (not hashed; 0 = by time only).
-    #[serde(default)]
     pub checkpoint_every: u64,
     /// Log the losses every N steps (not hashed; 0 = never).
-    #[serde(default)]
     pub log_every: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            backbone: Default::default(),
+            img_size: 512,
+            scale_range: [0.1, 2.0],
+            flip_prob: 0.5,
+            steps: 5000,
+            batch_size: 16,
+            lr: 1e-4,
+            weight_decay: 0.1,
+            layer_decay: 0.7,
+            warmup_steps: 250,
+            warmup_factor: 1e-3,
+            schedule: Default::default(),
+            milestones: // ViTDet: 163889 and 177546 of 184375 iterations
+            vec![0.889, 0.963],
+            clip_grad_norm: Default::default(),
+            head: Default::default(),
+            eval_batch_size: 4,
+            checkpoint_every: Default::default(),
+            log_every: Default::default(),
+        }
     }
 }
 
@@ -777,24 +738,7 @@ fn detect_all(
 pub struct CocoDetection;
 
 impl crate::kind::Kind for CocoDetection {
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(resolve, run);
 
     fn check_plan(
         &self,

@@ -165,24 +165,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 pub struct CommandStage;
 
 impl crate::kind::Kind for CommandStage {
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        super::resolve::<Params>(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(super::resolve::<Params>, run);
 
     fn key_inputs(
         &self,

@@ -434,24 +434,7 @@ pub fn train_images(params: &Value, pipeline_dir: &Path) -> Option<u64> {
 pub struct Dataset;
 
 impl crate::kind::Kind for Dataset {
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(resolve, run);
 
     fn unkeyed_params(&self) -> &'static [&'static str] {
         &["path"]

@@ -43,71 +43,44 @@ pub const VERSION: u32 = 1;
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.228, 0.224, 0.225];
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_split() -> String {
-    "val".into()
-}
-fn d_size() -> usize {
-    480
-}
-fn d_multiple() -> usize {
-    64
-}
-fn d_n_last() -> usize {
-    7
-}
-fn d_neigh() -> usize {
-    12
-}
-fn d_topk() -> usize {
-    5
-}
-fn d_temp() -> f64 {
-    0.1
-}
-fn d_batch() -> usize {
-    8
-}
-
 /// Params of a `davis_vos` stage (defaults: DINO's `eval_video_segmentation.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// `upstream` (pretrain / finetune encoder), `random`, or a safetensors path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// Image set (`ImageSets/2017/<split>.txt`).
-    #[serde(default = "d_split")]
     pub split: String,
     /// Short side of the resized frames (a multiple of the patch size).
-    #[serde(default = "d_size")]
     pub size: usize,
     /// The long side is floored to a multiple of this (a multiple of the patch size).
-    #[serde(default = "d_multiple")]
     pub multiple: usize,
     /// Recent frames used as context besides the first.
-    #[serde(default = "d_n_last")]
     pub n_last_frames: usize,
     /// Half-size of the spatial window of sources, in patches.
-    #[serde(default = "d_neigh")]
     pub size_mask_neighborhood: usize,
     /// Affinities kept per query, over all context frames.
-    #[serde(default = "d_topk")]
     pub topk: usize,
     /// Softmax-free temperature of `exp(sim / t)` (DINO hard-codes 0.1).
-    #[serde(default = "d_temp")]
     pub temperature: f64,
     /// Frames encoded at once.
-    #[serde(default = "d_batch")]
     #[serde(alias = "batch")]
     pub batch_size: usize,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            split: "val".into(),
+            size: 480,
+            multiple: 64,
+            n_last_frames: 7,
+            size_mask_neighborhood: 12,
+            topk: 5,
+            temperature: 0.1,
+            batch_size: 8,
+        }
     }
 }
 
@@ -420,24 +393,7 @@ impl crate::kind::Kind for DavisVos {
         &[crate::kind::hooks::BATCH]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        super::resolve::<Params>(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(super::resolve::<Params>, run);
 
     fn check_plan(
         &self,

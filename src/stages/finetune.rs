@@ -60,155 +60,89 @@ use crate::train::optim::{AdamW, AdamWConfig};
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_epochs() -> u32 {
-    100
-}
-fn d_batch() -> usize {
-    1024
-}
-fn d_one() -> usize {
-    1
-}
-fn d_blr() -> f64 {
-    5e-4
-}
-fn d_min_lr() -> f64 {
-    1e-6
-}
-fn d_warmup() -> f64 {
-    5.0
-}
-fn d_wd() -> f64 {
-    0.05
-}
-fn d_layer_decay() -> f64 {
-    0.65
-}
-fn d_drop_path() -> f64 {
-    0.1
-}
-fn d_mixup() -> f64 {
-    0.8
-}
-fn d_cutmix() -> f64 {
-    1.0
-}
-fn d_mix_prob() -> f64 {
-    1.0
-}
-fn d_switch() -> f64 {
-    0.5
-}
-fn d_smoothing() -> f64 {
-    0.1
-}
-fn d_ra_n() -> usize {
-    2
-}
-fn d_ra_m() -> f64 {
-    9.0
-}
-fn d_ra_mstd() -> f64 {
-    0.5
-}
-fn d_reprob() -> f64 {
-    0.25
-}
-fn d_head_std() -> f64 {
-    2e-5
-}
-fn d_eval_batch() -> usize {
-    64
-}
-fn d_ckpt_secs() -> u64 {
-    300
-}
-
 /// Params of a `finetune` stage (defaults: MAE ViT-B/16).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// `upstream`, `random`, or a safetensors path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// Input side in pixels (default: the model's `img_size`).
-    #[serde(default)]
     #[serde(alias = "img")]
     pub img_size: Option<u32>,
     /// Epochs (MAE: 100 for B, 50 for L/H).
-    #[serde(default = "d_epochs")]
     pub epochs: u32,
     /// Effective batch size (MAE: 1024).
-    #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// Micro-batches per step (gradient accumulation); must divide `batch_size`.
-    #[serde(default = "d_one")]
     pub accum_iter: usize,
     /// Base learning rate per 256 images.
-    #[serde(default = "d_blr")]
     pub blr: f64,
     /// Floor of the cosine.
-    #[serde(default = "d_min_lr")]
     pub min_lr: f64,
     /// Linear warmup, in epochs.
-    #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
     /// AdamW weight decay (not on 1-D parameters and biases).
-    #[serde(default = "d_wd")]
     pub weight_decay: f64,
     /// Layer-wise lr decay (B 0.65, L/H 0.75).
-    #[serde(default = "d_layer_decay")]
     pub layer_decay: f64,
     /// Stochastic depth of the last block (B 0.1, L 0.2, H 0.3).
-    #[serde(default = "d_drop_path")]
     pub drop_path: f64,
     /// Mixup alpha (0 = off).
-    #[serde(default = "d_mixup")]
     pub mixup: f64,
     /// CutMix alpha (0 = off).
-    #[serde(default = "d_cutmix")]
     pub cutmix: f64,
     /// Probability of mixing a batch.
-    #[serde(default = "d_mix_prob")]
     pub mixup_prob: f64,
     /// Probability of CutMix when both are on.
-    #[serde(default = "d_switch")]
     pub mixup_switch_prob: f64,
     /// Label smoothing.
-    #[serde(default = "d_smoothing")]
     pub smoothing: f64,
     /// RandAugment ops per image (0 = off).
-    #[serde(default = "d_ra_n")]
     pub randaug_n: usize,
     /// RandAugment magnitude.
-    #[serde(default = "d_ra_m")]
     pub randaug_m: f64,
     /// RandAugment magnitude std.
-    #[serde(default = "d_ra_mstd")]
     pub randaug_mstd: f64,
     /// RandomErasing probability.
-    #[serde(default = "d_reprob")]
     pub reprob: f64,
     /// Std of the head weight init.
-    #[serde(default = "d_head_std")]
     pub head_init_std: f64,
     /// Images per forward pass in the evaluation.
-    #[serde(default = "d_eval_batch")]
     pub eval_batch: usize,
     /// Checkpoint every N steps (0 = by time only; not hashed).
-    #[serde(default)]
     pub checkpoint_every: u64,
     /// Checkpoint every N seconds (not hashed).
-    #[serde(default = "d_ckpt_secs")]
     pub checkpoint_secs: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            img_size: Default::default(),
+            epochs: 100,
+            batch_size: 1024,
+            accum_iter: 1,
+            blr: 5e-4,
+            min_lr: 1e-6,
+            warmup_epochs: 5.0,
+            weight_decay: 0.05,
+            layer_decay: 0.65,
+            drop_path: 0.1,
+            mixup: 0.8,
+            cutmix: 1.0,
+            mixup_prob: 1.0,
+            mixup_switch_prob: 0.5,
+            smoothing: 0.1,
+            randaug_n: 2,
+            randaug_m: 9.0,
+            randaug_mstd: 0.5,
+            reprob: 0.25,
+            head_init_std: 2e-5,
+            eval_batch: 64,
+            checkpoint_every: Default::default(),
+            checkpoint_secs: 300,
+        }
     }
 }
 
@@ -812,24 +746,7 @@ impl crate::kind::Kind for Finetune {
         &[crate::kind::hooks::IMG]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(resolve, run);
 
     fn key_inputs(
         &self,

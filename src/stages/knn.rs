@@ -23,54 +23,40 @@ use crate::error::{Error, Result};
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_k() -> usize {
-    20
-}
-fn d_t() -> f64 {
-    0.07
-}
-fn d_feature() -> FeatureSet {
-    FeatureSet::Last
-}
-fn d_extract_batch() -> usize {
-    64
-}
-
 /// Params of a `knn` stage (defaults: DINO).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// `upstream`, `random`, or a safetensors path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// Read the upstream pretrain stage's snapshot of this epoch (one of its
     /// `snapshot_epochs`) instead of its final weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`).
-    #[serde(default)]
     #[serde(alias = "img")]
     pub img_size: Option<u32>,
     /// Neighbours.
-    #[serde(default = "d_k")]
     pub k: usize,
     /// Temperature of the vote weights.
-    #[serde(default = "d_t")]
     pub temperature: f64,
     /// `last` or `last4`.
-    #[serde(default = "d_feature")]
     pub feature: FeatureSet,
     /// Images per forward pass during extraction.
-    #[serde(default = "d_extract_batch")]
     pub extract_batch: usize,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            at_epoch: Default::default(),
+            img_size: Default::default(),
+            k: 20,
+            temperature: 0.07,
+            feature: FeatureSet::Last,
+            extract_batch: 64,
+        }
     }
 }
 
@@ -242,24 +228,7 @@ impl crate::kind::Kind for Knn {
         &[crate::kind::hooks::IMG]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(resolve, run);
 
     fn key_inputs(
         &self,

@@ -760,133 +760,86 @@ pub fn sweep_output(r: &SweepResult, feats: &Features, source: &str) -> StageOut
 // ------------------------------------------------------------------------------------------------
 // The stage.
 
-fn d_checkpoint() -> String {
-    "upstream".into()
-}
-fn d_epochs() -> u32 {
-    50
-}
-fn d_batch() -> usize {
-    256
-}
-fn d_lars() -> OptimKind {
-    OptimKind::Lars
-}
-fn d_lr() -> f64 {
-    0.1
-}
-fn d_momentum() -> f64 {
-    0.9
-}
-fn d_eta() -> f64 {
-    0.001
-}
-fn d_multistep() -> LrSchedule {
-    LrSchedule::Multistep
-}
-fn d_milestones() -> Vec<f64> {
-    vec![0.3, 0.6, 0.9]
-}
-fn d_gamma() -> f64 {
-    0.1
-}
-fn d_sets() -> Vec<FeatureSet> {
-    vec![FeatureSet::Last4, FeatureSet::Last]
-}
-fn d_heads() -> Vec<HeadKind> {
-    vec![HeadKind::BnLinear, HeadKind::Linear]
-}
-fn d_lr_mults() -> Vec<f64> {
-    vec![1.0, 0.1]
-}
-fn d_wds() -> Vec<f64> {
-    vec![5e-4, 0.0]
-}
-fn d_extract_batch() -> usize {
-    64
-}
-fn d_ckpt_secs() -> u64 {
-    300
-}
-
 /// Params of a `linear_probe` stage (defaults: the VISSL ImageNet recipe).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// `upstream` (the pretrain / finetune encoder), `random`, or a safetensors path.
-    #[serde(default = "d_checkpoint")]
     pub checkpoint: String,
     /// Read the upstream pretrain stage's snapshot of this epoch (one of its
     /// `snapshot_epochs`) instead of its final weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_epoch: Option<u64>,
     /// Input side in pixels (default: the model's `img_size`); eval transform = resize the
     /// shorter side to `img_size * 256 / 224`, centre crop `img_size`.
-    #[serde(default)]
     #[serde(alias = "img")]
     pub img_size: Option<u32>,
     /// Training epochs (VISSL: 50).
-    #[serde(default = "d_epochs")]
     pub epochs: u32,
     /// Batch size (the lr scales with it).
-    #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// `lars` (VISSL ImageNet) or `sgd`.
-    #[serde(default = "d_lars")]
     pub optimizer: OptimKind,
     /// Learning rate per 256 images.
-    #[serde(default = "d_lr")]
     pub base_lr: f64,
     /// Momentum.
-    #[serde(default = "d_momentum")]
     pub momentum: f64,
     /// Nesterov momentum (sgd only).
-    #[serde(default)]
     pub nesterov: bool,
     /// LARS trust coefficient.
-    #[serde(default = "d_eta")]
     pub eta: f64,
     /// `multistep` or `cosine`.
-    #[serde(default = "d_multistep")]
     pub schedule: LrSchedule,
     /// Multistep milestones, fractions of `epochs`.
-    #[serde(default = "d_milestones")]
     pub milestones: Vec<f64>,
     /// Multistep factor.
-    #[serde(default = "d_gamma")]
     pub gamma: f64,
     /// Cosine end learning rate per 256 images.
-    #[serde(default)]
     pub end_lr: f64,
     /// Feature sets of the sweep.
-    #[serde(default = "d_sets")]
     pub feature_sets: Vec<FeatureSet>,
     /// Head kinds of the sweep.
-    #[serde(default = "d_heads")]
     pub heads: Vec<HeadKind>,
     /// Learning-rate multipliers of the sweep.
-    #[serde(default = "d_lr_mults")]
     pub lr_mults: Vec<f64>,
     /// Weight decays of the sweep.
-    #[serde(default = "d_wds")]
     pub weight_decays: Vec<f64>,
     /// Recompute train features from augmented images every epoch.
-    #[serde(default)]
     pub augment: bool,
     /// Images per forward pass during extraction.
-    #[serde(default = "d_extract_batch")]
     pub extract_batch: usize,
     /// Checkpoint every N steps (0 = by time only; not hashed).
-    #[serde(default)]
     pub checkpoint_every: u64,
     /// Checkpoint every N seconds (not hashed).
-    #[serde(default = "d_ckpt_secs")]
     pub checkpoint_secs: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        serde_json::from_value(json!({})).expect("defaults")
+        Self {
+            checkpoint: "upstream".into(),
+            at_epoch: Default::default(),
+            img_size: Default::default(),
+            epochs: 50,
+            batch_size: 256,
+            optimizer: OptimKind::Lars,
+            base_lr: 0.1,
+            momentum: 0.9,
+            nesterov: Default::default(),
+            eta: 0.001,
+            schedule: LrSchedule::Multistep,
+            milestones: vec![0.3, 0.6, 0.9],
+            gamma: 0.1,
+            end_lr: Default::default(),
+            feature_sets: vec![FeatureSet::Last4, FeatureSet::Last],
+            heads: vec![HeadKind::BnLinear, HeadKind::Linear],
+            lr_mults: vec![1.0, 0.1],
+            weight_decays: vec![5e-4, 0.0],
+            augment: Default::default(),
+            extract_batch: 64,
+            checkpoint_every: Default::default(),
+            checkpoint_secs: 300,
+        }
     }
 }
 
@@ -994,24 +947,7 @@ impl crate::kind::Kind for LinearProbe {
         &[crate::kind::hooks::IMG]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
-
-    fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {
-        run(ctx)
-    }
+    kind_basics!(resolve, run);
 
     fn key_inputs(
         &self,

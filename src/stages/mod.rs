@@ -3,6 +3,37 @@
 //! its [`Kind`] hooks (plan checks, cost, process set-up) and its `run` recipe. [`table`] is the
 //! one `match` from the closed [`StageKind`] enum to them; the engine is handed it.
 
+/// The hooks every kind writes the same way: its `VERSION`, its params resolved by `$resolve`
+/// and defaulted by `Params::default()`, and (with `run`) its `run` function.
+macro_rules! kind_basics {
+    ($resolve:expr) => {
+        fn version(&self) -> u32 {
+            VERSION
+        }
+
+        fn resolve_params(
+            &self,
+            params: &serde_json::Map<String, serde_json::Value>,
+        ) -> std::result::Result<serde_json::Value, String> {
+            $resolve(params)
+        }
+
+        fn default_params(&self) -> serde_json::Value {
+            crate::stages::to_json(&Params::default())
+        }
+    };
+    ($resolve:expr, run) => {
+        kind_basics!($resolve);
+
+        fn run(
+            &self,
+            ctx: &mut crate::kind::StageContext,
+        ) -> crate::error::Result<crate::kind::StageOutput> {
+            run(ctx)
+        }
+    };
+}
+
 pub mod ade20k;
 pub mod backbone;
 pub mod clevr;

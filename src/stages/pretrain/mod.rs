@@ -669,20 +669,7 @@ impl crate::kind::Kind for Pretrain {
         ]
     }
 
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn resolve_params(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        resolve(params)
-    }
-
-    fn default_params(&self) -> serde_json::Value {
-        super::to_json(&Params::default())
-    }
+    kind_basics!(resolve);
 
     /// `model:` with `params.img_size` / `params.patch_size` applied.
     fn planned_model(
