@@ -305,33 +305,56 @@ fn resize_span(
 
 /// Horizontal pass over `src` (rows of `w` RGB pixels) to `c.bounds.len()` columns. Pillow's
 /// 32-bit integer accumulators (the sums cannot overflow: |weights| sum to < 2 in 22-bit fixed
-/// point).
+/// point). Computed as the vertical pass of the transposed rows (the same integer sums, so the
+/// same bytes), whose inner loop runs over contiguous bytes and vectorises.
 fn pass_horizontal(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
-    let ow = c.bounds.len();
     let rows = src.len() / (w * 3);
-    let mut out = vec![0u8; rows * ow * 3];
-    for (srow, orow) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(ow * 3)) {
-        for (xx, o) in orow.chunks_exact_mut(3).enumerate() {
-            let (xmin, n) = c.bounds[xx];
-            let k = &c.k[xx * c.ksize..xx * c.ksize + n];
-            let px = &srow[xmin * 3..(xmin + n) * 3];
-            let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
-            for (p, &kx) in px.chunks_exact(3).zip(k) {
-                s0 += p[0] as i32 * kx;
-                s1 += p[1] as i32 * kx;
-                s2 += p[2] as i32 * kx;
+    let ow = c.bounds.len();
+    let t = transpose_rgb(src, w, rows);
+    let out_t = pass_vertical(&t, rows, c, 0);
+    transpose_rgb(&out_t, rows, ow)
+}
+
+/// Transpose `h` rows of `w` RGB pixels into `w` rows of `h` pixels (in tiles, for the cache).
+fn transpose_rgb(src: &[u8], w: usize, h: usize) -> Vec<u8> {
+    const T: usize = 16;
+    let mut out = vec![0u8; w * h * 3];
+    for y0 in (0..h).step_by(T) {
+        for x0 in (0..w).step_by(T) {
+            for y in y0..(y0 + T).min(h) {
+                for x in x0..(x0 + T).min(w) {
+                    let s = (y * w + x) * 3;
+                    let d = (x * h + y) * 3;
+                    out[d..d + 3].copy_from_slice(&src[s..s + 3]);
+                }
             }
-            o[0] = clip8(s0);
-            o[1] = clip8(s1);
-            o[2] = clip8(s2);
         }
     }
     out
 }
 
 /// Vertical pass over `src` (rows of `w` RGB pixels, first row = source row `row0`): whole rows
-/// at a time, so the inner loop is a multiply-add over contiguous bytes.
+/// at a time, so the inner loop is a multiply-add over contiguous bytes (AVX2 when the CPU has
+/// it: the same integer arithmetic, so the same bytes).
 fn pass_vertical(src: &[u8], w: usize, c: &Coeffs, row0: usize) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { pass_vertical_avx2(src, w, c, row0) };
+        }
+    }
+    pass_vertical_impl(src, w, c, row0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pass_vertical_avx2(src: &[u8], w: usize, c: &Coeffs, row0: usize) -> Vec<u8> {
+    pass_vertical_impl(src, w, c, row0)
+}
+
+#[inline(always)]
+fn pass_vertical_impl(src: &[u8], w: usize, c: &Coeffs, row0: usize) -> Vec<u8> {
     let oh = c.bounds.len();
     let rw = w * 3;
     let mut out = vec![0u8; rw * oh];
