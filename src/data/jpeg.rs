@@ -7,8 +7,9 @@
 //! with `a <= min(crop_w / out_w, crop_h / out_h)` (integer division), so the scaled crop still
 //! covers the output size. The crop box is then mapped into the scaled image with fractional
 //! edges, and [`super::transforms::resize_box`] resamples it with Pillow's filter clamped to the
-//! crop. At scale 1 this is the exact crop + resize of the decoded pixels (libjpeg-turbo's, which
-//! may differ from the exact path's decoder by a unit on some pixels).
+//! crop. At scale 1 this is the exact crop + resize of the decoded pixels. libjpeg-turbo's pixels
+//! are Pillow's, byte for byte; the exact path's decoder (zune-jpeg, through the `image` crate)
+//! differs from them by a few units on some pixels.
 
 use std::os::raw::{c_char, c_int, c_uint, c_ulong};
 use std::path::Path;
@@ -396,8 +397,8 @@ mod tests {
         assert!(e.to_string().contains("bad.jpg"), "{e}");
         let mut bytes = jpeg_bytes(&photo(64, 48));
         bytes.truncate(bytes.len() / 3);
-        // A truncated file decodes with grey rows, as Pillow's default does with
-        // LOAD_TRUNCATED_IMAGES off it raises; either way no panic.
+        // libjpeg fills the missing rows of a truncated file (a warning, not an error); Pillow
+        // raises instead unless LOAD_TRUNCATED_IMAGES is set. Either way: no panic, no abort.
         let _ = decode_region(
             &bytes,
             "cut.jpg",
