@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::jpeg::Decode;
 use super::transforms::{decode_rgb, Chw, Transform};
 use super::DataError;
 
@@ -52,6 +53,35 @@ impl Source for ImageSamples {
         })?;
         let img = decode_rgb(path)?;
         Ok((self.transform.apply(&img, rng), *label))
+    }
+}
+
+/// [`ImageSamples`] read with a chosen [`Decode`] mode (`Decode::Exact` loads exactly what
+/// [`ImageSamples`] loads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedImageSamples {
+    /// The samples and their transform.
+    pub images: ImageSamples,
+    /// How the files are decoded.
+    pub decode: Decode,
+}
+
+impl Source for DecodedImageSamples {
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    fn get(&self, index: usize, rng: &mut ChaCha8Rng) -> Result<(Chw, usize), DataError> {
+        let (path, label) = self.images.samples.get(index).ok_or_else(|| {
+            DataError::param(
+                "index",
+                format!(
+                    "sample {index} out of range (0..{})",
+                    self.images.samples.len()
+                ),
+            )
+        })?;
+        Ok((self.images.transform.load(path, self.decode, rng)?, *label))
     }
 }
 

@@ -23,6 +23,7 @@ pub mod coco;
 pub mod davis;
 pub mod detection;
 pub mod imagefolder;
+pub mod jpeg;
 pub mod loader;
 pub mod mask;
 pub mod seg_transforms;

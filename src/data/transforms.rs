@@ -14,6 +14,7 @@ use image::RgbImage;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::jpeg::{self, Decode};
 use super::DataError;
 
 /// ImageNet channel means (RGB).
@@ -49,6 +50,16 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
         .with_guessed_format()
         .map_err(|e| DataError::image(path, format!("cannot read: {e}")))?;
     let img = reader.decode().map_err(|e| {
+        DataError::image(
+            path,
+            format!("cannot decode: {e}; re-download or regenerate it"),
+        )
+    })?;
+    Ok(img.to_rgb8())
+}
+
+fn decode_rgb_named(bytes: &[u8], path: &Path) -> Result<RgbImage, DataError> {
+    let img = image::load_from_memory(bytes).map_err(|e| {
         DataError::image(
             path,
             format!("cannot decode: {e}; re-download or regenerate it"),
@@ -119,8 +130,19 @@ struct Coeffs {
     k: Vec<i32>,
 }
 
-fn precompute_coeffs(in_size: usize, out_size: usize, interp: Interpolation) -> Coeffs {
-    let (in0, in1) = (0.0f64, in_size as f64);
+/// Pillow's `precompute_coeffs` for the input span `in0..in1` (fractional, relative to `lo`),
+/// with the taps clamped to the pixels `lo..hi` instead of `0..in_size`. With `lo = 0`,
+/// `hi = in_size`, `in0 = 0`, `in1 = in_size` this is Pillow's own computation; with `in0 = 0`,
+/// `in1 = hi - lo` it is that of the crop `lo..hi`. Bounds are absolute (`lo` added).
+fn precompute_coeffs_box(
+    lo: usize,
+    hi: usize,
+    in0: f64,
+    in1: f64,
+    out_size: usize,
+    interp: Interpolation,
+) -> Coeffs {
+    let in_size = hi - lo;
     let scale = (in1 - in0) / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = interp.support() * filterscale;
@@ -155,7 +177,7 @@ fn precompute_coeffs(in_size: usize, out_size: usize, interp: Interpolation) -> 
                 (0.5 + f) as i32
             };
         }
-        bounds.push((xmin, n));
+        bounds.push((lo + xmin, n));
     }
     Coeffs { bounds, ksize, k }
 }
@@ -179,18 +201,74 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 /// (Pillow before that change always went horizontal first; results differ by at most 1 on a
 /// few pixels in the vertical-first case).
 pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, interp: Interpolation) -> RgbImage {
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    resize_span(img, [0.0, 0.0, w, h], out_w, out_h, interp)
+}
+
+/// Resample the part `bbox` (left, top, right, bottom, fractional pixel edges) of `img` to
+/// `out_w x out_h` with Pillow's filter, the taps clamped to columns `lo[0]..hi[0]` and rows
+/// `lo[1]..hi[1]` (the pixels the box touches). With an integer box and `lo`, `hi` its edges this
+/// is `resize(&crop(img, box), ..)`, byte for byte; with a fractional box (a crop mapped into a
+/// DCT-downscaled image) it is the same crop resampled from fewer pixels.
+pub fn resize_box(
+    img: &RgbImage,
+    bbox: [f64; 4],
+    lo: [u32; 2],
+    hi: [u32; 2],
+    out_w: u32,
+    out_h: u32,
+    interp: Interpolation,
+) -> RgbImage {
+    let lo = [lo[0].min(img.width()), lo[1].min(img.height())];
+    let hi = [
+        hi[0].clamp(lo[0], img.width()),
+        hi[1].clamp(lo[1], img.height()),
+    ];
+    let sub = crop(
+        img,
+        CropBox {
+            top: lo[1],
+            left: lo[0],
+            height: hi[1] - lo[1],
+            width: hi[0] - lo[0],
+        },
+    );
+    let (x, y) = (lo[0] as f64, lo[1] as f64);
+    resize_span(
+        &sub,
+        [bbox[0] - x, bbox[1] - y, bbox[2] - x, bbox[3] - y],
+        out_w,
+        out_h,
+        interp,
+    )
+}
+
+/// [`resize`] of the span `s` (left, top, right, bottom) of `img`, taps clamped to the image.
+fn resize_span(
+    img: &RgbImage,
+    s: [f64; 4],
+    out_w: u32,
+    out_h: u32,
+    interp: Interpolation,
+) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (out_w.max(1) as usize, out_h.max(1) as usize);
-    if (w, h) == (ow, oh) || w == 0 || h == 0 {
+    let full_x = s[0] == 0.0 && s[2] == w as f64;
+    let full_y = s[1] == 0.0 && s[3] == h as f64;
+    if ((w, h) == (ow, oh) && full_x && full_y) || w == 0 || h == 0 {
         return img.clone();
     }
+    let need_h = ow != w || !full_x;
+    let need_v = oh != h || !full_y;
+    let coeffs_x = || precompute_coeffs_box(0, w, s[0], s[2], ow, interp);
+    let coeffs_y = || precompute_coeffs_box(0, h, s[1], s[3], oh, interp);
     let src = img.as_raw();
     let dh = h as i64 - oh as i64;
     let dw = w as i64 - ow as i64;
     let horizontal_first = !(dh > 0 && dh > dw * 2);
     let out = if horizontal_first {
-        let cv = (oh != h).then(|| precompute_coeffs(h, oh, interp));
-        let (tmp, row0) = if ow != w {
+        let cv = need_v.then(coeffs_y);
+        let (tmp, row0) = if need_h {
             // Only the source rows the vertical pass reads.
             let (first, last) = match &cv {
                 Some(c) => (
@@ -199,9 +277,8 @@ pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, interp: Interpolation) -> 
                 ),
                 None => (0, h),
             };
-            let ch = precompute_coeffs(w, ow, interp);
             (
-                pass_horizontal(&src[first * w * 3..last * w * 3], w, &ch),
+                pass_horizontal(&src[first * w * 3..last * w * 3], w, &coeffs_x()),
                 first,
             )
         } else {
@@ -212,10 +289,13 @@ pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, interp: Interpolation) -> 
             None => tmp,
         }
     } else {
-        let cv = precompute_coeffs(h, oh, interp);
-        let tmp = pass_vertical(src, w, &cv, 0);
-        if ow != w {
-            pass_horizontal(&tmp, w, &precompute_coeffs(w, ow, interp))
+        let tmp = if need_v {
+            pass_vertical(src, w, &coeffs_y(), 0)
+        } else {
+            src.to_vec()
+        };
+        if need_h {
+            pass_horizontal(&tmp, w, &coeffs_x())
         } else {
             tmp
         }
@@ -225,33 +305,56 @@ pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, interp: Interpolation) -> 
 
 /// Horizontal pass over `src` (rows of `w` RGB pixels) to `c.bounds.len()` columns. Pillow's
 /// 32-bit integer accumulators (the sums cannot overflow: |weights| sum to < 2 in 22-bit fixed
-/// point).
+/// point). Computed as the vertical pass of the transposed rows (the same integer sums, so the
+/// same bytes), whose inner loop runs over contiguous bytes and vectorises.
 fn pass_horizontal(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
-    let ow = c.bounds.len();
     let rows = src.len() / (w * 3);
-    let mut out = vec![0u8; rows * ow * 3];
-    for (srow, orow) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(ow * 3)) {
-        for (xx, o) in orow.chunks_exact_mut(3).enumerate() {
-            let (xmin, n) = c.bounds[xx];
-            let k = &c.k[xx * c.ksize..xx * c.ksize + n];
-            let px = &srow[xmin * 3..(xmin + n) * 3];
-            let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
-            for (p, &kx) in px.chunks_exact(3).zip(k) {
-                s0 += p[0] as i32 * kx;
-                s1 += p[1] as i32 * kx;
-                s2 += p[2] as i32 * kx;
+    let ow = c.bounds.len();
+    let t = transpose_rgb(src, w, rows);
+    let out_t = pass_vertical(&t, rows, c, 0);
+    transpose_rgb(&out_t, rows, ow)
+}
+
+/// Transpose `h` rows of `w` RGB pixels into `w` rows of `h` pixels (in tiles, for the cache).
+fn transpose_rgb(src: &[u8], w: usize, h: usize) -> Vec<u8> {
+    const T: usize = 16;
+    let mut out = vec![0u8; w * h * 3];
+    for y0 in (0..h).step_by(T) {
+        for x0 in (0..w).step_by(T) {
+            for y in y0..(y0 + T).min(h) {
+                for x in x0..(x0 + T).min(w) {
+                    let s = (y * w + x) * 3;
+                    let d = (x * h + y) * 3;
+                    out[d..d + 3].copy_from_slice(&src[s..s + 3]);
+                }
             }
-            o[0] = clip8(s0);
-            o[1] = clip8(s1);
-            o[2] = clip8(s2);
         }
     }
     out
 }
 
 /// Vertical pass over `src` (rows of `w` RGB pixels, first row = source row `row0`): whole rows
-/// at a time, so the inner loop is a multiply-add over contiguous bytes.
+/// at a time, so the inner loop is a multiply-add over contiguous bytes (AVX2 when the CPU has
+/// it: the same integer arithmetic, so the same bytes).
 fn pass_vertical(src: &[u8], w: usize, c: &Coeffs, row0: usize) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { pass_vertical_avx2(src, w, c, row0) };
+        }
+    }
+    pass_vertical_impl(src, w, c, row0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pass_vertical_avx2(src: &[u8], w: usize, c: &Coeffs, row0: usize) -> Vec<u8> {
+    pass_vertical_impl(src, w, c, row0)
+}
+
+#[inline(always)]
+fn pass_vertical_impl(src: &[u8], w: usize, c: &Coeffs, row0: usize) -> Vec<u8> {
     let oh = c.bounds.len();
     let rw = w * 3;
     let mut out = vec![0u8; rw * oh];
@@ -437,8 +540,13 @@ impl RandomResizedCrop {
     /// Sample a box, crop, resize to `size x size` (bicubic).
     pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> RgbImage {
         let b = self.get_params(img.width(), img.height(), rng);
-        resize_bicubic(&crop(img, b), self.size, self.size)
+        crop_resize(img, b, self.size)
     }
+}
+
+/// Crop `b` and resize to `size x size` (bicubic): the tail of [`RandomResizedCrop::apply`].
+fn crop_resize(img: &RgbImage, b: CropBox, size: u32) -> RgbImage {
+    resize_bicubic(&crop(img, b), size, size)
 }
 
 /// ToTensor (`/255`) + Normalize, to CHW `f32`.
@@ -552,6 +660,50 @@ impl Transform {
             Transform::ResizeCenterCrop { crop, .. } => (*crop, *crop),
             Transform::Resize { size, .. } => (*size, *size),
         }
+    }
+
+    /// Read and decode the image file `path`, then [`Transform::apply`]. With
+    /// [`Decode::Scaled`] a RandomResizedCrop of a JPEG decodes only the crop's region at the
+    /// smallest DCT scale that keeps it at least `size` pixels on each side
+    /// ([`jpeg::draft_scale`]), then resamples it with Pillow's filter: the same random draws,
+    /// and pixels within a few units of the exact path. Other transforms and files decode
+    /// exactly.
+    pub fn load(&self, path: &Path, decode: Decode, rng: &mut impl Rng) -> Result<Chw, DataError> {
+        let Transform::RandomResizedCrop {
+            rrc,
+            hflip,
+            mean,
+            std,
+        } = self
+        else {
+            return Ok(self.apply(&decode_rgb(path)?, rng));
+        };
+        if decode == Decode::Exact {
+            return Ok(self.apply(&decode_rgb(path)?, rng));
+        }
+        let bytes = jpeg::read(path)?;
+        if !jpeg::is_jpeg(&bytes) {
+            return Ok(self.apply(&decode_rgb_named(&bytes, path)?, rng));
+        }
+        let name = path.to_string_lossy();
+        let dims = jpeg::jpeg_size(&bytes, &name)?;
+        let b = rrc.get_params(dims.0, dims.1, rng);
+        let a = jpeg::draft_scale(b.width, b.height, rrc.size, rrc.size);
+        let out = match jpeg::decode_region(&bytes, &name, dims, b, a)? {
+            Some(r) => resize_box(
+                &r.image,
+                r.bbox,
+                r.lo,
+                r.hi,
+                rrc.size,
+                rrc.size,
+                Interpolation::Bicubic,
+            ),
+            // A colour space libjpeg does not turn into RGB (CMYK): the exact decoder.
+            None => crop_resize(&decode_rgb_named(&bytes, path)?, b, rrc.size),
+        };
+        let out = random_hflip(out, *hflip, rng);
+        Ok(to_chw_normalized(&out, *mean, *std))
     }
 
     /// Apply to a decoded image. Random draws happen in torchvision order (crop, then flip).

@@ -403,3 +403,30 @@ fn status_watch_follows_a_run_until_it_ends() {
         "the last redraw shows both stages fresh:\n{last}"
     );
 }
+
+/// `decode: exact`, written or not, plans to the same key; `decode: scaled` to another; a
+/// misspelt mode names the field and the choices.
+#[test]
+fn decode_exact_keeps_the_key_and_scaled_changes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |extra: &str| {
+        let yaml = format!(
+            "name: p\ndefaults: {{ seed: 0 }}\nstages:\n  data:\n    kind: dataset\n    \
+             source: synth\n    format: imagefolder\n    params: {{ classes: 2, train_per_class: 4, \
+             val_per_class: 2, size: 32 }}\n  pre:\n    kind: pretrain\n    needs: [data]\n    \
+             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch: 4{extra} }}\n"
+        );
+        let f = dir.path().join("p.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let p = cjepa::spec::load_pipeline(&f, &Default::default()).unwrap();
+        cjepa::plan::build(&p, cjepa::stages::table).map(|plan| {
+            let s = plan.stages.iter().find(|s| s.inst.id == "pre").unwrap();
+            s.key.clone()
+        })
+    };
+    let plain = plan("").unwrap();
+    assert_eq!(plan(", decode: exact").unwrap(), plain);
+    assert_ne!(plan(", decode: scaled").unwrap(), plain);
+    let e = plan(", decode: fast").unwrap_err().to_string();
+    assert!(e.contains("fast") && e.contains("scaled"), "{e}");
+}

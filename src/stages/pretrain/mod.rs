@@ -47,7 +47,7 @@ pub use params::{resolve, LossParams, MaskParams, Params};
 use super::{backbone, params_of, StageContext, StageOutput};
 use crate::data::clevr::Clevr;
 use crate::data::imagefolder::ImageFolder;
-use crate::data::loader::{ImageSamples, Loader, LoaderConfig};
+use crate::data::loader::{DecodedImageSamples, ImageSamples, Loader, LoaderConfig};
 use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
 use crate::model::masks::{MaskConfig, MaskSampler};
@@ -129,9 +129,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let (root, format) = dataset_root(ctx)?;
     let samples = pretraining_images(&root, format, &p.split).map_err(|e| fail(e.to_string()))?;
     let n_images = samples.len();
-    let source = ImageSamples {
-        samples,
-        transform: p.transform(cfg.img_size),
+    let source = DecodedImageSamples {
+        images: ImageSamples {
+            samples,
+            transform: p.transform(cfg.img_size),
+        },
+        decode: p.decode,
     };
     let loader = Loader::new(
         &source,

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::data::jpeg::Decode;
 use crate::data::transforms::{RandomResizedCrop, Transform, IMAGENET_MEAN, IMAGENET_STD};
 use crate::model::masks::{MaskConfig, MaskError};
 use crate::train::loss::{JepaLossKind, LossConfig, Method, VicTerms};
@@ -161,6 +162,12 @@ pub struct Params {
     /// not empty (the artifacts differ); empty leaves the keys of existing runs unchanged.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshot_epochs: Vec<u64>,
+    /// How the training JPEGs are decoded: `exact` (whole image at full size, the default) or
+    /// `scaled` (only the crop's region, at a 1/2, 1/4 or 1/8 DCT scale when the crop stays at
+    /// least `img` pixels; faster, pixels within a few units). Hashed only when `scaled`, so an
+    /// explicit `exact` keeps the key of a stage without the field.
+    #[serde(skip_serializing_if = "Decode::is_exact")]
+    pub decode: Decode,
 }
 
 impl Default for Params {
@@ -190,6 +197,7 @@ impl Default for Params {
             checkpoint_secs: 300,
             log_every: 10,
             snapshot_epochs: Vec::new(),
+            decode: Decode::Exact,
         }
     }
 }
