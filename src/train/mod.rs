@@ -5,6 +5,7 @@ pub mod cross_entropy;
 pub mod dist;
 pub mod ema;
 mod fused_update;
+pub mod iteration;
 pub mod layer_decay;
 pub mod loss;
 pub mod optim;
