@@ -14,3 +14,4 @@ pub mod sharded;
 pub mod step;
 #[cfg(test)]
 mod testutil;
+pub mod trajectory;
