@@ -522,6 +522,16 @@ def norm(tensors):
     return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
 
 
+def write_trajectory(path, method, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"source": f"pytorch {torch.__version__}, official ijepa train.py loop",
+                            "method": method})[:-1] + ', "steps": [\n')
+        f.write(",\n".join(json.dumps(x) for x in records))
+        f.write("\n]}\n")
+    os.replace(tmp, path)
+
+
 def replay_main():
     import numpy as np
     a = ARGS
@@ -622,11 +632,9 @@ def replay_main():
         if itr == 0 or (itr + 1) % 25 == 0:
             print(f"  step {itr + 1:>3}: loss {rec['loss']:.6f} (jepa {rec['loss_jepa']:.6f}) "
                   f"target_std {target_std:.5f} lr {_new_lr:.3e} grad_norm {grad_norm:.4f}", file=sys.stderr)
-    with open(a.out, "w") as f:
-        f.write(json.dumps({"source": f"pytorch {torch.__version__}, official ijepa train.py loop",
-                            "method": r["method"]})[:-1] + ', "steps": [\n')
-        f.write(",\n".join(json.dumps(x) for x in records))
-        f.write("\n]}\n")
+        if (itr + 1) % 10 == 0 or itr + 1 == steps:
+            # rewritten as the run goes: an interrupted run leaves its first steps
+            write_trajectory(a.out, r["method"], records)
     print(f"wrote {a.out}", file=sys.stderr)
 
 
