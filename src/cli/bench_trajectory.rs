@@ -136,7 +136,7 @@ fn run_record(
         },
     )?;
     if let Some(e) = failed {
-        return Err(e.into());
+        return Err(e);
     }
     let file = out.join("trajectory.json");
     t.write(&file)?;
