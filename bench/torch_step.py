@@ -18,6 +18,20 @@ Threads are pinned with `--threads`: OMP/MKL environment variables before torch 
 `torch.set_num_threads`. Prints one `RESULT ...` line that `bench/compare.sh` reads.
 
     python3 bench/torch_step.py --model vit_small --img 224 --batch 8 --steps 3 --threads 2
+
+Trajectory mode (`--replay DIR --out FILE`, used by `bench/trajectory.sh`): a trainer after the
+official `train.py` loop on the run that `cjepa bench trajectory run --replay` wrote into DIR: its
+initial weights (official names), its batches and masks, its method, loss weights and schedule
+settings. Per iteration, as the official code: `WarmupCosineSchedule.step()` and
+`CosineWDSchedule.step()` (src/utils/schedulers.py, built as in src/helper.py::init_opt), the
+target forward without gradient, context encoder, predictor, smooth-L1 (+ the VICReg terms for
+C-JEPA), backward, `torch.optim.AdamW` over the official four parameter groups (no weight decay on
+biases and 1-D parameters), then the EMA of every target-encoder parameter with the next value of
+the momentum generator. Writes per step the loss terms, lr, wd, momentum, the gradient norm
+(encoder + predictor, before the step), the parameter norms after the step (the fixed position
+tables left out) and the target-feature std, as JSON that `cjepa bench trajectory compare` reads.
+
+    python3 bench/torch_step.py --replay /tmp/t/replay --out /tmp/t/torch.json --threads 2
 """
 
 import argparse
@@ -53,6 +67,9 @@ def parse_args():
     p.add_argument("--masks", default=None, help="JSON written by cjepa bench train-step --masks-out")
     p.add_argument("--attn", default="manual", choices=["manual", "sdpa"],
                    help="manual = the official code; sdpa = F.scaled_dot_product_attention")
+    p.add_argument("--replay", default=None,
+                   help="folder written by `cjepa bench trajectory run --replay`: train on it")
+    p.add_argument("--out", default=None, help="trajectory JSON written in --replay mode")
     return p.parse_args()
 
 
@@ -161,11 +178,20 @@ def init_weights(m, std=0.02):
         nn.init.constant_(m.weight, 1.0)
 
 
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, c):
         super().__init__()
         d, p, g = c["embed_dim"], c["patch_size"], c["img_size"] // c["patch_size"]
-        self.patch_embed = nn.Conv2d(c.get("in_chans", 3), d, kernel_size=p, stride=p)
+        self.patch_embed = PatchEmbed(p, c.get("in_chans", 3), d)
         self.pos_embed = nn.Parameter(sincos_2d(d, g, g), requires_grad=False)
         eps = c.get("ln_eps", 1e-6)
         self.blocks = nn.ModuleList([Block(d, c["num_heads"], c.get("mlp_ratio", 4.0), eps)
@@ -174,7 +200,7 @@ class VisionTransformer(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x, masks=None):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed(x)
         x = x + self.pos_embed
         if masks is not None:
             x = apply_masks(x, masks)
@@ -411,5 +437,209 @@ def main():
           f"cpu_s_per_step={cpu:.4f} peak_rss_mib={peak_mib:.1f} threads={torch.get_num_threads()}")
 
 
+# ---- trajectory mode: the official train.py loop on a replayed run ----
+
+class WarmupCosineSchedule:
+    """src/utils/schedulers.py of the official code."""
+
+    def __init__(self, optimizer, warmup_steps, start_lr, ref_lr, T_max, final_lr=0.):
+        self.optimizer = optimizer
+        self.start_lr = start_lr
+        self.ref_lr = ref_lr
+        self.final_lr = final_lr
+        self.warmup_steps = warmup_steps
+        self.T_max = T_max - warmup_steps
+        self._step = 0.
+
+    def step(self):
+        self._step += 1
+        if self._step < self.warmup_steps:
+            progress = float(self._step) / float(max(1, self.warmup_steps))
+            new_lr = self.start_lr + progress * (self.ref_lr - self.start_lr)
+        else:
+            progress = float(self._step - self.warmup_steps) / float(max(1, self.T_max))
+            new_lr = max(self.final_lr,
+                         self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1. + math.cos(math.pi * progress)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = new_lr
+        return new_lr
+
+
+class CosineWDSchedule:
+    """src/utils/schedulers.py of the official code."""
+
+    def __init__(self, optimizer, ref_wd, T_max, final_wd=0.):
+        self.optimizer = optimizer
+        self.ref_wd = ref_wd
+        self.final_wd = final_wd
+        self.T_max = T_max
+        self._step = 0.
+
+    def step(self):
+        self._step += 1
+        progress = self._step / self.T_max
+        new_wd = self.final_wd + (self.ref_wd - self.final_wd) * 0.5 * (1. + math.cos(math.pi * progress))
+        if self.final_wd <= self.ref_wd:
+            new_wd = max(self.final_wd, new_wd)
+        else:
+            new_wd = min(self.final_wd, new_wd)
+        for group in self.optimizer.param_groups:
+            if ("WD_exclude" not in group) or not group["WD_exclude"]:
+                group["weight_decay"] = new_wd
+        return new_wd
+
+
+def load_safetensors(path):
+    """The tensors of a safetensors file (read with numpy: no extra package)."""
+    import struct
+    import numpy as np
+    kinds = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64,
+             "U32": np.uint32, "U8": np.uint8}
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        arr = np.frombuffer(data[8 + n + a:8 + n + b], dtype=kinds[v["dtype"]]).reshape(v["shape"])
+        out[k] = torch.from_numpy(arr.copy())
+    return out
+
+
+def load_net(net, weights, prefix):
+    """Loads `prefix.*` into `net`; only the fixed sin-cos tables may be absent."""
+    sd = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    bad = [m for m in missing if not m.endswith("pos_embed")]
+    if bad or unexpected:
+        sys.exit(f"torch_step.py: {prefix}: missing {bad}, unexpected {unexpected}")
+
+
+def norm(tensors):
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
+
+
+def write_trajectory(path, method, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"source": f"pytorch {torch.__version__}, official ijepa train.py loop",
+                            "method": method})[:-1] + ', "steps": [\n')
+        f.write(",\n".join(json.dumps(x) for x in records))
+        f.write("\n]}\n")
+    os.replace(tmp, path)
+
+
+def replay_main():
+    import numpy as np
+    a = ARGS
+    if not a.out:
+        sys.exit("torch_step.py: --replay needs --out FILE")
+    with open(os.path.join(a.replay, "replay.json")) as f:
+        r = json.load(f)
+    c = dict(r["model"])
+    encoder, predictor, target = VisionTransformer(c), Predictor(c), VisionTransformer(c)
+    w = load_safetensors(os.path.join(a.replay, r["init"]))
+    load_net(encoder, w, "encoder")
+    load_net(predictor, w, "predictor")
+    load_net(target, w, "target_encoder")
+    for p in target.parameters():
+        p.requires_grad = False
+
+    # src/helper.py::init_opt
+    s = r["schedule"]
+    ipe, num_epochs, ipe_scale = r["iterations_per_epoch"], r["epochs"], s["ipe_scale"]
+    param_groups = [
+        {"params": (p for n, p in encoder.named_parameters()
+                    if ("bias" not in n) and (len(p.shape) != 1))},
+        {"params": (p for n, p in predictor.named_parameters()
+                    if ("bias" not in n) and (len(p.shape) != 1))},
+        {"params": (p for n, p in encoder.named_parameters()
+                    if ("bias" in n) or (len(p.shape) == 1)), "WD_exclude": True, "weight_decay": 0},
+        {"params": (p for n, p in predictor.named_parameters()
+                    if ("bias" in n) or (len(p.shape) == 1)), "WD_exclude": True, "weight_decay": 0},
+    ]
+    adam = r["adamw"]
+    optimizer = torch.optim.AdamW(param_groups, betas=(adam["beta1"], adam["beta2"]), eps=adam["eps"])
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=int(s["warmup_epochs"] * ipe),
+                                     start_lr=s["start_lr"], ref_lr=s["ref_lr"], final_lr=s["final_lr"],
+                                     T_max=int(ipe_scale * num_epochs * ipe))
+    wd_scheduler = CosineWDSchedule(optimizer, ref_wd=s["ref_wd"], final_wd=s["final_wd"],
+                                    T_max=int(ipe_scale * num_epochs * ipe))
+    ema = s["ema"]
+    # src/train.py
+    momentum_scheduler = (ema[0] + i * (ema[1] - ema[0]) / (ipe * num_epochs * ipe_scale)
+                          for i in range(int(ipe * num_epochs * ipe_scale) + 1))
+
+    L = r["loss"]
+    if L["kind"] != "smooth_l1" or L["smooth_l1_beta"] != 1.0 or L["target_ln_eps"] != 1e-5:
+        sys.exit(f"torch_step.py: loss {L} is not the official smooth-L1 with LayerNorm eps 1e-5")
+    w_sim, w_std, w_cov = L["w_sim"], L["w_std"], L["w_cov"]
+    shape = r["batch_shape"]
+    per_step = int(np.prod(shape))
+    images = np.memmap(os.path.join(a.replay, r["images"]), dtype="<f4", mode="r")
+    steps = r["steps"]
+    if images.size != steps * per_step:
+        sys.exit(f"torch_step.py: {r['images']} holds {images.size} values, expected {steps} x {per_step}")
+    online = list(encoder.named_parameters()) + list(predictor.named_parameters())
+    fixed = lambda n: n.endswith("pos_embed")  # noqa: E731
+    print(f"torch {torch.__version__}: replaying {steps} steps of {r['method']} from {a.replay}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    records = []
+    for itr in range(steps):
+        imgs = torch.from_numpy(np.array(images[itr * per_step:(itr + 1) * per_step])).reshape(shape)
+        m = r["masks"][itr]
+        masks_enc = [torch.tensor(x, dtype=torch.int64) for x in m["enc"]]
+        masks_pred = [torch.tensor(x, dtype=torch.int64) for x in m["pred"]]
+        _new_lr = scheduler.step()
+        _new_wd = wd_scheduler.step()
+        with torch.no_grad():
+            h = target(imgs)
+            h = F.layer_norm(h, (h.size(-1),))
+            z_t = h.mean(1)
+            B = len(h)
+            h = apply_masks(h, masks_pred)
+            h = repeat_interleave_batch(h, B, repeat=len(masks_enc))
+            target_std = float(z_t.std(0).mean())
+        z = encoder(imgs, masks_enc)
+        pred = predictor(z, masks_enc, masks_pred)
+        jepa = F.smooth_l1_loss(pred, h)
+        z_c = z.reshape(len(masks_enc), B, z.size(1), z.size(2)).mean(2).mean(0)
+        sim, std, cov = vicreg(z_c, z_t, L["var_eps"])
+        loss = jepa
+        for wt, t in ((w_sim, sim), (w_std, std), (w_cov, cov)):
+            if wt != 0.0:
+                loss = loss + wt * t
+        loss.backward()
+        grad_norm = norm([p.grad for _, p in online if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            mom = next(momentum_scheduler)
+            for param_q, param_k in zip(encoder.parameters(), target.parameters()):
+                param_k.data.mul_(mom).add_((1. - mom) * param_q.detach().data)
+        rec = {
+            "step": itr + 1, "loss": loss.item(), "loss_jepa": jepa.item(), "loss_sim": sim.item(),
+            "loss_std": std.item(), "loss_cov": cov.item(), "target_std": target_std,
+            "lr": _new_lr, "wd": _new_wd, "momentum": mom, "grad_norm": grad_norm,
+            "param_norm_encoder": norm([p for n, p in encoder.named_parameters() if not fixed(n)]),
+            "param_norm_predictor": norm([p for n, p in predictor.named_parameters() if not fixed(n)]),
+            "param_norm_target": norm([p for n, p in target.named_parameters() if not fixed(n)]),
+        }
+        records.append(rec)
+        if itr == 0 or (itr + 1) % 25 == 0:
+            print(f"  step {itr + 1:>3}: loss {rec['loss']:.6f} (jepa {rec['loss_jepa']:.6f}) "
+                  f"target_std {target_std:.5f} lr {_new_lr:.3e} grad_norm {grad_norm:.4f}", file=sys.stderr)
+        if (itr + 1) % 10 == 0 or itr + 1 == steps:
+            # rewritten as the run goes: an interrupted run leaves its first steps
+            write_trajectory(a.out, r["method"], records)
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main()
+    if ARGS.replay:
+        replay_main()
+    else:
+        main()

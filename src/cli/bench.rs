@@ -3,6 +3,7 @@
 //! - `plan`: plan + key + cache check of a generated, fully cached N-stage matrix pipeline.
 //! - `report`: `cjepa report` over N stored records.
 //! - `train-step`: the full C-JEPA training step (`bench_train.rs`).
+//! - `trajectory`: the training trajectory vs the official code's (`bench_trajectory.rs`).
 //! - `cocoeval`: the exact COCOeval on a val2017-sized synthetic problem (`bench_cocoeval.rs`).
 
 use std::collections::BTreeMap;
@@ -35,6 +36,8 @@ enum What {
     Cocoeval(super::bench_cocoeval::Args),
     /// Data loader: decode + RandomResizedCrop + normalise, images/s per core.
     Loader(super::bench_loader::Args),
+    /// Training trajectory of the quickstart's pretraining, recorded or compared.
+    Trajectory(super::bench_trajectory::Args),
     /// Report over many stored records.
     Report {
         /// Number of records.
@@ -53,6 +56,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         What::Loader(a) => super::bench_loader::run(a),
         What::Cocoeval(a) => super::bench_cocoeval::run(a),
         What::TrainStep(a) => super::bench_train::run(a),
+        What::Trajectory(a) => super::bench_trajectory::run(a),
     }
 }
 

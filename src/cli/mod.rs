@@ -23,6 +23,7 @@ mod bench_cocoeval;
 mod bench_cocoeval_gen;
 mod bench_loader;
 mod bench_train;
+mod bench_trajectory;
 mod cancel;
 mod checkpoint;
 mod dag;

@@ -4,6 +4,7 @@
 pub mod cross_entropy;
 pub mod ema;
 mod fused_update;
+pub mod iteration;
 pub mod layer_decay;
 pub mod loss;
 pub mod optim;
@@ -12,3 +13,4 @@ pub mod schedules;
 pub mod step;
 #[cfg(test)]
 mod testutil;
+pub mod trajectory;

@@ -121,7 +121,8 @@ struct Param {
 /// What one optimiser step did.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepStats {
-    /// Global gradient 2-norm before clipping (computed only when clipping is on).
+    /// Global gradient 2-norm before clipping (computed only when clipping is on or
+    /// [`AdamW::measure_grad_norm`] asks for it).
     pub grad_norm: Option<f64>,
     /// Parameters updated (those with a gradient).
     pub updated: usize,
@@ -132,6 +133,7 @@ pub struct StepStats {
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<Param>,
+    measure_norm: bool,
 }
 
 impl AdamW {
@@ -154,7 +156,17 @@ impl AdamW {
                 step: 0,
             });
         }
-        Ok(Self { cfg, params: out })
+        Ok(Self {
+            cfg,
+            params: out,
+            measure_norm: false,
+        })
+    }
+
+    /// Also compute the global gradient 2-norm when clipping is off ([`StepStats::grad_norm`]):
+    /// one device-to-host read per step, for recording a run, never needed to train.
+    pub fn measure_grad_norm(&mut self, on: bool) {
+        self.measure_norm = on;
     }
 
     /// The constants.
@@ -211,7 +223,8 @@ impl AdamW {
     ) -> Result<StepStats> {
         let mut stats = StepStats::default();
         let mut scale = None;
-        if let Some(max_norm) = self.cfg.clip_grad_norm {
+        let clip = self.cfg.clip_grad_norm;
+        if clip.is_some() || self.measure_norm {
             let mut sq = Vec::new();
             for p in &self.params {
                 if let Some(g) = grads.get(&p.name) {
@@ -221,14 +234,16 @@ impl AdamW {
             let total = if sq.is_empty() {
                 0.0
             } else {
-                // one device-to-host read per step, with clipping on only
+                // one device-to-host read per step, with clipping or measuring on only
                 crate::util::host_read::scalar::<f32>(&Tensor::stack(&sq, 0)?.sum_all()?)? as f64
             };
             let norm = total.sqrt();
             stats.grad_norm = Some(norm);
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                scale = Some(coef);
+            if let Some(max_norm) = clip {
+                let coef = max_norm / (norm + 1e-6);
+                if coef < 1.0 {
+                    scale = Some(coef);
+                }
             }
         }
         let (b1, b2, eps) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps);

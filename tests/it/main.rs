@@ -18,6 +18,7 @@ mod golden_masks;
 mod golden_model;
 mod golden_schedules;
 mod golden_segmentation;
+mod golden_trajectory;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod pretrain;

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -52,16 +52,12 @@ use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
 use crate::model::masks::{MaskConfig, MaskSampler};
 use crate::model::{JepaNetworks, VitConfig};
+use crate::train::iteration::{Batches, Plan, Trainer};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::parallel::comm as dist;
-use crate::train::parallel::shards::{
-    shard_count, train_step_sharded_pending, ThreadShards, SHARDS_ENV,
-};
+use crate::train::parallel::shards::{shard_count, ThreadShards, SHARDS_ENV};
 use crate::train::schedules::Schedules;
-use crate::train::step::{
-    train_step_pending, Batch, PendingLosses, StepError, StepHyper, StepLosses,
-};
-use crate::util::rng::{derive_seed, stage_rng};
+use crate::train::step::{PendingLosses, StepError, StepLosses};
+use crate::util::rng::derive_seed;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -247,7 +243,17 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     ));
 
     let t0 = Instant::now();
-    let mut epoch_iter = None;
+    let mut batches = Batches::new(&loader);
+    let plan = Plan {
+        sampler: &sampler,
+        sched: &sched,
+        loss: &loss_cfg,
+        key: &key,
+        seed,
+        batch: p.batch_size,
+        rank,
+        world,
+    };
     // the last step's values while they are still on the device: (step, values, lr)
     let mut unread: Option<(u64, PendingLosses, f64)> = None;
     let mut progress_msg = String::new();
@@ -261,29 +267,11 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         })?;
         let it = st.step;
         let epoch = it / ipe;
-        let iter = match &mut epoch_iter {
-            Some((e, iter)) if *e == epoch => iter,
-            slot => {
-                &mut slot
-                    .insert((epoch, loader.iter_epoch(epoch, (it % ipe) as usize)))
-                    .1
-            }
-        };
-        let batch = iter
-            .next()
+        let batch = batches
+            .get(it)
             .ok_or_else(|| fail(format!("epoch {epoch} ended before step {it}")))?
             .map_err(|e| fail(e.to_string()))?;
         let images = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
-        let masks = sampler.sample(
-            &mut stage_rng(&key, seed, &format!("masks/{it}")),
-            p.batch_size,
-        );
-        let shard = |m: &[Vec<Vec<u32>>]| -> Vec<Vec<Vec<u32>>> {
-            m.iter().map(|l| dist::shard_rows(l, rank, world)).collect()
-        };
-        // masks stay host data: the networks read their index lists without a device sync
-        let masks_enc = crate::model::masks::mask_tensors(&shard(&masks.enc), &Device::Cpu)?;
-        let masks_pred = crate::model::masks::mask_tensors(&shard(&masks.pred), &Device::Cpu)?;
         let completed = it + 1;
         let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
         let snapshot = snapshots
@@ -291,24 +279,14 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             .find(|(_, s)| *s == completed)
             .map(|&(k, _)| k);
         let ckpt_now = rank == 0 && completed < total && ctx.ckpt.due(completed);
-        let hv = sched.at(it);
-        let hyper = StepHyper {
-            lr: hv.lr,
-            wd: hv.wd,
-            momentum: hv.momentum,
+        let trainer = match &shards {
+            Some(pools) => Trainer::Shards(pools),
+            None => Trainer::Ranks(ranks.comm()),
         };
-        let b = Batch {
-            images: &images,
-            masks_enc: &masks_enc,
-            masks_pred: &masks_pred,
-        };
-        let pending = match &shards {
-            Some(pools) => {
-                train_step_sharded_pending(&nets, &b, &loss_cfg, &mut opt, hyper, pools, None)
-            }
-            None => train_step_pending(&nets, &b, &loss_cfg, &mut opt, hyper, ranks.comm(), None),
-        }
-        .map_err(|e| fail(format!("step {completed}: {e}")))?;
+        let done = plan
+            .run(it, &images, &nets, &mut opt, trainer)
+            .map_err(|e| fail(format!("step {completed}: {e}")))?;
+        let (pending, hv) = (done.pending, done.hyper);
         st.step = completed;
         // The step's values stay on the device (no sync) except where they are used: logged
         // steps (always the first and the last) and steps whose weights are written, which must
