@@ -20,6 +20,7 @@ mod golden_schedules;
 mod golden_segmentation;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod paper_values;
 mod pretrain;
 mod report;
 #[cfg(feature = "test-stages")]

@@ -60,7 +60,7 @@ fn resumable(store: &str) -> String {
          format: imagefolder\n    params: {{ classes: 4, train_per_class: 8, val_per_class: 2, size: 32 }}\n  \
          pretrain:\n    kind: pretrain\n    needs: [data]\n    \
          model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n    \
-         params: {{ epochs: 15, batch: 8, warmup_epochs: 2, log_every: 3, checkpoint_every: 5 }}\n"
+         params: {{ epochs: 15, batch: 8, warmup_epochs: 2, mask: {{ min_keep: 0 }}, log_every: 3, checkpoint_every: 5 }}\n"
     )
 }
 

@@ -61,8 +61,9 @@ use crate::train::step::{
 };
 use crate::util::rng::{derive_seed, stage_rng};
 
-/// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+/// Implementation version (part of the key). 2: `mask.min_keep` is the paper's 10 unless written;
+/// scaling it to the grid is the explicit `mask.scale_min_keep: true`.
+pub const VERSION: u32 = 2;
 
 /// Full checkpoint of the three networks (prefixed names).
 pub const FULL_FILE: &str = "full.safetensors";
