@@ -61,3 +61,37 @@ fn num(v: &Value) -> Value {
         v => v.clone(),
     }
 }
+
+/// No hidden rescaling: a small grid with the paper's `min_keep` is refused when planning, with
+/// the value to write.
+#[test]
+fn small_grid_needs_an_explicit_min_keep() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("p.yaml");
+    let yaml = "name: p\nstages:\n  data:\n    kind: dataset\n    source: synth\n    \
+                format: imagefolder\n  pre:\n    kind: pretrain\n    needs: [data]\n    \
+                model: { preset: vit_tiny, depth: 1, img_size: 64, patch_size: 8 }\n    \
+                params: { epochs: 1, batch: 4 }\n";
+    std::fs::write(&f, yaml).unwrap();
+    let run = |f: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cjepa"))
+            .args(["run", f.to_str().unwrap(), "--dry-run", "--store"])
+            .arg(d.path().join("store"))
+            .output()
+            .unwrap()
+    };
+    let o = run(&f);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("p.yaml:") && err.contains("stage `pre`") && err.contains("min_keep: 8"),
+        "{err}"
+    );
+    std::fs::write(
+        &f,
+        yaml.replace("batch: 4 }", "batch: 4, mask: { min_keep: 3 } }"),
+    )
+    .unwrap();
+    let o = run(&f);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -689,7 +689,21 @@ impl crate::kind::Kind for Pretrain {
         &self,
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
-        super::parallel::check_plan(crate::kind::StageKind::Pretrain, stage)
+        super::parallel::check_plan(crate::kind::StageKind::Pretrain, stage)?;
+        // the masks on this stage's patch grid (a `min_keep` too large for it is refused here,
+        // not when the stage starts)
+        let model = stage
+            .model
+            .and_then(|m| self.planned_model(m, stage.params));
+        if let (Some(cfg), Ok(p)) = (
+            model,
+            serde_json::from_value::<Params>(stage.params.clone()),
+        ) {
+            p.mask
+                .config(cfg.grid_size())
+                .map_err(|e| crate::kind::PlanIssue::params("mask", e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// A `CJEPA_SHARDS` setting must be a shard count that divides the batch.

@@ -394,10 +394,10 @@ mod tests {
         assert!(small.min_keep < 10);
         MaskSampler::new(small, 4, 4).unwrap();
         let given = MaskParams {
-            min_keep: 1,
+            min_keep: 0,
             ..MaskParams::default()
         };
-        assert_eq!(given.config(4).unwrap().min_keep, 1);
+        assert_eq!(given.config(4).unwrap().min_keep, 0);
         // the default does not write the rule, so keys of stages without it stay as they are
         let v = serde_json::to_value(MaskParams::default()).unwrap();
         assert!(v.get("scale_min_keep").is_none(), "{v}");
