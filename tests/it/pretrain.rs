@@ -330,11 +330,11 @@ fn unknown_param_is_a_config_error() {
 }
 
 #[test]
-fn unsatisfiable_mask_fails_with_the_mask_error() {
+fn unsatisfiable_mask_is_refused_when_planning() {
     let yaml = TINY.replace("log_every: 2", "log_every: 2\n      mask: { min_keep: 10 }");
     let dir = pipeline(&yaml);
     let (code, err) = run(dir.path());
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("mask.min_keep"), "{err}");
 }
 
