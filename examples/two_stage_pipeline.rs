@@ -38,7 +38,7 @@ stages:
     kind: pretrain
     needs: [data]
     model: { preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }
-    params: { method: cjepa, epochs: 1, batch_size: 8, warmup_epochs: 0 }
+    params: { method: cjepa, epochs: 1, batch_size: 8, warmup_epochs: 0, mask: { min_keep: 0 } }
 "#;
 
 /// One stage instance after a run.

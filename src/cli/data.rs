@@ -1,4 +1,5 @@
-//! `cjepa data check FORMAT PATH` and `cjepa data synth FORMAT OUT --seed S [--set k=v]`.
+//! `cjepa data check FORMAT PATH`, `cjepa data synth FORMAT OUT --seed S [--set k=v]` and
+//! `cjepa data import idx OUT --train-images .. --train-labels .. --val-images .. --val-labels ..`.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,45 @@ enum Cmd {
         /// Generator parameter, e.g. `--size classes=4` (repeatable).
         #[arg(long = "size", value_name = "KEY=VALUE")]
         sizes: Vec<String>,
+    },
+    /// Convert a dataset in another format into one of the layouts above.
+    Import {
+        #[command(subcommand)]
+        from: Import,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Import {
+    /// IDX `*-ubyte[.gz]` files (MNIST, Fashion-MNIST) -> imagefolder
+    /// (`OUT/{train,val}/<label>[_<name>]/<index>.png`, the first N images of each class, RGB).
+    Idx {
+        /// Output folder (must be empty or absent).
+        out: PathBuf,
+        /// Training images (`[n, rows, cols]`), e.g. train-images-idx3-ubyte.gz.
+        #[arg(long)]
+        train_images: PathBuf,
+        /// Training labels (`[n]`), e.g. train-labels-idx1-ubyte.gz.
+        #[arg(long)]
+        train_labels: PathBuf,
+        /// Validation images, e.g. t10k-images-idx3-ubyte.gz.
+        #[arg(long)]
+        val_images: PathBuf,
+        /// Validation labels, e.g. t10k-labels-idx1-ubyte.gz.
+        #[arg(long)]
+        val_labels: PathBuf,
+        /// Training images kept per class (the first ones in file order).
+        #[arg(long, default_value_t = 300)]
+        train_per_class: usize,
+        /// Validation images kept per class.
+        #[arg(long, default_value_t = 100)]
+        val_per_class: usize,
+        /// Output side in pixels (bilinear resize).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        /// Class names in label order, comma-separated (folder `<label>_<name>`).
+        #[arg(long, value_delimiter = ',')]
+        class_names: Vec<String>,
     },
 }
 
@@ -89,6 +129,45 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 .map_err(|e| cjepa::Error::Data(e.to_string()))?;
             outln!("{}", r.summary())?;
             Ok(0)
+        }
+        Cmd::Import {
+            from:
+                Import::Idx {
+                    out,
+                    train_images,
+                    train_labels,
+                    val_images,
+                    val_labels,
+                    train_per_class,
+                    val_per_class,
+                    size,
+                    class_names,
+                },
+        } => {
+            use cjepa::data::idx::{import_imagefolder, IdxSplit};
+            let train = IdxSplit {
+                images: train_images,
+                labels: train_labels,
+                per_class: train_per_class,
+            };
+            let val = IdxSplit {
+                images: val_images,
+                labels: val_labels,
+                per_class: val_per_class,
+            };
+            let s = import_imagefolder(&train, &val, &out, size, &class_names)
+                .map_err(|e| cjepa::Error::Data(e.to_string()))?;
+            outln!(
+                "wrote {}: {} classes, {} train / {} val images of {size} px",
+                out.display(),
+                s.classes.len(),
+                s.train,
+                s.val
+            )?;
+            let r = cjepa::data::check::check(DataFormat::ImageFolder, &out)
+                .map_err(|e| cjepa::Error::Data(e.to_string()))?;
+            outln!("{}", r.summary())?;
+            Ok(if r.is_ok() { 0 } else { 1 })
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod clevr_labels;
 pub mod coco;
 pub mod davis;
 pub mod detection;
+pub mod idx;
 pub mod imagefolder;
 pub mod jpeg;
 pub mod loader;

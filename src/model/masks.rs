@@ -20,10 +20,12 @@
 //! `pred[i][b]` = target mask `i` of image `b` (`(npred, B, K_pred)`), mask-major.
 //!
 //! Small grids (METHOD.md §3 decision): the paper's `min_keep = 10` was set for 14×14 = 196
-//! patches. [`MaskConfig::scaled_for_grid`] scales it down in proportion to the patch count
-//! (`floor(min_keep·H·W/196)`, never up) and, if some reachable block would still be too small,
-//! lowers it to one less than the smallest reachable block area. [`MaskConfig::validate`] rejects
-//! any configuration the official sampler would hang on.
+//! patches. `min_keep` is a config value used as given; [`MaskConfig::validate`] rejects any
+//! configuration the official sampler would hang on, naming the value to write. The rule
+//! [`MaskConfig::scaled_for_grid`] (asked for explicitly, `mask.scale_min_keep: true` in a
+//! `pretrain` stage) scales it down in proportion to the patch count (`floor(min_keep·H·W/196)`,
+//! never up) and, if some reachable block would still be too small, lowers it to one less than
+//! the smallest reachable block area.
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -50,8 +52,9 @@ pub enum MaskError {
     /// Some reachable block keeps no more than `min_keep` patches: the official sampler would hang.
     #[error(
         "mask config: on a {grid_h}x{grid_w} grid a {which} block can be {h}x{w} = {area} patches, \
-         not more than `mask.min_keep` = {min_keep}; lower `mask.min_keep` below {area} \
-         (MaskConfig::scaled_for_grid does so) or raise `mask.{which}_scale`"
+         not more than `mask.min_keep` = {min_keep}; write `mask: {{ min_keep: {fix_keep} }}` (or \
+         lower), raise `mask.{which}_scale`, or set `mask.scale_min_keep: true` to scale it to \
+         the grid"
     )]
     BlockTooSmall {
         /// `pred` or `enc`.
@@ -68,6 +71,8 @@ pub enum MaskError {
         area: usize,
         /// The configured threshold.
         min_keep: usize,
+        /// The largest threshold this block size allows (`area - 1`).
+        fix_keep: usize,
     },
 }
 
@@ -131,6 +136,7 @@ impl MaskConfig {
                         w,
                         area: h * w,
                         min_keep: self.min_keep,
+                        fix_keep: (h * w).saturating_sub(1),
                     });
                 }
             }

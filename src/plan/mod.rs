@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::kind::{Kind, KindTable, PlanIssue, PlanView, StageKind, UpstreamView};
 use crate::model::error::ModelError;
 use crate::model::VitConfig;
-use crate::spec::matrix::{apply_own, expand};
+use crate::spec::matrix::{apply_own, expand, instance_seed};
 use crate::spec::types::ModelRef;
 use crate::spec::{registry, Instance, Pipeline, Resources};
 
@@ -191,7 +191,7 @@ pub fn build(p: &Pipeline, kinds: KindTable) -> Result<Plan> {
         let extra = hooks
             .key_inputs(&resolved, &p.dir)
             .map_err(|m| err("params", m))?;
-        let seed = p.spec.defaults.seed;
+        let seed = instance_seed(&inst, p.spec.defaults.seed);
         let mut config = json!({ "params": resolved, "seed": seed });
         if has_model {
             config["model"] = Value::Object(model_map);

@@ -301,6 +301,18 @@ fn validate(p: &Pipeline) -> Result<()> {
                     format!("stage `{id}`: matrix `{k}` has no values"),
                 ));
             }
+            if k == crate::spec::matrix::SEED_KEY {
+                if let Some(v) = vals.iter().find(|v| !v.is_u64()) {
+                    return Err(p.err_at(
+                        &["stages", id, "matrix", k],
+                        format!(
+                            "stage `{id}`: matrix seed `{}` is not a non-negative integer; \
+                             write e.g. `matrix: {{ seed: [0, 1, 2] }}`",
+                            crate::util::canon::display_value(v)
+                        ),
+                    ));
+                }
+            }
         }
         if let Err(m) = s.merged_params() {
             return Err(p.err_at(&["stages", id], format!("stage `{id}`: {m}")));

@@ -117,14 +117,32 @@ pub fn instance_id(stage: &str, coords: &BTreeMap<(String, String), Value>) -> S
     format!("{stage}[{}]", parts.join(","))
 }
 
+/// The matrix key that sets a stage's seed rather than one of its params.
+pub const SEED_KEY: &str = "seed";
+
+/// The seed of an instance: its own `matrix: { seed: [...] }` value, else the seed of the
+/// upstream matrix instance it fans out from (so that the probes of `pretrain[seed=1]` also run
+/// with seed 1), else `default` (`defaults.seed`). Values are checked when loading.
+pub fn instance_seed(inst: &Instance, default: u64) -> u64 {
+    if let Some(v) = inst.own.get(SEED_KEY).and_then(Value::as_u64) {
+        return v;
+    }
+    inst.coords
+        .iter()
+        .find(|((_, k), _)| k == SEED_KEY)
+        .and_then(|(_, v)| v.as_u64())
+        .unwrap_or(default)
+}
+
 /// Apply an instance's own matrix values to its params / model overrides.
-/// `k` -> `params.k`, `params.a.b` -> `params.a.b`, `model.x` -> `model.x`.
+/// `k` -> `params.k`, `params.a.b` -> `params.a.b`, `model.x` -> `model.x`; `seed` is not a
+/// param (see [`instance_seed`]).
 pub fn apply_own(
     own: &IndexMap<String, Value>,
     params: &mut Map<String, Value>,
     model: &mut Map<String, Value>,
 ) {
-    for (k, v) in own {
+    for (k, v) in own.iter().filter(|(k, _)| k.as_str() != SEED_KEY) {
         let (target, path) = if let Some(rest) = k.strip_prefix("model.") {
             (&mut *model, rest)
         } else {
@@ -199,10 +217,24 @@ mod tests {
         own.insert("method".to_string(), Value::from("cjepa"));
         own.insert("model.depth".to_string(), Value::from(4));
         own.insert("params.opt.lr".to_string(), Value::from(0.5));
+        own.insert("seed".to_string(), Value::from(2));
         let (mut p, mut m) = (Map::new(), Map::new());
         apply_own(&own, &mut p, &mut m);
+        assert!(p.get("seed").is_none());
         assert_eq!(p["method"], "cjepa");
         assert_eq!(p["opt"]["lr"], 0.5);
         assert_eq!(m["depth"], 4);
+    }
+
+    #[test]
+    fn seed_matrix_sets_the_seed_of_the_stage_and_its_dependents() {
+        let p = load(
+            "defaults: {seed: 7}\nstages:\n  d: {kind: dataset, path: x}\n  a: {kind: command, cmd: 'true', needs: [d], matrix: {seed: [0, 1, 2]}}\n  b: {kind: command, cmd: 'true', needs: [a]}\n",
+        );
+        let inst = expand(&p).unwrap();
+        let seed = |id: &str| instance_seed(inst.iter().find(|i| i.id == id).unwrap(), 7);
+        assert_eq!(seed("d"), 7);
+        assert_eq!(seed("a[seed=1]"), 1);
+        assert_eq!(seed("b[seed=2]"), 2);
     }
 }

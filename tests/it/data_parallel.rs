@@ -27,7 +27,7 @@ fn pipeline_yaml(method: &str, epochs: u32, resources: &str) -> String {
          params: {{ classes: 4, train_per_class: 8, val_per_class: 2, size: 32 }}\n  \
          pretrain:\n    kind: pretrain\n    needs: [data]\n    \
          model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n    \
-         params: {{ method: {method}, epochs: {epochs}, batch_size: 8, warmup_epochs: 1, log_every: 2, checkpoint_every: 3 }}\n{resources}"
+         params: {{ method: {method}, epochs: {epochs}, batch_size: 8, warmup_epochs: 1, mask: {{ min_keep: 0 }}, log_every: 2, checkpoint_every: 3 }}\n{resources}"
     )
 }
 

@@ -359,6 +359,7 @@ fn quickstart_and_examples_plan() {
         ("pipelines/examples/pretrain_tiny.yaml", 3),
         ("pipelines/examples/synth_pretrain_long.yaml", 12),
         ("pipelines/examples/clevr_pretrain.yaml", 8),
+        ("pipelines/examples/real_small.yaml", 25),
     ] {
         let store = c.path().join(file.replace('/', "_"));
         let o = c.run(&[
@@ -375,6 +376,46 @@ fn quickstart_and_examples_plan() {
             o.all()
         );
     }
+}
+
+/// `matrix: { seed: [...] }` sets the seed of each instance (not a param) and of the probes that
+/// fan out from it; seeds of one configuration share their seed-free identity, so the report
+/// collapses them into one `mean ± std (n)` entry.
+#[test]
+fn seed_matrix_sets_each_instances_seed() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p = cjepa::spec::load_pipeline(
+        &root.join("pipelines/examples/real_small.yaml"),
+        &Default::default(),
+    )
+    .unwrap();
+    let plan = cjepa::plan::build(&p, cjepa::stages::table).unwrap();
+    let get = |id: &str| &plan.stages[plan.index_of(id).unwrap()];
+    for (id, seed) in [
+        ("pretrain[method=cjepa,seed=1]", 1),
+        ("linear[method=cjepa,seed=2]", 2),
+        ("knn_random[seed=1]", 1),
+        ("fmnist", 0),
+    ] {
+        let s = get(id);
+        assert_eq!(s.config["seed"], seed, "{id}");
+        assert!(s.config["params"].get("seed").is_none(), "{id}");
+    }
+    fn identity(plan: &cjepa::plan::Plan, key: &str) -> Option<String> {
+        let s = plan.stages.iter().find(|s| s.key == key)?;
+        Some(cjepa::report::runs::identity_of(&s.key_input, &|k| {
+            identity(plan, k)
+        }))
+    }
+    let ids: Vec<_> = ["linear[method=cjepa,seed=0]", "linear[method=cjepa,seed=1]"]
+        .iter()
+        .map(|id| identity(&plan, &get(id).key).unwrap())
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+    assert_ne!(
+        get("linear[method=cjepa,seed=0]").key,
+        get("linear[method=cjepa,seed=1]").key
+    );
 }
 
 /// The README's main job shows the whole product: every stage kind except the outside-program
@@ -456,7 +497,7 @@ fn bf16_precision_enters_the_key_and_f32_leaves_it() {
             "name: p\ndefaults: {{ seed: 0{defaults} }}\nstages:\n  data:\n    kind: dataset\n    \
              source: synth\n    format: imagefolder\n    params: {{ classes: 2, train_per_class: 4, \
              val_per_class: 2, size: 32 }}\n  pre:\n    kind: pretrain\n    needs: [data]\n{stage}    \
-             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch_size: 4 }}\n"
+             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch_size: 4, mask: {{ min_keep: 0 }} }}\n"
         );
         let f = dir.path().join("p.yaml");
         std::fs::write(&f, yaml).unwrap();
@@ -486,7 +527,7 @@ fn old_param_spellings_warn_and_keep_the_key() {
         format!(
             "stages:\n  d: {{kind: dataset, source: synth, format: imagefolder}}\n  \
              p:\n    kind: pretrain\n    needs: [d]\n    model: {{ preset: vit_tiny, depth: 1 }}\n    \
-             params: {{ epochs: 1, {params} }}\n  \
+             params: {{ epochs: 1, mask: {{ min_keep: 0 }}, {params} }}\n  \
              k:\n    kind: knn\n    needs: [d, p]\n    params: {{ {knn} }}\n",
             knn = if params.contains("batch_size") { "img_size: 32" } else { "img: 32" }
         )

@@ -21,6 +21,7 @@ mod golden_segmentation;
 mod golden_trajectory;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod paper_values;
 mod pretrain;
 mod report;
 #[cfg(feature = "test-stages")]

@@ -60,7 +60,7 @@ fn resumable(store: &str) -> String {
          format: imagefolder\n    params: {{ classes: 4, train_per_class: 8, val_per_class: 2, size: 32 }}\n  \
          pretrain:\n    kind: pretrain\n    needs: [data]\n    \
          model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n    \
-         params: {{ epochs: 15, batch_size: 8, warmup_epochs: 2, log_every: 3, checkpoint_every: 5 }}\n"
+         params: {{ epochs: 15, batch_size: 8, warmup_epochs: 2, mask: {{ min_keep: 0 }}, log_every: 3, checkpoint_every: 5 }}\n"
     )
 }
 
@@ -330,11 +330,11 @@ fn unknown_param_is_a_config_error() {
 }
 
 #[test]
-fn unsatisfiable_mask_fails_with_the_mask_error() {
+fn unsatisfiable_mask_is_refused_when_planning() {
     let yaml = TINY.replace("log_every: 2", "log_every: 2\n      mask: { min_keep: 10 }");
     let dir = pipeline(&yaml);
     let (code, err) = run(dir.path());
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("mask.min_keep"), "{err}");
 }
 
@@ -414,7 +414,7 @@ fn decode_exact_keeps_the_key_and_scaled_changes_it() {
             "name: p\ndefaults: {{ seed: 0 }}\nstages:\n  data:\n    kind: dataset\n    \
              source: synth\n    format: imagefolder\n    params: {{ classes: 2, train_per_class: 4, \
              val_per_class: 2, size: 32 }}\n  pre:\n    kind: pretrain\n    needs: [data]\n    \
-             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch: 4{extra} }}\n"
+             model: {{ preset: vit_tiny, depth: 1, img_size: 32, patch_size: 8 }}\n    params: {{ epochs: 1, batch_size: 4, mask: {{ min_keep: 0 }}{extra} }}\n"
         );
         let f = dir.path().join("p.yaml");
         std::fs::write(&f, yaml).unwrap();

@@ -629,7 +629,7 @@ fn slurm_data_parallel_pretrain_runs_its_ranks_with_srun() {
          params: { classes: 4, train_per_class: 4, val_per_class: 2, size: 32 }\n  \
          pretrain:\n    kind: pretrain\n    needs: [data]\n    \
          model: { preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }\n    \
-         params: { method: ijepa, epochs: 1, batch_size: 8, warmup_epochs: 0 }\n    \
+         params: { method: ijepa, epochs: 1, batch_size: 8, warmup_epochs: 0, mask: { min_keep: 0 } }\n    \
          resources: { ranks: 2, cpus: 1 }\n",
     );
     let o = c.run(&["run", "p.yaml", "--plain"]);

@@ -59,8 +59,9 @@ use crate::train::schedules::Schedules;
 use crate::train::step::{PendingLosses, StepError, StepLosses};
 use crate::util::rng::derive_seed;
 
-/// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+/// Implementation version (part of the key). 2: `mask.min_keep` is the paper's 10 unless written;
+/// scaling it to the grid is the explicit `mask.scale_min_keep: true`.
+pub const VERSION: u32 = 2;
 
 /// Full checkpoint of the three networks (prefixed names).
 pub const FULL_FILE: &str = "full.safetensors";
@@ -681,7 +682,21 @@ impl crate::kind::Kind for Pretrain {
             let p: Params =
                 serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
             crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
-        })
+        })?;
+        // the masks on this stage's patch grid (a `min_keep` too large for it is refused here,
+        // not when the stage starts)
+        let model = stage
+            .model
+            .and_then(|m| self.planned_model(m, stage.params));
+        if let (Some(cfg), Ok(p)) = (
+            model,
+            serde_json::from_value::<Params>(stage.params.clone()),
+        ) {
+            p.mask
+                .config(cfg.grid_size())
+                .map_err(|e| crate::kind::PlanIssue::params("mask", e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// A `CJEPA_SHARDS` setting must be a shard count that divides the batch.

@@ -42,8 +42,10 @@ impl Default for LossParams {
     }
 }
 
-/// Mask section (`mask:`): the fields of [`MaskConfig`], except that `min_keep` left out means
-/// "the paper's 10, scaled to the grid" ([`MaskConfig::scaled_for_grid`]); given, it is used as is.
+/// Mask section (`mask:`): the fields of [`MaskConfig`] (defaults = the paper, `min_keep` 10 as
+/// well), plus one explicit rule, off by default: `scale_min_keep: true` scales `min_keep` down to
+/// the grid ([`MaskConfig::scaled_for_grid`]). Without it `min_keep` is used as written, and a grid
+/// too small for it is refused when planning with the value to write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskParams {
@@ -59,8 +61,11 @@ pub struct MaskParams {
     pub pred_scale: [f64; 2],
     /// Target aspect range.
     pub pred_aspect: [f64; 2],
-    /// A block counts only if it keeps more patches than this; absent = scaled to the grid.
-    pub min_keep: Option<usize>,
+    /// A block counts only if it keeps more patches than this.
+    pub min_keep: usize,
+    /// Scale `min_keep` by `grid² / 196` (never up) and below the smallest reachable block.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub scale_min_keep: bool,
     /// Context may overlap the targets.
     pub allow_overlap: bool,
     /// The official corner draw that never reaches the last row / column.
@@ -77,7 +82,8 @@ impl Default for MaskParams {
             pred_blocks: c.pred_blocks,
             pred_scale: c.pred_scale,
             pred_aspect: c.pred_aspect,
-            min_keep: None,
+            min_keep: c.min_keep,
+            scale_min_keep: false,
             allow_overlap: c.allow_overlap,
             edge_quirk: c.edge_quirk,
         }
@@ -87,7 +93,6 @@ impl Default for MaskParams {
 impl MaskParams {
     /// The sampler settings for a `grid x grid` patch grid.
     pub fn config(&self, grid: usize) -> std::result::Result<MaskConfig, MaskError> {
-        let paper = MaskConfig::default().min_keep;
         let c = MaskConfig {
             enc_blocks: self.enc_blocks,
             enc_scale: self.enc_scale,
@@ -95,13 +100,14 @@ impl MaskParams {
             pred_blocks: self.pred_blocks,
             pred_scale: self.pred_scale,
             pred_aspect: self.pred_aspect,
-            min_keep: self.min_keep.unwrap_or(paper),
+            min_keep: self.min_keep,
             allow_overlap: self.allow_overlap,
             edge_quirk: self.edge_quirk,
         };
-        match self.min_keep {
-            Some(_) => c.validate(grid, grid).map(|_| c),
-            None => c.scaled_for_grid(grid, grid),
+        if self.scale_min_keep {
+            c.scaled_for_grid(grid, grid)
+        } else {
+            c.validate(grid, grid).map(|_| c)
         }
     }
 }
@@ -384,18 +390,31 @@ mod tests {
     }
 
     #[test]
-    fn mask_min_keep_scales_unless_given() {
+    fn mask_min_keep_is_the_paper_value_unless_scaling_is_asked() {
         let m = MaskParams::default();
         assert_eq!(m.config(14).unwrap().min_keep, 10);
-        let small = m.config(4).unwrap();
+        // no hidden rescaling: a 4x4 grid with the paper's min_keep is refused
+        let e = m.config(4).unwrap_err().to_string();
+        assert!(
+            e.contains("min_keep") && e.contains("scale_min_keep"),
+            "{e}"
+        );
+        let scaled = MaskParams {
+            scale_min_keep: true,
+            ..MaskParams::default()
+        };
+        let small = scaled.config(4).unwrap();
         assert!(small.min_keep < 10);
         MaskSampler::new(small, 4, 4).unwrap();
         let given = MaskParams {
-            min_keep: Some(10),
+            min_keep: 0,
             ..MaskParams::default()
         };
-        let e = given.config(4).unwrap_err().to_string();
-        assert!(e.contains("min_keep"), "{e}");
+        assert_eq!(given.config(4).unwrap().min_keep, 0);
+        // the default does not write the rule, so keys of stages without it stay as they are
+        let v = serde_json::to_value(MaskParams::default()).unwrap();
+        assert!(v.get("scale_min_keep").is_none(), "{v}");
+        assert_eq!(v["min_keep"], 10);
     }
 
     #[test]

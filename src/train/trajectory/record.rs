@@ -67,6 +67,8 @@ impl Setup {
             ..Params::default()
         };
         params.loss.b_vic = 0.1;
+        // the quickstart's value on its 8x8 grid
+        params.mask.min_keep = 3;
         Setup {
             model,
             params,
