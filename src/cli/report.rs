@@ -1,6 +1,6 @@
 //! `cjepa report [PIPELINE]`: the paper's tables next to the published numbers (default), the
-//! plain table of stored metrics, or both; with `--out DIR` also each table as a file and the SVG
-//! plots (loss curves, collapse monitors, linear probe vs pretraining epochs).
+//! plain table of stored metrics, or both; with `--out DIR` also each table as a file and the plots
+//! (SVG and PNG) (loss curves, collapse monitors, linear probe vs pretraining epochs).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ pub struct Args {
     /// md, csv, json or latex.
     #[arg(long, default_value = "md")]
     format: String,
-    /// Also write the tables (one file each) and the SVG plots into this folder.
+    /// Also write the tables (one file each) and the plots (SVG and PNG) into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Which tables: `paper` (the paper's tables with published numbers), `metrics` (every
@@ -131,6 +131,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// PNG plots are drawn at twice the SVG's pixel size (print, high-density screens).
+const PNG_SCALE: u32 = 2;
+
+/// Each plot as `<stem>.svg` and `<stem>.png` under `DIR/plots`.
 fn write_plots(dir: &Path, ps: &[plots::Plot]) -> anyhow::Result<usize> {
     if ps.is_empty() {
         return Ok(0);
@@ -138,7 +142,8 @@ fn write_plots(dir: &Path, ps: &[plots::Plot]) -> anyhow::Result<usize> {
     let pdir = dir.join("plots");
     fs_err::create_dir_all(&pdir)?;
     for p in ps {
-        fs_err::write(pdir.join(&p.file), &p.svg)?;
+        fs_err::write(pdir.join(p.svg_file()), p.svg()?)?;
+        fs_err::write(pdir.join(p.png_file()), p.png(PNG_SCALE)?)?;
     }
     Ok(ps.len())
 }

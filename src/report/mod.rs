@@ -1,5 +1,5 @@
 //! Reports from the store: the paper's tables next to the published numbers, tables of stored
-//! metrics (markdown, CSV, JSON, LaTeX) and SVG plots.
+//! metrics (markdown, CSV, JSON, LaTeX) and plots (SVG, PNG).
 
 pub mod baselines;
 pub mod format;

@@ -362,7 +362,7 @@ fn snapshot_probes_are_rows_of_their_own_and_one_line() {
     );
     let plots = cjepa::report::plots::probe_vs_epochs(&records, &published);
     assert_eq!(plots.len(), 1);
-    let svg = &plots[0].svg;
+    let svg = plots[0].svg().unwrap();
     assert!(
         svg.contains(">C-JEPA, probe 50 ep, one 600-ep run<"),
         "{svg}"
@@ -370,12 +370,14 @@ fn snapshot_probes_are_rows_of_their_own_and_one_line() {
     assert!(svg.contains(">C-JEPA, probe 50 ep<"), "{svg}");
     // two measured lines (the paper's are dashed): the separate 100-epoch run, one point; the
     // one-run line (second colour), epochs 100, 300 and 600
-    let solid = svg
-        .lines()
-        .filter(|l| l.starts_with("<polyline") && !l.contains("dasharray"))
-        .count();
-    assert_eq!(solid, 2, "{svg}");
-    assert_eq!(svg.matches(r##"r="3" fill="#d62728""##).count(), 3, "{svg}");
+    let series = &plots[0].chart.panels[0].series;
+    let solid: Vec<_> = series.iter().filter(|s| !s.dashed).collect();
+    assert_eq!(solid.len(), 2, "{series:?}");
+    assert_eq!(solid[0].points.len(), 1, "{series:?}");
+    let xs: Vec<f64> = solid[1].points.iter().map(|p| p.0).collect();
+    assert_eq!(xs, [100.0, 300.0, 600.0], "{series:?}");
+    // drawn with a marker at each of its points, in the second colour
+    assert_eq!(svg.matches(r##"fill="#D62728""##).count(), 3, "{svg}");
 }
 
 #[test]
@@ -776,15 +778,25 @@ fn cli_report_prints_paper_tables_and_writes_files_and_plots() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let loss = format!("loss_pretrain_b16-method-cjepa_{}.svg", &key("pc0")[..8]);
-    assert!(names.contains(&loss), "{names:?}");
+    let loss = format!("loss_pretrain_b16-method-cjepa_{}", &key("pc0")[..8]);
+    for ext in ["svg", "png"] {
+        assert!(names.contains(&format!("{loss}.{ext}")), "{names:?}");
+    }
     assert!(
         names.iter().any(|n| n.starts_with("collapse_")),
         "{names:?}"
     );
     // the convergence plot of ViT-B/16 only (the tiny run has a single length)
-    let probe: Vec<&String> = names.iter().filter(|n| n.starts_with("probe_vs")).collect();
-    assert_eq!(probe, ["probe_vs_epochs_vit_base.svg"], "{names:?}");
+    let mut probe: Vec<&String> = names.iter().filter(|n| n.starts_with("probe_vs")).collect();
+    probe.sort();
+    assert_eq!(
+        probe,
+        [
+            "probe_vs_epochs_vit_base.png",
+            "probe_vs_epochs_vit_base.svg"
+        ],
+        "{names:?}"
+    );
     let svg = std::fs::read_to_string(plots.join("probe_vs_epochs_vit_base.svg")).unwrap();
     assert!(svg.contains(">C-JEPA (paper)<"), "{svg}");
     assert!(svg.contains(">C-JEPA, probe 50 ep<"), "{svg}");
@@ -954,7 +966,7 @@ fn classification_columns_name_the_data_set_of_the_probe() {
     );
     let plots = cjepa::report::plots::probe_vs_epochs(&v, &baselines::embedded().unwrap());
     assert_eq!(plots.len(), 1);
-    let svg = &plots[0].svg;
+    let svg = plots[0].svg().unwrap();
     assert!(svg.contains(">C-JEPA, probe 50 ep, on cifar10<"), "{svg}");
     assert!(!svg.contains("ImageNet linear probe"), "{svg}");
 }
