@@ -6,6 +6,7 @@ pub mod format;
 pub mod paper;
 pub mod plots;
 pub mod runs;
+pub mod state;
 pub mod table;
 
 pub use format::Format;
