@@ -3,6 +3,7 @@
 
 pub mod baselines;
 pub mod format;
+pub mod html;
 pub mod paper;
 pub mod plots;
 pub mod runs;
@@ -11,4 +12,4 @@ pub mod table;
 
 pub use format::Format;
 pub use paper::{paper_tables, PaperTable};
-pub use table::{metrics_table, Table};
+pub use table::{metrics_table, metrics_tables_by_kind, Table};
