@@ -1061,6 +1061,8 @@ stages:
     assert!(failed.contains("fail at step 2"), "{failed}");
     // plots inline: loss and collapse monitors of the pretraining stage
     assert!(page.matches("src=\"data:image/png;base64,").count() >= 2);
+    // both collapse monitors are recorded: no note that one is missing
+    assert!(!page.contains("Effective rank: not recorded"));
     assert!(page.contains("<section id=\"training\">\n<h2>Training</h2>\n<div class=\"pretrain\""));
     // paper tables with the published numbers
     assert!(page.contains("<table id=\"cjepa_table1\">"), "paper tables");
