@@ -1,11 +1,13 @@
 //! `cjepa report [PIPELINE]`: the paper's tables next to the published numbers (default), the
-//! plain table of stored metrics, or both; with `--out DIR` also each table as a file and the SVG
-//! plots (loss curves, collapse monitors, linear probe vs pretraining epochs).
+//! plain table of stored metrics, or both; with `--out DIR` also each table as a file and the plots
+//! (SVG and PNG) (loss curves, collapse monitors, linear probe vs pretraining epochs).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use cjepa::report::{baselines, metrics_table, paper_tables, plots, runs, Format, Table};
+use cjepa::report::{
+    baselines, html, metrics_table, paper_tables, plots, runs, state, Format, Table,
+};
 
 /// Arguments of `cjepa report`.
 #[derive(Debug, clap::Args)]
@@ -18,9 +20,13 @@ pub struct Args {
     /// md, csv, json or latex.
     #[arg(long, default_value = "md")]
     format: String,
-    /// Also write the tables (one file each) and the SVG plots into this folder.
+    /// Also write the tables (one file each) and the plots (SVG and PNG) into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write the report as one self-contained HTML page (tables, stage states and DAG,
+    /// failed stages' logs, plots); the tables are then not printed.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
     /// Which tables: `paper` (the paper's tables with published numbers), `metrics` (every
     /// stored metric per stage), `all`, or `auto`: the paper's tables and the metrics table
     /// when the pipeline (or store) pretrains, else the metrics table alone. With `--format
@@ -40,6 +46,7 @@ impl Args {
             store: Some(store),
             format: "md".into(),
             out: None,
+            html: None,
             tables: "auto".into(),
             sets,
         }
@@ -68,9 +75,25 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Some(p) => p.pipeline.dir.clone(),
         None => std::env::current_dir()?,
     };
+    if let Some(f) = &a.html {
+        let parent = f.parent().filter(|d| !d.as_os_str().is_empty());
+        if parent.is_some_and(|d| !d.is_dir()) {
+            return Err(cjepa::Error::Usage(format!(
+                "--html {}: the folder {} does not exist",
+                f.display(),
+                parent.map(|d| d.display().to_string()).unwrap_or_default()
+            ))
+            .into());
+        }
+    }
     let store = super::open_read(&store_dir, "cjepa report")?;
     let wanted: Option<BTreeSet<String>> = plan.as_ref().map(runs::plan_identities);
     let records = runs::select(store.records()?, wanted.as_ref());
+    let want_page = a.html.is_some() || a.out.is_some();
+    let states = match &plan {
+        Some(p) if want_page => state::stage_states(p, &store)?,
+        _ => vec![],
+    };
     drop(store);
 
     let which = match a.tables.as_str() {
@@ -92,9 +115,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let mut tables: Vec<(String, Table)> = Vec::new();
     let published = baselines::load_all(&registry_start).map_err(cjepa::Error::Usage)?;
+    let paper = paper_tables(&published, &records);
     if which != "metrics" {
-        for t in paper_tables(&published, &records) {
-            tables.push((t.slug, t.table));
+        for t in &paper {
+            tables.push((t.slug.clone(), t.table.clone()));
         }
     }
     if which != "paper" {
@@ -105,7 +129,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         tables.push(("metrics".into(), metrics_table(&title, &records)));
     }
     let texts: Vec<String> = tables.iter().map(|(_, t)| t.render(format)).collect();
-    if format == Format::Json {
+    if a.html.is_some() {
+        // the page holds the tables
+    } else if format == Format::Json {
         // one JSON document on stdout: the list of tables (each file holds one table)
         let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
         if which == "metrics" {
@@ -116,21 +142,49 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         out!("{}", texts.join("\n"))?;
     }
+    let plots = if want_page {
+        plots::plots(&records, &published)
+    } else {
+        vec![]
+    };
+    let page = || {
+        let title = plan
+            .as_ref()
+            .map_or("stored runs".to_string(), |p| p.pipeline.name.clone());
+        html::render(&html::Page {
+            title: &title,
+            store: &store_dir.display().to_string(),
+            plan: plan.as_ref(),
+            states: &states,
+            paper: &paper,
+            records: &records,
+            plots: &plots,
+        })
+    };
     if let Some(dir) = &a.out {
         fs_err::create_dir_all(dir)?;
         for ((slug, _), text) in tables.iter().zip(&texts) {
             fs_err::write(dir.join(format!("{slug}.{}", format.ext())), text)?;
         }
-        let n = write_plots(dir, &plots::plots(&records, &published))?;
+        let n = write_plots(dir, &plots)?;
+        fs_err::write(dir.join("index.html"), page()?)?;
         eprintln!(
-            "wrote {} tables and {n} plots to {}",
+            "wrote {} tables, {n} plots and index.html to {}",
             tables.len(),
             dir.display()
         );
     }
+    if let Some(f) = &a.html {
+        fs_err::write(f, page()?)?;
+        eprintln!("wrote {}", f.display());
+    }
     Ok(0)
 }
 
+/// PNG plots are drawn at twice the SVG's pixel size (print, high-density screens).
+const PNG_SCALE: u32 = 2;
+
+/// Each plot as `<stem>.svg` and `<stem>.png` under `DIR/plots`.
 fn write_plots(dir: &Path, ps: &[plots::Plot]) -> anyhow::Result<usize> {
     if ps.is_empty() {
         return Ok(0);
@@ -138,7 +192,8 @@ fn write_plots(dir: &Path, ps: &[plots::Plot]) -> anyhow::Result<usize> {
     let pdir = dir.join("plots");
     fs_err::create_dir_all(&pdir)?;
     for p in ps {
-        fs_err::write(pdir.join(&p.file), &p.svg)?;
+        fs_err::write(pdir.join(p.svg_file()), p.svg()?)?;
+        fs_err::write(pdir.join(p.png_file()), p.png(PNG_SCALE)?)?;
     }
     Ok(ps.len())
 }

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use cjepa::exec::slurm::SlurmOptions;
-use cjepa::store::{Lookup, Store};
+use cjepa::store::Store;
 
 use super::PipelineArgs;
 
@@ -95,9 +95,11 @@ fn lines(
         cjepa::exec::slurm::reconcile(plan, store, &sopts, &mut printer)?
     };
     let mut out = Vec::new();
-    for s in &plan.stages {
-        let ckpt = cjepa::kind::checkpoint::latest(&store.work_dir(&s.key).join("ckpt"))?
-            .map(|c| format!(" (checkpoint at step {})", c.step))
+    for st in cjepa::report::state::stage_states(plan, store)? {
+        let s = &plan.stages[st.index];
+        let ckpt = st
+            .checkpoint
+            .map(|c| format!(" (checkpoint at step {c})"))
             .unwrap_or_default();
         if let Some((label, state)) = slurm.active.get(&s.key) {
             out.push(format!(
@@ -107,35 +109,13 @@ fn lines(
             ));
             continue;
         }
-        let (state, why): (&str, Vec<String>) = match store.lookup(&s.key)? {
-            Lookup::Hit(_) => ("fresh", vec![]),
-            Lookup::Failed(r) => ("failed", vec![r.error.unwrap_or_default()]),
-            Lookup::Miss(reason) => match store.latest_key(&pipeline.name, &s.inst.id)? {
-                Some(old) if old != s.key => {
-                    let why = match store.get(&old)? {
-                        Some(Ok(rec)) => cjepa::plan::key::explain(&rec.key_input, &s.key_input),
-                        _ => vec!["previous record unreadable".into()],
-                    };
-                    ("stale", why)
-                }
-                _ => ("missing", reason.into_iter().collect()),
-            },
-        };
-        // a stage with unfinished progress while a run holds the store is that run's
-        let progress = (state != "fresh")
-            .then(|| cjepa::kind::progress::read(&store.work_dir(&s.key).join("progress.json")))
-            .flatten()
-            .filter(|p| p.step < p.total);
-        let state = match &progress {
-            Some(_) if store.read_only().is_some() && state != "failed" => "running",
-            _ => state,
-        };
         out.push(format!(
-            "{state:<8} {:<40} {}{ckpt}",
+            "{:<8} {:<40} {}{ckpt}",
+            st.state.as_str(),
             s.inst.id,
             &s.key[..12]
         ));
-        if let Some(p) = progress {
+        if let Some(p) = st.progress {
             let batch = cjepa::kind::param(&s.config["params"], cjepa::kind::hooks::BATCH)
                 .and_then(|v| v.as_u64());
             out.push(format!(
@@ -147,7 +127,7 @@ fn lines(
             ));
         }
         if explain {
-            for w in why {
+            for w in st.why {
                 out.push(format!("           {}: {w}", s.inst.id));
             }
         }

@@ -1,11 +1,18 @@
-//! SVG plots of `cjepa report --out`, written by hand (no plotting dependency): loss curves of every
-//! pretraining stage from its `series`, collapse monitors when a stage records them, and linear-
-//! probe top-1 against pretraining epochs, per backbone (the idea of the C-JEPA paper's Figure 1):
-//! over separate runs of each length, or over the snapshots (`at_epoch`) and the final weights of
-//! one run, with the published points of that backbone dashed.
+//! Plots of `cjepa report`, drawn with the `plotters` crate as SVG and as PNG: loss curves of
+//! every pretraining stage from its `series`, its collapse monitors (target std, effective rank:
+//! one panel per unit), and linear-probe top-1 against pretraining epochs, per backbone (the idea
+//! of the C-JEPA paper's Figure 1): over separate runs of each length, or over the snapshots
+//! (`at_epoch`) and the final weights of one run, with the published points of that backbone
+//! dashed. Each panel has its legend in a column of its own, right of the axes, so that no entry
+//! covers a line. PNG text is drawn with DejaVu Sans, embedded in the binary (no system fonts).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::baselines::{Baseline, Benchmark, Method, Protocol};
 use super::paper::{mean_std, measurements};
@@ -23,53 +30,185 @@ pub struct Series {
     pub dashed: bool,
 }
 
-/// A plot file.
+/// Axes of their own inside a chart, with the lines that share one unit.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plot {
-    /// File name (`loss_pretrain-method-cjepa_1a2b3c4d.svg`).
-    pub file: String,
-    /// SVG text.
-    pub svg: String,
+pub struct Panel {
+    /// Y axis label, with its unit.
+    pub y_label: String,
+    /// The lines.
+    pub series: Vec<Series>,
 }
 
-const W: f64 = 860.0;
-const H: f64 = 420.0;
-const LEFT: f64 = 70.0;
-const RIGHT: f64 = 300.0;
+/// A chart: a title over one or more panels stacked vertically, on one x axis quantity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chart {
+    /// Title.
+    pub title: String,
+    /// X axis label, with its unit.
+    pub x_label: String,
+    /// Panels, top to bottom.
+    pub panels: Vec<Panel>,
+}
+
+/// A plot: a chart and the file name it is written under (`.svg` and `.png`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plot {
+    /// File name without extension (`loss_pretrain-method-cjepa_1a2b3c4d`).
+    pub stem: String,
+    /// What is drawn.
+    pub chart: Chart,
+}
+
+impl Plot {
+    /// `<stem>.svg`.
+    pub fn svg_file(&self) -> String {
+        format!("{}.svg", self.stem)
+    }
+
+    /// `<stem>.png`.
+    pub fn png_file(&self) -> String {
+        format!("{}.png", self.stem)
+    }
+
+    /// The chart as SVG text.
+    pub fn svg(&self) -> Result<String, PlotError> {
+        svg(&self.chart)
+    }
+
+    /// The chart as a PNG file, `scale` times the SVG's size in pixels (2 for print and for
+    /// high-density screens).
+    pub fn png(&self, scale: u32) -> Result<Vec<u8>, PlotError> {
+        png(&self.chart, scale)
+    }
+}
+
+/// A chart that could not be drawn.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw plot {title:?}: {msg}")]
+pub struct PlotError {
+    title: String,
+    msg: String,
+}
+
+/// Width of a chart (SVG pixels).
+pub const WIDTH: u32 = 900;
+/// Height of one panel.
+const PANEL_H: u32 = 330;
+/// Height of the title band.
+const TITLE_H: u32 = 36;
+/// Width of the legend column right of each panel.
+const LEGEND_W: u32 = 300;
 /// Legend entries longer than this are cut (with an ellipsis) to fit the legend column.
-const LEGEND_CHARS: usize = 44;
-const TOP: f64 = 40.0;
-const BOTTOM: f64 = 55.0;
-const COLOURS: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+const LEGEND_CHARS: usize = 40;
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x17, 0xbe, 0xcf),
 ];
 /// At most this many points per drawn line (longer series are thinned evenly, last point kept).
 pub const MAX_POINTS: usize = 2000;
+/// Lines of at most this many points also get a marker at each point.
+const MARKED_POINTS: usize = 30;
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+/// The font behind plotters' `sans-serif`, registered once per process.
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // the embedded file is a valid font (the tests draw with it)
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
 }
 
-/// Tick positions covering [lo, hi] with a 1-2-5 step.
-pub fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let span = (hi - lo).abs().max(1e-12);
-    let raw = span / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * mag)
-        .find(|s| span / s <= 6.0)
-        .unwrap_or(10.0 * mag);
-    let mut t = (lo / step).ceil() * step;
-    let mut out = Vec::new();
-    while t <= hi + step * 1e-9 {
-        out.push(if t.abs() < step * 1e-9 { 0.0 } else { t });
-        t += step;
+/// Pixel size of a chart at scale 1.
+pub fn size(chart: &Chart) -> (u32, u32) {
+    (WIDTH, TITLE_H + PANEL_H * chart.panels.len().max(1) as u32)
+}
+
+/// The chart as SVG text (text in `sans-serif`, to the viewer's fonts).
+pub fn svg(chart: &Chart) -> Result<String, PlotError> {
+    register_font();
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, size(chart)).into_drawing_area();
+        draw(&root, chart, 1).map_err(|msg| err(chart, msg))?;
+    }
+    Ok(inline_text(&s))
+}
+
+/// plotters writes a text element over three lines (tag, text, end tag): one line each, so that
+/// the text sits between `>` and `<` as in any other SVG.
+fn inline_text(svg: &str) -> String {
+    let mut out = String::with_capacity(svg.len());
+    let mut lines = svg.lines();
+    while let Some(l) = lines.next() {
+        out.push_str(l);
+        if l.starts_with("<text") && l.ends_with('>') {
+            let rest: Vec<&str> = lines.by_ref().take(2).collect();
+            match rest[..] {
+                [t, "</text>"] => {
+                    out.push_str(t);
+                    out.push_str("</text>");
+                }
+                _ => {
+                    for r in rest {
+                        out.push('\n');
+                        out.push_str(r);
+                    }
+                }
+            }
+        }
+        out.push('\n');
     }
     out
+}
+
+/// The chart as PNG, `scale` (1 to 4) times its SVG size, text in the embedded DejaVu Sans.
+pub fn png(chart: &Chart, scale: u32) -> Result<Vec<u8>, PlotError> {
+    register_font();
+    let k = scale.clamp(1, 4);
+    let (w, h) = size(chart);
+    let (w, h) = (w * k, h * k);
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        draw(&root, chart, k).map_err(|msg| err(chart, msg))?;
+    }
+    let img =
+        image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| err(chart, "buffer size".into()))?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| err(chart, e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+fn err(chart: &Chart, msg: String) -> PlotError {
+    PlotError {
+        title: chart.title.clone(),
+        msg,
+    }
+}
+
+/// A single-panel chart as SVG text.
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<String, PlotError> {
+    svg(&Chart {
+        title: title.into(),
+        x_label: x_label.into(),
+        panels: vec![Panel {
+            y_label: y_label.into(),
+            series: series.to_vec(),
+        }],
+    })
 }
 
 fn fmt_tick(v: f64) -> String {
@@ -95,14 +234,22 @@ fn thin(p: &[(f64, f64)]) -> Vec<(f64, f64)> {
     v
 }
 
-/// A line chart with axes, ticks, grid and legend. Non-finite points are skipped.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
-    let pts: Vec<(f64, f64)> = series
+/// A series' finite points in x order, thinned to [`MAX_POINTS`].
+fn drawn_points(s: &Series) -> Vec<(f64, f64)> {
+    let mut p: Vec<(f64, f64)> = s
+        .points
         .iter()
-        .flat_map(|s| s.points.iter().copied())
+        .copied()
         .filter(|(x, y)| x.is_finite() && y.is_finite())
         .collect();
-    let (mut x0, mut x1, mut y0, mut y1) = pts.iter().fold(
+    p.sort_by(|a, b| a.0.total_cmp(&b.0));
+    thin(&p)
+}
+
+/// The ranges of a panel: every finite point, y padded by 5%; a unit range when empty.
+fn ranges(lines: &[Vec<(f64, f64)>]) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let pts = || lines.iter().flatten();
+    let (mut x0, mut x1, mut y0, mut y1) = pts().fold(
         (
             f64::INFINITY,
             f64::NEG_INFINITY,
@@ -111,7 +258,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         ),
         |(a, b, c, d), (x, y)| (a.min(*x), b.max(*x), c.min(*y), d.max(*y)),
     );
-    if pts.is_empty() {
+    if pts().next().is_none() {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
     if x1 - x0 < 1e-12 {
@@ -119,109 +266,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         x1 += 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6 * y1.abs().max(1.0));
-    y0 -= pad;
-    y1 += pad;
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-    let sy = |y: f64| TOP + (1.0 - (y - y0) / (y1 - y0)) * ph;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
-        LEFT + pw / 2.0,
-        esc(title)
-    );
-    for t in ticks(x0, x1) {
-        let x = sx(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-            TOP + ph,
-            TOP + ph + 16.0,
-            fmt_tick(t)
-        );
-    }
-    for t in ticks(y0, y1) {
-        let y = sy(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            LEFT + pw,
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_tick(t)
-        );
-    }
-    let _ = writeln!(
-        s,
-        r#"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-        LEFT + pw / 2.0,
-        H - 12.0,
-        esc(x_label)
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
-        TOP + ph / 2.0,
-        TOP + ph / 2.0,
-        esc(y_label)
-    );
-    for (i, se) in series.iter().enumerate() {
-        let c = COLOURS[i % COLOURS.len()];
-        let mut p: Vec<(f64, f64)> = se
-            .points
-            .iter()
-            .copied()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .collect();
-        p.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let p = thin(&p);
-        let dash = if se.dashed {
-            r#" stroke-dasharray="6 4""#
-        } else {
-            ""
-        };
-        let path: Vec<String> = p
-            .iter()
-            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="1.6"{dash} points="{}"/>"#,
-            path.join(" ")
-        );
-        if p.len() <= 30 {
-            for (x, y) in &p {
-                let _ = writeln!(
-                    s,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"/>"#,
-                    sx(*x),
-                    sy(*y)
-                );
-            }
-        }
-        let ly = TOP + 10.0 + 18.0 * i as f64;
-        let lx = LEFT + pw + 12.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{c}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            lx + 22.0,
-            lx + 28.0,
-            ly + 4.0,
-            esc(&legend_text(&se.name))
-        );
-    }
-    s.push_str("</svg>\n");
-    s
+    (x0..x1, (y0 - pad)..(y1 + pad))
 }
 
 fn legend_text(s: &str) -> String {
@@ -231,6 +276,98 @@ fn legend_text(s: &str) -> String {
         let cut: String = s.chars().take(LEGEND_CHARS - 1).collect();
         format!("{cut}…")
     }
+}
+
+/// Draws `chart` on `root`, every length times `k`.
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    chart: &Chart,
+    k: u32,
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let px = |v: u32| (v * k) as i32;
+    let font = |size: u32| ("sans-serif", (size * k) as f64).into_font();
+    root.fill(&WHITE).map_err(e)?;
+    let (title, body) = root.split_vertically(px(TITLE_H));
+    title
+        .draw(&Text::new(
+            chart.title.clone(),
+            (px((WIDTH - LEGEND_W) / 2), px(TITLE_H / 2)),
+            TextStyle::from(font(18)).pos(Pos::new(HPos::Center, VPos::Center)),
+        ))
+        .map_err(e)?;
+    let panels = body.split_evenly((chart.panels.len().max(1), 1));
+    for (area, panel) in panels.iter().zip(&chart.panels) {
+        let (plot_area, legend) = area.split_horizontally(px(WIDTH - LEGEND_W));
+        let lines: Vec<Vec<(f64, f64)>> = panel.series.iter().map(drawn_points).collect();
+        let (xr, yr) = ranges(&lines);
+        let mut c = ChartBuilder::on(&plot_area)
+            .margin(px(8))
+            .x_label_area_size(px(44))
+            .y_label_area_size(px(70))
+            .build_cartesian_2d(xr, yr)
+            .map_err(e)?;
+        c.configure_mesh()
+            .x_desc(chart.x_label.as_str())
+            .y_desc(panel.y_label.as_str())
+            .x_labels(8)
+            .y_labels(7)
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
+            .label_style(font(14))
+            .axis_desc_style(font(15))
+            .axis_style(BLACK.stroke_width(k))
+            .bold_line_style(RGBColor(0xe0, 0xe0, 0xe0).stroke_width(k))
+            .light_line_style(TRANSPARENT)
+            .draw()
+            .map_err(e)?;
+        for (i, (s, pts)) in panel.series.iter().zip(&lines).enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let line = colour.stroke_width(2 * k);
+            if s.dashed {
+                c.draw_series(DashedLineSeries::new(
+                    pts.iter().copied(),
+                    px(7),
+                    px(5),
+                    line,
+                ))
+                .map_err(e)?;
+            } else {
+                c.draw_series(LineSeries::new(pts.iter().copied(), line))
+                    .map_err(e)?;
+            }
+            if pts.len() <= MARKED_POINTS {
+                c.draw_series(pts.iter().map(|p| Circle::new(*p, px(3), colour.filled())))
+                    .map_err(e)?;
+            }
+            // the legend column: a stroke of the line's style, then its name
+            let y = px(18 + 20 * i as u32);
+            let (x0, x1) = (px(10), px(38));
+            if s.dashed {
+                legend
+                    .draw(&DashedPathElement::new(
+                        vec![(x0, y), (x1, y)],
+                        px(7),
+                        px(5),
+                        line,
+                    ))
+                    .map_err(e)?;
+            } else {
+                legend
+                    .draw(&PathElement::new(vec![(x0, y), (x1, y)], line))
+                    .map_err(e)?;
+            }
+            legend
+                .draw(&Text::new(
+                    legend_text(&s.name),
+                    (px(46), y),
+                    TextStyle::from(font(12)).pos(Pos::new(HPos::Left, VPos::Center)),
+                ))
+                .map_err(e)?;
+        }
+    }
+    root.present().map_err(e)?;
+    Ok(())
 }
 
 fn file_part(s: &str) -> String {
@@ -267,6 +404,9 @@ fn series_of(r: &Record, pick: impl Fn(&str) -> bool) -> Vec<Series> {
         .collect()
 }
 
+/// X axis of the per-step plots.
+pub const STEP_LABEL: &str = "training step (optimiser updates)";
+
 /// Every plot the records support.
 pub fn plots(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> {
     let mut out = Vec::new();
@@ -279,25 +419,41 @@ pub fn plots(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> {
         let loss = series_of(r, |n| n.starts_with("loss"));
         if !loss.is_empty() {
             out.push(Plot {
-                file: format!("loss_{stem}.svg"),
-                svg: line_chart(
-                    &format!("{}: training loss", r.stage_id),
-                    "step",
-                    "loss",
-                    &loss,
-                ),
+                stem: format!("loss_{stem}"),
+                chart: Chart {
+                    title: format!("{}: training loss", r.stage_id),
+                    x_label: STEP_LABEL.into(),
+                    panels: vec![Panel {
+                        y_label: "loss (unitless)".into(),
+                        series: loss,
+                    }],
+                },
             });
         }
-        let mon = series_of(r, is_collapse_monitor);
-        if !mon.is_empty() {
+        let (rank, spread): (Vec<Series>, Vec<Series>) = series_of(r, is_collapse_monitor)
+            .into_iter()
+            .partition(|s| s.name.contains("rank"));
+        let mut panels = Vec::new();
+        if !spread.is_empty() {
+            panels.push(Panel {
+                y_label: "std of target features (unitless)".into(),
+                series: spread,
+            });
+        }
+        if !rank.is_empty() {
+            panels.push(Panel {
+                y_label: "effective rank (dimensions)".into(),
+                series: rank,
+            });
+        }
+        if !panels.is_empty() {
             out.push(Plot {
-                file: format!("collapse_{stem}.svg"),
-                svg: line_chart(
-                    &format!("{}: collapse monitors", r.stage_id),
-                    "step",
-                    "value",
-                    &mon,
-                ),
+                stem: format!("collapse_{stem}"),
+                chart: Chart {
+                    title: format!("{}: collapse monitors", r.stage_id),
+                    x_label: STEP_LABEL.into(),
+                    panels,
+                },
             });
         }
     }
@@ -314,7 +470,7 @@ fn one_run(o: &super::runs::Origin) -> Option<u64> {
 }
 
 /// Linear-probe top-1 against pretraining epochs, one plot per backbone
-/// (`probe_vs_epochs_<arch>.svg`): one line per (method, probe schedule, data set, route), seeds
+/// (`probe_vs_epochs_<arch>`): one line per (method, probe schedule, data set, route), seeds
 /// averaged; drawn for a backbone when one of its lines has two or more epoch values. Two routes:
 /// separate runs of each length (a point per run), or one run's snapshots (`snapshot_epochs`,
 /// probed with `at_epoch: k`, a point at k) plus its final weights (`one <n>-ep run` in the
@@ -391,15 +547,17 @@ pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> 
             });
         }
         out.push(Plot {
-            file: format!("probe_vs_epochs_{}.svg", file_part(&arch)),
-            svg: line_chart(
-                &format!(
+            stem: format!("probe_vs_epochs_{}", file_part(&arch)),
+            chart: Chart {
+                title: format!(
                     "Linear probe top-1 vs pretraining epochs, {arch_label} (paper: ImageNet-1K)"
                 ),
-                "pretraining epochs",
-                "top-1 (%)",
-                &series,
-            ),
+                x_label: "pretraining epochs".into(),
+                panels: vec![Panel {
+                    y_label: "linear-probe top-1 (%)".into(),
+                    series,
+                }],
+            },
         });
     }
     out
@@ -409,38 +567,75 @@ pub fn probe_vs_epochs(records: &[Record], baselines: &[Baseline]) -> Vec<Plot> 
 mod tests {
     use super::*;
 
-    #[test]
-    fn ticks_are_round_and_cover_the_range() {
-        assert_eq!(ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
-        let t = ticks(63.1, 74.2);
-        assert!(t.iter().all(|v| *v >= 63.1 && *v <= 74.2), "{t:?}");
-        assert!(t.len() >= 3);
+    fn two_lines() -> Vec<Series> {
+        vec![
+            Series {
+                name: "one".into(),
+                points: vec![(0.0, 1.0), (1.0, 0.5), (2.0, f64::NAN)],
+                dashed: false,
+            },
+            Series {
+                name: "two".into(),
+                points: vec![(0.0, 2.0), (2.0, 1.5)],
+                dashed: true,
+            },
+        ]
     }
 
     #[test]
-    fn chart_is_svg_with_one_line_per_series() {
-        let s = line_chart(
-            "a < b",
-            "x",
-            "y",
-            &[
-                Series {
-                    name: "one".into(),
-                    points: vec![(0.0, 1.0), (1.0, 0.5), (2.0, f64::NAN)],
-                    dashed: false,
+    fn chart_is_svg_with_title_axes_and_legend() {
+        let s = line_chart("a < b", "step (updates)", "loss (unitless)", &two_lines()).unwrap();
+        assert!(s.starts_with("<svg"), "{s}");
+        assert!(s.contains("a &lt; b"), "{s}");
+        for t in [">step (updates)<", ">loss (unitless)<", ">one<", ">two<"] {
+            assert!(s.contains(t), "{t}: {s}");
+        }
+        assert!(!s.contains("NaN"));
+    }
+
+    /// The legend column lies right of the axes: no legend text starts left of it.
+    #[test]
+    fn legend_is_right_of_the_axes() {
+        let s = line_chart("t", "x", "y", &two_lines()).unwrap();
+        for name in ["one", "two"] {
+            let at = s.find(&format!(">{name}</text>")).unwrap();
+            let tag = &s[s[..at].rfind("<text").unwrap()..at];
+            let x: f64 = tag
+                .split("x=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(x >= (WIDTH - LEGEND_W) as f64, "{tag}");
+        }
+    }
+
+    #[test]
+    fn png_is_a_png_of_the_scaled_size() {
+        let chart = Chart {
+            title: "t".into(),
+            x_label: "x".into(),
+            panels: vec![
+                Panel {
+                    y_label: "y".into(),
+                    series: two_lines(),
                 },
-                Series {
-                    name: "two".into(),
-                    points: vec![(0.0, 2.0)],
-                    dashed: true,
+                Panel {
+                    y_label: "z".into(),
+                    series: vec![],
                 },
             ],
-        );
-        assert!(s.starts_with("<svg"));
-        assert!(s.contains("a &lt; b"));
-        assert_eq!(s.matches("<polyline").count(), 2);
-        assert!(s.contains("stroke-dasharray"));
-        assert!(!s.contains("NaN"));
+        };
+        let png = png(&chart, 2).unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        let (w, h) = size(&chart);
+        assert_eq!((img.width(), img.height()), (2 * w, 2 * h));
+        // some text and lines were drawn: not all white
+        let rgb = img.to_rgb8();
+        assert!(rgb.pixels().filter(|p| p.0 != [255, 255, 255]).count() > 1000);
     }
 
     #[test]

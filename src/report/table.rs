@@ -140,6 +140,30 @@ pub fn metrics_table(title: &str, records: &[Record]) -> Table {
     }
 }
 
+/// The stored metrics as one table per stage kind (kind order of first appearance), each with
+/// only the metrics its kind records: `(kind, table)`.
+pub fn metrics_tables_by_kind(records: &[Record]) -> Vec<(String, Table)> {
+    let mut kinds: Vec<&str> = Vec::new();
+    for r in records {
+        if !kinds.contains(&r.kind.as_str()) {
+            kinds.push(&r.kind);
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|k| {
+            let of_kind: Vec<Record> = records.iter().filter(|r| r.kind == k).cloned().collect();
+            let mut t = metrics_table(k, &of_kind);
+            // the kind is the table's title
+            t.header.remove(1);
+            for r in &mut t.rows {
+                r.remove(1);
+            }
+            (k.to_string(), t)
+        })
+        .collect()
+}
+
 /// Numbers with up to 4 significant decimals, integers bare.
 pub fn fmt_num(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e15 {

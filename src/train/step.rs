@@ -115,11 +115,19 @@ pub struct StepLosses {
 pub struct PendingLosses {
     values: Tensor,
     optim: StepStats,
+    /// z_t of the global batch (detached), for [`PendingLosses::effective_rank`].
+    z_t: Tensor,
 }
 
 impl PendingLosses {
-    pub(super) fn new(values: Tensor, optim: StepStats) -> Self {
-        Self { values, optim }
+    pub(super) fn new(values: Tensor, optim: StepStats, z_t: Tensor) -> Self {
+        Self { values, optim, z_t }
+    }
+
+    /// The second collapse monitor, for the steps a loop logs (one more device-to-host read):
+    /// the effective rank of z_t over the global batch ([`effective_rank`]).
+    pub fn effective_rank(&self) -> Result<f64, StepError> {
+        effective_rank(&self.z_t)
     }
 
     /// The six values, in one counted device-to-host read. A non-finite total is
@@ -375,13 +383,14 @@ pub fn train_step_pending(
     let fwd = forward_loss_timed(nets, batch, cfg, &mut lap, comm)?;
     let values = pending_values(&fwd.loss, &fwd.z_t_global, comm)?;
     lap.mark(|t| &mut t.loss);
+    let z_t = fwd.z_t_global.detach();
     let grads = fwd.backward_root.backward()?;
     drop(fwd);
     lap.mark(|t| &mut t.backward);
     let named = dist::mean_grads(comm, opt.named_grads(&grads))?;
     drop(grads);
     let optim = update(nets, opt, named, hyper, &mut lap)?;
-    Ok(PendingLosses { values, optim })
+    Ok(PendingLosses { values, optim, z_t })
 }
 
 /// `[total, jepa, sim, std, cov, target_std]` as one f32 tensor on the device, the losses
@@ -423,6 +432,50 @@ pub fn target_std(z_t: &Tensor) -> Result<Tensor, StepError> {
     }
     let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
     Ok((zc.sqr()?.sum(0)? / (b - 1) as f64)?.sqrt()?.mean_all()?)
+}
+
+/// Effective rank (Roy & Vetterli, 2007; RankMe, Garrido et al., 2023) of z_t `(B, D)`: exp of
+/// the entropy of its normalised singular values after centring over the batch; from 1 (every
+/// image on one line: collapse) to min(B - 1, D). The smaller Gram matrix (D x D or B x B) is
+/// formed on the device and read once; its eigenvalues are found on the host in f64 (O(min(B,
+/// D)^3), about 0.1 s for D = 768). NaN for fewer than two rows.
+pub fn effective_rank(z_t: &Tensor) -> Result<f64, StepError> {
+    let z = z_t.detach().to_dtype(candle_core::DType::F32)?;
+    let (b, d) = z.dims2()?;
+    if b < 2 {
+        return Ok(f64::NAN);
+    }
+    let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+    let gram = if d <= b {
+        zc.t()?.matmul(&zc)?
+    } else {
+        zc.matmul(&zc.t()?)?
+    };
+    let n = b.min(d);
+    let g: Vec<f32> = host_read::vec1(&gram.flatten_all()?)?;
+    if g.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::NAN);
+    }
+    let m = nalgebra::DMatrix::from_fn(n, n, |i, j| {
+        // symmetric up to rounding: average the two halves
+        (g[i * n + j] as f64 + g[j * n + i] as f64) / 2.0
+    });
+    let sv: Vec<f64> = m
+        .symmetric_eigenvalues()
+        .iter()
+        .map(|l| l.max(0.0).sqrt())
+        .collect();
+    let total: f64 = sv.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        return Ok(if total == 0.0 { 1.0 } else { f64::NAN });
+    }
+    let entropy: f64 = sv
+        .iter()
+        .map(|s| s / total)
+        .filter(|p| *p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
+    Ok(entropy.exp())
 }
 
 /// The end of a step once the gradients are known: AdamW, then the EMA of the target encoder.
@@ -509,6 +562,35 @@ mod tests {
     }
 
     /// The collapse monitor: mean over dimensions of the unbiased batch std.
+    #[test]
+    fn effective_rank_counts_the_spread_directions() {
+        // four points spread over 2 orthogonal directions equally: rank 2; over 3 of 8 dims
+        let z = Tensor::new(
+            &[
+                [1f32, 0., 0., 0.],
+                [-1., 0., 0., 0.],
+                [0., 1., 0., 0.],
+                [0., -1., 0., 0.],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!((effective_rank(&z).unwrap() - 2.0).abs() < 1e-5);
+        let mut rows = vec![vec![0f32; 8]; 6];
+        for k in 0..3 {
+            rows[2 * k][k] = 2.0;
+            rows[2 * k + 1][k] = -2.0;
+        }
+        let z = Tensor::new(rows, &Device::Cpu).unwrap();
+        assert!((effective_rank(&z).unwrap() - 3.0).abs() < 1e-5);
+        // collapse: every row the same point plus one direction -> 1
+        let z = Tensor::new(&[[1f32, 2.], [1., 2.], [2., 2.]], &Device::Cpu).unwrap();
+        assert!((effective_rank(&z).unwrap() - 1.0).abs() < 1e-5);
+        assert!(effective_rank(&z.narrow(0, 0, 1).unwrap())
+            .unwrap()
+            .is_nan());
+    }
+
     #[test]
     fn target_std_is_the_mean_unbiased_std() {
         let z = Tensor::new(&[[1f32, 0.0], [3.0, 0.0], [5.0, 3.0]], &Device::Cpu).unwrap();

@@ -127,6 +127,7 @@ fn snapshots_are_probed_reported_and_plotted() {
                 .unwrap()
                 .to_string_lossy()
                 .starts_with("probe_vs_epochs_")
+                && p.extension().is_some_and(|e| e == "svg")
         })
         .collect();
     assert_eq!(svgs.len(), 1, "{svgs:?}");
@@ -135,7 +136,13 @@ fn snapshots_are_probed_reported_and_plotted() {
         svg.contains(">C-JEPA, probe 3 ep, one 12-ep run, synth<"),
         "{svg}"
     );
-    assert_eq!(svg.matches("<polyline").count(), 1, "{svg}");
+    // one line in the first colour, and its stroke in the legend
+    assert_eq!(
+        svg.matches(r##"<polyline fill="none" opacity="1" stroke="#1F77B4""##)
+            .count(),
+        2,
+        "{svg}"
+    );
     assert_eq!(svg.matches("<circle").count(), 3, "{svg}");
     // x axis from epoch 2 to 12: the first point on the left edge, the last on the right one
     let xs: Vec<f64> = svg

@@ -362,7 +362,7 @@ fn snapshot_probes_are_rows_of_their_own_and_one_line() {
     );
     let plots = cjepa::report::plots::probe_vs_epochs(&records, &published);
     assert_eq!(plots.len(), 1);
-    let svg = &plots[0].svg;
+    let svg = plots[0].svg().unwrap();
     assert!(
         svg.contains(">C-JEPA, probe 50 ep, one 600-ep run<"),
         "{svg}"
@@ -370,12 +370,14 @@ fn snapshot_probes_are_rows_of_their_own_and_one_line() {
     assert!(svg.contains(">C-JEPA, probe 50 ep<"), "{svg}");
     // two measured lines (the paper's are dashed): the separate 100-epoch run, one point; the
     // one-run line (second colour), epochs 100, 300 and 600
-    let solid = svg
-        .lines()
-        .filter(|l| l.starts_with("<polyline") && !l.contains("dasharray"))
-        .count();
-    assert_eq!(solid, 2, "{svg}");
-    assert_eq!(svg.matches(r##"r="3" fill="#d62728""##).count(), 3, "{svg}");
+    let series = &plots[0].chart.panels[0].series;
+    let solid: Vec<_> = series.iter().filter(|s| !s.dashed).collect();
+    assert_eq!(solid.len(), 2, "{series:?}");
+    assert_eq!(solid[0].points.len(), 1, "{series:?}");
+    let xs: Vec<f64> = solid[1].points.iter().map(|p| p.0).collect();
+    assert_eq!(xs, [100.0, 300.0, 600.0], "{series:?}");
+    // drawn with a marker at each of its points, in the second colour
+    assert_eq!(svg.matches(r##"fill="#D62728""##).count(), 3, "{svg}");
 }
 
 #[test]
@@ -776,15 +778,25 @@ fn cli_report_prints_paper_tables_and_writes_files_and_plots() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let loss = format!("loss_pretrain_b16-method-cjepa_{}.svg", &key("pc0")[..8]);
-    assert!(names.contains(&loss), "{names:?}");
+    let loss = format!("loss_pretrain_b16-method-cjepa_{}", &key("pc0")[..8]);
+    for ext in ["svg", "png"] {
+        assert!(names.contains(&format!("{loss}.{ext}")), "{names:?}");
+    }
     assert!(
         names.iter().any(|n| n.starts_with("collapse_")),
         "{names:?}"
     );
     // the convergence plot of ViT-B/16 only (the tiny run has a single length)
-    let probe: Vec<&String> = names.iter().filter(|n| n.starts_with("probe_vs")).collect();
-    assert_eq!(probe, ["probe_vs_epochs_vit_base.svg"], "{names:?}");
+    let mut probe: Vec<&String> = names.iter().filter(|n| n.starts_with("probe_vs")).collect();
+    probe.sort();
+    assert_eq!(
+        probe,
+        [
+            "probe_vs_epochs_vit_base.png",
+            "probe_vs_epochs_vit_base.svg"
+        ],
+        "{names:?}"
+    );
     let svg = std::fs::read_to_string(plots.join("probe_vs_epochs_vit_base.svg")).unwrap();
     assert!(svg.contains(">C-JEPA (paper)<"), "{svg}");
     assert!(svg.contains(">C-JEPA, probe 50 ep<"), "{svg}");
@@ -954,7 +966,133 @@ fn classification_columns_name_the_data_set_of_the_probe() {
     );
     let plots = cjepa::report::plots::probe_vs_epochs(&v, &baselines::embedded().unwrap());
     assert_eq!(plots.len(), 1);
-    let svg = &plots[0].svg;
+    let svg = plots[0].svg().unwrap();
     assert!(svg.contains(">C-JEPA, probe 50 ep, on cifar10<"), "{svg}");
     assert!(!svg.contains("ImageNet linear probe"), "{svg}");
+}
+
+/// A tiny pipeline with a pretraining stage, a stage that fails, one made stale by `--set` and
+/// one left missing behind the failure: `report --html` renders every section, each stage's
+/// state and key (as `cjepa status` has them), the failed stage's log tail, plots as inline
+/// PNG, the metrics grouped by kind in sortable tables, and loads nothing from the network.
+#[cfg(feature = "test-stages")]
+#[test]
+fn html_report_of_a_tiny_pipeline() {
+    let c = crate::util::Ctx::new();
+    c.write(
+        "p.yaml",
+        r#"name: html_tiny
+defaults: { seed: 0, device: cpu }
+stages:
+  data:
+    kind: dataset
+    source: synth
+    format: imagefolder
+    params: { classes: 2, train_per_class: 8, val_per_class: 2, size: 32 }
+  pretrain:
+    kind: pretrain
+    needs: [data]
+    model: { preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }
+    params: { method: cjepa, epochs: 2, batch_size: 8, warmup_epochs: 1, mask: { min_keep: 0 }, log_every: 1 }
+  other:
+    kind: counter
+    params: { steps: 3 }
+  boom:
+    kind: counter
+    params: { steps: 5, fail_at: 2 }
+  after:
+    kind: counter
+    needs: [boom]
+    params: { steps: 2 }
+"#,
+    );
+    let run = c.run(&["run", "p.yaml", "--keep-going"]);
+    assert_ne!(run.code, 0, "{}", run.all());
+    let set = ["--set", "other.params.steps=4"];
+    let status = c.run(&["status", "p.yaml", set[0], set[1]]);
+    assert_eq!(status.code, 0, "{}", status.all());
+    let out = c.run(&["report", "p.yaml", set[0], set[1], "--html", "page.html"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    let page = std::fs::read_to_string(c.path().join("page.html")).unwrap();
+
+    for id in [
+        "stages",
+        "failed",
+        "paper",
+        "metrics",
+        "training",
+        "convergence",
+    ] {
+        assert!(page.contains(&format!("<section id=\"{id}\">")), "{id}");
+    }
+    // each stage's state and key, as `cjepa status` prints them
+    let want = [
+        ("data", "fresh"),
+        ("pretrain", "fresh"),
+        ("other", "stale"),
+        ("boom", "failed"),
+        ("after", "missing"),
+    ];
+    for (id, state) in want {
+        let line = status
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(id))
+            .unwrap_or_else(|| panic!("{id}: {}", status.stdout));
+        let mut f = line.split_whitespace();
+        assert_eq!(f.next(), Some(state), "{line}");
+        let key = f.nth(1).unwrap();
+        assert!(
+            page.contains(&format!("<tr data-state=\"{state}\"><td>{id}</td>")),
+            "{id} {state}"
+        );
+        assert!(page.contains(&format!(">{key}</code>")), "{id} {key}");
+        assert!(
+            page.contains(&format!("{state} · {key}</text>")),
+            "DAG {id}"
+        );
+    }
+    // the failed stage: its error and the tail of its log
+    let failed = &page[page.find("<section id=\"failed\">").unwrap()..];
+    let failed = &failed[..failed.find("</section>").unwrap()];
+    assert!(failed.contains("<h3>boom</h3>"), "{failed}");
+    assert!(failed.contains("<pre class=\"log\">"), "{failed}");
+    assert!(failed.contains("fail at step 2"), "{failed}");
+    // plots inline: loss and collapse monitors of the pretraining stage
+    assert!(page.matches("src=\"data:image/png;base64,").count() >= 2);
+    // both collapse monitors are recorded: no note that one is missing
+    assert!(!page.contains("Effective rank: not recorded"));
+    assert!(page.contains("<section id=\"training\">\n<h2>Training</h2>\n<div class=\"pretrain\""));
+    // paper tables with the published numbers
+    assert!(page.contains("<table id=\"cjepa_table1\">"), "paper tables");
+    // metrics grouped by kind, each table sortable with only its kind's columns
+    let table_of = |id: &str| {
+        let t = &page[page
+            .find(&format!("<table id=\"{id}\""))
+            .unwrap_or_else(|| panic!("{id}"))..];
+        t[..t.find("</table>").unwrap()].to_string()
+    };
+    let pre = table_of("metrics-pretrain");
+    let data = table_of("metrics-dataset");
+    assert!(pre.starts_with("<table id=\"metrics-pretrain\" class=\"sortable\">"));
+    assert!(pre.contains("<th>loss</th>") && pre.contains("<th>target_std</th>"));
+    assert!(data.starts_with("<table id=\"metrics-dataset\" class=\"sortable\">"));
+    assert!(!data.contains("<th>loss</th>"), "{data}");
+    // the counters' records are not the current ones (stale, failed, missing): no table
+    assert!(!page.contains("<table id=\"metrics-counter\""));
+    assert!(page.contains("<script>") && page.contains("querySelectorAll(\"table.sortable\")"));
+    // self-contained: nothing from the network
+    assert!(!page.contains("http://") && !page.contains("https://"));
+    assert!(!page.contains("<link") && !page.contains("<script src"));
+
+    // `--out DIR` holds the same page as index.html next to the tables and plots
+    let out = c.run(&["report", "p.yaml", set[0], set[1], "--out", "r"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let index = std::fs::read_to_string(c.path().join("r").join("index.html")).unwrap();
+    assert_eq!(index.matches("<section id=").count(), 6);
+    // a page into a folder that does not exist: a usage error
+    let bad = c.run(&["report", "p.yaml", "--html", "no/such/page.html"]);
+    assert_eq!(bad.code, 2, "{}", bad.all());
+    assert!(bad.stderr.contains("does not exist"), "{}", bad.stderr);
 }

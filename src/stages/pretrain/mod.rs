@@ -29,8 +29,10 @@
 //! terms, also computed for I-JEPA where they carry no weight), `target_std` (collapse monitor:
 //! mean over feature dims of the batch std of the pooled, layer-normed target features; 0 =
 //! collapse), `lr`, `steps`, `epochs`, and `images_per_sec` (wall clock of the steps run by this
-//! process: the only value a resumed run does not reproduce). The same terms plus `wd` and
-//! (with `clip_grad`) `grad_norm` are series every `log_every` steps, the first and the last.
+//! process: the only value a resumed run does not reproduce). The same terms plus `wd`,
+//! `target_eff_rank` (second collapse monitor: effective rank of the same features over the
+//! global batch, see [`crate::train::step::effective_rank`]) and (with `clip_grad`) `grad_norm`
+//! are series every `log_every` steps, the first and the last.
 
 mod params;
 
@@ -297,6 +299,13 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             ctx.progress.set(completed, total, progress_msg.clone());
             continue;
         }
+        // the second collapse monitor, on logged steps only (one more read, O(D^3) on the host)
+        let eff_rank = match (&unread, log_now) {
+            (Some((_, pending, _)), true) => pending
+                .effective_rank()
+                .map_err(|e| fail(format!("step {completed}: {e}")))?,
+            _ => f64::NAN,
+        };
         let (l, _) = settle(&id, ctx, &mut unread, total)?.expect("a step was just taken");
         st.last = last_values(&l, hv.lr);
         progress_msg = format!("loss {:.4}", l.total);
@@ -307,7 +316,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         if log_now {
             let secs = t0.elapsed().as_secs_f64();
             let ips = ((completed - resumed_from) as usize * p.batch_size) as f64 / secs.max(1e-9);
-            log_step(ctx, &mut st, &l, (hv.lr, hv.wd), ips);
+            log_step(ctx, &mut st, &l, (hv.lr, hv.wd), ips, eff_rank);
             ctx.log(format!(
                 "step {completed}/{total} epoch {} loss {:.5} (jepa {:.5} sim {:.4} std {:.4} \
                  cov {:.4}) target_std {:.4} lr {:.3e} | {:.1} img/s",
@@ -548,6 +557,7 @@ fn log_step(
     l: &StepLosses,
     (lr, wd): (f64, f64),
     images_per_sec: f64,
+    eff_rank: f64,
 ) {
     let values = [
         ("loss", l.total as f64),
@@ -556,6 +566,7 @@ fn log_step(
         ("loss_std", l.std as f64),
         ("loss_cov", l.cov as f64),
         ("target_std", l.target_std as f64),
+        ("target_eff_rank", eff_rank),
         ("lr", lr),
         ("wd", wd),
         ("grad_norm", l.optim.grad_norm.unwrap_or(f64::NAN)),

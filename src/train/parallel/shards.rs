@@ -129,7 +129,8 @@ fn shard_of(
     ))
 }
 
-type ShardOut = (HashMap<String, Tensor>, Tensor);
+/// A shard's named gradients, the batch's loss values and z_t of the global batch.
+type ShardOut = (HashMap<String, Tensor>, Tensor, Tensor);
 
 /// Forward and backward of shard `k`: its named gradients and the batch's mean loss values. A
 /// shard that fails aborts the group, releasing the others from the reductions they wait in.
@@ -168,13 +169,14 @@ fn shard_pass(
     let mut lap = Lap::new(times, images.device());
     let fwd = forward_loss_timed(nets, &shard, cfg, &mut lap, comm)?;
     let losses = pending_values(&fwd.loss, &fwd.z_t_global, comm)?;
+    let z_t = fwd.z_t_global.detach();
     lap.mark(|t| &mut t.loss);
     let grads = fwd.backward_root.backward()?;
     drop(fwd);
     let named = opt.named_grads(&grads);
     drop(grads);
     lap.mark(|t| &mut t.backward);
-    Ok((named, losses))
+    Ok((named, losses, z_t))
 }
 
 /// One training step with the batch split over `shards` (see the module's documentation). The
@@ -246,8 +248,8 @@ pub fn train_step_sharded_pending(
         return Err(errs.swap_remove(at));
     }
     let outs: Vec<ShardOut> = outs.into_iter().filter_map(Result::ok).collect();
-    let values = outs[0].1.clone();
-    let mut per_shard: Vec<HashMap<String, Tensor>> = outs.into_iter().map(|(g, _)| g).collect();
+    let (values, z_t) = (outs[0].1.clone(), outs[0].2.clone());
+    let mut per_shard: Vec<HashMap<String, Tensor>> = outs.into_iter().map(|(g, _, _)| g).collect();
     let mut lap = Lap::new(
         times.map(|t| {
             *t += shard_times;
@@ -272,7 +274,7 @@ pub fn train_step_sharded_pending(
     drop(per_shard);
     lap.mark(|t| &mut t.backward);
     let optim = update(nets, opt, named, hyper, &mut lap)?;
-    Ok(PendingLosses::new(values, optim))
+    Ok(PendingLosses::new(values, optim, z_t))
 }
 
 /// The error of a shard released by another one's failure.
