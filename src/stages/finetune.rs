@@ -55,6 +55,8 @@ use crate::data::{DataError, Transform};
 use crate::error::{Error, Result};
 use crate::model::layers::LayerNorm;
 use crate::train::layer_decay::layer_id;
+use crate::train::parallel::ranks::Ranks;
+use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 use crate::train::optim::{AdamW, AdamWConfig};
 
 /// Implementation version (part of the key).
@@ -278,15 +280,6 @@ impl Head {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct FtState {
-    step: u64,
-    epoch_loss: f64,
-    epoch_steps: u64,
-    loss: Vec<(u64, f64)>,
-}
-
-const STATE_FILE: &str = "finetune.json";
 const WEIGHTS_FILE: &str = "weights.safetensors";
 const OPTIM_FILE: &str = "optim.safetensors";
 /// Head weights in the artifacts.
@@ -332,77 +325,308 @@ fn drop_path_scales(
     Ok(out)
 }
 
-/// Run the fine-tuning.
+/// Run the fine-tuning: set up, train ([`crate::train::run_loop`]), evaluate, write.
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     p.validate().map_err(|m| Error::stage(&ctx.job.id, m))?;
     let dev = super::backbone::device(ctx)?;
     let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
-    let (rank, world) = (ranks.rank(), ranks.world());
     let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
     let (_, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
-    let classes = train.num_classes();
-    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
-    let depth = bb.cfg.depth;
-    let mut init_rng = crate::util::rng::stage_rng(&ctx.job.key, ctx.job.seed, "head-init");
-    let head = Head::new(
-        bb.cfg.embed_dim,
-        classes,
-        p.head_init_std,
-        &mut init_rng,
-        &dev,
-    )?;
-
-    // Optimiser groups by layer id.
-    let enc_vars = named_vars(&bb.varmap);
-    let head_vars = named_vars(&head.varmap);
-    let all_vars: Vec<(String, Var)> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
-    let mut opts = layer_groups(&all_vars, depth, p.layer_decay)
-        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-
-    let n = train.len();
-    let bs = p.batch_size.min(n);
-    let micro = (bs / p.accum_iter).max(1);
-    let ipe = (n / bs).max(1);
-    let total = ipe as u64 * p.epochs as u64;
-    let peak = p.blr * bs as f64 / 256.0;
-    let mixing = p.mixes_pairs();
-    let need = if mixing { 2 * world } else { world };
-    if world > 1 && (!micro.is_multiple_of(need) || !bs.is_multiple_of(micro)) {
-        return Err(Error::stage(
-            &ctx.job.id,
-            format!(
-                "`batch_size` ({bs}) / `accum_iter` ({}) = {micro} images per micro-batch must \
-                 be divisible by {}; change `batch_size` or `resources`",
-                p.accum_iter,
-                if mixing {
-                    format!(
-                        "2 x the number of ranks ({need}): Mixup / CutMix mix image pairs and \
-                         each rank holds whole pairs"
-                    )
-                } else {
-                    format!("the number of ranks ({world})")
-                }
-            ),
-        ));
-    }
-    let mut st = FtState {
-        step: 0,
-        epoch_loss: 0.0,
-        epoch_steps: 0,
-        loss: Vec::new(),
+    let mut r = FtRecipe::new(ctx, &p, &bb, &train, ranks.world(), ranks.rank(), &dev)?;
+    ctx.log(format!(
+        "fine-tuning {} ({} classes, {} images): {} epochs x {} steps of {} ({} x {}), peak lr {:.3e}",
+        bb.source, r.classes, r.n, p.epochs, r.ipe, r.bs, p.accum_iter, r.micro, r.peak
+    ));
+    let cfg = LoopConfig {
+        total: r.ipe as u64 * p.epochs as u64,
+        log_every: r.ipe as u64,
+        curve_every: r.ipe as u64,
+        names: vec!["loss"],
+        nan_hint: "lower `blr`".into(),
+        unit: "step",
     };
-    if let Some(c) = ctx.ckpt.load()? {
-        st = serde_json::from_slice(&fs_err::read(c.path.join(STATE_FILE))?)?;
-        let w = candle_core::safetensors::load(c.path.join(WEIGHTS_FILE), &dev)?;
-        for (name, var) in enc_vars.iter().chain(head_vars.iter()) {
-            let t = w
-                .get(name)
-                .ok_or_else(|| Error::stage(&ctx.job.id, format!("checkpoint lacks `{name}`")))?;
+    let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
+    if !ranks.is_leader() {
+        // rank 0 holds the same weights, evaluates and writes the artifacts and the metrics
+        return Ok(StageOutput::default());
+    }
+    let (top1, top5) = evaluate(ctx, &p, &bb, &r.head, &val, r.img, &dev)?;
+    ctx.log(format!("fine-tuned: top1 {top1:.2} top5 {top5:.2}"));
+
+    // Artifacts: the encoder (producer contract) and the head.
+    super::backbone::save(&ctx.job.out_dir, &bb.cfg, &tensors(&r.enc_vars))?;
+    candle_core::safetensors::save(&tensors(&r.head_vars), ctx.job.out_dir.join(HEAD_FILE))?;
+
+    let steps_run = done.state.step - done.resumed_from;
+    let ipe = r.ipe as u64;
+    let loss: Vec<(u64, f64)> = done.curve("loss").into_iter().map(|(s, v)| (s / ipe, v)).collect();
+    let mut out = StageOutput::default();
+    out.metrics.insert("top1".into(), top1);
+    out.metrics.insert("top5".into(), top5);
+    if let Some((_, l)) = loss.last() {
+        out.metrics.insert("train_loss".into(), *l);
+    }
+    if steps_run > 0 {
+        let ips = (steps_run as f64 * r.bs as f64) / done.secs.max(1e-9);
+        out.metrics.insert("train_images_per_sec".into(), ips);
+    }
+    out.series.insert("loss".into(), loss);
+    out.info = json!({
+        "protocol": "fine-tune",
+        "backbone": bb.source,
+        "classes": r.classes,
+        "img": r.img,
+        "steps": cfg.total,
+        "resumed_from": done.resumed_from,
+        "peak_lr": r.peak,
+        "ranks": ranks.world(),
+        "host_reads_in_steps": done.reads_in_steps,
+    });
+    Ok(out)
+}
+
+fn tensors(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Top-1 and top-5 accuracy (in %) of the fine-tuned model on `val`.
+fn evaluate(
+    ctx: &mut StageContext,
+    p: &Params,
+    bb: &super::backbone::Backbone,
+    head: &Head,
+    val: &crate::data::imagefolder::ImageFolder,
+    img: u32,
+    dev: &Device,
+) -> Result<(f64, f64)> {
+    let eval = ImageSamples {
+        samples: val.samples.clone(),
+        transform: Transform::imagenet_eval(img),
+    };
+    let (mut h1, mut h5) = (0f64, 0f64);
+    let ids: Vec<usize> = (0..val.len()).collect();
+    let batches = val.len().div_ceil(p.eval_batch.max(1)) as u64;
+    for (i, chunk) in ids.chunks(p.eval_batch.max(1)).enumerate() {
+        let b =
+            load_batch(&eval, chunk, 0, 0).map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+        let x = features::batch_tensor(&b, dev)?;
+        let tokens = bb
+            .encoder
+            .forward_features(&x, None)
+            .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+        let logits = head.forward(&tokens)?.detach();
+        let y: Vec<u32> = b.labels.iter().map(|&l| l as u32).collect();
+        let y = Tensor::from_vec(y, chunk.len(), dev)?;
+        let (t1, t5) = features::topk_hits(&logits, &y)?;
+        h1 += t1.to_scalar::<f32>()? as f64;
+        h5 += t5.to_scalar::<f32>()? as f64;
+        ctx.progress.set(i as u64 + 1, batches, "evaluating");
+    }
+    Ok((
+        100.0 * h1 / val.len() as f64,
+        100.0 * h5 / val.len() as f64,
+    ))
+}
+
+/// Fine-tuning's step: the model, its optimiser groups and the data recipe.
+struct FtRecipe<'a> {
+    p: &'a Params,
+    encoder: &'a crate::model::VisionTransformer,
+    head: Head,
+    enc_vars: Vec<(String, Var)>,
+    head_vars: Vec<(String, Var)>,
+    all_vars: Vec<(String, Var)>,
+    opts: Groups,
+    src: TrainSource,
+    mix: MixupConfig,
+    key: String,
+    seed: u64,
+    data_seed: u64,
+    classes: usize,
+    depth: usize,
+    img: u32,
+    n: usize,
+    bs: usize,
+    micro: usize,
+    ipe: usize,
+    peak: f64,
+    rank: usize,
+    world: usize,
+    dev: Device,
+    order: (u64, Vec<usize>),
+}
+
+impl<'a> FtRecipe<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &StageContext,
+        p: &'a Params,
+        bb: &'a super::backbone::Backbone,
+        train: &crate::data::imagefolder::ImageFolder,
+        world: usize,
+        rank: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let classes = train.num_classes();
+        let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
+        let depth = bb.cfg.depth;
+        let mut init_rng = crate::util::rng::stage_rng(&ctx.job.key, ctx.job.seed, "head-init");
+        let head = Head::new(bb.cfg.embed_dim, classes, p.head_init_std, &mut init_rng, dev)?;
+        // Optimiser groups by layer id.
+        let enc_vars = named_vars(&bb.varmap);
+        let head_vars = named_vars(&head.varmap);
+        let all_vars: Vec<(String, Var)> =
+            enc_vars.iter().chain(head_vars.iter()).cloned().collect();
+        let opts = layer_groups(&all_vars, depth, p.layer_decay)
+            .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+        let n = train.len();
+        let bs = p.batch_size.min(n);
+        let micro = (bs / p.accum_iter).max(1);
+        check_split(p, bs, micro, world).map_err(|m| Error::stage(&ctx.job.id, m))?;
+        Ok(Self {
+            p,
+            encoder: &bb.encoder,
+            head,
+            enc_vars,
+            head_vars,
+            all_vars,
+            opts,
+            src: TrainSource {
+                samples: train.samples.clone(),
+                rrc: RandomResizedCrop::new(img),
+                ra: (p.randaug_n > 0).then_some(RandAugment {
+                    num_ops: p.randaug_n,
+                    magnitude: p.randaug_m,
+                    magnitude_std: p.randaug_mstd,
+                    prob: 0.5,
+                }),
+                reprob: p.reprob,
+            },
+            mix: MixupConfig {
+                mixup_alpha: p.mixup,
+                cutmix_alpha: p.cutmix,
+                prob: p.mixup_prob,
+                switch_prob: p.mixup_switch_prob,
+                smoothing: p.smoothing,
+            },
+            key: ctx.job.key.clone(),
+            seed: ctx.job.seed,
+            data_seed: crate::util::rng::derive_seed(&ctx.job.key, ctx.job.seed, "finetune-data"),
+            classes,
+            depth,
+            img,
+            n,
+            bs,
+            micro,
+            ipe: (n / bs).max(1),
+            peak: p.blr * bs as f64 / 256.0,
+            rank,
+            world,
+            dev: dev.clone(),
+            order: (u64::MAX, Vec::new()),
+        })
+    }
+
+    /// Forward + backward of micro-batch `mi` (images `chunk`) of step `step`: its loss and
+    /// gradients added into `grads`.
+    fn micro_batch(
+        &self,
+        step: u64,
+        epoch: u64,
+        mi: usize,
+        chunk: &[usize],
+        grads: &mut HashMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        let pos = shard_positions(chunk.len(), self.rank, self.world);
+        let mine: Vec<usize> = pos.iter().map(|&i| chunk[i]).collect();
+        let mut b = load_batch(&self.src, &mine, self.data_seed, epoch)
+            .map_err(|e| Error::Data(e.to_string()))?;
+        let mut rng =
+            crate::util::rng::stage_rng(&self.key, self.seed, &format!("step{step}.{mi}"));
+        let targets =
+            augment::mix_batch(&mut b.images, b.shape, &b.labels, self.classes, &self.mix, &mut rng);
+        let x = features::batch_tensor(&b, &self.dev)?;
+        let y = Tensor::from_vec(targets, (mine.len(), self.classes), &self.dev)?;
+        // the draws of the whole micro-batch, this rank's rows of them
+        let mut scales =
+            drop_path_scales(self.depth, self.p.drop_path, chunk.len(), &mut rng, &self.dev)?;
+        if self.world > 1 {
+            let rows: Vec<u32> = pos.iter().map(|&i| i as u32).collect();
+            let rows = Tensor::from_vec(rows, pos.len(), &self.dev)?;
+            let pick = |t: Option<Tensor>| -> Result<Option<Tensor>> {
+                Ok(t.map(|t| t.index_select(&rows, 0)).transpose()?)
+            };
+            scales = scales
+                .into_iter()
+                .map(|(a, m)| Ok((pick(a)?, pick(m)?)))
+                .collect::<Result<_>>()?;
+        }
+        accumulate(
+            self.encoder,
+            &self.head,
+            &self.all_vars,
+            &x,
+            &y,
+            &scales,
+            self.p.accum_iter,
+            grads,
+        )
+    }
+}
+
+impl Recipe for FtRecipe<'_> {
+    fn step(&mut self, _: &mut StageContext, ranks: &mut Ranks, step: u64) -> Result<Step> {
+        let ipe = self.ipe as u64;
+        let (epoch, k) = (step / ipe, (step % ipe) as usize);
+        let lr = self.p.lr_at(epoch as f64 + k as f64 / ipe as f64, self.peak);
+        if self.order.0 != epoch {
+            self.order = (epoch, epoch_permutation(self.n, self.data_seed, epoch));
+        }
+        let idx = self.order.1[k * self.bs..(k + 1) * self.bs].to_vec();
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss: Option<Tensor> = None;
+        for (mi, chunk) in idx.chunks(self.micro).enumerate() {
+            // summed in f64 on the device, as the host summed the f32 values before
+            let l = self.micro_batch(step, epoch, mi, chunk, &mut grads)?.to_dtype(DType::F64)?;
+            loss = Some(match loss {
+                Some(s) => (s + l)?,
+                None => l,
+            });
+        }
+        if self.world > 1 {
+            // the mean of equal shards' means: the global batch's gradient
+            grads = ranks.mean_grads(grads)?;
+        }
+        apply(&mut self.opts, &grads, lr, self.p.weight_decay)?;
+        Ok(Step {
+            losses: vec![loss.expect("a step has at least one micro-batch")],
+            host: vec![("lr", lr)],
+        })
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<()> {
+        let mut o = HashMap::new();
+        for (_, _, opt) in &self.opts {
+            o.extend(opt.state_tensors().map_err(|e| Error::Data(e.to_string()))?);
+        }
+        candle_core::safetensors::save(&tensors(&self.all_vars), dir.join(WEIGHTS_FILE))?;
+        candle_core::safetensors::save(&o, dir.join(OPTIM_FILE))?;
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+        let w = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &self.dev)?;
+        for (name, var) in &self.all_vars {
+            let t = w.get(name).ok_or_else(|| {
+                Error::Data(format!("checkpoint {} lacks `{name}`", dir.display()))
+            })?;
             var.set(t)?;
         }
-        let o = candle_core::safetensors::load(c.path.join(OPTIM_FILE), &dev)?;
-        for (_, names, opt) in opts.iter_mut() {
+        let o = candle_core::safetensors::load(dir.join(OPTIM_FILE), &self.dev)?;
+        for (_, names, opt) in self.opts.iter_mut() {
             let mine: HashMap<String, Tensor> = o
                 .iter()
                 .filter(|(k, _)| {
@@ -411,205 +635,32 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
                 })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            opt.load_state(&mine)
-                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+            opt.load_state(&mine).map_err(|e| Error::Data(e.to_string()))?;
         }
-        ctx.log(format!("resumed fine-tuning from step {}", st.step));
+        Ok(())
     }
-    let resumed_from = st.step;
-    ctx.log(format!(
-        "fine-tuning {} ({} classes, {n} images): {} epochs x {ipe} steps of {bs} ({} x {micro}), peak lr {peak:.3e}",
-        bb.source, classes, p.epochs, p.accum_iter
-    ));
-    let src = TrainSource {
-        samples: train.samples.clone(),
-        rrc: RandomResizedCrop::new(img),
-        ra: (p.randaug_n > 0).then_some(RandAugment {
-            num_ops: p.randaug_n,
-            magnitude: p.randaug_m,
-            magnitude_std: p.randaug_mstd,
-            prob: 0.5,
-        }),
-        reprob: p.reprob,
-    };
-    let mix = MixupConfig {
-        mixup_alpha: p.mixup,
-        cutmix_alpha: p.cutmix,
-        prob: p.mixup_prob,
-        switch_prob: p.mixup_switch_prob,
-        smoothing: p.smoothing,
-    };
-    let seed = crate::util::rng::derive_seed(&ctx.job.key, ctx.job.seed, "finetune-data");
-    let t0 = std::time::Instant::now();
-    let start_step = st.step;
-    let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
-    while st.step < total {
-        let epoch = st.step / ipe as u64;
-        let k = (st.step % ipe as u64) as usize;
-        let lr = p.lr_at(epoch as f64 + k as f64 / ipe as f64, peak);
-        if order.0 != epoch {
-            order = (epoch, epoch_permutation(n, seed, epoch));
-        }
-        let idx = order.1[k * bs..(k + 1) * bs].to_vec();
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut step_loss = 0.0;
-        for (mi, chunk) in idx.chunks(micro).enumerate() {
-            let pos = shard_positions(chunk.len(), rank, world);
-            let mine: Vec<usize> = pos.iter().map(|&i| chunk[i]).collect();
-            let mut b = load_batch(&src, &mine, seed, epoch)
-                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-            let mut rng = crate::util::rng::stage_rng(
-                &ctx.job.key,
-                ctx.job.seed,
-                &format!("step{}.{mi}", st.step),
-            );
-            let targets =
-                augment::mix_batch(&mut b.images, b.shape, &b.labels, classes, &mix, &mut rng);
-            let x = features::batch_tensor(&b, &dev)?;
-            let y = Tensor::from_vec(targets, (mine.len(), classes), &dev)?;
-            // the draws of the whole micro-batch, this rank's rows of them
-            let mut scales = drop_path_scales(depth, p.drop_path, chunk.len(), &mut rng, &dev)?;
-            if world > 1 {
-                let rows = Tensor::from_vec(
-                    pos.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    pos.len(),
-                    &dev,
-                )?;
-                let pick = |t: Option<Tensor>| -> Result<Option<Tensor>> {
-                    Ok(t.map(|t| t.index_select(&rows, 0)).transpose()?)
-                };
-                scales = scales
-                    .into_iter()
-                    .map(|(a, m)| Ok((pick(a)?, pick(m)?)))
-                    .collect::<Result<_>>()?;
-            }
-            let lv = accumulate(
-                &bb.encoder,
-                &head,
-                &all_vars,
-                &x,
-                &y,
-                &scales,
-                p.accum_iter,
-                &mut grads,
-            )?;
-            step_loss += lv;
-        }
-        if world > 1 {
-            // the mean of equal shards' means: the global batch's loss and gradient
-            step_loss = ranks.mean_scalars(&[step_loss as f32])?[0] as f64;
-            grads = ranks.mean_grads(grads)?;
-        }
-        if !step_loss.is_finite() {
-            return Err(Error::stage(
-                &ctx.job.id,
-                format!("loss is {step_loss} at step {}; lower `blr`", st.step),
-            ));
-        }
-        apply(&mut opts, &grads, lr, p.weight_decay)
-            .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-        st.step += 1;
-        st.epoch_loss += step_loss;
-        st.epoch_steps += 1;
-        ctx.scalars(st.step, &[("loss", step_loss), ("lr", lr)]);
-        if st.step.is_multiple_of(ipe as u64) {
-            st.loss
-                .push((epoch + 1, st.epoch_loss / st.epoch_steps as f64));
-            st.epoch_loss = 0.0;
-            st.epoch_steps = 0;
-        }
-        ctx.progress.set(
-            st.step,
-            total,
-            format!("epoch {}/{} loss {step_loss:.4}", epoch + 1, p.epochs),
-        );
-        // Past the last step nothing is left to resume: finish instead. Rank 0 checkpoints;
-        // on an interrupt every rank stops after this step.
-        if st.step < total {
-            let saved = ranks.is_leader() && ctx.ckpt.due(st.step);
-            if saved {
-                save(ctx, &st, &enc_vars, &head_vars, &opts)?;
-            }
-            ranks.stop_if_interrupted(ctx, |ctx| {
-                if saved {
-                    Ok(())
-                } else {
-                    save(ctx, &st, &enc_vars, &head_vars, &opts)
-                }
-            })?;
-        }
-    }
-    if !ranks.is_leader() {
-        // rank 0 holds the same weights, evaluates and writes the artifacts and the metrics
-        return Ok(StageOutput::default());
-    }
-    let steps_run = st.step - start_step;
-    let train_ips = (steps_run as f64 * bs as f64) / t0.elapsed().as_secs_f64().max(1e-9);
+}
 
-    // Evaluation.
-    let eval = ImageSamples {
-        samples: val.samples.clone(),
-        transform: Transform::imagenet_eval(img),
+/// Fails unless each micro-batch splits over the ranks (whole Mixup pairs per rank).
+fn check_split(p: &Params, bs: usize, micro: usize, world: usize) -> std::result::Result<(), String> {
+    let mixing = p.mixes_pairs();
+    let need = if mixing { 2 * world } else { world };
+    if world <= 1 || (micro.is_multiple_of(need) && bs.is_multiple_of(micro)) {
+        return Ok(());
+    }
+    let by = if mixing {
+        format!(
+            "2 x the number of ranks ({need}): Mixup / CutMix mix image pairs and each rank \
+             holds whole pairs"
+        )
+    } else {
+        format!("the number of ranks ({world})")
     };
-    let (mut h1, mut h5) = (0f64, 0f64);
-    let ids: Vec<usize> = (0..val.len()).collect();
-    for (i, chunk) in ids.chunks(p.eval_batch.max(1)).enumerate() {
-        let b =
-            load_batch(&eval, chunk, 0, 0).map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-        let x = features::batch_tensor(&b, &dev)?;
-        let tokens = bb
-            .encoder
-            .forward_features(&x, None)
-            .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-        let logits = head.forward(&tokens)?.detach();
-        let y: Vec<u32> = b.labels.iter().map(|&l| l as u32).collect();
-        let y = Tensor::from_vec(y, chunk.len(), &dev)?;
-        let (t1, t5) = features::topk_hits(&logits, &y)?;
-        h1 += t1.to_scalar::<f32>()? as f64;
-        h5 += t5.to_scalar::<f32>()? as f64;
-        ctx.progress.set(
-            i as u64 + 1,
-            val.len().div_ceil(p.eval_batch.max(1)) as u64,
-            "evaluating",
-        );
-    }
-    let top1 = 100.0 * h1 / val.len() as f64;
-    let top5 = 100.0 * h5 / val.len() as f64;
-    ctx.log(format!("fine-tuned: top1 {top1:.2} top5 {top5:.2}"));
-
-    // Artifacts: the encoder (producer contract) and the head.
-    let enc: HashMap<String, Tensor> = enc_vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    super::backbone::save(&ctx.job.out_dir, &bb.cfg, &enc)?;
-    let hd: HashMap<String, Tensor> = head_vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&hd, ctx.job.out_dir.join(HEAD_FILE))?;
-
-    let mut out = StageOutput::default();
-    out.metrics.insert("top1".into(), top1);
-    out.metrics.insert("top5".into(), top5);
-    if let Some((_, l)) = st.loss.last() {
-        out.metrics.insert("train_loss".into(), *l);
-    }
-    if steps_run > 0 {
-        out.metrics.insert("train_images_per_sec".into(), train_ips);
-    }
-    out.series.insert("loss".into(), st.loss.clone());
-    out.info = json!({
-        "protocol": "fine-tune",
-        "backbone": bb.source,
-        "classes": classes,
-        "img": img,
-        "steps": total,
-        "resumed_from": resumed_from,
-        "peak_lr": peak,
-        "ranks": world,
-    });
-    Ok(out)
+    Err(format!(
+        "`batch_size` ({bs}) / `accum_iter` ({}) = {micro} images per micro-batch must be \
+         divisible by {by}; change `batch_size` or `resources`",
+        p.accum_iter
+    ))
 }
 
 /// Positions in a micro-batch of `m` images that rank `rank` of `world` trains on (see the
@@ -652,7 +703,8 @@ fn layer_groups(vars: &[(String, Var)], depth: usize, layer_decay: f64) -> Resul
     Ok(out)
 }
 
-/// Forward + backward of one micro-batch: the soft-target loss divided by `accum` (returned) and
+/// Forward + backward of one micro-batch: the soft-target loss divided by `accum` (returned,
+/// on the device) and
 /// its gradients added into `grads` by parameter name.
 #[allow(clippy::too_many_arguments)]
 fn accumulate(
@@ -664,13 +716,12 @@ fn accumulate(
     scales: &[(Option<Tensor>, Option<Tensor>)],
     accum: usize,
     grads: &mut HashMap<String, Tensor>,
-) -> Result<f64> {
+) -> Result<Tensor> {
     let tokens = encoder
         .forward_features_drop_path(x, scales)
         .map_err(|e| Error::Data(e.to_string()))?;
     let logits = head.forward(&tokens)?;
     let loss = soft_ce(&logits, y)?.affine(1.0 / accum as f64, 0.0)?;
-    let lv = loss.to_scalar::<f32>()? as f64;
     let g = loss.backward()?;
     for (name, var) in vars {
         if let Some(t) = g.get(var.as_tensor()) {
@@ -682,7 +733,7 @@ fn accumulate(
             grads.insert(name.clone(), sum);
         }
     }
-    Ok(lv)
+    Ok(loss.detach())
 }
 
 /// One AdamW step of every layer group at `lr * scale`.
@@ -696,34 +747,6 @@ fn apply(opts: &mut Groups, grads: &HashMap<String, Tensor>, lr: f64, wd: f64) -
             .map_err(|e| Error::Data(e.to_string()))?;
     }
     Ok(())
-}
-
-fn save(
-    ctx: &mut StageContext,
-    st: &FtState,
-    enc: &[(String, Var)],
-    head: &[(String, Var)],
-    opts: &Groups,
-) -> Result<()> {
-    let w: HashMap<String, Tensor> = enc
-        .iter()
-        .chain(head.iter())
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let mut o = HashMap::new();
-    for (_, _, opt) in opts {
-        o.extend(
-            opt.state_tensors()
-                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?,
-        );
-    }
-    let bytes = serde_json::to_vec(st)?;
-    ctx.ckpt.save(st.step, |dir| {
-        candle_core::safetensors::save(&w, dir.join(WEIGHTS_FILE))?;
-        candle_core::safetensors::save(&o, dir.join(OPTIM_FILE))?;
-        fs_err::write(dir.join(STATE_FILE), &bytes)?;
-        Ok(())
-    })
 }
 
 /// Soft-target cross-entropy of `(B, C)` logits (mean over the batch).
@@ -879,7 +902,10 @@ mod tests {
         for _ in 0..60 {
             let scales = drop_path_scales(2, 0.1, 4, &mut rng, &dev).unwrap();
             let mut g = HashMap::new();
-            last = accumulate(&bb.encoder, &head, &vars, &x, &y, &scales, 1, &mut g).unwrap();
+            last = accumulate(&bb.encoder, &head, &vars, &x, &y, &scales, 1, &mut g)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
             first.get_or_insert(last);
             assert_eq!(g.len(), vars.len(), "every parameter gets a gradient");
             apply(&mut opts, &g, 3e-3, 0.05).unwrap();

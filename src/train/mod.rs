@@ -9,6 +9,7 @@ pub mod layer_decay;
 pub mod loss;
 pub mod optim;
 pub mod parallel;
+pub mod run_loop;
 pub mod schedules;
 pub mod step;
 #[cfg(test)]

@@ -304,6 +304,9 @@ fn finetune_resume_after_kill_equals_uninterrupted() {
     run(&pa);
     let (ma, enc_a, head_a) = ft_result(a.path());
     assert_eq!(ma["resumed_from"], 0);
+    // The training steps read nothing back from the device: the losses are read once per
+    // epoch by the shared loop.
+    assert_eq!(records(a.path())["ft"].info["host_reads_in_steps"], 0);
 
     // Same pipeline, SIGKILLed once a checkpoint past step 3 exists (24 steps in all).
     let b = tempfile::tempdir().unwrap();

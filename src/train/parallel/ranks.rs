@@ -39,6 +39,15 @@ impl Ranks {
         })
     }
 
+    /// A group of one (no other process), e.g. for tests and one-process tools.
+    pub fn single(dev: &Device) -> Self {
+        Self {
+            comm: Box::new(dist::Single),
+            dev: dev.clone(),
+            id: String::new(),
+        }
+    }
+
     /// This process's rank.
     pub fn rank(&self) -> usize {
         self.comm.rank()
@@ -113,6 +122,23 @@ impl Ranks {
     /// The sum over ranks of a few scalars.
     pub fn sum_scalars(&mut self, v: &[f32]) -> Result<Vec<f32>> {
         dist::sum_scalars(self.comm.as_mut(), v, &self.dev).map_err(|e| self.err(e))
+    }
+
+    /// Each flag, true on every rank when it is true on at least one (one all-reduce; with one
+    /// rank, the flags themselves).
+    pub fn agree<const N: usize>(&mut self, flags: [bool; N]) -> Result<[bool; N]> {
+        if self.world() == 1 {
+            return Ok(flags);
+        }
+        let v: Vec<f32> = flags.iter().map(|&f| f32::from(u8::from(f))).collect();
+        let sum = self.sum_scalars(&v)?;
+        Ok(std::array::from_fn(|i| sum[i] > 0.0))
+    }
+
+    /// Wait until every rank reaches this point.
+    pub fn barrier(&mut self) -> Result<()> {
+        dist::any(self.comm.as_mut(), false, &self.dev).map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Call at the same point of every step on every rank. When any rank was interrupted, all

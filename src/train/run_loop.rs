@@ -1,0 +1,343 @@
+//! The training loop shared by the kinds that train a network after pretraining (fine-tuning,
+//! detection, segmentation, the linear probes). A kind writes its step as a [`Recipe`]; the loop
+//! owns everything around it:
+//!
+//! - **resume**: the newest checkpoint restores the recipe's tensors and the loop's state;
+//! - **one device read per log**: a step hands back its losses as tensors left on the device; the
+//!   loop reads them all at once every `log_every` steps, at the first and last step and before
+//!   each checkpoint (one device-to-host read, [`crate::util::host_read`]), never inside a step;
+//! - **the NaN stop**: a non-finite loss found at a read stops the stage with the step it
+//!   happened at. Weights are never checkpointed unread, so the last checkpoint is a healthy one;
+//! - **curves**: every step's values go to TensorBoard (written at the read), and the mean over
+//!   each `curve_every` steps becomes a point of the stage's series;
+//! - **checkpoints and interrupts**: saved when [`crate::kind::checkpoint::Checkpointer::due`]
+//!   or on Ctrl-C / SIGTERM; with several ranks every rank agrees on both at every step, so
+//!   every rank reads at the same steps and rank 0 alone writes;
+//! - **progress**: the step counter and the last read loss.
+//!
+//! The per-step values are summed on the host in step order, so a resumed run logs exactly the
+//! numbers of an uninterrupted one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::kind::StageContext;
+use crate::train::parallel::ranks::Ranks;
+use crate::util::host_read;
+
+/// The loop's own file in each checkpoint folder.
+pub const LOOP_FILE: &str = "loop.json";
+
+/// What the loop needs to know about a kind's training.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// Steps in all.
+    pub total: u64,
+    /// Read (and log) the losses every this many steps (0: only at the first and last step
+    /// and before checkpoints).
+    pub log_every: u64,
+    /// A point of each series is the mean over this many steps (e.g. an epoch); the last point
+    /// may cover fewer.
+    pub curve_every: u64,
+    /// Names of the values a step returns; the first is the loss the NaN stop watches.
+    pub names: Vec<&'static str>,
+    /// Ends the message of the NaN stop: what to change (e.g. "lower `blr`").
+    pub nan_hint: String,
+    /// What a step is called in messages ("step", "iteration").
+    pub unit: &'static str,
+}
+
+/// One kind's training step and the tensors it checkpoints.
+pub trait Recipe {
+    /// Step `step` (0-based): forward, backward, update. The returned losses stay on the device.
+    fn step(&mut self, ctx: &mut StageContext, ranks: &mut Ranks, step: u64) -> Result<Step>;
+    /// Write the recipe's tensors (weights, optimiser moments) into a checkpoint folder.
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// Restore them from a checkpoint folder.
+    fn load(&mut self, dir: &Path) -> Result<()>;
+}
+
+/// What one step hands back.
+#[derive(Debug)]
+pub struct Step {
+    /// Scalar tensors, in the order of [`LoopConfig::names`]; read later, all at once.
+    pub losses: Vec<Tensor>,
+    /// Values the host already knows (learning rate, counts), logged with the losses.
+    pub host: Vec<(&'static str, f64)>,
+}
+
+/// The loop's checkpointed state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Steps done.
+    pub step: u64,
+    /// Values of the steps since the last series point (read, not yet averaged).
+    window: Vec<Vec<f64>>,
+    /// Series: name -> (step, mean over its `curve_every` steps).
+    pub curves: BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+/// What the loop hands back once every step is done.
+#[derive(Debug)]
+pub struct Trained {
+    /// Steps done, series.
+    pub state: LoopState,
+    /// The step this run started from (0 unless resumed).
+    pub resumed_from: u64,
+    /// Seconds spent in this run's steps.
+    pub secs: f64,
+    /// The last step's values, by name (empty when no step ran in this run).
+    pub last: BTreeMap<String, f64>,
+    /// Device-to-host reads made inside the steps of this run (0 for a kind whose step reads
+    /// nothing; the loop's own reads are not counted).
+    pub reads_in_steps: u64,
+}
+
+impl Trained {
+    /// The series `name` (empty if the loop kept none).
+    pub fn curve(&self, name: &str) -> Vec<(u64, f64)> {
+        self.state.curves.get(name).cloned().unwrap_or_default()
+    }
+}
+
+struct Unread {
+    step: u64,
+    losses: Vec<Tensor>,
+    host: Vec<(&'static str, f64)>,
+}
+
+/// Run the steps of `recipe` that are left, from its newest checkpoint if it has one.
+pub fn run(
+    ctx: &mut StageContext,
+    ranks: &mut Ranks,
+    cfg: &LoopConfig,
+    recipe: &mut dyn Recipe,
+) -> Result<Trained> {
+    let id = ctx.job.id.clone();
+    let mut st = LoopState::default();
+    if let Some(c) = ctx.ckpt.load()? {
+        let file = c.path.join(LOOP_FILE);
+        if file.is_file() {
+            st = serde_json::from_slice(&fs_err::read(&file)?).map_err(|e| {
+                Error::stage(&id, format!("checkpoint {}: {e}", file.display()))
+            })?;
+            recipe.load(&c.path)?;
+            ctx.log(format!("resumed from {} {} of {}", cfg.unit, st.step, cfg.total));
+        } else {
+            ctx.log(format!(
+                "checkpoint {} was written by an older version: training from the start",
+                c.path.display()
+            ));
+        }
+    }
+    let resumed_from = st.step;
+    let mut unread: Vec<Unread> = Vec::new();
+    let mut last = BTreeMap::new();
+    let mut msg = String::new();
+    let mut reads_in_steps = 0;
+    let t0 = Instant::now();
+    while st.step < cfg.total {
+        let before = host_read::reads();
+        let out = recipe.step(ctx, ranks, st.step)?;
+        reads_in_steps += host_read::reads() - before;
+        if out.losses.len() != cfg.names.len() {
+            return Err(Error::stage(
+                &id,
+                format!(
+                    "internal: a step returned {} values for {} names",
+                    out.losses.len(),
+                    cfg.names.len()
+                ),
+            ));
+        }
+        st.step += 1;
+        let s = st.step;
+        unread.push(Unread {
+            step: s,
+            losses: out.losses,
+            host: out.host,
+        });
+        let finished = s == cfg.total;
+        // Past the last step nothing is left to resume: the stage finishes instead.
+        let [stop, save] = if finished {
+            [false, false]
+        } else {
+            let due = ranks.is_leader() && ctx.ckpt.due(s);
+            ranks.agree([ctx.is_interrupted(), due])?
+        };
+        let log_now = s == 1 || finished || (cfg.log_every > 0 && s % cfg.log_every == 0);
+        if log_now || save || stop {
+            let values = read(ranks, &mut unread)?;
+            for (step, losses, host) in values {
+                if !losses[0].is_finite() {
+                    return Err(Error::stage(
+                        &id,
+                        format!(
+                            "{} is {} at {} {step}; {} (the last checkpoint is kept)",
+                            cfg.names[0], losses[0], cfg.unit, cfg.nan_hint
+                        ),
+                    ));
+                }
+                let mut named: Vec<(&str, f64)> =
+                    cfg.names.iter().copied().zip(losses.iter().copied()).collect();
+                named.extend(host.iter().copied());
+                ctx.scalars(step, &named);
+                last = named.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+                st.window.push(losses);
+                if step % cfg.curve_every.max(1) == 0 || step == cfg.total {
+                    close_window(&mut st, &cfg.names, step);
+                }
+            }
+            msg = line(&last);
+            if log_now {
+                ctx.log(format!("{} {s}/{}: {msg}", cfg.unit, cfg.total));
+            }
+        }
+        ctx.progress.set(s, cfg.total, msg.clone());
+        if save || stop {
+            if ranks.is_leader() {
+                let bytes = serde_json::to_vec(&st)?;
+                ctx.ckpt.save(s, |dir| {
+                    recipe.save(dir)?;
+                    fs_err::write(dir.join(LOOP_FILE), &bytes)?;
+                    Ok(())
+                })?;
+            }
+            if stop {
+                ranks.barrier()?;
+                return Err(Error::Interrupted);
+            }
+        }
+    }
+    Ok(Trained {
+        state: st,
+        resumed_from,
+        secs: t0.elapsed().as_secs_f64(),
+        last,
+        reads_in_steps,
+    })
+}
+
+type Read = (u64, Vec<f64>, Vec<(&'static str, f64)>);
+
+/// The values of the unread steps, in one device read (averaged over the ranks).
+fn read(ranks: &mut Ranks, unread: &mut Vec<Unread>) -> Result<Vec<Read>> {
+    if unread.is_empty() {
+        return Ok(Vec::new());
+    }
+    let per = unread[0].losses.len();
+    let all: Vec<Tensor> = unread
+        .iter()
+        .flat_map(|u| u.losses.iter())
+        .map(|t| t.detach().to_dtype(DType::F64)?.reshape(()))
+        .collect::<candle_core::Result<_>>()?;
+    let mut flat: Vec<f64> = if all.is_empty() {
+        Vec::new()
+    } else {
+        host_read::vec1::<f64>(&Tensor::stack(&all, 0)?)?
+    };
+    if ranks.world() > 1 {
+        let as32: Vec<f32> = flat.iter().map(|&v| v as f32).collect();
+        flat = ranks
+            .mean_scalars(&as32)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+    }
+    Ok(unread
+        .drain(..)
+        .enumerate()
+        .map(|(i, u)| (u.step, flat[i * per..(i + 1) * per].to_vec(), u.host))
+        .collect())
+}
+
+/// Average the window into one point per name at `step`.
+fn close_window(st: &mut LoopState, names: &[&'static str], step: u64) {
+    if st.window.is_empty() {
+        return;
+    }
+    for (j, name) in names.iter().enumerate() {
+        let sum: f64 = st.window.iter().map(|v| v[j]).sum();
+        st.curves
+            .entry(name.to_string())
+            .or_default()
+            .push((step, sum / st.window.len() as f64));
+    }
+    st.window.clear();
+}
+
+fn line(values: &BTreeMap<String, f64>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(l) = values.get("loss") {
+        parts.push(format!("loss {l:.4}"));
+    }
+    for (k, v) in values {
+        if k == "loss" {
+            continue;
+        }
+        if k == "lr" {
+            parts.push(format!("lr {v:.3e}"));
+        } else if v.fract() == 0.0 && v.abs() < 1e9 {
+            parts.push(format!("{k} {v}"));
+        } else {
+            parts.push(format!("{k} {v:.4}"));
+        }
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_window_averages_into_one_point() {
+        let mut st = LoopState::default();
+        st.window = vec![vec![1.0, 10.0], vec![3.0, 20.0]];
+        close_window(&mut st, &["loss", "aux"], 2);
+        assert_eq!(st.curves["loss"], vec![(2, 2.0)]);
+        assert_eq!(st.curves["aux"], vec![(2, 15.0)]);
+        assert!(st.window.is_empty());
+        close_window(&mut st, &["loss", "aux"], 3);
+        assert_eq!(st.curves["loss"].len(), 1, "an empty window adds nothing");
+    }
+
+    #[test]
+    fn the_log_line_names_each_value() {
+        let v: BTreeMap<String, f64> = [("loss", 0.5), ("lr", 1e-3), ("num_pos", 12.0)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(line(&v), "loss 0.5000 lr 1.000e-3 num_pos 12");
+    }
+
+    #[test]
+    fn unread_steps_come_back_in_one_read() {
+        let dev = Device::Cpu;
+        let mut unread: Vec<Unread> = (1..=3)
+            .map(|s| Unread {
+                step: s,
+                losses: vec![
+                    Tensor::new(s as f32, &dev).unwrap(),
+                    Tensor::new(&[2.0 * s as f32], &dev).unwrap(),
+                ],
+                host: vec![("lr", 0.1)],
+            })
+            .collect();
+        let mut ranks = Ranks::single(&dev);
+        let before = host_read::reads();
+        let got = read(&mut ranks, &mut unread).unwrap();
+        assert_eq!(host_read::reads() - before, 1);
+        assert!(unread.is_empty());
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2].0, 3);
+        assert_eq!(got[2].1, vec![3.0, 6.0]);
+        assert_eq!(got[2].2, vec![("lr", 0.1)]);
+    }
+}
