@@ -46,6 +46,8 @@ use crate::error::{Error, Result};
 use crate::model::resize::resize_bilinear;
 use crate::model::VisionTransformer;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::parallel::ranks::Ranks;
+use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 use crate::util::rng::{derive_seed, stage_rng};
 
 mod net;
@@ -180,16 +182,6 @@ pub fn default_layers(depth: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Training state stored next to the weights.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct TrainState {
-    step: u64,
-    /// Logged (iteration, mean loss of the window) pairs.
-    loss: Vec<(u64, f64)>,
-    /// Losses of the current log window (so a resumed run logs the same means).
-    window: Vec<f64>,
-}
-
 fn dataset_root(ctx: &StageContext) -> Result<PathBuf> {
     Ok(ade20k::resolve_root(&super::dataset::upstream_root(
         ctx, "ade20k",
@@ -210,13 +202,12 @@ fn sample_index(key: &str, seed: u64, n: usize, g: u64) -> usize {
     perm[(g % n as u64) as usize]
 }
 
-/// Run the stage.
+/// Run the stage: check, train ([`crate::train::run_loop`]), predict the val split, score.
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
     let dev = backbone::device(ctx)?;
     let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
-    let (rank, world) = (ranks.rank(), ranks.world());
     let root = dataset_root(ctx)?;
     let bad = |m: String| Error::stage(&id, m);
     let train = Ade20k::open(&root, &p.train_split).map_err(|e| bad(e.to_string()))?;
@@ -232,147 +223,116 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         )));
     }
     let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
-    let (patch, depth) = (bb.cfg.patch_size, bb.cfg.depth);
     let layers = if p.layers.is_empty() {
-        default_layers(depth)
+        default_layers(bb.cfg.depth)
     } else {
         p.layers.clone()
     };
-    if p.crop == 0 || p.crop % patch != 0 {
-        return Err(bad(format!(
-            "`crop` {} must be a positive multiple of the patch size {patch}",
-            p.crop
-        )));
-    }
-    if p.protocol == Protocol::Upernet {
-        if layers.len() != 4 {
-            return Err(bad(format!(
-                "UperNet takes exactly 4 `layers`, got {:?}",
-                layers
-            )));
-        }
-        if p.batch_size < 2 {
-            return Err(bad(
-                "UperNet trains BatchNorm layers: `batch_size` must be at least 2".into(),
-            ));
-        }
-        if p.crop / patch < 2 {
-            return Err(bad(format!(
-                "UperNet needs a feature grid of at least 2x2: `crop` must be at least {}",
-                2 * patch
-            )));
-        }
-    }
-    if p.batch_size == 0 || p.iters == 0 {
-        return Err(bad("`batch_size` and `iters` must be positive".into()));
-    }
+    check(&p, &layers, bb.cfg.patch_size).map_err(&bad)?;
     ranks.check_divides("batch_size", p.batch_size)?;
-    if p.protocol == Protocol::Upernet && p.batch_size / world < 2 {
+    if p.protocol == Protocol::Upernet && p.batch_size / ranks.world() < 2 {
         return Err(bad(format!(
             "UperNet trains BatchNorm layers on each rank's shard: `batch_size` ({}) must be at \
-             least 2 x the number of ranks ({world})",
-            p.batch_size
+             least 2 x the number of ranks ({})",
+            p.batch_size,
+            ranks.world()
         )));
     }
     ctx.log(format!(
-        "ADE20K {:?} protocol on {} ({} blocks, patch {patch}), layers {:?}; {} train / {} val images",
+        "ADE20K {:?} protocol on {} ({} blocks, patch {}), layers {:?}; {} train / {} val images",
         p.protocol,
         bb.source,
-        depth,
+        bb.cfg.depth,
+        bb.cfg.patch_size,
         layers,
         train.samples.len(),
         val.samples.len()
     ));
     let source = bb.source.clone();
-    let head_seed = derive_seed(&ctx.job.key, ctx.job.seed, "head-init");
-    let mut model = Model::new(&p, bb, layers.clone(), head_seed, &dev)?;
-    let mut opt =
-        AdamW::new(model.trainable(), AdamWConfig::default()).map_err(|e| bad(e.to_string()))?;
-    let mut st = TrainState::default();
-    if let Some(c) = ctx.ckpt.load()? {
-        model.load(&c.path)?;
-        let t = candle_core::safetensors::load(c.path.join("optim.safetensors"), &dev)?;
-        opt.load_state(&t).map_err(|e| bad(e.to_string()))?;
-        st = serde_json::from_slice(&fs_err::read(c.path.join("state.json"))?)?;
-        ctx.log(format!("resumed from iteration {}", st.step));
-    }
-    let aug = TrainAug {
-        scale: (p.scale[0] as f64, p.scale[1] as f64),
-        ratio_range: (p.ratio_range[0], p.ratio_range[1]),
-        crop: p.crop,
-        cat_max_ratio: p.cat_max_ratio,
-        flip: 0.5,
+    let mut r = SegRecipe::new(ctx, &p, bb, layers.clone(), &train, &ranks, &dev)?;
+    let cfg = LoopConfig {
+        total: p.iters,
+        log_every: p.log_every,
+        curve_every: p.log_every.max(1),
+        names: vec!["loss"],
+        nan_hint: "lower `lr`".into(),
+        unit: "iteration",
     };
-    let base_lr = p.lr();
-    let shard = ranks.shard(&(0..p.batch_size).collect::<Vec<_>>());
-    while st.step < p.iters {
-        ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &model, &opt, &st))?;
-        let step = st.step;
-        let (x, labels) = train_batch(ctx, &train, &p, &aug, step, &shard, &dev)?;
-        let stream = if rank == 0 {
-            format!("dropout-{step}")
-        } else {
-            format!("dropout-{step}/rank-{rank}")
-        };
-        let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &stream);
-        let (logits, aux) =
-            model.forward(&model.encoder, model.heads(), &x, true, Some(&mut drop_rng))?;
-        let mut loss = cross_entropy_ignore(&logits, &labels)?;
-        if let Some(a) = aux {
-            loss = (loss + (cross_entropy_ignore(&a, &labels)? * p.aux_weight)?)?;
-        }
-        let mut lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if world > 1 {
-            lv = ranks.mean_scalars(&[lv as f32])?[0] as f64;
-        }
-        if !lv.is_finite() {
-            return Err(bad(format!(
-                "loss is {lv} at iteration {step}; lower `lr` (the last checkpoint is kept)"
-            )));
-        }
-        let grads = loss.backward()?;
-        let named = ranks.mean_grads(opt.named_grads(&grads))?;
-        let lr = lr_at(base_lr, step, p.warmup_iters, p.iters);
-        // Parameter groups by layer-decay scale (one group for the linear protocol).
-        let mut groups: BTreeMap<u64, HashMap<String, Tensor>> = BTreeMap::new();
-        for (k, g) in named {
-            let s = match p.protocol {
-                Protocol::Linear => 1.0,
-                Protocol::Upernet => layer_scale(&k, depth, p.layer_decay),
-            };
-            groups.entry(s.to_bits()).or_default().insert(k, g);
-        }
-        for (s, g) in &groups {
-            opt.step_named(g, lr * f64::from_bits(*s), p.weight_decay)
-                .map_err(|e| bad(e.to_string()))?;
-        }
-        st.step += 1;
-        st.window.push(lv);
-        if st.step % p.log_every.max(1) == 0 || st.step == p.iters {
-            let m = st.window.iter().sum::<f64>() / st.window.len() as f64;
-            st.loss.push((st.step, m));
-            st.window.clear();
-            ctx.scalars(st.step, &[("loss", m), ("lr", lr)]);
-            ctx.log(format!(
-                "iter {}/{} loss {m:.4} lr {lr:.3e}",
-                st.step, p.iters
-            ));
-        }
-        ctx.progress
-            .set(st.step, p.iters, format!("train loss {lv:.3}"));
-        if ranks.is_leader() && ctx.ckpt.due(st.step) && st.step < p.iters {
-            save(ctx, &model, &opt, &st)?;
-        }
-    }
+    let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {
         // rank 0 holds the same weights, predicts, scores and writes
         return Ok(StageOutput::default());
     }
+    // the trained model stays checkpointed while the predictions are written
     if ctx.ckpt.load()?.map(|c| c.step) != Some(p.iters) {
-        save(ctx, &model, &opt, &st)?;
+        run_loop::checkpoint(ctx, &done.state, &r)?;
     }
-    // Inference on the validation split.
-    let (enc, head) = model.frozen(&dev)?;
+    let model = r.model;
+    let rep = predict_and_score(ctx, &model, &p, &val, &root, &dev)?;
+    model
+        .head_vars
+        .save(ctx.job.out_dir.join("head.safetensors"))?;
+    let m = &rep.metrics;
+    let mut out = StageOutput::default();
+    out.metrics.insert("miou".into(), m.m_iou);
+    out.metrics.insert("aacc".into(), m.a_acc);
+    out.metrics.insert("macc".into(), m.m_acc);
+    let loss = done.curve("loss");
+    if let Some(&(_, l)) = loss.last() {
+        out.metrics.insert("train_loss".into(), l);
+    }
+    out.series.insert("loss".into(), loss);
+    out.info = json!({
+        "protocol": p.protocol,
+        "backbone": source,
+        "layers": layers,
+        "val_images": val.samples.len(),
+        "predictions": "predictions/",
+        "ranks": ranks.world(),
+        "host_reads_in_steps": done.reads_in_steps,
+    });
+    Ok(out)
+}
+
+/// The params' checks that need the backbone's patch size.
+fn check(p: &Params, layers: &[i64], patch: usize) -> std::result::Result<(), String> {
+    if p.crop == 0 || p.crop % patch != 0 {
+        return Err(format!(
+            "`crop` {} must be a positive multiple of the patch size {patch}",
+            p.crop
+        ));
+    }
+    if p.protocol == Protocol::Upernet {
+        if layers.len() != 4 {
+            return Err(format!("UperNet takes exactly 4 `layers`, got {layers:?}"));
+        }
+        if p.batch_size < 2 {
+            return Err("UperNet trains BatchNorm layers: `batch_size` must be at least 2".into());
+        }
+        if p.crop / patch < 2 {
+            return Err(format!(
+                "UperNet needs a feature grid of at least 2x2: `crop` must be at least {}",
+                2 * patch
+            ));
+        }
+    }
+    if p.batch_size == 0 || p.iters == 0 {
+        return Err("`batch_size` and `iters` must be positive".into());
+    }
+    Ok(())
+}
+
+/// Predict every val image into `predictions/` and score them with the mmseg metric.
+fn predict_and_score(
+    ctx: &mut StageContext,
+    model: &Model,
+    p: &Params,
+    val: &Ade20k,
+    root: &Path,
+    dev: &Device,
+) -> Result<crate::eval::segmentation::SegReport> {
+    let bad = |m: String| Error::stage(&ctx.job.id, m);
+    let (enc, head) = model.frozen(dev)?;
     let pred_dir = ctx.job.out_dir.join("predictions");
     fs_err::create_dir_all(&pred_dir)?;
     let t0 = std::time::Instant::now();
@@ -380,7 +340,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         if ctx.is_interrupted() {
             return Err(Error::Interrupted);
         }
-        let pred = predict(&model, &enc, head.as_ref(), img_path, &p, &dev)?;
+        let pred = predict(model, &enc, head.as_ref(), img_path, p, dev)?;
         let stem = img_path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -401,9 +361,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         serde_json::to_vec_pretty(&rep.to_json())?,
     )?;
     fs_err::write(ctx.job.out_dir.join("per_class.txt"), rep.to_table(None))?;
-    model
-        .head_vars
-        .save(ctx.job.out_dir.join("head.safetensors"))?;
     let m = &rep.metrics;
     ctx.log(format!(
         "mIoU {:.2}  aAcc {:.2}  mAcc {:.2} ({} val images, inference {infer_s:.1}s)",
@@ -412,35 +369,113 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         m.m_acc,
         val.samples.len()
     ));
-    let mut out = StageOutput::default();
-    out.metrics.insert("miou".into(), m.m_iou);
-    out.metrics.insert("aacc".into(), m.a_acc);
-    out.metrics.insert("macc".into(), m.m_acc);
-    if let Some(&(_, l)) = st.loss.last() {
-        out.metrics.insert("train_loss".into(), l);
-    }
-    out.series.insert("loss".into(), st.loss.clone());
-    out.info = json!({
-        "protocol": p.protocol,
-        "backbone": source,
-        "layers": layers,
-        "val_images": val.samples.len(),
-        "predictions": "predictions/",
-        "ranks": world,
-    });
-    Ok(out)
+    Ok(rep)
 }
 
-fn save(ctx: &mut StageContext, model: &Model, opt: &AdamW, st: &TrainState) -> Result<()> {
-    let state = opt
-        .state_tensors()
-        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-    let bytes = serde_json::to_vec(st)?;
-    ctx.ckpt.save(st.step, |dir| {
-        model.save(dir)?;
+/// One segmentation training iteration: the model, its optimiser and the data recipe.
+struct SegRecipe<'a> {
+    p: &'a Params,
+    model: Model,
+    opt: AdamW,
+    train: &'a Ade20k,
+    aug: TrainAug,
+    shard: Vec<usize>,
+    rank: usize,
+    depth: usize,
+    dev: Device,
+}
+
+impl<'a> SegRecipe<'a> {
+    fn new(
+        ctx: &StageContext,
+        p: &'a Params,
+        bb: backbone::Backbone,
+        layers: Vec<i64>,
+        train: &'a Ade20k,
+        ranks: &Ranks,
+        dev: &Device,
+    ) -> Result<Self> {
+        let depth = bb.cfg.depth;
+        let head_seed = derive_seed(&ctx.job.key, ctx.job.seed, "head-init");
+        let model = Model::new(p, bb, layers, head_seed, dev)?;
+        let opt = AdamW::new(model.trainable(), AdamWConfig::default())
+            .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+        Ok(Self {
+            p,
+            model,
+            opt,
+            train,
+            aug: TrainAug {
+                scale: (p.scale[0] as f64, p.scale[1] as f64),
+                ratio_range: (p.ratio_range[0], p.ratio_range[1]),
+                crop: p.crop,
+                cat_max_ratio: p.cat_max_ratio,
+                flip: 0.5,
+            },
+            shard: ranks.shard(&(0..p.batch_size).collect::<Vec<_>>()),
+            rank: ranks.rank(),
+            depth,
+            dev: dev.clone(),
+        })
+    }
+}
+
+impl Recipe for SegRecipe<'_> {
+    fn step(&mut self, ctx: &mut StageContext, ranks: &mut Ranks, step: u64) -> Result<Step> {
+        let p = self.p;
+        let (x, labels) = train_batch(ctx, self.train, p, &self.aug, step, &self.shard, &self.dev)?;
+        let stream = if self.rank == 0 {
+            format!("dropout-{step}")
+        } else {
+            format!("dropout-{step}/rank-{}", self.rank)
+        };
+        let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &stream);
+        let m = &self.model;
+        let (logits, aux) = m.forward(&m.encoder, m.heads(), &x, true, Some(&mut drop_rng))?;
+        let mut loss = cross_entropy_ignore(&logits, &labels)?;
+        if let Some(a) = aux {
+            loss = (loss + (cross_entropy_ignore(&a, &labels)? * p.aux_weight)?)?;
+        }
+        let grads = loss.backward()?;
+        let named = ranks.mean_grads(self.opt.named_grads(&grads))?;
+        let lr = lr_at(p.lr(), step, p.warmup_iters, p.iters);
+        // Parameter groups by layer-decay scale (one group for the linear protocol).
+        let mut groups: BTreeMap<u64, HashMap<String, Tensor>> = BTreeMap::new();
+        for (k, g) in named {
+            let s = match p.protocol {
+                Protocol::Linear => 1.0,
+                Protocol::Upernet => layer_scale(&k, self.depth, p.layer_decay),
+            };
+            groups.entry(s.to_bits()).or_default().insert(k, g);
+        }
+        for (s, g) in &groups {
+            self.opt
+                .step_named(g, lr * f64::from_bits(*s), p.weight_decay)
+                .map_err(|e| Error::Data(e.to_string()))?;
+        }
+        Ok(Step {
+            losses: vec![loss.detach()],
+            host: vec![("lr", lr)],
+        })
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let state = self
+            .opt
+            .state_tensors()
+            .map_err(|e| Error::Data(e.to_string()))?;
+        self.model.save(dir)?;
         candle_core::safetensors::save(&state, dir.join("optim.safetensors"))?;
-        Ok(fs_err::write(dir.join("state.json"), &bytes)?)
-    })
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<()> {
+        self.model.load(dir)?;
+        let t = candle_core::safetensors::load(dir.join("optim.safetensors"), &self.dev)?;
+        self.opt
+            .load_state(&t)
+            .map_err(|e| Error::Data(e.to_string()))
+    }
 }
 
 /// Positions `shard` of the global batch of iteration `step`: images `(b, 3, crop, crop)` and

@@ -201,12 +201,7 @@ pub fn run(
         ctx.progress.set(s, cfg.total, msg.clone());
         if save || stop {
             if ranks.is_leader() {
-                let bytes = serde_json::to_vec(&st)?;
-                ctx.ckpt.save(s, |dir| {
-                    recipe.save(dir)?;
-                    fs_err::write(dir.join(LOOP_FILE), &bytes)?;
-                    Ok(())
-                })?;
+                checkpoint(ctx, &st, recipe)?;
             }
             if stop {
                 ranks.barrier()?;
@@ -220,6 +215,16 @@ pub fn run(
         secs: t0.elapsed().as_secs_f64(),
         last,
         reads_in_steps,
+    })
+}
+
+/// Checkpoint the finished training (e.g. before a long evaluation that may be interrupted).
+pub fn checkpoint(ctx: &mut StageContext, st: &LoopState, recipe: &dyn Recipe) -> Result<()> {
+    let bytes = serde_json::to_vec(st)?;
+    ctx.ckpt.save(st.step, |dir| {
+        recipe.save(dir)?;
+        fs_err::write(dir.join(LOOP_FILE), &bytes)?;
+        Ok(())
     })
 }
 
