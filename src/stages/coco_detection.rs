@@ -40,6 +40,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::backbone::{self, Backbone};
+use crate::train::parallel::ranks::Ranks;
+use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 use super::{dataset, params_of, StageContext, StageOutput};
 use crate::data::coco::CocoDataset;
 use crate::data::detection::{eval_image, train_sample, Instance, LsjConfig, TrainSample};
@@ -221,17 +223,8 @@ struct Group {
     opt: AdamW,
 }
 
-#[derive(Serialize, Deserialize, Default)]
-struct TrainState {
-    step: u64,
-    loss: Vec<(u64, f64)>,
-    cls: Vec<(u64, f64)>,
-    mask: Vec<(u64, f64)>,
-}
-
 const WEIGHTS: &str = "weights.safetensors";
 const OPTIM: &str = "optim.safetensors";
-const STATE: &str = "state.json";
 
 /// The upstream `dataset` stage of format coco.
 fn coco_upstream(ctx: &StageContext) -> Result<&crate::kind::job::UpstreamRef> {
@@ -259,7 +252,7 @@ fn stack(images: &[&Chw], dev: &Device) -> Result<Tensor> {
     )?)
 }
 
-/// Run the stage.
+/// Run the stage: build the detector, train ([`crate::train::run_loop`]), evaluate, write.
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
@@ -267,7 +260,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     p.validate().map_err(|m| serr(&m))?;
     let dev = backbone::device(ctx)?;
     let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
-    let world = ranks.world();
     ranks.check_divides("batch_size", p.batch_size)?;
     let root = dataset::root_of(coco_upstream(ctx)?);
     let train = CocoDataset::open(&root, "train").map_err(|e| serr(&e))?;
@@ -277,230 +269,100 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             &"the train and val splits have different `categories`",
         ));
     }
-    let k = train.categories.len();
     let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
-    let patch = bb.cfg.patch_size;
-    if p.img_size % (2 * patch) != 0 {
-        return Err(serr(&format!(
-            "`img_size` {} must be a multiple of 2 x patch_size = {}",
-            p.img_size,
-            2 * patch
-        )));
-    }
-    let det_vars = VarMap::new();
-    let init_seed = derive_seed(&ctx.job.key, ctx.job.seed, "detector-init");
-    let det = Detector::new(
-        &p.head,
-        k,
-        bb.cfg.embed_dim,
-        patch,
-        SeededInit::var_builder(&det_vars, init_seed, &dev),
-    )
-    .map_err(|e| serr(&e))?;
+    let mut r = DetRecipe::new(ctx, &p, &bb, &train, ranks.world(), &dev)?;
     ctx.log(format!(
-        "coco_detection: backbone {} ({:?}), {k} classes, {} train / {} val images, input {}px, strides {:?}",
+        "coco_detection: backbone {} ({:?}), {} classes, {} train / {} val images, input {}px, strides {:?}",
         bb.source,
         p.backbone,
+        train.categories.len(),
         train.file.images.len(),
         val.file.images.len(),
         p.img_size,
-        det.strides()
+        r.det.strides()
     ));
-
-    // Trainable variables (sorted names) and their optimiser groups.
-    let mut trainable: Vec<(String, Var, f64)> = sorted_vars(&det_vars, "det.")
-        .into_iter()
-        .map(|(n, v)| (n, v, 1.0))
-        .collect();
-    if p.backbone == BackboneMode::Finetune {
-        for (n, v) in sorted_vars(&bb.varmap, "backbone.") {
-            let s = layer_scale(&n["backbone.".len()..], bb.cfg.depth, p.layer_decay);
-            trainable.push((n, v, s));
-        }
-    }
-    let mut by_scale: BTreeMap<u64, Vec<(String, Var)>> = BTreeMap::new();
-    for (n, v, s) in &trainable {
-        by_scale
-            .entry(s.to_bits())
-            .or_default()
-            .push((n.clone(), v.clone()));
-    }
-    let ocfg = AdamWConfig::default();
-    let mut groups: Vec<Group> = by_scale
-        .into_iter()
-        .map(|(bits, vars)| {
-            Ok(Group {
-                scale: f64::from_bits(bits),
-                names: vars.iter().map(|(n, _)| n.clone()).collect(),
-                opt: AdamW::new(vars, ocfg.clone()).map_err(|e| serr(&e))?,
-            })
-        })
-        .collect::<Result<_>>()?;
-
-    let mut st = TrainState::default();
-    let mut resumed = 0;
-    if let Some(c) = ctx.ckpt.load()? {
-        let w = candle_core::safetensors::load(c.path.join(WEIGHTS), &dev)?;
-        for (n, v, _) in &trainable {
-            let t = w
-                .get(n)
-                .ok_or_else(|| serr(&format!("checkpoint {} has no `{n}`", c.path.display())))?;
-            v.set(t)?;
-        }
-        let o = candle_core::safetensors::load(c.path.join(OPTIM), &dev)?;
-        for g in &mut groups {
-            let mine: HashMap<String, Tensor> = o
-                .iter()
-                .filter(|(key, _)| {
-                    key.rsplit_once('.')
-                        .is_some_and(|(n, _)| g.names.contains(n))
-                })
-                .map(|(key, t)| (key.clone(), t.clone()))
-                .collect();
-            g.opt.load_state(&mine).map_err(|e| serr(&e))?;
-        }
-        st = serde_json::from_slice(&fs_err::read(c.path.join(STATE))?)?;
-        resumed = st.step;
-        ctx.log(format!("resumed from step {}", st.step));
-    }
-
-    let lsj = LsjConfig {
-        size: p.img_size,
-        scale_range: (p.scale_range[0], p.scale_range[1]),
-        flip_prob: p.flip_prob,
+    let cfg = LoopConfig {
+        total: p.steps,
+        log_every: p.log_every,
+        curve_every: 1,
+        names: vec!["loss", "loss_cls", "loss_box", "loss_ctr", "loss_mask"],
+        nan_hint: "lower `lr` or set `clip_grad_norm`".into(),
+        unit: "step",
     };
-    let ids: Vec<u64> = train.file.images.iter().map(|i| i.id).collect();
-    let bpe = ids.len() / p.batch_size;
-    if bpe == 0 {
-        return Err(serr(&format!(
-            "{} training images are fewer than batch_size {}",
-            ids.len(),
-            p.batch_size
-        )));
-    }
-    let mut perm: Option<(u64, Vec<usize>)> = None;
-    let frozen = p.backbone == BackboneMode::Frozen;
-    while st.step < p.steps {
-        ranks.stop_if_interrupted(ctx, |ctx| save(ctx, &st, &trainable, &groups))?;
-        let step = st.step;
-        let (epoch, kb) = (step / bpe as u64, (step % bpe as u64) as usize);
-        if perm.as_ref().map(|x| x.0) != Some(epoch) {
-            let mut order: Vec<usize> = (0..ids.len()).collect();
-            order.shuffle(&mut stage_rng(
-                &ctx.job.key,
-                ctx.job.seed,
-                &format!("perm/{epoch}"),
-            ));
-            perm = Some((epoch, order));
-        }
-        let order = &perm.as_ref().expect("set").1;
-        let batch = ranks.shard(&order[kb * p.batch_size..(kb + 1) * p.batch_size]);
-        let (key, seed) = (ctx.job.key.clone(), ctx.job.seed);
-        let samples: Vec<TrainSample> = batch
-            .par_iter()
-            .map(|&i| {
-                let mut rng = stage_rng(&key, seed, &format!("aug/{epoch}/{i}"));
-                train_sample(&train, ids[i], &lsj, &mut rng)
-            })
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| serr(&e))?;
-        let mut rngs: Vec<_> = batch
-            .iter()
-            .map(|i| stage_rng(&key, seed, &format!("mask-rois/{step}/{i}")))
-            .collect();
-        let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), &dev)?;
-        let instances: Vec<Vec<Instance>> = samples.into_iter().map(|s| s.instances).collect();
-        let at_step = |e: crate::model::ModelError| serr(&format!("step {step}: {e}"));
-        let fwd = train::forward(&det, &bb.encoder, frozen, &images, &instances, &mut rngs)
-            .map_err(at_step)?;
-        // the global batch's normalisers: each rank's loss is its share of the global loss
-        let norms = train::Norms::from_array(&ranks.sum_scalars(&fwd.norms().to_array())?);
-        let mut out = fwd.losses(&det, &norms, world as f64).map_err(at_step)?;
-        let grads = out.total.backward()?;
-        let mut named: Vec<HashMap<String, Tensor>> =
-            groups.iter().map(|g| g.opt.named_grads(&grads)).collect();
-        drop(grads);
-        let mut total = out.total.to_scalar::<f32>()?;
-        if world > 1 {
-            named = mean_grads(&mut ranks, &trainable, &groups, named)?;
-            let m = ranks.mean_scalars(&[total, out.cls, out.reg, out.ctr, out.mask])?;
-            total = m[0];
-            (out.cls, out.reg, out.ctr, out.mask) = (m[1], m[2], m[3], m[4]);
-            out.num_pos = norms.fcos.num_pos as usize;
-            out.num_rois = norms.rois as usize;
-        }
-        if !total.is_finite() {
-            return Err(serr(&format!(
-                "non-finite loss {total} at step {step}; lower `lr` or set `clip_grad_norm`"
-            )));
-        }
-        if let Some(max) = p.clip_grad_norm {
-            // one read for the global norm (the per-parameter sums, in f64, added in the order
-            // of the former per-parameter reads)
-            let parts = named
-                .iter()
-                .flat_map(|m| m.values())
-                .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let sq = if parts.is_empty() {
-                0.0
-            } else {
-                crate::util::host_read::scalar::<f64>(&Tensor::stack(&parts, 0)?.sum_all()?)?
-            };
-            let coef = max / (sq.sqrt() + 1e-6);
-            if coef < 1.0 {
-                for m in &mut named {
-                    for g in m.values_mut() {
-                        *g = g.affine(coef, 0.0)?;
-                    }
-                }
-            }
-        }
-        let lr = p.lr * p.lr_factor(step);
-        for (g, m) in groups.iter_mut().zip(&named) {
-            g.opt
-                .step_named(m, lr * g.scale, p.weight_decay)
-                .map_err(|e| serr(&e))?;
-        }
-        st.step += 1;
-        st.loss.push((st.step, total as f64));
-        st.cls.push((st.step, out.cls as f64));
-        st.mask.push((st.step, out.mask as f64));
-        ctx.scalars(
-            st.step,
-            &[
-                ("loss", total as f64),
-                ("loss_cls", out.cls as f64),
-                ("loss_box", out.reg as f64),
-                ("loss_ctr", out.ctr as f64),
-                ("loss_mask", out.mask as f64),
-                ("lr", lr),
-            ],
-        );
-        let msg = format!(
-            "loss {total:.4} (cls {:.4} box {:.4} ctr {:.4} mask {:.4}, {} pos, {} mask rois) lr {lr:.2e}",
-            out.cls, out.reg, out.ctr, out.mask, out.num_pos, out.num_rois
-        );
-        ctx.progress.set(st.step, p.steps, &msg);
-        if p.log_every > 0 && (st.step % p.log_every == 0 || st.step == 1) {
-            ctx.log(format!("step {}/{}: {msg}", st.step, p.steps));
-        }
-        if ranks.is_leader() && st.step < p.steps && ctx.ckpt.due(st.step) {
-            save(ctx, &st, &trainable, &groups)?;
-        }
-    }
+    let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {
         // rank 0 holds the same weights, evaluates and writes the artifacts and the metrics
         return Ok(StageOutput::default());
     }
-
-    // Evaluation on val.
+    let det = &r.det;
     ctx.log(format!(
         "evaluating on {} val images",
         val.file.images.len()
     ));
-    let (entries, json_results) = detect_all(ctx, &det, &bb, &val, &p, &dev)?;
-    let gt_path = CocoDataset::annotation_path(&root, "val");
+    let (report, json_results) = evaluate(ctx, det, &bb, &val, &root, &p, &dev)?;
+    ctx.log(report.to_text());
+    let out_dir = ctx.job.out_dir.clone();
+    crate::util::atomic::write_json(&out_dir.join("results.json"), &json_results)?;
+    crate::util::atomic::write_json(&out_dir.join("eval.json"), &report.to_json())?;
+    fs_err::write(out_dir.join("eval.txt"), report.to_text())?;
+    candle_core::safetensors::save(&r.weights(), out_dir.join("detector.safetensors"))?;
+    crate::util::atomic::write_json(
+        &out_dir.join("config.json"),
+        &json!({
+            "params": p,
+            "vit": bb.cfg,
+            "backbone_source": bb.source,
+            "num_classes": train.categories.len(),
+            "category_ids": train.categories.ids(),
+            "strides": det.strides(),
+        }),
+    )?;
+
+    let mut o = StageOutput::default();
+    for (r, suffix) in [(&report.bbox, "box"), (&report.segm, "mask")] {
+        let r = r.as_ref().expect("evaluated");
+        for (name, v) in STAT_NAMES.iter().zip(r.stats) {
+            if v >= 0.0 {
+                o.metrics.insert(format!("{name}_{suffix}"), 100.0 * v);
+            }
+        }
+    }
+    o.metrics.insert("steps".into(), done.state.step as f64);
+    let loss = done.curve("loss");
+    if let Some(&(_, l)) = loss.last() {
+        o.metrics.insert("final_loss".into(), l);
+    }
+    o.series.insert("loss".into(), loss);
+    o.series.insert("loss_cls".into(), done.curve("loss_cls"));
+    o.series.insert("loss_mask".into(), done.curve("loss_mask"));
+    o.info = json!({
+        "backbone": bb.source,
+        "protocol": match p.backbone { BackboneMode::Finetune => "fine-tune", BackboneMode::Frozen => "frozen" },
+        "img_size": p.img_size,
+        "steps": p.steps,
+        "batch_size": p.batch_size,
+        "ranks": ranks.world(),
+        "detections": json_results.len(),
+        "resumed_from": done.resumed_from,
+        "host_reads_in_steps": done.reads_in_steps,
+    });
+    Ok(o)
+}
+
+/// Detect every val image and score the detections with the exact COCOeval.
+fn evaluate(
+    ctx: &mut StageContext,
+    det: &Detector,
+    bb: &Backbone,
+    val: &CocoDataset,
+    root: &std::path::Path,
+    p: &Params,
+    dev: &Device,
+) -> Result<(ce::CocoReport, Vec<Value>)> {
+    let (entries, json_results) = detect_all(ctx, det, bb, val, p, dev)?;
+    let id = ctx.job.id.clone();
+    let serr = |e: &dyn std::fmt::Display| Error::stage(&id, e.to_string());
+    let gt_path = CocoDataset::annotation_path(root, "val");
     let gt = ce::CocoDataset::from_file(&gt_path).map_err(|e| serr(&e))?;
     let dt = ce::CocoResults::from_entries(entries, "results.json", &gt, ce::DetArea::LoadRes)
         .map_err(|e| serr(&e))?;
@@ -517,56 +379,244 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         segm: Some(segm),
         categories,
     };
-    ctx.log(report.to_text());
+    Ok((report, json_results))
+}
 
-    let out_dir = ctx.job.out_dir.clone();
-    crate::util::atomic::write_json(&out_dir.join("results.json"), &json_results)?;
-    crate::util::atomic::write_json(&out_dir.join("eval.json"), &report.to_json())?;
-    fs_err::write(out_dir.join("eval.txt"), report.to_text())?;
-    let weights: HashMap<String, Tensor> = trainable
-        .iter()
-        .map(|(n, v, _)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&weights, out_dir.join("detector.safetensors"))?;
-    crate::util::atomic::write_json(
-        &out_dir.join("config.json"),
-        &json!({
-            "params": p,
-            "vit": bb.cfg,
-            "backbone_source": bb.source,
-            "num_classes": k,
-            "category_ids": train.categories.ids(),
-            "strides": det.strides(),
-        }),
-    )?;
+/// One detection training step: the detector, its optimiser groups and the data recipe.
+struct DetRecipe<'a> {
+    p: &'a Params,
+    det: Detector,
+    encoder: &'a crate::model::VisionTransformer,
+    trainable: Vec<(String, Var, f64)>,
+    groups: Vec<Group>,
+    train: &'a CocoDataset,
+    ids: Vec<u64>,
+    lsj: LsjConfig,
+    bpe: usize,
+    perm: Option<(u64, Vec<usize>)>,
+    key: String,
+    seed: u64,
+    world: usize,
+    dev: Device,
+}
 
-    let mut o = StageOutput::default();
-    for (r, suffix) in [(&report.bbox, "box"), (&report.segm, "mask")] {
-        let r = r.as_ref().expect("evaluated");
-        for (name, v) in STAT_NAMES.iter().zip(r.stats) {
-            if v >= 0.0 {
-                o.metrics.insert(format!("{name}_{suffix}"), 100.0 * v);
+impl<'a> DetRecipe<'a> {
+    fn new(
+        ctx: &StageContext,
+        p: &'a Params,
+        bb: &'a Backbone,
+        train: &'a CocoDataset,
+        world: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let serr = |e: &dyn std::fmt::Display| Error::stage(&ctx.job.id, e.to_string());
+        let patch = bb.cfg.patch_size;
+        if p.img_size % (2 * patch) != 0 {
+            return Err(serr(&format!(
+                "`img_size` {} must be a multiple of 2 x patch_size = {}",
+                p.img_size,
+                2 * patch
+            )));
+        }
+        let det_vars = VarMap::new();
+        let init_seed = derive_seed(&ctx.job.key, ctx.job.seed, "detector-init");
+        let det = Detector::new(
+            &p.head,
+            train.categories.len(),
+            bb.cfg.embed_dim,
+            patch,
+            SeededInit::var_builder(&det_vars, init_seed, dev),
+        )
+        .map_err(|e| serr(&e))?;
+        // Trainable variables (sorted names) and their optimiser groups.
+        let mut trainable: Vec<(String, Var, f64)> = sorted_vars(&det_vars, "det.")
+            .into_iter()
+            .map(|(n, v)| (n, v, 1.0))
+            .collect();
+        if p.backbone == BackboneMode::Finetune {
+            for (n, v) in sorted_vars(&bb.varmap, "backbone.") {
+                let s = layer_scale(&n["backbone.".len()..], bb.cfg.depth, p.layer_decay);
+                trainable.push((n, v, s));
             }
         }
+        let mut by_scale: BTreeMap<u64, Vec<(String, Var)>> = BTreeMap::new();
+        for (n, v, s) in &trainable {
+            by_scale
+                .entry(s.to_bits())
+                .or_default()
+                .push((n.clone(), v.clone()));
+        }
+        let groups: Vec<Group> = by_scale
+            .into_iter()
+            .map(|(bits, vars)| {
+                Ok(Group {
+                    scale: f64::from_bits(bits),
+                    names: vars.iter().map(|(n, _)| n.clone()).collect(),
+                    opt: AdamW::new(vars, AdamWConfig::default()).map_err(|e| serr(&e))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let ids: Vec<u64> = train.file.images.iter().map(|i| i.id).collect();
+        let bpe = ids.len() / p.batch_size;
+        if bpe == 0 {
+            return Err(serr(&format!(
+                "{} training images are fewer than batch_size {}",
+                ids.len(),
+                p.batch_size
+            )));
+        }
+        Ok(Self {
+            p,
+            det,
+            encoder: &bb.encoder,
+            trainable,
+            groups,
+            train,
+            ids,
+            lsj: LsjConfig {
+                size: p.img_size,
+                scale_range: (p.scale_range[0], p.scale_range[1]),
+                flip_prob: p.flip_prob,
+            },
+            bpe,
+            perm: None,
+            key: ctx.job.key.clone(),
+            seed: ctx.job.seed,
+            world,
+            dev: dev.clone(),
+        })
     }
-    o.metrics.insert("steps".into(), st.step as f64);
-    if let Some(&(_, l)) = st.loss.last() {
-        o.metrics.insert("final_loss".into(), l);
+
+    fn weights(&self) -> HashMap<String, Tensor> {
+        self.trainable
+            .iter()
+            .map(|(n, v, _)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
-    o.series.insert("loss".into(), st.loss);
-    o.series.insert("loss_cls".into(), st.cls);
-    o.series.insert("loss_mask".into(), st.mask);
-    o.info = json!({
-        "backbone": bb.source,
-        "protocol": match p.backbone { BackboneMode::Finetune => "fine-tune", BackboneMode::Frozen => "frozen" },
-        "img_size": p.img_size,
-        "steps": p.steps,
-        "batch_size": p.batch_size,
-        "ranks": world,
-        "detections": json_results.len(),
-        "resumed_from": resumed,
-    });
-    Ok(o)
+
+    /// This rank's images of step `step`'s global batch, augmented, on the device.
+    fn batch(&mut self, ranks: &Ranks, step: u64) -> Result<(Tensor, Vec<Vec<Instance>>, Vec<usize>)> {
+        let (bpe, bs) = (self.bpe as u64, self.p.batch_size);
+        let (epoch, kb) = (step / bpe, (step % bpe) as usize);
+        if self.perm.as_ref().map(|x| x.0) != Some(epoch) {
+            let mut order: Vec<usize> = (0..self.ids.len()).collect();
+            order.shuffle(&mut stage_rng(&self.key, self.seed, &format!("perm/{epoch}")));
+            self.perm = Some((epoch, order));
+        }
+        let order = &self.perm.as_ref().expect("set").1;
+        let batch = ranks.shard(&order[kb * bs..(kb + 1) * bs]);
+        let (key, seed, lsj, train, ids) = (&self.key, self.seed, &self.lsj, self.train, &self.ids);
+        let samples: Vec<TrainSample> = batch
+            .par_iter()
+            .map(|&i| {
+                let mut rng = stage_rng(key, seed, &format!("aug/{epoch}/{i}"));
+                train_sample(train, ids[i], lsj, &mut rng)
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Data(e.to_string()))?;
+        let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), &self.dev)?;
+        let instances = samples.into_iter().map(|s| s.instances).collect();
+        Ok((images, instances, batch))
+    }
+}
+
+impl Recipe for DetRecipe<'_> {
+    fn step(&mut self, _: &mut StageContext, ranks: &mut Ranks, step: u64) -> Result<Step> {
+        let (images, instances, batch) = self.batch(ranks, step)?;
+        let mut rngs: Vec<_> = batch
+            .iter()
+            .map(|i| stage_rng(&self.key, self.seed, &format!("mask-rois/{step}/{i}")))
+            .collect();
+        let at_step = |e: crate::model::ModelError| Error::Data(format!("step {step}: {e}"));
+        let frozen = self.p.backbone == BackboneMode::Frozen;
+        let fwd = train::forward(&self.det, self.encoder, frozen, &images, &instances, &mut rngs)
+            .map_err(at_step)?;
+        // the global batch's normalisers: each rank's loss is its share of the global loss
+        let norms = train::Norms::from_array(&ranks.sum_scalars(&fwd.norms().to_array())?);
+        let out = fwd
+            .losses(&self.det, &norms, self.world as f64)
+            .map_err(at_step)?;
+        let grads = out.total.backward()?;
+        let mut named: Vec<HashMap<String, Tensor>> =
+            self.groups.iter().map(|g| g.opt.named_grads(&grads)).collect();
+        drop(grads);
+        if self.world > 1 {
+            named = mean_grads(ranks, &self.trainable, &self.groups, named)?;
+        }
+        if let Some(max) = self.p.clip_grad_norm {
+            clip_global_norm(&mut named, max)?;
+        }
+        let lr = self.p.lr * self.p.lr_factor(step);
+        for (g, m) in self.groups.iter_mut().zip(&named) {
+            g.opt
+                .step_named(m, lr * g.scale, self.p.weight_decay)
+                .map_err(|e| Error::Data(e.to_string()))?;
+        }
+        Ok(Step {
+            losses: vec![out.total.detach(), out.cls, out.reg, out.ctr, out.mask],
+            host: vec![
+                ("lr", lr),
+                ("positives", norms.fcos.num_pos),
+                ("mask_rois", norms.rois),
+            ],
+        })
+    }
+
+    fn save(&self, dir: &std::path::Path) -> Result<()> {
+        let mut optim = HashMap::new();
+        for g in &self.groups {
+            optim.extend(g.opt.state_tensors().map_err(|e| Error::Data(e.to_string()))?);
+        }
+        candle_core::safetensors::save(&self.weights(), dir.join(WEIGHTS))?;
+        candle_core::safetensors::save(&optim, dir.join(OPTIM))?;
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+        let w = candle_core::safetensors::load(dir.join(WEIGHTS), &self.dev)?;
+        for (n, v, _) in &self.trainable {
+            let t = w.get(n).ok_or_else(|| {
+                Error::Data(format!("checkpoint {} has no `{n}`", dir.display()))
+            })?;
+            v.set(t)?;
+        }
+        let o = candle_core::safetensors::load(dir.join(OPTIM), &self.dev)?;
+        for g in &mut self.groups {
+            let mine: HashMap<String, Tensor> = o
+                .iter()
+                .filter(|(key, _)| {
+                    key.rsplit_once('.')
+                        .is_some_and(|(n, _)| g.names.contains(n))
+                })
+                .map(|(key, t)| (key.clone(), t.clone()))
+                .collect();
+            g.opt
+                .load_state(&mine)
+                .map_err(|e| Error::Data(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Scale every gradient by `min(1, max / (global norm + 1e-6))`, on the device (no read): the
+/// per-parameter sums of squares are added in f64 in parameter order.
+fn clip_global_norm(named: &mut [HashMap<String, Tensor>], max: f64) -> Result<()> {
+    let parts = named
+        .iter()
+        .flat_map(|m| m.values())
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let norm = Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?;
+    let coef = (norm + 1e-6)?.recip()?.affine(max, 0.0)?.minimum(1.0)?;
+    for m in named.iter_mut() {
+        for g in m.values_mut() {
+            *g = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Names of the 12 COCOeval stats, in `stats` order.
@@ -619,33 +669,6 @@ fn sorted_vars(vm: &VarMap, prefix: &str) -> Vec<(String, Var)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
-}
-
-fn save(
-    ctx: &mut StageContext,
-    st: &TrainState,
-    trainable: &[(String, Var, f64)],
-    groups: &[Group],
-) -> Result<()> {
-    let weights: HashMap<String, Tensor> = trainable
-        .iter()
-        .map(|(n, v, _)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let mut optim = HashMap::new();
-    for g in groups {
-        optim.extend(
-            g.opt
-                .state_tensors()
-                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?,
-        );
-    }
-    let state = serde_json::to_vec(st)?;
-    ctx.ckpt.save(st.step, |dir| {
-        candle_core::safetensors::save(&weights, dir.join(WEIGHTS))?;
-        candle_core::safetensors::save(&optim, dir.join(OPTIM))?;
-        fs_err::write(dir.join(STATE), &state)?;
-        Ok(())
-    })
 }
 
 fn model_err(e: crate::model::ModelError) -> Error {

@@ -17,27 +17,24 @@ use crate::data::detection::Instance;
 use crate::model::error::Result;
 use crate::model::VisionTransformer;
 
-/// Losses of one batch: the total (with its graph) and its parts as numbers.
+/// Losses of one batch: the total (with its graph) and its parts, detached scalars left on the
+/// device (read them when they are logged, not every step).
 #[derive(Debug, Clone)]
 pub struct LossParts {
     /// `cls + box + centerness + mask_loss_weight * mask`.
     pub total: Tensor,
     /// Focal loss.
-    pub cls: f32,
+    pub cls: Tensor,
     /// GIoU loss.
-    pub reg: f32,
+    pub reg: Tensor,
     /// Centerness BCE.
-    pub ctr: f32,
+    pub ctr: Tensor,
     /// Mask BCE (0 without RoIs).
-    pub mask: f32,
+    pub mask: Tensor,
     /// Positive locations.
     pub num_pos: usize,
     /// Mask RoIs.
     pub num_rois: usize,
-}
-
-fn scalar(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
 }
 
 /// Level and location centre of a flattened location index.
@@ -193,7 +190,7 @@ impl Forward {
         let fl = fcos::losses_normalised(&self.out, &self.assigns, &self.gts, &lcfg, &norms.fcos)?;
         let num_rois = self.rois.len();
         let mut total = ((&fl.cls + &fl.reg)? + &fl.ctr)?;
-        let mut mask = 0f32;
+        let mut mask = fl.cls.zeros_like()?;
         if num_rois > 0 {
             let m = cfg.mask_size();
             let logits = det.mask_logits(&self.feats, &self.rois)?;
@@ -201,7 +198,7 @@ impl Forward {
                 .mask
                 .pixel_losses(&logits, &self.classes, self.targets)?;
             let ml = (per_pixel.sum_all()? / (norms.rois.max(1.0) * (m * m) as f64))?;
-            mask = scalar(&ml)?;
+            mask = ml.detach();
             total = (total + (ml * cfg.mask_loss_weight)?)?;
         }
         let total = if scale == 1.0 {
@@ -209,12 +206,15 @@ impl Forward {
         } else {
             (total * scale)?
         };
-        let s = scale as f32;
+        let scaled = |t: &Tensor| -> Result<Tensor> {
+            let t = t.detach();
+            Ok(if scale == 1.0 { t } else { t.affine(scale, 0.0)? })
+        };
         Ok(LossParts {
-            cls: s * scalar(&fl.cls)?,
-            reg: s * scalar(&fl.reg)?,
-            ctr: s * scalar(&fl.ctr)?,
-            mask: s * mask,
+            cls: scaled(&fl.cls)?,
+            reg: scaled(&fl.reg)?,
+            ctr: scaled(&fl.ctr)?,
+            mask: scaled(&mask)?,
             num_pos: fl.num_pos,
             num_rois,
             total,
