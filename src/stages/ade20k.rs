@@ -255,7 +255,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         log_every: p.log_every,
         curve_every: p.log_every.max(1),
         names: vec!["loss"],
-        nan_hint: "lower `lr`".into(),
+        nan_hint: Some("lower `lr`".into()),
         unit: "iteration",
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;

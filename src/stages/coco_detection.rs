@@ -286,7 +286,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         log_every: p.log_every,
         curve_every: 1,
         names: vec!["loss", "loss_cls", "loss_box", "loss_ctr", "loss_mask"],
-        nan_hint: "lower `lr` or set `clip_grad_norm`".into(),
+        nan_hint: Some("lower `lr` or set `clip_grad_norm`".into()),
         unit: "step",
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;

@@ -343,7 +343,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         log_every: r.ipe as u64,
         curve_every: r.ipe as u64,
         names: vec!["loss"],
-        nan_hint: "lower `blr`".into(),
+        nan_hint: Some("lower `blr`".into()),
         unit: "step",
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;

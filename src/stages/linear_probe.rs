@@ -48,6 +48,8 @@ use crate::data::Transform;
 use crate::error::{Error, Result};
 use crate::model::VisionTransformer;
 use crate::train::cross_entropy::cross_entropy;
+use crate::train::parallel::ranks::Ranks;
+use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -512,15 +514,6 @@ pub struct SweepResult {
     pub secs: f64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct ProbeState {
-    step: u64,
-    epoch_loss: f64,
-    epoch_batches: u64,
-    loss: Vec<(u64, f64)>,
-}
-
-const STATE_FILE: &str = "probe.json";
 const TENSORS_FILE: &str = "heads.safetensors";
 
 /// Train every head of `sw` and evaluate it on val.
@@ -583,21 +576,6 @@ pub fn train_sweep(
             )?);
         }
     }
-    let mut st = ProbeState {
-        step: 0,
-        epoch_loss: 0.0,
-        epoch_batches: 0,
-        loss: Vec::new(),
-    };
-    if let Some(c) = ctx.ckpt.load()? {
-        st = serde_json::from_slice(&fs_err::read(c.path.join(STATE_FILE))?)?;
-        let t = candle_core::safetensors::load(c.path.join(TENSORS_FILE), dev)?;
-        for b in banks.iter_mut() {
-            b.load(&t, dev)?;
-        }
-        ctx.log(format!("resumed the probe from step {}", st.step));
-    }
-    let resumed_from = st.step;
     let t0 = std::time::Instant::now();
     ctx.log(format!(
         "training {} heads in {} banks: {} epochs x {nb} batches of {bs}, {:?}",
@@ -606,69 +584,31 @@ pub fn train_sweep(
         sw.epochs,
         sw.optimizer
     ));
-    let seed = crate::util::rng::derive_seed(&ctx.job.key, ctx.job.seed, "probe-data");
-    let mut order: (u32, Vec<usize>) = (u32::MAX, Vec::new());
-    while st.step < total {
-        let epoch = (st.step / nb as u64) as u32;
-        let k = (st.step % nb as u64) as usize;
-        let lr = sw.lr_at_epoch(epoch);
-        if order.0 != epoch {
-            order = (epoch, epoch_permutation(n, seed, epoch as u64));
-        }
-        let order = &order.1;
-        let idx: Vec<u32> = order[k * bs..(k + 1) * bs]
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
-        let idx_t = Tensor::from_vec(idx.clone(), bs, dev)?;
-        let y = train_y.index_select(&idx_t, 0)?;
-        let onehot = features::one_hot(&y, data.classes, dev)?;
-        let aug_feats = match &data.augment {
-            Some(a) => {
-                let ids: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
-                let b = load_batch(&a.source, &ids, seed, epoch as u64)
-                    .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-                Some(features::encode(a.encoder, &b, &a.layers, dev)?)
-            }
-            None => None,
-        };
-        let mut step_loss = 0.0;
-        for bank in banks.iter_mut() {
-            let x = match &aug_feats {
-                Some(f) => bank.set.select(f)?.to_device(dev)?,
-                None => train_sets[&bank.set].index_select(&idx_t, 0)?,
-            };
-            let logits = bank.forward(&x, true)?;
-            let ce = cross_entropy(&logits, &onehot)?; // (H,)
-            let loss = ce.sum_all()?;
-            step_loss += loss.to_scalar::<f32>()? as f64;
-            let grads = loss.backward()?;
-            bank.step(&grads, lr, sw)?;
-        }
-        st.step += 1;
-        st.epoch_loss += step_loss / specs.len() as f64;
-        st.epoch_batches += 1;
-        ctx.scalars(
-            st.step,
-            &[("loss_mean_of_heads", step_loss / specs.len() as f64)],
-        );
-        if st.step.is_multiple_of(nb as u64) {
-            st.loss
-                .push((epoch as u64 + 1, st.epoch_loss / st.epoch_batches as f64));
-            st.epoch_loss = 0.0;
-            st.epoch_batches = 0;
-        }
-        ctx.progress
-            .set(st.step, total, format!("epoch {}/{}", epoch + 1, sw.epochs));
-        // Past the last step nothing is left to resume: finish instead.
-        let interrupted = st.step < total && ctx.is_interrupted();
-        if (st.step < total && ctx.ckpt.due(st.step)) || interrupted {
-            save(ctx, &st, &banks)?;
-            if interrupted {
-                return Err(Error::Interrupted);
-            }
-        }
-    }
+    let mut recipe = ProbeRecipe {
+        sw,
+        data,
+        banks,
+        train_sets,
+        train_y,
+        heads: specs.len(),
+        n,
+        nb,
+        bs,
+        seed: crate::util::rng::derive_seed(&ctx.job.key, ctx.job.seed, "probe-data"),
+        order: (u32::MAX, Vec::new()),
+        dev: dev.clone(),
+    };
+    let cfg = LoopConfig {
+        total,
+        log_every: nb as u64,
+        curve_every: nb as u64,
+        names: vec!["loss_mean_of_heads"],
+        // a head whose lr diverges is one outcome of the sweep: it is scored, not fatal
+        nan_hint: None,
+        unit: "step",
+    };
+    let done = run_loop::run(ctx, &mut Ranks::single(dev), &cfg, &mut recipe)?;
+    let mut banks = recipe.banks;
     // Evaluate every head on val.
     let mut hits1 = vec![0f64; specs.len()];
     let mut hits5 = vec![0f64; specs.len()];
@@ -714,23 +654,96 @@ pub fn train_sweep(
     Ok(SweepResult {
         heads,
         best,
-        loss: st.loss,
-        resumed_from,
+        loss: done
+            .curve("loss_mean_of_heads")
+            .into_iter()
+            .map(|(s, v)| (s / nb as u64, v))
+            .collect(),
+        resumed_from: done.resumed_from,
         secs: t0.elapsed().as_secs_f64(),
     })
 }
 
-fn save(ctx: &mut StageContext, st: &ProbeState, banks: &[Bank]) -> Result<()> {
-    let mut t = HashMap::new();
-    for b in banks {
-        b.state(&mut t);
+/// One step of a probe sweep: a batch through every head bank.
+struct ProbeRecipe<'a> {
+    sw: &'a Sweep,
+    data: &'a ProbeData<'a>,
+    banks: Vec<Bank>,
+    train_sets: HashMap<FeatureSet, Tensor>,
+    train_y: Tensor,
+    heads: usize,
+    n: usize,
+    nb: usize,
+    bs: usize,
+    seed: u64,
+    order: (u32, Vec<usize>),
+    dev: Device,
+}
+
+impl Recipe for ProbeRecipe<'_> {
+    fn step(&mut self, _: &mut StageContext, _: &mut Ranks, step: u64) -> Result<Step> {
+        let (nb, bs, dev) = (self.nb as u64, self.bs, &self.dev);
+        let epoch = (step / nb) as u32;
+        let k = (step % nb) as usize;
+        let lr = self.sw.lr_at_epoch(epoch);
+        if self.order.0 != epoch {
+            self.order = (epoch, epoch_permutation(self.n, self.seed, epoch as u64));
+        }
+        let idx: Vec<u32> = self.order.1[k * bs..(k + 1) * bs]
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let idx_t = Tensor::from_vec(idx.clone(), bs, dev)?;
+        let y = self.train_y.index_select(&idx_t, 0)?;
+        let onehot = features::one_hot(&y, self.data.classes, dev)?;
+        let aug_feats = match &self.data.augment {
+            Some(a) => {
+                let ids: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
+                let b = load_batch(&a.source, &ids, self.seed, epoch as u64)
+                    .map_err(|e| Error::Data(e.to_string()))?;
+                Some(features::encode(a.encoder, &b, &a.layers, dev)?)
+            }
+            None => None,
+        };
+        let mut sum: Option<Tensor> = None;
+        for bank in self.banks.iter_mut() {
+            let x = match &aug_feats {
+                Some(f) => bank.set.select(f)?.to_device(dev)?,
+                None => self.train_sets[&bank.set].index_select(&idx_t, 0)?,
+            };
+            let logits = bank.forward(&x, true)?;
+            let loss = cross_entropy(&logits, &onehot)?.sum_all()?; // over the bank's heads
+            let grads = loss.backward()?;
+            bank.step(&grads, lr, self.sw)?;
+            let l = loss.detach().to_dtype(DType::F64)?;
+            sum = Some(match sum {
+                Some(s) => (s + l)?,
+                None => l,
+            });
+        }
+        let mean = (sum.expect("a sweep has a bank") / self.heads as f64)?;
+        Ok(Step {
+            losses: vec![mean],
+            host: vec![("lr", lr)],
+        })
     }
-    let bytes = serde_json::to_vec(st)?;
-    ctx.ckpt.save(st.step, |dir| {
+
+    fn save(&self, dir: &std::path::Path) -> Result<()> {
+        let mut t = HashMap::new();
+        for b in &self.banks {
+            b.state(&mut t);
+        }
         candle_core::safetensors::save(&t, dir.join(TENSORS_FILE))?;
-        fs_err::write(dir.join(STATE_FILE), &bytes)?;
         Ok(())
-    })
+    }
+
+    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+        let t = candle_core::safetensors::load(dir.join(TENSORS_FILE), &self.dev)?;
+        for b in self.banks.iter_mut() {
+            b.load(&t, &self.dev)?;
+        }
+        Ok(())
+    }
 }
 
 /// Metrics and info of a finished sweep.

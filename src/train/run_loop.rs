@@ -46,8 +46,9 @@ pub struct LoopConfig {
     pub curve_every: u64,
     /// Names of the values a step returns; the first is the loss the NaN stop watches.
     pub names: Vec<&'static str>,
-    /// Ends the message of the NaN stop: what to change (e.g. "lower `blr`").
-    pub nan_hint: String,
+    /// Stop at a non-finite loss, with this end of the message: what to change (e.g. "lower
+    /// `blr`"); `None`: train on (a sweep whose diverging heads are scored, not fatal).
+    pub nan_hint: Option<String>,
     /// What a step is called in messages ("step", "iteration").
     pub unit: &'static str,
 }
@@ -174,12 +175,12 @@ pub fn run(
         if log_now || save || stop {
             let values = read(ranks, &mut unread)?;
             for (step, losses, host) in values {
-                if !losses[0].is_finite() {
+                if let (false, Some(hint)) = (losses[0].is_finite(), &cfg.nan_hint) {
                     return Err(Error::stage(
                         &id,
                         format!(
                             "{} is {} at {} {step}; {} (the last checkpoint is kept)",
-                            cfg.names[0], losses[0], cfg.unit, cfg.nan_hint
+                            cfg.names[0], losses[0], cfg.unit, hint
                         ),
                     ));
                 }
