@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -171,6 +171,68 @@ pub fn propagate_frame(
     labels
 }
 
+/// [`propagate_frame`] computed where `sims` `(h*w, n_ctx*h*w)` lives: the window mask, the k-th
+/// largest affinity of each query (k rounds of a row-wise argmax taken out, as
+/// [`crate::eval::topk`]) and the weighted sum of the context labels (a matmul) stay on the
+/// device; one read brings back the `(C, h*w)` soft labels. Equal to the host path up to the
+/// order of the f32 sums.
+pub fn propagate_frame_on_device(
+    cfg: &PropagationConfig,
+    sims: &Tensor,
+    ctx_labels: &[&[f32]],
+    c: usize,
+    h: usize,
+    w: usize,
+) -> Result<Vec<f32>> {
+    let dev = sims.device();
+    let hw = h * w;
+    let n_ctx = ctx_labels.len();
+    let total = n_ctx * hw;
+    let k = cfg.topk.clamp(1, total.max(1));
+    let r = cfg.size_mask_neighborhood;
+    // 1 where a source lies in the query's window (every context frame alike)
+    let mut window = vec![0u8; hw * total];
+    for q in 0..hw {
+        let (qi, qj) = (q / w, q % w);
+        for kk in 0..n_ctx {
+            for s in 0..hw {
+                let (si, sj) = (s / w, s % w);
+                if r == 0 || (qi.abs_diff(si) <= r && qj.abs_diff(sj) <= r) {
+                    window[q * total + kk * hw + s] = 1;
+                }
+            }
+        }
+    }
+    let window = Tensor::from_vec(window, (hw, total), dev)?;
+    let aff = (sims.to_dtype(DType::F32)? / cfg.temperature)?.exp()?;
+    let neg = Tensor::full(f32::NEG_INFINITY, (hw, total), dev)?;
+    let zero = Tensor::zeros((hw, total), DType::F32, dev)?;
+    let inside = window.where_cond(&aff, &neg)?;
+    // the k-th largest of each row: take the k-1 largest out, then the row max
+    let cols = Tensor::arange(0u32, total as u32, dev)?.reshape((1, total))?;
+    let mut rest = inside.clone();
+    for _ in 1..k {
+        let idx = rest.argmax_keepdim(D::Minus1)?;
+        rest = cols.broadcast_eq(&idx)?.where_cond(&neg, &rest)?;
+    }
+    let thr = rest.max_keepdim(D::Minus1)?; // -inf when the window holds fewer than k
+    let kept = inside.broadcast_ge(&thr)?.where_cond(&aff, &zero)?;
+    let kept = window.where_cond(&kept, &zero)?;
+    let sum = kept.sum_keepdim(D::Minus1)?;
+    // labels of every context position, (n_ctx*hw, C)
+    let mut lab = Vec::with_capacity(total * c);
+    for l in ctx_labels {
+        for s in 0..hw {
+            lab.extend((0..c).map(|ch| l[ch * hw + s]));
+        }
+    }
+    let lab = Tensor::from_vec(lab, (total, c), dev)?;
+    let soft = kept.matmul(&lab)?.broadcast_div(&sum)?; // (hw, C)
+    Ok(crate::util::host_read::vec1::<f32>(
+        &soft.t()?.flatten_all()?,
+    )?)
+}
+
 /// The saved segmentation of a target frame: upsample the `(C, h, w)` soft labels ×`patch`
 /// (bilinear, align_corners=False), min-max normalise each channel whose max is > 0, argmax over
 /// channels (a NaN, from a constant positive channel as in the reference, wins), then nearest
@@ -245,10 +307,15 @@ pub fn propagate_sequence(
         let ctx: Vec<&Tensor> = idx.iter().map(|&i| &feats[i]).collect();
         let src = Tensor::cat(&ctx, 0)?; // (n_ctx*hw, D)
         let sims = feats[t].matmul(&src.t()?)?; // (hw, n_ctx*hw)
-        let sims: Vec<f32> = sims.flatten_all()?.to_vec1()?;
         let mut labels: Vec<&[f32]> = vec![first.as_slice()];
         labels.extend(queue.iter().map(|(_, l)| l.as_slice()));
-        let soft = propagate_frame(cfg, &sims, &labels, c, h, w);
+        let soft = if sims.device().is_cpu() {
+            let sims: Vec<f32> = sims.flatten_all()?.to_vec1()?;
+            propagate_frame(cfg, &sims, &labels, c, h, w)
+        } else {
+            // on a GPU only the (C, h*w) soft labels come back, not the affinities
+            propagate_frame_on_device(cfg, &sims, &labels, c, h, w)?
+        };
         on_frame(t, &soft)?;
         if cfg.n_last_frames == 0 {
             continue;
@@ -264,6 +331,36 @@ pub fn propagate_sequence(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_path_gives_the_host_labels() {
+        use candle_core::Device;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (h, w, c, n_ctx) = (4, 5, 3, 3);
+        let hw = h * w;
+        let sims: Vec<f32> = (0..hw * n_ctx * hw)
+            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .collect();
+        let labels: Vec<Vec<f32>> = (0..n_ctx)
+            .map(|_| (0..c * hw).map(|_| rng.gen::<f32>()).collect())
+            .collect();
+        let ctx: Vec<&[f32]> = labels.iter().map(|l| l.as_slice()).collect();
+        let t = Tensor::from_vec(sims.clone(), (hw, n_ctx * hw), &Device::Cpu).unwrap();
+        for (r, k) in [(1, 5), (0, 5), (2, 1), (1, 200)] {
+            let cfg = PropagationConfig {
+                size_mask_neighborhood: r,
+                topk: k,
+                ..PropagationConfig::default()
+            };
+            let host = propagate_frame(&cfg, &sims, &ctx, c, h, w);
+            let dev = propagate_frame_on_device(&cfg, &t, &ctx, c, h, w).unwrap();
+            assert_eq!(host.len(), dev.len());
+            for (a, b) in host.iter().zip(&dev) {
+                assert!((a - b).abs() < 1e-5, "r {r} k {k}: {a} vs {b}");
+            }
+        }
+    }
 
     #[test]
     fn frame_size_rule() {

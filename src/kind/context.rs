@@ -94,3 +94,46 @@ impl StageContext {
         let _ = out.flush();
     }
 }
+
+/// A stage context over a store folder, for unit tests of stages.
+#[cfg(test)]
+pub(crate) fn test_context(
+    store: &std::path::Path,
+    key: &str,
+    upstream: BTreeMap<String, crate::kind::job::UpstreamRef>,
+    pipeline_dir: &std::path::Path,
+) -> StageContext {
+    use crate::kind::checkpoint::Checkpointer;
+    use crate::kind::job::Job;
+    use crate::kind::progress::ProgressFile;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let work = store.join("work").join(key);
+    let out = store.join("tmp").join(key).join("out");
+    fs_err::create_dir_all(&work).unwrap();
+    fs_err::create_dir_all(&out).unwrap();
+    let job = Job {
+        id: "stage".into(),
+        kind: "linear_probe".into(),
+        key: key.into(),
+        config: serde_json::json!({ "params": {} }),
+        seed: 0,
+        upstream,
+        out_dir: out,
+        work_dir: work.clone(),
+        pipeline_dir: pipeline_dir.to_path_buf(),
+        device: "cpu".into(),
+        threads: 1,
+        gpus: vec![],
+        ranks: 1,
+        dist: None,
+    };
+    StageContext {
+        ckpt: Checkpointer::new(work.join("ckpt"), 1, 0),
+        progress: ProgressFile::new(work.join("progress.json")),
+        interrupted: Arc::new(AtomicBool::new(false)),
+        job,
+        curves: Default::default(),
+    }
+}

@@ -40,8 +40,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::backbone::{self, Backbone};
-use crate::train::parallel::ranks::Ranks;
-use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 use super::{dataset, params_of, StageContext, StageOutput};
 use crate::data::coco::CocoDataset;
 use crate::data::detection::{eval_image, train_sample, Instance, LsjConfig, TrainSample};
@@ -55,6 +53,8 @@ use crate::model::detect::mask_head::paste;
 use crate::model::detect::{infer, train, Detector, DetectorConfig};
 use crate::train::layer_decay::layer_scale;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::parallel::ranks::Ranks;
+use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 use crate::util::rng::{derive_seed, stage_rng};
 
 /// Implementation version (part of the key).
@@ -495,12 +495,20 @@ impl<'a> DetRecipe<'a> {
     }
 
     /// This rank's images of step `step`'s global batch, augmented, on the device.
-    fn batch(&mut self, ranks: &Ranks, step: u64) -> Result<(Tensor, Vec<Vec<Instance>>, Vec<usize>)> {
+    fn batch(
+        &mut self,
+        ranks: &Ranks,
+        step: u64,
+    ) -> Result<(Tensor, Vec<Vec<Instance>>, Vec<usize>)> {
         let (bpe, bs) = (self.bpe as u64, self.p.batch_size);
         let (epoch, kb) = (step / bpe, (step % bpe) as usize);
         if self.perm.as_ref().map(|x| x.0) != Some(epoch) {
             let mut order: Vec<usize> = (0..self.ids.len()).collect();
-            order.shuffle(&mut stage_rng(&self.key, self.seed, &format!("perm/{epoch}")));
+            order.shuffle(&mut stage_rng(
+                &self.key,
+                self.seed,
+                &format!("perm/{epoch}"),
+            ));
             self.perm = Some((epoch, order));
         }
         let order = &self.perm.as_ref().expect("set").1;
@@ -514,7 +522,10 @@ impl<'a> DetRecipe<'a> {
             })
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| Error::Data(e.to_string()))?;
-        let images = stack(&samples.iter().map(|s| &s.image).collect::<Vec<_>>(), &self.dev)?;
+        let images = stack(
+            &samples.iter().map(|s| &s.image).collect::<Vec<_>>(),
+            &self.dev,
+        )?;
         let instances = samples.into_iter().map(|s| s.instances).collect();
         Ok((images, instances, batch))
     }
@@ -529,16 +540,26 @@ impl Recipe for DetRecipe<'_> {
             .collect();
         let at_step = |e: crate::model::ModelError| Error::Data(format!("step {step}: {e}"));
         let frozen = self.p.backbone == BackboneMode::Frozen;
-        let fwd = train::forward(&self.det, self.encoder, frozen, &images, &instances, &mut rngs)
-            .map_err(at_step)?;
+        let fwd = train::forward(
+            &self.det,
+            self.encoder,
+            frozen,
+            &images,
+            &instances,
+            &mut rngs,
+        )
+        .map_err(at_step)?;
         // the global batch's normalisers: each rank's loss is its share of the global loss
         let norms = train::Norms::from_array(&ranks.sum_scalars(&fwd.norms().to_array())?);
         let out = fwd
             .losses(&self.det, &norms, self.world as f64)
             .map_err(at_step)?;
         let grads = out.total.backward()?;
-        let mut named: Vec<HashMap<String, Tensor>> =
-            self.groups.iter().map(|g| g.opt.named_grads(&grads)).collect();
+        let mut named: Vec<HashMap<String, Tensor>> = self
+            .groups
+            .iter()
+            .map(|g| g.opt.named_grads(&grads))
+            .collect();
         drop(grads);
         if self.world > 1 {
             named = mean_grads(ranks, &self.trainable, &self.groups, named)?;
@@ -565,7 +586,11 @@ impl Recipe for DetRecipe<'_> {
     fn save(&self, dir: &std::path::Path) -> Result<()> {
         let mut optim = HashMap::new();
         for g in &self.groups {
-            optim.extend(g.opt.state_tensors().map_err(|e| Error::Data(e.to_string()))?);
+            optim.extend(
+                g.opt
+                    .state_tensors()
+                    .map_err(|e| Error::Data(e.to_string()))?,
+            );
         }
         candle_core::safetensors::save(&self.weights(), dir.join(WEIGHTS))?;
         candle_core::safetensors::save(&optim, dir.join(OPTIM))?;
@@ -575,9 +600,9 @@ impl Recipe for DetRecipe<'_> {
     fn load(&mut self, dir: &std::path::Path) -> Result<()> {
         let w = candle_core::safetensors::load(dir.join(WEIGHTS), &self.dev)?;
         for (n, v, _) in &self.trainable {
-            let t = w.get(n).ok_or_else(|| {
-                Error::Data(format!("checkpoint {} has no `{n}`", dir.display()))
-            })?;
+            let t = w
+                .get(n)
+                .ok_or_else(|| Error::Data(format!("checkpoint {} has no `{n}`", dir.display())))?;
             v.set(t)?;
         }
         let o = candle_core::safetensors::load(dir.join(OPTIM), &self.dev)?;

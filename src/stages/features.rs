@@ -481,49 +481,6 @@ pub fn one_hot(labels: &Tensor, classes: usize, dev: &Device) -> Result<Tensor> 
         .to_dtype(DType::F32)?)
 }
 
-/// A stage context over a store folder, for unit tests of stages.
-#[cfg(test)]
-pub(crate) fn test_context(
-    store: &Path,
-    key: &str,
-    upstream: BTreeMap<String, UpstreamRef>,
-    pipeline_dir: &Path,
-) -> StageContext {
-    use crate::kind::checkpoint::Checkpointer;
-    use crate::kind::job::Job;
-    use crate::kind::progress::ProgressFile;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-
-    let work = store.join("work").join(key);
-    let out = store.join("tmp").join(key).join("out");
-    fs_err::create_dir_all(&work).unwrap();
-    fs_err::create_dir_all(&out).unwrap();
-    let job = Job {
-        id: "stage".into(),
-        kind: "linear_probe".into(),
-        key: key.into(),
-        config: json!({ "params": {} }),
-        seed: 0,
-        upstream,
-        out_dir: out,
-        work_dir: work.clone(),
-        pipeline_dir: pipeline_dir.to_path_buf(),
-        device: "cpu".into(),
-        threads: 1,
-        gpus: vec![],
-        ranks: 1,
-        dist: None,
-    };
-    StageContext {
-        ckpt: Checkpointer::new(work.join("ckpt"), 1, 0),
-        progress: ProgressFile::new(work.join("progress.json")),
-        interrupted: Arc::new(AtomicBool::new(false)),
-        job,
-        curves: Default::default(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,7 +569,7 @@ mod tests {
                 json!({ "path": data, "format": "imagefolder" }),
             ),
         );
-        let mut ctx = test_context(&store, "probekey", upstream, tmp.path());
+        let mut ctx = crate::kind::context::test_context(&store, "probekey", upstream, tmp.path());
         let bb = load_backbone(&ctx, "upstream", &dev).unwrap();
         assert!(bb.source.starts_with("pt "), "{}", bb.source);
         let same = backbone::build("x", cfg.clone(), &enc, &dev, "x".into()).unwrap();

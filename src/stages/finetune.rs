@@ -55,9 +55,9 @@ use crate::data::{DataError, Transform};
 use crate::error::{Error, Result};
 use crate::model::layers::LayerNorm;
 use crate::train::layer_decay::layer_id;
+use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::parallel::ranks::Ranks;
 use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
-use crate::train::optim::{AdamW, AdamWConfig};
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -360,7 +360,11 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 
     let steps_run = done.state.step - done.resumed_from;
     let ipe = r.ipe as u64;
-    let loss: Vec<(u64, f64)> = done.curve("loss").into_iter().map(|(s, v)| (s / ipe, v)).collect();
+    let loss: Vec<(u64, f64)> = done
+        .curve("loss")
+        .into_iter()
+        .map(|(s, v)| (s / ipe, v))
+        .collect();
     let mut out = StageOutput::default();
     out.metrics.insert("top1".into(), top1);
     out.metrics.insert("top5".into(), top5);
@@ -425,10 +429,7 @@ fn evaluate(
         h5 += t5.to_scalar::<f32>()? as f64;
         ctx.progress.set(i as u64 + 1, batches, "evaluating");
     }
-    Ok((
-        100.0 * h1 / val.len() as f64,
-        100.0 * h5 / val.len() as f64,
-    ))
+    Ok((100.0 * h1 / val.len() as f64, 100.0 * h5 / val.len() as f64))
 }
 
 /// Fine-tuning's step: the model, its optimiser groups and the data recipe.
@@ -474,7 +475,13 @@ impl<'a> FtRecipe<'a> {
         let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
         let depth = bb.cfg.depth;
         let mut init_rng = crate::util::rng::stage_rng(&ctx.job.key, ctx.job.seed, "head-init");
-        let head = Head::new(bb.cfg.embed_dim, classes, p.head_init_std, &mut init_rng, dev)?;
+        let head = Head::new(
+            bb.cfg.embed_dim,
+            classes,
+            p.head_init_std,
+            &mut init_rng,
+            dev,
+        )?;
         // Optimiser groups by layer id.
         let enc_vars = named_vars(&bb.varmap);
         let head_vars = named_vars(&head.varmap);
@@ -546,13 +553,24 @@ impl<'a> FtRecipe<'a> {
             .map_err(|e| Error::Data(e.to_string()))?;
         let mut rng =
             crate::util::rng::stage_rng(&self.key, self.seed, &format!("step{step}.{mi}"));
-        let targets =
-            augment::mix_batch(&mut b.images, b.shape, &b.labels, self.classes, &self.mix, &mut rng);
+        let targets = augment::mix_batch(
+            &mut b.images,
+            b.shape,
+            &b.labels,
+            self.classes,
+            &self.mix,
+            &mut rng,
+        );
         let x = features::batch_tensor(&b, &self.dev)?;
         let y = Tensor::from_vec(targets, (mine.len(), self.classes), &self.dev)?;
         // the draws of the whole micro-batch, this rank's rows of them
-        let mut scales =
-            drop_path_scales(self.depth, self.p.drop_path, chunk.len(), &mut rng, &self.dev)?;
+        let mut scales = drop_path_scales(
+            self.depth,
+            self.p.drop_path,
+            chunk.len(),
+            &mut rng,
+            &self.dev,
+        )?;
         if self.world > 1 {
             let rows: Vec<u32> = pos.iter().map(|&i| i as u32).collect();
             let rows = Tensor::from_vec(rows, pos.len(), &self.dev)?;
@@ -581,7 +599,9 @@ impl Recipe for FtRecipe<'_> {
     fn step(&mut self, _: &mut StageContext, ranks: &mut Ranks, step: u64) -> Result<Step> {
         let ipe = self.ipe as u64;
         let (epoch, k) = (step / ipe, (step % ipe) as usize);
-        let lr = self.p.lr_at(epoch as f64 + k as f64 / ipe as f64, self.peak);
+        let lr = self
+            .p
+            .lr_at(epoch as f64 + k as f64 / ipe as f64, self.peak);
         if self.order.0 != epoch {
             self.order = (epoch, epoch_permutation(self.n, self.data_seed, epoch));
         }
@@ -590,7 +610,9 @@ impl Recipe for FtRecipe<'_> {
         let mut loss: Option<Tensor> = None;
         for (mi, chunk) in idx.chunks(self.micro).enumerate() {
             // summed in f64 on the device, as the host summed the f32 values before
-            let l = self.micro_batch(step, epoch, mi, chunk, &mut grads)?.to_dtype(DType::F64)?;
+            let l = self
+                .micro_batch(step, epoch, mi, chunk, &mut grads)?
+                .to_dtype(DType::F64)?;
             loss = Some(match loss {
                 Some(s) => (s + l)?,
                 None => l,
@@ -610,7 +632,10 @@ impl Recipe for FtRecipe<'_> {
     fn save(&self, dir: &std::path::Path) -> Result<()> {
         let mut o = HashMap::new();
         for (_, _, opt) in &self.opts {
-            o.extend(opt.state_tensors().map_err(|e| Error::Data(e.to_string()))?);
+            o.extend(
+                opt.state_tensors()
+                    .map_err(|e| Error::Data(e.to_string()))?,
+            );
         }
         candle_core::safetensors::save(&tensors(&self.all_vars), dir.join(WEIGHTS_FILE))?;
         candle_core::safetensors::save(&o, dir.join(OPTIM_FILE))?;
@@ -635,14 +660,20 @@ impl Recipe for FtRecipe<'_> {
                 })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            opt.load_state(&mine).map_err(|e| Error::Data(e.to_string()))?;
+            opt.load_state(&mine)
+                .map_err(|e| Error::Data(e.to_string()))?;
         }
         Ok(())
     }
 }
 
 /// Fails unless each micro-batch splits over the ranks (whole Mixup pairs per rank).
-fn check_split(p: &Params, bs: usize, micro: usize, world: usize) -> std::result::Result<(), String> {
+fn check_split(
+    p: &Params,
+    bs: usize,
+    micro: usize,
+    world: usize,
+) -> std::result::Result<(), String> {
     let mixing = p.mixes_pairs();
     let need = if mixing { 2 * world } else { world };
     if world <= 1 || (micro.is_multiple_of(need) && bs.is_multiple_of(micro)) {

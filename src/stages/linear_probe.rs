@@ -1077,8 +1077,12 @@ mod tests {
         for opt in [OptimKind::Lars, OptimKind::Sgd] {
             let sw = tiny_sweep(opt);
             let tmp = tempfile::tempdir().unwrap();
-            let mut a =
-                features::test_context(&tmp.path().join("a"), "k", Default::default(), tmp.path());
+            let mut a = crate::kind::context::test_context(
+                &tmp.path().join("a"),
+                "k",
+                Default::default(),
+                tmp.path(),
+            );
             let ra = train_sweep(&mut a, &sw, &data, &Device::Cpu).unwrap();
             assert_eq!(ra.resumed_from, 0);
             assert_eq!(ra.loss.len(), 4);
@@ -1090,7 +1094,7 @@ mod tests {
             let mut calls = 0;
             let rb = loop {
                 calls += 1;
-                let mut b = features::test_context(
+                let mut b = crate::kind::context::test_context(
                     &tmp.path().join("b"),
                     "k",
                     Default::default(),

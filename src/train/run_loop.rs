@@ -124,11 +124,13 @@ pub fn run(
     if let Some(c) = ctx.ckpt.load()? {
         let file = c.path.join(LOOP_FILE);
         if file.is_file() {
-            st = serde_json::from_slice(&fs_err::read(&file)?).map_err(|e| {
-                Error::stage(&id, format!("checkpoint {}: {e}", file.display()))
-            })?;
+            st = serde_json::from_slice(&fs_err::read(&file)?)
+                .map_err(|e| Error::stage(&id, format!("checkpoint {}: {e}", file.display())))?;
             recipe.load(&c.path)?;
-            ctx.log(format!("resumed from {} {} of {}", cfg.unit, st.step, cfg.total));
+            ctx.log(format!(
+                "resumed from {} {} of {}",
+                cfg.unit, st.step, cfg.total
+            ));
         } else {
             ctx.log(format!(
                 "checkpoint {} was written by an older version: training from the start",
@@ -184,8 +186,12 @@ pub fn run(
                         ),
                     ));
                 }
-                let mut named: Vec<(&str, f64)> =
-                    cfg.names.iter().copied().zip(losses.iter().copied()).collect();
+                let mut named: Vec<(&str, f64)> = cfg
+                    .names
+                    .iter()
+                    .copied()
+                    .zip(losses.iter().copied())
+                    .collect();
                 named.extend(host.iter().copied());
                 ctx.scalars(step, &named);
                 last = named.iter().map(|(k, v)| (k.to_string(), *v)).collect();
@@ -345,5 +351,174 @@ mod tests {
         assert_eq!(got[2].0, 3);
         assert_eq!(got[2].1, vec![3.0, 6.0]);
         assert_eq!(got[2].2, vec![("lr", 0.1)]);
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Loss `step + 1` (NaN at `nan_at`), optionally one counted read inside each step.
+    struct Toy {
+        reads: bool,
+        nan_at: Option<u64>,
+        saved: Vec<u64>,
+    }
+
+    impl Recipe for Toy {
+        fn step(&mut self, _: &mut StageContext, _: &mut Ranks, step: u64) -> Result<Step> {
+            let v = if Some(step) == self.nan_at {
+                f32::NAN
+            } else {
+                step as f32 + 1.0
+            };
+            let t = Tensor::new(v, &Device::Cpu)?;
+            if self.reads {
+                host_read::scalar::<f32>(&t)?;
+            }
+            Ok(Step {
+                losses: vec![t],
+                host: vec![("lr", 0.5)],
+            })
+        }
+        fn save(&self, dir: &Path) -> Result<()> {
+            fs_err::write(dir.join("toy"), b"x")?;
+            Ok(())
+        }
+        fn load(&mut self, _: &Path) -> Result<()> {
+            self.saved.push(1);
+            Ok(())
+        }
+    }
+
+    fn cfg(total: u64) -> LoopConfig {
+        LoopConfig {
+            total,
+            log_every: 5,
+            curve_every: 4,
+            names: vec!["loss"],
+            nan_hint: Some("lower `lr`".into()),
+            unit: "step",
+        }
+    }
+
+    fn ctx(dir: &Path) -> StageContext {
+        let mut c = crate::kind::context::test_context(dir, "k", Default::default(), dir);
+        c.ckpt = crate::kind::checkpoint::Checkpointer::new(c.job.work_dir.join("ckpt"), 0, 0);
+        c
+    }
+
+    #[test]
+    fn the_losses_are_read_once_per_log_and_never_in_a_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        let mut toy = Toy {
+            reads: false,
+            nan_at: None,
+            saved: vec![],
+        };
+        let before = host_read::reads();
+        let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(12), &mut toy).unwrap();
+        // reads at steps 1, 5, 10 and 12 (the last), none inside the steps
+        assert_eq!(host_read::reads() - before, 4);
+        assert_eq!(done.reads_in_steps, 0);
+        // means over steps 1-4, 5-8, 9-12 of the losses 1..=12
+        assert_eq!(done.curve("loss"), vec![(4, 2.5), (8, 6.5), (12, 10.5)]);
+        assert_eq!(done.last["loss"], 12.0);
+        assert_eq!(done.last["lr"], 0.5);
+
+        let mut toy = Toy {
+            reads: true,
+            nan_at: None,
+            saved: vec![],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(7), &mut toy).unwrap();
+        assert_eq!(done.reads_in_steps, 7, "a read inside the step is counted");
+    }
+
+    #[test]
+    fn a_nan_stops_at_the_next_read_naming_its_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        let mut toy = Toy {
+            reads: false,
+            nan_at: Some(6), // step 7
+            saved: vec![],
+        };
+        let e = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(20), &mut toy)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loss is NaN at step 7; lower `lr`"), "{e}");
+        assert!(c.ckpt.load().unwrap().is_none(), "nothing was checkpointed");
+        // without a hint the loop trains on
+        let mut c = ctx(tempfile::tempdir().unwrap().path());
+        let mut toy = Toy {
+            reads: false,
+            nan_at: Some(6),
+            saved: vec![],
+        };
+        let mut quiet = cfg(8);
+        quiet.nan_hint = None;
+        let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &quiet, &mut toy).unwrap();
+        assert!(done.curve("loss")[1].1.is_nan());
+    }
+
+    #[test]
+    fn an_interrupt_reads_checkpoints_and_the_rerun_logs_the_same_curve() {
+        let total = 12;
+        let tmp = tempfile::tempdir().unwrap();
+        let whole = {
+            let mut c = ctx(&tmp.path().join("a"));
+            let mut toy = Toy {
+                reads: false,
+                nan_at: None,
+                saved: vec![],
+            };
+            run(
+                &mut c,
+                &mut Ranks::single(&Device::Cpu),
+                &cfg(total),
+                &mut toy,
+            )
+            .unwrap()
+        };
+        let mut c = ctx(&tmp.path().join("b"));
+        let mut toy = Toy {
+            reads: false,
+            nan_at: None,
+            saved: vec![],
+        };
+        c.interrupted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = run(
+            &mut c,
+            &mut Ranks::single(&Device::Cpu),
+            &cfg(total),
+            &mut toy,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Interrupted));
+        let ck = c
+            .ckpt
+            .load()
+            .unwrap()
+            .expect("checkpointed on the interrupt");
+        assert_eq!(ck.step, 1);
+        assert!(ck.path.join("toy").is_file() && ck.path.join(LOOP_FILE).is_file());
+        c.interrupted
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let resumed = run(
+            &mut c,
+            &mut Ranks::single(&Device::Cpu),
+            &cfg(total),
+            &mut toy,
+        )
+        .unwrap();
+        assert_eq!(toy.saved, vec![1], "the recipe was restored once");
+        assert_eq!(resumed.resumed_from, 1);
+        assert_eq!(resumed.state, whole.state);
     }
 }

@@ -47,6 +47,12 @@ pub fn vec2<T: WithDType>(t: &Tensor) -> Result<Vec<Vec<T>>> {
     t.to_vec2::<T>()
 }
 
+/// `t.to_vec3()`, counted.
+pub fn vec3<T: WithDType>(t: &Tensor) -> Result<Vec<Vec<Vec<T>>>> {
+    count();
+    t.to_vec3::<T>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

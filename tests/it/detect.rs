@@ -233,6 +233,9 @@ fn tiny_pipeline_runs_end_to_end_and_caches() {
     assert_eq!(det.metrics["steps"], 3.0);
     assert_eq!(det.series["loss"].len(), 3);
     assert!(det.info["detections"].as_u64().unwrap() > 0, "{}", det.info);
+    // one device read per step, the predicted boxes for the mask RoIs; the losses are read by
+    // the shared loop, not by the step
+    assert_eq!(det.info["host_reads_in_steps"], 3, "{}", det.info);
     let arts = store.artifact_dir(&det.key);
     for f in [
         "results.json",

@@ -129,7 +129,9 @@ pub fn forward<R: Rng>(
         .map(|g| fcos::assign(&out.levels, g, radius))
         .collect();
 
-    let reg = out.reg.detach().to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    // the one read of a detection step: Mask R-CNN's RoIs are the predicted boxes of the
+    // positives, chosen on the host
+    let reg = crate::util::host_read::vec3::<f32>(&out.reg.detach().to_dtype(DType::F32)?)?;
     let sf = s as f32;
     let (mut rois, mut classes, mut targets) = (Vec::new(), Vec::new(), Vec::new());
     let m = cfg.mask_size();
@@ -208,7 +210,11 @@ impl Forward {
         };
         let scaled = |t: &Tensor| -> Result<Tensor> {
             let t = t.detach();
-            Ok(if scale == 1.0 { t } else { t.affine(scale, 0.0)? })
+            Ok(if scale == 1.0 {
+                t
+            } else {
+                t.affine(scale, 0.0)?
+            })
         };
         Ok(LossParts {
             cls: scaled(&fl.cls)?,
