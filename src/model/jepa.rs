@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::VitConfig;
@@ -95,23 +95,7 @@ fn init_value(name: &str, shape: &[usize], std: f64, rng: &mut ChaCha8Rng) -> Ve
     if shape.len() == 1 {
         return vec![1.0; n];
     }
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        // Box-Muller: two standard normals per pair of uniforms.
-        let u1: f64 = 1.0 - rng.gen::<f64>();
-        let u2: f64 = rng.gen::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        for z in [
-            r * (std::f64::consts::TAU * u2).cos(),
-            r * (std::f64::consts::TAU * u2).sin(),
-        ] {
-            let v = z * std;
-            if out.len() < n && (-2.0..=2.0).contains(&v) {
-                out.push(v as f32);
-            }
-        }
-    }
-    out
+    super::init::trunc_normal(rng, n, std)
 }
 
 impl JepaNetworks {

@@ -12,6 +12,7 @@
 //! - `precision`: bf16 autocast of the matrix products (f32 master weights), TF32 on CUDA;
 //! - `import`: official I-JEPA `.pth.tar` checkpoints (names and shapes checked).
 
+pub mod classifier_head;
 pub mod config;
 pub mod cuda_kernels;
 pub mod cuda_ops;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod fused;
 pub mod gather;
 pub mod import;
+pub mod init;
 pub mod jepa;
 pub mod launch;
 pub mod layers;
@@ -30,6 +32,7 @@ pub mod precision;
 pub mod predictor;
 pub mod resize;
 pub mod seg_heads;
+pub mod seg_net;
 pub mod tokens;
 pub mod vit;
 

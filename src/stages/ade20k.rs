@@ -50,11 +50,16 @@ use crate::train::parallel::ranks::Ranks;
 use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
 use crate::util::rng::{derive_seed, stage_rng};
 
-mod net;
-
+use crate::model::seg_heads::UperNetConfig;
+use crate::model::seg_net::{Heads, SegHeadConfig, SegNet as Model};
 pub use crate::train::cross_entropy::cross_entropy_ignore;
-pub use net::{layer_scale, lr_at};
-use net::{merr, Heads, Model};
+use crate::train::layer_decay::prefixed_layer_scale as layer_scale;
+use crate::train::schedules::poly_with_warmup as lr_at;
+
+/// Model-layer errors (shapes, configs) as data errors of the stage.
+fn merr(e: crate::model::ModelError) -> Error {
+    Error::Data(format!("model: {e}"))
+}
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -332,7 +337,7 @@ fn predict_and_score(
     dev: &Device,
 ) -> Result<crate::eval::segmentation::SegReport> {
     let bad = |m: String| Error::stage(&ctx.job.id, m);
-    let (enc, head) = model.frozen(dev)?;
+    let (enc, head) = model.frozen(dev).map_err(merr)?;
     let pred_dir = ctx.job.out_dir.join("predictions");
     fs_err::create_dir_all(&pred_dir)?;
     let t0 = std::time::Instant::now();
@@ -397,7 +402,24 @@ impl<'a> SegRecipe<'a> {
     ) -> Result<Self> {
         let depth = bb.cfg.depth;
         let head_seed = derive_seed(&ctx.job.key, ctx.job.seed, "head-init");
-        let model = Model::new(p, bb, layers, head_seed, dev)?;
+        let head = match p.protocol {
+            Protocol::Linear => SegHeadConfig::Linear { classes: CLASSES },
+            Protocol::Upernet => SegHeadConfig::Upernet(UperNetConfig {
+                in_dim: bb.cfg.embed_dim,
+                channels: p.channels,
+                aux_channels: p.aux_channels,
+                classes: CLASSES,
+                dropout: p.dropout,
+            }),
+        };
+        let model = Model::new(
+            head,
+            (bb.cfg, bb.encoder, bb.varmap),
+            layers,
+            head_seed,
+            dev,
+        )
+        .map_err(merr)?;
         let opt = AdamW::new(model.trainable(), AdamWConfig::default())
             .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
         Ok(Self {
@@ -431,7 +453,9 @@ impl Recipe for SegRecipe<'_> {
         };
         let mut drop_rng = stage_rng(&ctx.job.key, ctx.job.seed, &stream);
         let m = &self.model;
-        let (logits, aux) = m.forward(&m.encoder, m.heads(), &x, true, Some(&mut drop_rng))?;
+        let (logits, aux) = m
+            .forward(&m.encoder, m.heads(), &x, true, Some(&mut drop_rng))
+            .map_err(merr)?;
         let mut loss = cross_entropy_ignore(&logits, &labels)?;
         if let Some(a) = aux {
             loss = (loss + (cross_entropy_ignore(&a, &labels)? * p.aux_weight)?)?;
@@ -464,13 +488,13 @@ impl Recipe for SegRecipe<'_> {
             .opt
             .state_tensors()
             .map_err(|e| Error::Data(e.to_string()))?;
-        self.model.save(dir)?;
+        self.model.save(dir).map_err(merr)?;
         candle_core::safetensors::save(&state, dir.join("optim.safetensors"))?;
         Ok(())
     }
 
     fn load(&mut self, dir: &Path) -> Result<()> {
-        self.model.load(dir)?;
+        self.model.load(dir).map_err(merr)?;
         let t = candle_core::safetensors::load(dir.join("optim.safetensors"), &self.dev)?;
         self.opt
             .load_state(&t)
@@ -540,12 +564,7 @@ fn predict(
     let x = Tensor::from_vec(chw.data, (1, 3, nh, nw), dev)?;
     // Windows are padded (bottom/right, zeros) to a multiple of the patch (2x for UperNet, whose
     // pyramid halves the grid) and their logits resized to the window, as mmseg's corner padding.
-    let unit = model.cfg.patch_size
-        * if model.protocol == Protocol::Upernet {
-            2
-        } else {
-            1
-        };
+    let unit = model.cfg.patch_size * if model.upernet.is_some() { 2 } else { 1 };
     let mut sum = Tensor::zeros((1, CLASSES, nh, nw), DType::F32, dev)?;
     let mut count = vec![0f32; nh * nw];
     for (y, x0, ch, cw) in seg_transforms::slide_windows(nh, nw, p.crop, p.stride()) {
@@ -555,7 +574,7 @@ fn predict(
             .pad_with_zeros(2, 0, ph - ch)?
             .pad_with_zeros(3, 0, pw - cw)?
             .contiguous()?;
-        let (logits, _) = model.forward(enc, head, &win, false, None)?;
+        let (logits, _) = model.forward(enc, head, &win, false, None).map_err(merr)?;
         let logits = resize_bilinear(&logits, ch, cw).map_err(merr)?;
         let logits =
             logits

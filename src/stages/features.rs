@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -433,27 +432,6 @@ pub fn checkpoint_key_input(
     }
 }
 
-/// Normal draws with std `std`, resampled outside `[-2, 2]` (timm / PyTorch `trunc_normal_`
-/// with its default absolute bounds, as the official init does), Box-Muller on `rng`.
-pub fn trunc_normal(rng: &mut impl Rng, n: usize, std: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let u1: f64 = 1.0 - rng.gen::<f64>();
-        let u2: f64 = rng.gen::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        for z in [
-            r * (std::f64::consts::TAU * u2).cos(),
-            r * (std::f64::consts::TAU * u2).sin(),
-        ] {
-            let v = z * std;
-            if out.len() < n && v.abs() <= 2.0 {
-                out.push(v as f32);
-            }
-        }
-    }
-    out
-}
-
 /// Top-1 and top-5 hits of `(.., N, C)` logits against labels `(N,)` (u32): a sample is a top-k
 /// hit when fewer than k classes score strictly higher than the true one. Returns counts over
 /// the last-but-one axis, shaped like the leading axes.
@@ -653,20 +631,5 @@ mod tests {
         assert_eq!(t1.to_scalar::<f32>().unwrap(), 1.0);
         // sample 1: 3 classes above -> top5 hit; sample 2: 5 above -> miss
         assert_eq!(t5.to_scalar::<f32>().unwrap(), 2.0);
-    }
-
-    #[test]
-    fn trunc_normal_is_bounded_and_seeded() {
-        use rand::SeedableRng;
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        let a = trunc_normal(&mut r, 1000, 0.01);
-        let mean = a.iter().sum::<f32>() / 1000.0;
-        let var = a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 1000.0;
-        assert!(mean.abs() < 0.002 && (var.sqrt() - 0.01).abs() < 0.001);
-        assert!(trunc_normal(&mut r, 1000, 5.0)
-            .iter()
-            .all(|x| x.abs() <= 2.0));
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        assert_eq!(a, trunc_normal(&mut r, 1000, 0.01));
     }
 }

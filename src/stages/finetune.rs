@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
@@ -53,7 +53,7 @@ use crate::data::transforms::{decode_rgb, IMAGENET_MEAN, IMAGENET_STD};
 use crate::data::transforms::{random_hflip, to_chw_normalized, Chw, RandomResizedCrop};
 use crate::data::{DataError, Transform};
 use crate::error::{Error, Result};
-use crate::model::layers::LayerNorm;
+use crate::model::classifier_head::ClassifierHead;
 use crate::train::layer_decay::layer_id;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::parallel::ranks::Ranks;
@@ -236,50 +236,6 @@ impl Source for TrainSource {
     }
 }
 
-/// The classifier on top of the encoder.
-struct Head {
-    varmap: VarMap,
-    fc_norm: LayerNorm,
-    weight: Var,
-    bias: Var,
-}
-
-impl Head {
-    fn new(d: usize, classes: usize, std: f64, rng: &mut ChaCha8Rng, dev: &Device) -> Result<Self> {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
-        let fc_norm =
-            LayerNorm::new(d, 1e-6, vb.pp("fc_norm")).map_err(|e| Error::Data(e.to_string()))?;
-        let w = features::trunc_normal(rng, classes * d, std);
-        let weight = Var::from_tensor(&Tensor::from_vec(w, (classes, d), dev)?)?;
-        let bias = Var::zeros(classes, DType::F32, dev)?;
-        {
-            let mut data = varmap.data().lock().expect("varmap lock");
-            data.insert("head.weight".into(), weight.clone());
-            data.insert("head.bias".into(), bias.clone());
-        }
-        Ok(Head {
-            varmap,
-            fc_norm,
-            weight,
-            bias,
-        })
-    }
-
-    /// `(B, N, D)` normed tokens -> `(B, C)` logits.
-    fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
-        let pooled = tokens.mean(1)?;
-        let x = self
-            .fc_norm
-            .forward(&pooled)
-            .map_err(|e| Error::Data(e.to_string()))?;
-        Ok(
-            crate::model::precision::matmul(&x, &self.weight.as_tensor().t()?)?
-                .broadcast_add(self.bias.as_tensor())?,
-        )
-    }
-}
-
 const WEIGHTS_FILE: &str = "weights.safetensors";
 const OPTIM_FILE: &str = "optim.safetensors";
 /// Head weights in the artifacts.
@@ -390,6 +346,10 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     Ok(out)
 }
 
+fn merr(e: crate::model::ModelError) -> Error {
+    Error::Data(format!("model: {e}"))
+}
+
 fn tensors(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
     vars.iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
@@ -401,7 +361,7 @@ fn evaluate(
     ctx: &mut StageContext,
     p: &Params,
     bb: &super::backbone::Backbone,
-    head: &Head,
+    head: &ClassifierHead,
     val: &crate::data::imagefolder::ImageFolder,
     img: u32,
     dev: &Device,
@@ -421,7 +381,7 @@ fn evaluate(
             .encoder
             .forward_features(&x, None)
             .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-        let logits = head.forward(&tokens)?.detach();
+        let logits = head.forward(&tokens).map_err(merr)?.detach();
         let y: Vec<u32> = b.labels.iter().map(|&l| l as u32).collect();
         let y = Tensor::from_vec(y, chunk.len(), dev)?;
         let (t1, t5) = features::topk_hits(&logits, &y)?;
@@ -436,7 +396,7 @@ fn evaluate(
 struct FtRecipe<'a> {
     p: &'a Params,
     encoder: &'a crate::model::VisionTransformer,
-    head: Head,
+    head: ClassifierHead,
     enc_vars: Vec<(String, Var)>,
     head_vars: Vec<(String, Var)>,
     all_vars: Vec<(String, Var)>,
@@ -475,13 +435,14 @@ impl<'a> FtRecipe<'a> {
         let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
         let depth = bb.cfg.depth;
         let mut init_rng = crate::util::rng::stage_rng(&ctx.job.key, ctx.job.seed, "head-init");
-        let head = Head::new(
+        let head = ClassifierHead::new(
             bb.cfg.embed_dim,
             classes,
             p.head_init_std,
             &mut init_rng,
             dev,
-        )?;
+        )
+        .map_err(merr)?;
         // Optimiser groups by layer id.
         let enc_vars = named_vars(&bb.varmap);
         let head_vars = named_vars(&head.varmap);
@@ -740,7 +701,7 @@ fn layer_groups(vars: &[(String, Var)], depth: usize, layer_decay: f64) -> Resul
 #[allow(clippy::too_many_arguments)]
 fn accumulate(
     encoder: &crate::model::VisionTransformer,
-    head: &Head,
+    head: &ClassifierHead,
     vars: &[(String, Var)],
     x: &Tensor,
     y: &Tensor,
@@ -751,7 +712,7 @@ fn accumulate(
     let tokens = encoder
         .forward_features_drop_path(x, scales)
         .map_err(|e| Error::Data(e.to_string()))?;
-    let logits = head.forward(&tokens)?;
+    let logits = head.forward(&tokens).map_err(merr)?;
     let loss = soft_ce(&logits, y)?.affine(1.0 / accum as f64, 0.0)?;
     let g = loss.backward()?;
     for (name, var) in vars {
@@ -908,7 +869,7 @@ mod tests {
             .collect();
         let bb = super::super::backbone::build("t", cfg, &enc, &dev, "t".into()).unwrap();
         let mut rng = crate::util::rng::stage_rng("t", 0, "t");
-        let head = Head::new(16, 2, 2e-5, &mut rng, &dev).unwrap();
+        let head = ClassifierHead::new(16, 2, 2e-5, &mut rng, &dev).unwrap();
         let vars: Vec<(String, Var)> = named_vars(&bb.varmap)
             .into_iter()
             .chain(named_vars(&head.varmap))
@@ -917,7 +878,7 @@ mod tests {
         assert_eq!(opts.len(), 4, "patch_embed, 2 blocks, top");
         assert!((opts[0].0 - 0.75f64.powi(3)).abs() < 1e-12 && opts[3].0 == 1.0);
         let x = Tensor::from_vec(
-            features::trunc_normal(&mut rng, 4 * 3 * 16 * 16, 1.0),
+            crate::model::init::trunc_normal(&mut rng, 4 * 3 * 16 * 16, 1.0),
             (4, 3, 16, 16),
             &dev,
         )

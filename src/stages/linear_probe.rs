@@ -267,7 +267,7 @@ impl Bank {
         // Drawn head by head, each as PyTorch's (C, D_in) weight, then laid out (D_in, H, C).
         let mut w = vec![0f32; din * h * classes];
         for j in 0..h {
-            let hw = features::trunc_normal(rng, classes * din, INIT_STD);
+            let hw = crate::model::init::trunc_normal(rng, classes * din, INIT_STD);
             for c in 0..classes {
                 for d in 0..din {
                     w[(d * h + j) * classes + c] = hw[c * din + d];
@@ -1037,7 +1037,7 @@ mod tests {
         // 3 classes, class c shifts dims 2c, 2c+1 of both layers.
         let mut r = crate::util::rng::stage_rng("data", seed, "x");
         let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
-        let mut v = features::trunc_normal(&mut r, 2 * n * 6, 1.0);
+        let mut v = crate::model::init::trunc_normal(&mut r, 2 * n * 6, 1.0);
         for l in 0..2 {
             for (i, &y) in labels.iter().enumerate() {
                 v[(l * n + i) * 6 + 2 * y] += 2.0;

@@ -21,9 +21,40 @@ pub fn layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
     decay.powi((depth + 1 - layer_id(name, depth).min(depth + 1)) as i32)
 }
 
+/// mmseg `LayerDecayOptimizerConstructor` scale of a parameter of the segmentation network:
+/// the backbone's (`backbone.*`) by [`layer_scale`], the head's 1.
+pub fn prefixed_layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
+    name.strip_prefix("backbone.")
+        .map_or(1.0, |r| layer_scale(r, depth, decay))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixed_layer_decay_like_mmseg() {
+        let d = 0.65f64;
+        // ViT-B: 14 layer ids; the head and the final norm get 1, block 11 gets d, patch embed d^13
+        assert_eq!(
+            prefixed_layer_scale("head.decode_head.conv_seg.weight", 12, d),
+            1.0
+        );
+        assert_eq!(prefixed_layer_scale("backbone.norm.weight", 12, d), 1.0);
+        let near = |a: f64, b: f64| assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+        near(
+            prefixed_layer_scale("backbone.blocks.11.attn.qkv.weight", 12, d),
+            d,
+        );
+        near(
+            prefixed_layer_scale("backbone.blocks.0.mlp.fc1.bias", 12, d),
+            d.powi(12),
+        );
+        near(
+            prefixed_layer_scale("backbone.patch_embed.proj.weight", 12, d),
+            d.powi(13),
+        );
+    }
 
     #[test]
     fn layer_ids_follow_beit() {

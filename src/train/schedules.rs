@@ -326,9 +326,29 @@ fn check_finite(field: &'static str, v: f64) -> Result<(), ScheduleError> {
     }
 }
 
+/// mmseg poly schedule with linear warmup: `lr * (1e-6 + (1 - 1e-6) * t / W)` during warmup, then
+/// `lr * (1 - (t - W) / (T - W))`.
+pub fn poly_with_warmup(base: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        let start = 1e-6;
+        return base * (start + (1.0 - start) * step as f64 / warmup as f64);
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    base * (1.0 - (step - warmup) as f64 / span).max(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poly_schedule_with_warmup() {
+        assert!((poly_with_warmup(1.0, 0, 10, 110) - 1e-6).abs() < 1e-12);
+        assert!((poly_with_warmup(1.0, 5, 10, 110) - (1e-6 + (1.0 - 1e-6) * 0.5)).abs() < 1e-12);
+        assert_eq!(poly_with_warmup(1.0, 10, 10, 110), 1.0);
+        assert!((poly_with_warmup(1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
+        assert_eq!(poly_with_warmup(1.0, 110, 10, 110), 0.0);
+    }
 
     fn paper_like() -> Schedules {
         let cfg = ScheduleConfig {
