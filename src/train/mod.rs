@@ -1,5 +1,6 @@
 //! Training: schedules, our AdamW with parameter groups and saveable state, EMA, the
-//! JEPA + VICReg losses and the C-JEPA step.
+//! JEPA + VICReg losses and the C-JEPA step; `run_loop`, the loop that the kinds training after
+//! pretraining share; `parallel`, data parallel.
 
 pub mod cross_entropy;
 pub mod ema;
