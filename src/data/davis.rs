@@ -2,10 +2,8 @@
 //! (8-bit palette PNGs whose palette INDEX is the object id, 0 = background, 255 = void) and
 //! `ImageSets/2017/{train,val}.txt` (one sequence per line).
 //!
-//! Also home of the PNG helpers shared with ADE20K: reading raw 8-bit samples with the `png`
-//! crate (the `image` crate would expand a palette to RGB and lose the indices).
+//! Label PNGs are read by [`super::label_png`] (palette indices kept as they are stored).
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use super::check::{files_with_ext, probe_and_report, stem, CheckOptions, CheckReport};
@@ -30,60 +28,13 @@ pub struct PaletteImage {
     pub palette: Vec<[u8; 3]>,
 }
 
-/// A PNG decoded without any transformation, one byte per sample.
-#[derive(Debug, Clone)]
-pub(crate) struct RawPng {
-    pub width: u32,
-    pub height: u32,
-    pub color: png::ColorType,
-    pub depth: png::BitDepth,
-    pub palette: Option<Vec<u8>>,
-    /// Samples, unpacked to one byte each for bit depths < 8 (16-bit: big-endian pairs).
-    pub data: Vec<u8>,
-}
+use super::label_png::{read_raw, PngIssue};
 
-/// Decode a PNG keeping palette indices / gray levels as they are stored.
-pub(crate) fn read_png_raw(path: &Path) -> Result<RawPng, DataError> {
-    let bytes = fs_err::read(path)?;
-    let mut dec = png::Decoder::new(Cursor::new(bytes));
-    dec.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| DataError::image(path, format!("not a valid PNG: {e}")))?;
-    let info = reader.info();
-    let (width, height, color, depth) = (info.width, info.height, info.color_type, info.bit_depth);
-    let palette = info.palette.as_ref().map(|p| p.to_vec());
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| DataError::image(path, "PNG too large"))?;
-    let mut buf = vec![0u8; size];
-    let out = reader
-        .next_frame(&mut buf)
-        .map_err(|e| DataError::image(path, format!("corrupt PNG data: {e}")))?;
-    buf.truncate(out.buffer_size());
-    let bits = depth as usize;
-    let data = if bits < 8 && matches!(color, png::ColorType::Indexed | png::ColorType::Grayscale) {
-        let line = out.line_size;
-        let mut v = Vec::with_capacity(width as usize * height as usize);
-        for row in buf.chunks(line).take(height as usize) {
-            for x in 0..width as usize {
-                let bit = x * bits;
-                let byte = row.get(bit / 8).copied().unwrap_or(0);
-                let shift = 8 - bits - (bit % 8);
-                v.push((byte >> shift) & ((1u16 << bits) - 1) as u8);
-            }
-        }
-        v
-    } else {
-        buf
-    };
-    Ok(RawPng {
-        width,
-        height,
-        color,
-        depth,
-        palette,
-        data,
+/// [`read_raw`] with the failure as a data error naming the file.
+pub(crate) fn read_png_raw(path: &Path) -> Result<super::label_png::RawPng, DataError> {
+    read_raw(path).map_err(|e| match e {
+        PngIssue::Io(e) => DataError::Io(e),
+        PngIssue::Decode(m) | PngIssue::Unsupported(m) => DataError::image(path, m),
     })
 }
 

@@ -25,6 +25,7 @@ pub mod detection;
 pub mod idx;
 pub mod imagefolder;
 pub mod jpeg;
+pub mod label_png;
 pub mod loader;
 pub mod mask;
 pub mod seg_transforms;

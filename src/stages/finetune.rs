@@ -763,13 +763,7 @@ impl crate::kind::Kind for Finetune {
 
     kind_basics!(resolve, run);
 
-    fn key_inputs(
-        &self,
-        params: &serde_json::Value,
-        pipeline_dir: &std::path::Path,
-    ) -> std::result::Result<serde_json::Value, String> {
-        super::features::checkpoint_key_input(params, pipeline_dir)
-    }
+    encoder_hooks!(key_inputs);
 
     fn check_plan(
         &self,

@@ -962,21 +962,7 @@ impl crate::kind::Kind for LinearProbe {
 
     kind_basics!(resolve, run);
 
-    fn key_inputs(
-        &self,
-        params: &serde_json::Value,
-        pipeline_dir: &std::path::Path,
-    ) -> std::result::Result<serde_json::Value, String> {
-        super::features::checkpoint_key_input(params, pipeline_dir)
-    }
-
-    fn check_plan(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
-        super::backbone::check_plan(stage)?;
-        super::dataset::check_plan_upstream(stage, Some("imagefolder"), true)
-    }
+    encoder_hooks!(Some("imagefolder"));
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
         let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {

@@ -34,6 +34,32 @@ macro_rules! kind_basics {
     };
 }
 
+/// The hooks of a kind that reads a frozen or fine-tuned encoder (`checkpoint:`) and a dataset
+/// upstream: a checkpoint file's hash in the key (`key_inputs`), and, given the dataset format
+/// (`None`: any image dataset), the plan checks of the encoder and the dataset (`check_plan`).
+macro_rules! encoder_hooks {
+    (key_inputs) => {
+        fn key_inputs(
+            &self,
+            params: &serde_json::Value,
+            pipeline_dir: &std::path::Path,
+        ) -> std::result::Result<serde_json::Value, String> {
+            super::features::checkpoint_key_input(params, pipeline_dir)
+        }
+    };
+    ($format:expr) => {
+        encoder_hooks!(key_inputs);
+
+        fn check_plan(
+            &self,
+            stage: &crate::kind::PlanView,
+        ) -> std::result::Result<(), crate::kind::PlanIssue> {
+            super::backbone::check_plan(stage)?;
+            super::dataset::check_plan_upstream(stage, $format, true)
+        }
+    };
+}
+
 pub mod ade20k;
 pub mod backbone;
 pub mod clevr;

@@ -2,88 +2,18 @@
 //! (PIL mode `P`, as `np.array(Image.open(p))` does) or the values of an 8-bit grayscale PNG
 //! (mode `L`), and write palette PNGs with the DAVIS palette (the PASCAL VOC colour map).
 
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
 use std::path::Path;
 
-use png::{BitDepth, ColorType, Transformations};
+use png::{BitDepth, ColorType};
 
 use super::DavisError;
 
-/// Why a PNG could not be read as a single-channel label map.
-#[derive(Debug)]
-pub(crate) enum PngIssue {
-    Io(std::io::Error),
-    Decode(String),
-    /// The PNG is valid but not 8-bit grayscale / palette; holds a description like "RGB 8-bit".
-    Unsupported(String),
-}
-
-fn describe(color: ColorType, depth: BitDepth) -> String {
-    let c = match color {
-        ColorType::Grayscale => "grayscale (L)",
-        ColorType::Rgb => "RGB",
-        ColorType::Indexed => "palette (P)",
-        ColorType::GrayscaleAlpha => "grayscale+alpha (LA)",
-        ColorType::Rgba => "RGBA",
-    };
-    format!("{c} {}-bit", depth as u8)
-}
-
-/// Decode an 8-bit grayscale PNG (values) or a 1/2/4/8-bit palette PNG (indices) into
-/// `(height, width, row-major bytes)`. Everything else is `PngIssue::Unsupported`.
-pub(crate) fn decode_index_png(path: &Path) -> Result<(usize, usize, Vec<u8>), PngIssue> {
-    let file = fs_err::File::open(path).map_err(PngIssue::Io)?;
-    let mut decoder = png::Decoder::new(BufReader::new(file));
-    decoder.set_transformations(Transformations::IDENTITY);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| PngIssue::Decode(e.to_string()))?;
-    let (color, depth) = (reader.info().color_type, reader.info().bit_depth);
-    let bits = match (color, depth) {
-        (ColorType::Grayscale, BitDepth::Eight) => 8,
-        (ColorType::Indexed, d) if (d as u8) <= 8 => d as usize,
-        _ => return Err(PngIssue::Unsupported(describe(color, depth))),
-    };
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| PngIssue::Decode("image too large".into()))?;
-    let mut buf = vec![0u8; size];
-    let out = reader
-        .next_frame(&mut buf)
-        .map_err(|e| PngIssue::Decode(e.to_string()))?;
-    let (w, h) = (out.width as usize, out.height as usize);
-    let mut data = Vec::with_capacity(w * h);
-    for row in buf.chunks(out.line_size).take(h) {
-        if bits == 8 {
-            data.extend_from_slice(&row[..w]);
-        } else {
-            let per_byte = 8 / bits;
-            let mask = (1u8 << bits) - 1;
-            for x in 0..w {
-                let byte = row[x / per_byte];
-                let shift = 8 - bits * (x % per_byte + 1);
-                data.push((byte >> shift) & mask);
-            }
-        }
-    }
-    Ok((h, w, data))
-}
+pub(crate) use crate::data::label_png::{decode_index_png, PngIssue};
 
 /// The DAVIS palette: the PASCAL VOC colour map, 256 RGB triples (768 bytes).
 pub fn davis_palette() -> Vec<u8> {
-    let mut pal = Vec::with_capacity(768);
-    for i in 0..256u32 {
-        let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
-        let mut c = i;
-        for j in 0..8 {
-            r |= ((c & 1) as u8) << (7 - j);
-            g |= (((c >> 1) & 1) as u8) << (7 - j);
-            b |= (((c >> 2) & 1) as u8) << (7 - j);
-            c >>= 3;
-        }
-        pal.extend_from_slice(&[r, g, b]);
-    }
-    pal
+    crate::data::davis::davis_palette().concat()
 }
 
 /// Read a DAVIS label PNG as `(height, width, indices)`: palette indices of a palette PNG (the
