@@ -12,20 +12,25 @@
 //! 100 steps). The 10-step bounds (1e-5, 1e-8 for the parameter norms) keep a margin of 12-40x
 //! over that drift and catch a small defect: weight decay applied to the biases and 1-D
 //! parameters too moves the parameter norms by 3.6e-6 at step 1 and the loss by 2e-5 by step 10.
-//! The bounds up to step 100 (1e-3, 1e-5) keep a margin of 8-15x over the measured drift; the
-//! committed files hold 100 steps, longer ones (`STEPS=300 GOLDEN=1 bench/trajectory.sh`) get
-//! the looser bounds past step 100.
+//! The bounds up to step 100 (1e-3, 1e-5) keep a margin of 8-15x over the measured drift. The
+//! committed files hold 300 steps. Between steps 100 and 150 the two f32 runs part into
+//! neighbouring trajectories of the same training (the per-step deviation of the losses reaches
+//! 1e-2 and stops growing), so past step 100 the losses, the gradient norm and the target std are
+//! compared as means over the last 50 steps (measured: within 0.76%, bound 2%), and the
+//! parameter norms step by step (measured: within 1.2e-4, bound 1e-3).
 
 use std::path::PathBuf;
 
 use cjepa::train::loss::Method;
 use cjepa::train::trajectory::{record, rel_dev, Setup, StepRecord, Trajectory, QUANTITIES};
 
-/// The bounds after step 10 (losses, gradient norm and target std; parameter norms): up to
-/// step 100, then beyond (not yet set from a measured 300-step run: the drift grows from 1e-6 at
-/// step 50 to 1e-4 at step 100, faster while the learning rate is at its peak).
-const LONG_TOL: [f64; 2] = [1e-3, 0.1];
+/// The bounds after step 10, up to step 100 and beyond: losses, gradient norm and target std
+/// (beyond step 100: none step by step, see [`MEAN_TOL`]); parameter norms.
+const LONG_TOL: [f64; 2] = [1e-3, f64::INFINITY];
 const LONG_NORM_TOL: [f64; 2] = [1e-5, 1e-3];
+/// Past step 100: the means over the last 50 steps of the losses, the gradient norm and the
+/// target std (measured within 0.76%, bench/RESULTS.md).
+const MEAN_TOL: f64 = 2e-2;
 
 fn golden(method: &str) -> Trajectory {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -79,6 +84,28 @@ fn check(method: Method, steps: Option<u64>) {
         failures.len(),
         failures[..failures.len().min(20)].join("\n")
     );
+    if steps > 150 {
+        let tail = |t: &[StepRecord], f: fn(&StepRecord) -> f64| -> f64 {
+            let t = &t[steps as usize - 50..steps as usize];
+            t.iter().map(f).sum::<f64>() / t.len() as f64
+        };
+        let means: [(&str, fn(&StepRecord) -> f64); 4] = [
+            ("loss", |r| r.loss),
+            ("loss_jepa", |r| r.loss_jepa),
+            ("target_std", |r| r.target_std),
+            ("grad_norm", |r| r.grad_norm),
+        ];
+        for (q, f) in means {
+            let (x, y) = (tail(&ours.steps, f), tail(&want.steps, f));
+            let d = rel_dev(x, y);
+            assert!(
+                d <= MEAN_TOL,
+                "{}: mean {q} over steps {}-{steps}: ours {x} vs official {y} (relative {d:.2e})",
+                setup.method_name(),
+                steps - 49
+            );
+        }
+    }
     // the run learns: the JEPA loss falls over the steps compared
     let (first, last): (&StepRecord, &StepRecord) = (&ours.steps[0], ours.steps.last().unwrap());
     assert!(last.loss_jepa < first.loss_jepa, "{first:?} -> {last:?}");
