@@ -368,12 +368,7 @@ fn evaluate(
         .map_err(|e| serr(&e))?;
     let bbox = ce::evaluate(&gt, &dt, ce::IouType::Bbox).map_err(|e| serr(&e))?;
     let segm = ce::evaluate(&gt, &dt, ce::IouType::Segm).map_err(|e| serr(&e))?;
-    let mut categories: Vec<(i64, String)> = gt
-        .categories
-        .iter()
-        .map(|c| (c.id, c.name.clone()))
-        .collect();
-    categories.sort_by_key(|c| c.0);
+    let categories = gt.categories_by_id();
     let report = ce::CocoReport {
         bbox: Some(bbox),
         segm: Some(segm),

@@ -392,6 +392,14 @@ mod loop_tests {
         }
     }
 
+    fn new_toy(reads: bool, nan_at: Option<u64>) -> Toy {
+        Toy {
+            reads,
+            nan_at,
+            saved: vec![],
+        }
+    }
+
     fn cfg(total: u64) -> LoopConfig {
         LoopConfig {
             total,
@@ -413,11 +421,7 @@ mod loop_tests {
     fn the_losses_are_read_once_per_log_and_never_in_a_step() {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = ctx(tmp.path());
-        let mut toy = Toy {
-            reads: false,
-            nan_at: None,
-            saved: vec![],
-        };
+        let mut toy = new_toy(false, None);
         let before = host_read::reads();
         let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(12), &mut toy).unwrap();
         // reads at steps 1, 5, 10 and 12 (the last), none inside the steps
@@ -428,11 +432,7 @@ mod loop_tests {
         assert_eq!(done.last["loss"], 12.0);
         assert_eq!(done.last["lr"], 0.5);
 
-        let mut toy = Toy {
-            reads: true,
-            nan_at: None,
-            saved: vec![],
-        };
+        let mut toy = new_toy(true, None);
         let tmp = tempfile::tempdir().unwrap();
         let mut c = ctx(tmp.path());
         let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(7), &mut toy).unwrap();
@@ -443,23 +443,16 @@ mod loop_tests {
     fn a_nan_stops_at_the_next_read_naming_its_step() {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = ctx(tmp.path());
-        let mut toy = Toy {
-            reads: false,
-            nan_at: Some(6), // step 7
-            saved: vec![],
-        };
+        let mut toy = new_toy(false, Some(6)); // the 7th step
         let e = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(20), &mut toy)
             .unwrap_err()
             .to_string();
         assert!(e.contains("loss is NaN at step 7; lower `lr`"), "{e}");
         assert!(c.ckpt.load().unwrap().is_none(), "nothing was checkpointed");
         // without a hint the loop trains on
-        let mut c = ctx(tempfile::tempdir().unwrap().path());
-        let mut toy = Toy {
-            reads: false,
-            nan_at: Some(6),
-            saved: vec![],
-        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        let mut toy = new_toy(false, Some(6));
         let mut quiet = cfg(8);
         quiet.nan_hint = None;
         let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &quiet, &mut toy).unwrap();
@@ -472,11 +465,7 @@ mod loop_tests {
         let tmp = tempfile::tempdir().unwrap();
         let whole = {
             let mut c = ctx(&tmp.path().join("a"));
-            let mut toy = Toy {
-                reads: false,
-                nan_at: None,
-                saved: vec![],
-            };
+            let mut toy = new_toy(false, None);
             run(
                 &mut c,
                 &mut Ranks::single(&Device::Cpu),
@@ -486,11 +475,7 @@ mod loop_tests {
             .unwrap()
         };
         let mut c = ctx(&tmp.path().join("b"));
-        let mut toy = Toy {
-            reads: false,
-            nan_at: None,
-            saved: vec![],
-        };
+        let mut toy = new_toy(false, None);
         c.interrupted
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let e = run(

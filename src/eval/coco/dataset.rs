@@ -242,6 +242,17 @@ fn check_size(r: &Rle, im: &CocoImage) -> Result<(), String> {
 }
 
 impl CocoDataset {
+    /// `(id, name)` of every category, by id (the order of the report's per-category rows).
+    pub fn categories_by_id(&self) -> Vec<(i64, String)> {
+        let mut c: Vec<(i64, String)> = self
+            .categories
+            .iter()
+            .map(|c| (c.id, c.name.clone()))
+            .collect();
+        c.sort_by_key(|c| c.0);
+        c
+    }
+
     /// Loads and validates an instances file.
     pub fn from_file(path: &Path) -> Result<CocoDataset, CocoError> {
         CocoDataset::from_json_str(&read(path)?, &path.display().to_string())

@@ -138,12 +138,7 @@ pub fn evaluate_files_with(
     }
     let gt = CocoDataset::from_file(gt)?;
     let dt = CocoResults::from_file(dt, &gt, det_area)?;
-    let mut categories: Vec<(i64, String)> = gt
-        .categories
-        .iter()
-        .map(|c| (c.id, c.name.clone()))
-        .collect();
-    categories.sort_by_key(|c| c.0);
+    let categories = gt.categories_by_id();
     let mut report = CocoReport {
         bbox: None,
         segm: None,
