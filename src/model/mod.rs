@@ -20,6 +20,7 @@ pub mod detect;
 pub mod error;
 pub mod fused;
 pub mod gather;
+pub mod head_bank;
 pub mod import;
 pub mod init;
 pub mod jepa;

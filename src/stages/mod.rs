@@ -74,6 +74,7 @@ pub mod finetune;
 pub mod knn;
 pub mod linear_probe;
 pub mod pretrain;
+pub mod probe_sweep;
 
 use serde::Serialize;
 use serde_json::Value;
