@@ -1,6 +1,7 @@
 //! Unit tests of `coco_detection`.
 
 use super::*;
+use crate::train::layer_decay::layer_scale;
 
 #[test]
 fn params_defaults_and_rejections() {
