@@ -1,4 +1,5 @@
-//! One segmentation training iteration: the network, its AdamW and the global batch of the iteration (each rank's share).
+//! One segmentation training iteration: the network, its AdamW and the global batch of the
+//! iteration (each rank's share).
 
 use super::{merr, read_labels, sample_index, Params, Protocol, CLASSES};
 use crate::data::ade20k::Ade20k;

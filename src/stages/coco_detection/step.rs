@@ -1,4 +1,5 @@
-//! One detection training step: the Mask R-CNN detector, its optimiser groups, the gradient mean over the ranks and the clip.
+//! One detection training step: the Mask R-CNN detector, its optimiser groups, the gradient mean
+//! over the ranks and the clip.
 
 use super::{stack, BackboneMode, Params};
 use crate::data::coco::CocoDataset;

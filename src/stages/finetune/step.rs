@@ -1,4 +1,5 @@
-//! One fine-tuning step: the model, its layer-decayed AdamW groups, Mixup / CutMix and the micro-batches of one effective batch.
+//! One fine-tuning step: the model, its layer-decayed AdamW groups, Mixup / CutMix and the micro-
+//! batches of one effective batch.
 
 use super::{merr, tensors, Params};
 use crate::data::augment::{self, MixupConfig, RandAugment};

@@ -36,12 +36,10 @@
 
 mod params;
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use params::{resolve, LossParams, MaskParams, Params};
@@ -52,13 +50,13 @@ use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::{DecodedImageSamples, ImageSamples, Loader, LoaderConfig};
 use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
-use crate::model::masks::{MaskConfig, MaskSampler};
-use crate::model::{JepaNetworks, VitConfig};
+use crate::model::masks::MaskSampler;
+use crate::model::VitConfig;
 use crate::train::iteration::{Batches, Plan, Trainer};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamWConfig;
 use crate::train::parallel::shards::{shard_count, ThreadShards, SHARDS_ENV};
 use crate::train::schedules::Schedules;
-use crate::train::step::{PendingLosses, StepError, StepLosses};
+use crate::train::step::PendingLosses;
 use crate::util::rng::derive_seed;
 
 /// Implementation version (part of the key). 2: `mask.min_keep` is the paper's 10 unless written;
@@ -67,44 +65,14 @@ pub const VERSION: u32 = 2;
 
 /// Full checkpoint of the three networks (prefixed names).
 pub const FULL_FILE: &str = "full.safetensors";
+
+mod checkpoints;
+use checkpoints::{
+    last_values, link_snapshots, log_step, output, resume_or_init, save, settle, snapshots_reached,
+    write_artifacts, write_snapshot,
+};
 /// Resolved config written next to the weights.
 pub const CONFIG_FILE: &str = "config.json";
-const NETS_FILE: &str = "nets.safetensors";
-const OPTIM_FILE: &str = "optim.safetensors";
-const STATE_FILE: &str = "state.json";
-
-/// The last step's values (the final metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-struct Last {
-    loss: f64,
-    loss_jepa: f64,
-    loss_sim: f64,
-    loss_std: f64,
-    loss_cov: f64,
-    target_std: f64,
-    lr: f64,
-}
-
-/// Everything besides the tensors that a checkpoint holds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct TrainState {
-    /// Completed steps.
-    step: u64,
-    /// Logged series up to `step`.
-    series: BTreeMap<String, Vec<(u64, f64)>>,
-    /// Values of step `step`.
-    last: Last,
-}
-
-impl TrainState {
-    fn push(&mut self, name: &str, value: f64) {
-        if value.is_finite() {
-            let s = self.step;
-            self.series.entry(name.into()).or_default().push((s, value));
-        }
-    }
-}
-
 /// Run the pretraining.
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let id = ctx.job.id.clone();
@@ -161,84 +129,16 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         .max_steps
         .map_or(sched.total_iterations, |m| m.min(sched.total_iterations));
 
-    // On the CPU in one process, each batch is cut into shards trained on separate threads.
-    let shards = if dev.is_cpu() && world == 1 {
-        let threads = rayon::current_num_threads();
-        let setting = std::env::var(SHARDS_ENV).ok();
-        let n = shard_count(SHARDS_ENV, setting.as_deref(), threads, p.batch_size).map_err(fail)?;
-        if n > 1 {
-            let pools = ThreadShards::new(n, threads).map_err(|e| fail(e.to_string()))?;
-            ctx.log(format!(
-                "each batch of {} trains as {n} shards on separate threads ({threads} threads)",
-                p.batch_size
-            ));
-            Some(pools)
-        } else {
-            None
-        }
-    } else {
-        None
-    };
+    let shards = thread_shards(ctx, &p, &dev, world).map_err(fail)?;
 
     let adam = AdamWConfig {
         clip_grad_norm: p.clip_grad,
         ..AdamWConfig::default()
     };
-    let (nets, mut opt, mut st) = match ctx.ckpt.load()? {
-        Some(c) => {
-            let bad = |e: String| fail(format!("checkpoint {}: {e}", c.path.display()));
-            let nets = JepaNetworks::from_safetensors(&cfg, &c.path.join(NETS_FILE), &dev)
-                .map_err(|e| bad(e.to_string()))?;
-            let mut opt = AdamW::new(nets.online_vars(), adam).map_err(|e| bad(e.to_string()))?;
-            let ost = candle_core::safetensors::load(c.path.join(OPTIM_FILE), &dev)?;
-            opt.load_state(&ost).map_err(|e| bad(e.to_string()))?;
-            let st: TrainState = serde_json::from_slice(&fs_err::read(c.path.join(STATE_FILE))?)?;
-            if st.step != c.step || st.step > total {
-                return Err(bad(format!("holds step {}, expected {}", st.step, c.step)));
-            }
-            ctx.log(format!("resumed from step {} of {total}", st.step));
-            (nets, opt, st)
-        }
-        None => {
-            let nets = JepaNetworks::new_random(&cfg, derive_seed(&key, seed, "init"), &dev)
-                .map_err(|e| fail(e.to_string()))?;
-            let opt = AdamW::new(nets.online_vars(), adam).map_err(|e| fail(e.to_string()))?;
-            (nets, opt, TrainState::default())
-        }
-    };
+    let (nets, mut opt, mut st) = resume_or_init(ctx, &cfg, adam, total, &dev)?;
     let resumed_from = st.step;
-    // Snapshots (epoch, step) this run reaches; those at or before the resumed step were
-    // written before the checkpoint was taken.
-    let snapshots: Vec<(u64, u64)> = p
-        .snapshot_epochs
-        .iter()
-        .map(|&k| (k, k * ipe))
-        .filter(|&(_, s)| s <= total)
-        .collect();
+    let snapshots = snapshots_reached(ctx, &p, ipe, total, st.step, rank)?;
     let snap_root = ctx.job.work_dir.join(backbone::SNAPSHOTS_DIR);
-    if rank == 0 {
-        for &(k, s) in snapshots.iter().filter(|(_, s)| *s <= st.step) {
-            let d = backbone::snapshot_dir(&ctx.job.work_dir, k);
-            if !d.join(backbone::ENCODER_FILE).is_file() {
-                return Err(fail(format!(
-                    "resuming at step {}: the snapshot of epoch {k} (step {s}) is missing from \
-                     {}; delete {} to train from the start",
-                    st.step,
-                    d.display(),
-                    ctx.ckpt.dir().display()
-                )));
-            }
-        }
-    }
-    for &k in &p.snapshot_epochs {
-        if k * ipe > total {
-            ctx.log(format!(
-                "no snapshot of epoch {k}: training stops at step {total} (`max_steps`), before \
-                 step {}",
-                k * ipe
-            ));
-        }
-    }
     ctx.log(format!(
         "{:?} on {n_images} images: {ipe} steps/epoch x {} epochs, training {total} steps; \
          grid {grid}x{grid}, mask min_keep {}, device {:?}",
@@ -344,46 +244,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 
     let out_dir = ctx.job.out_dir.clone();
     write_artifacts(ctx, &out_dir, &nets, &cfg, &mask_cfg, ipe, total)?;
-    for &(k, _) in &snapshots {
-        let (src, dst) = (
-            backbone::snapshot_dir(&ctx.job.work_dir, k),
-            backbone::snapshot_dir(&out_dir, k),
-        );
-        fs_err::create_dir_all(&dst)?;
-        for f in [backbone::ENCODER_FILE, backbone::MODEL_FILE] {
-            if std::fs::hard_link(src.join(f), dst.join(f)).is_err() {
-                fs_err::copy(src.join(f), dst.join(f))?;
-            }
-        }
-    }
-    let mut out = StageOutput::default();
-    let m = &mut out.metrics;
-    let last = st.last;
-    for (k, v) in [
-        ("loss", last.loss),
-        ("loss_jepa", last.loss_jepa),
-        ("loss_sim", last.loss_sim),
-        ("loss_std", last.loss_std),
-        ("loss_cov", last.loss_cov),
-        ("target_std", last.target_std),
-        ("lr", last.lr),
-        ("steps", st.step as f64),
-        ("epochs", st.step as f64 / ipe as f64),
-    ] {
-        // JSON has no NaN: a non-finite value is left out rather than breaking the record.
-        if v.is_finite() {
-            m.insert(k.into(), v);
-        }
-    }
-    let trained = st.step - resumed_from;
-    if trained > 0 {
-        m.insert(
-            "images_per_sec".into(),
-            (trained as usize * p.batch_size) as f64 / secs.max(1e-9),
-        );
-    }
-    out.series = st.series;
-    out.info = json!({
+    let info = json!({
         "resumed_from": resumed_from,
         "iterations_per_epoch": ipe,
         "total_steps": total,
@@ -393,7 +254,33 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "thread_shards": shards.as_ref().map_or(1, ThreadShards::count),
         "snapshot_epochs": snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
     });
-    Ok(out)
+    link_snapshots(ctx, &snapshots)?;
+    let trained = (st.step - resumed_from) as usize * p.batch_size;
+    Ok(output(st, ipe, trained as f64 / secs.max(1e-9), info))
+}
+
+/// On the CPU in one process, each batch is cut into shards trained on separate threads.
+fn thread_shards(
+    ctx: &mut StageContext,
+    p: &Params,
+    dev: &candle_core::Device,
+    world: usize,
+) -> std::result::Result<Option<ThreadShards>, String> {
+    if !(dev.is_cpu() && world == 1) {
+        return Ok(None);
+    }
+    let threads = rayon::current_num_threads();
+    let setting = std::env::var(SHARDS_ENV).ok();
+    let n = shard_count(SHARDS_ENV, setting.as_deref(), threads, p.batch_size)?;
+    if n <= 1 {
+        return Ok(None);
+    }
+    let pools = ThreadShards::new(n, threads).map_err(|e| e.to_string())?;
+    ctx.log(format!(
+        "each batch of {} trains as {n} shards on separate threads ({threads} threads)",
+        p.batch_size
+    ));
+    Ok(Some(pools))
 }
 
 /// The architecture: `config["model"]` with `img_size` / `patch_size` applied.
@@ -507,147 +394,6 @@ fn pretraining_images(
             ),
         )),
     }
-}
-
-/// Reads the values of the last step taken, if still unread. A divergence stops the stage; the
-/// weights of the diverged steps are never written, so the last checkpoint is the last good one.
-fn settle(
-    id: &str,
-    ctx: &StageContext,
-    unread: &mut Option<(u64, PendingLosses, f64)>,
-    total: u64,
-) -> Result<Option<(StepLosses, f64)>> {
-    let Some((step, pending, lr)) = unread.take() else {
-        return Ok(None);
-    };
-    match pending.read() {
-        Ok(l) => Ok(Some((l, lr))),
-        Err(e @ StepError::NonFinite { .. }) => Err(Error::stage(
-            id,
-            format!(
-                "diverged by step {step} of {total}: {e}; the last good checkpoint ({}) is \
-                 kept; lower `lr` or set `clip_grad`",
-                match ctx.ckpt.load() {
-                    Ok(Some(c)) => format!("step {}", c.step),
-                    _ => "none yet".into(),
-                }
-            ),
-        )),
-        Err(e) => Err(Error::stage(id, format!("step {step}: {e}"))),
-    }
-}
-
-fn last_values(l: &StepLosses, lr: f64) -> Last {
-    Last {
-        loss: l.total as f64,
-        loss_jepa: l.jepa as f64,
-        loss_sim: l.sim as f64,
-        loss_std: l.std as f64,
-        loss_cov: l.cov as f64,
-        target_std: l.target_std as f64,
-        lr,
-    }
-}
-
-/// Records a logged step in the stage's series and its live curves (which also get the
-/// throughput since the run started).
-fn log_step(
-    ctx: &mut StageContext,
-    st: &mut TrainState,
-    l: &StepLosses,
-    (lr, wd): (f64, f64),
-    images_per_sec: f64,
-    eff_rank: f64,
-) {
-    let values = [
-        ("loss", l.total as f64),
-        ("loss_jepa", l.jepa as f64),
-        ("loss_sim", l.sim as f64),
-        ("loss_std", l.std as f64),
-        ("loss_cov", l.cov as f64),
-        ("target_std", l.target_std as f64),
-        ("target_eff_rank", eff_rank),
-        ("lr", lr),
-        ("wd", wd),
-        ("grad_norm", l.optim.grad_norm.unwrap_or(f64::NAN)),
-    ];
-    for (name, v) in values {
-        st.push(name, v);
-    }
-    let mut curves = values.to_vec();
-    curves.push(("images_per_sec", images_per_sec));
-    ctx.scalars(st.step, &curves);
-}
-
-/// Save the training state after `st.step` completed steps.
-fn save(ctx: &mut StageContext, nets: &JepaNetworks, opt: &AdamW, st: &TrainState) -> Result<()> {
-    let weights = nets.state_tensors();
-    let optim = opt
-        .state_tensors()
-        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-    let state = serde_json::to_vec(st)?;
-    ctx.ckpt.save(st.step, |dir| {
-        candle_core::safetensors::save(&weights, dir.join(NETS_FILE))?;
-        candle_core::safetensors::save(&optim, dir.join(OPTIM_FILE))?;
-        fs_err::write(dir.join(STATE_FILE), &state)?;
-        Ok(())
-    })?;
-    ctx.log(format!("checkpoint at step {}", st.step));
-    Ok(())
-}
-
-/// The target encoder's tensors with official names (no prefix).
-fn target_tensors(nets: &JepaNetworks) -> HashMap<String, Tensor> {
-    let prefix = format!("{}.", crate::model::jepa::TARGET_ENCODER);
-    nets.state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v)))
-        .collect()
-}
-
-/// Write the snapshot of epoch `k` into `<root>/epoch-<k>/` (complete or absent: written into a
-/// temporary folder, then renamed; a copy left by an earlier attempt is replaced).
-fn write_snapshot(
-    root: &std::path::Path,
-    k: u64,
-    nets: &JepaNetworks,
-    cfg: &VitConfig,
-) -> Result<()> {
-    let name = format!("epoch-{k}");
-    let tmp = root.join(format!(".tmp-{name}"));
-    if tmp.exists() {
-        fs_err::remove_dir_all(&tmp)?;
-    }
-    backbone::save(&tmp, cfg, &target_tensors(nets))?;
-    let dst = root.join(name);
-    if dst.exists() {
-        fs_err::remove_dir_all(&dst)?;
-    }
-    fs_err::rename(&tmp, &dst)?;
-    Ok(())
-}
-
-fn write_artifacts(
-    ctx: &StageContext,
-    dir: &std::path::Path,
-    nets: &JepaNetworks,
-    cfg: &VitConfig,
-    mask: &MaskConfig,
-    ipe: u64,
-    total: u64,
-) -> Result<()> {
-    let all = nets.state_tensors();
-    backbone::save(dir, cfg, &target_tensors(nets))?;
-    candle_core::safetensors::save(&all, dir.join(FULL_FILE))?;
-    let mut config = ctx.job.config.clone();
-    config["effective"] = json!({
-        "model": cfg,
-        "mask": mask,
-        "iterations_per_epoch": ipe,
-        "total_steps": total,
-    });
-    crate::util::atomic::write_json(&dir.join(CONFIG_FILE), &config)?;
-    Ok(())
 }
 
 /// The `pretrain` kind.
