@@ -196,6 +196,12 @@ pub trait Kind: Sync {
     /// pools, environment). `rank` is the data-parallel rank, `None` for a lone process.
     fn prepare_process(&self, _job: &Job, _rank: Option<usize>) {}
 
+    /// What `cjepa report` reads from a stored stage's params (protocol, schedule, method,
+    /// data source); lenient, since records of older versions must still report.
+    fn report_facts(&self, params: &Value) -> super::report_facts::ReportFacts {
+        super::report_facts::ReportFacts::common(params)
+    }
+
     /// Runs the stage (inside `cjepa exec-stage`).
     fn run(&self, ctx: &mut StageContext) -> Result<StageOutput>;
 }

@@ -9,13 +9,15 @@
 //! - [`context`]: the running stage's view of the engine ([`StageContext`]) and its result
 //!   ([`StageOutput`]);
 //! - [`checkpoint`], [`progress`], [`tensorboard`]: the in-stage checkpointer, the progress file
-//!   and the live curves a stage writes.
+//!   and the live curves a stage writes;
+//! - [`report_facts`]: what `cjepa report` reads from a stored stage's params.
 
 pub mod checkpoint;
 pub mod context;
 pub mod hooks;
 pub mod job;
 pub mod progress;
+pub mod report_facts;
 pub mod tensorboard;
 
 use serde::de::DeserializeOwned;

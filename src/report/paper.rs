@@ -26,6 +26,7 @@ use serde_json::Value;
 use super::baselines::{Baseline, Benchmark, Method, Protocol, Source};
 use super::runs::{self, Origin};
 use super::Table;
+use crate::kind::report_facts::ReportFacts;
 use crate::store::Record;
 
 /// One measured number of one record.
@@ -81,45 +82,18 @@ pub fn kind_benchmarks(kind: &str) -> &'static [(Benchmark, &'static str, &'stat
     }
 }
 
-/// The protocol of a stage from its kind and params (the names of `registry/baselines`):
-/// * `coco_detection`: our detector is an FCOS-style box head with a RoIAlign mask head, not
-///   Mask R-CNN, so it is `coco-fcos` (`coco-fcos-frozen` with `backbone: frozen`) and never
-///   shares a cell with the published `coco-maskrcnn` numbers;
-/// * `ade20k_segmentation`: `protocol: upernet` is `ade20k-upernet` (the published one),
-///   `protocol: linear` (the stage's default) `ade20k-linear`;
-/// * any other kind: `protocol: <name>` in its params, else the kind's full recipe `base`.
-pub fn protocol_of(kind: &str, base: &str, params: &Value) -> String {
-    match kind {
-        "coco_detection" => {
-            let mut p = "coco-fcos".to_string();
-            if params["backbone"].as_str() == Some("frozen") {
-                p.push_str("-frozen");
-            }
-            p
-        }
-        "ade20k_segmentation" => {
-            let proto = params["protocol"].as_str().unwrap_or("linear");
-            format!("ade20k-{proto}")
-        }
-        _ => params["protocol"]
-            .as_str()
-            .map_or_else(|| base.to_string(), str::to_string),
-    }
+/// The protocol of a stage: the one its params choose ([`ReportFacts::protocol`], e.g.
+/// `coco-fcos` for our detector, `ade20k-linear`), else the benchmark's full recipe `base`.
+pub fn protocol_of(facts: &ReportFacts, base: &str) -> String {
+    facts.protocol.clone().unwrap_or_else(|| base.to_string())
 }
 
-/// Schedule length of an evaluation stage from its params.
-pub fn schedule_of(params: &Value) -> String {
-    for (k, unit) in [
-        ("epochs", "ep"),
-        ("iters", "it"),
-        ("max_iters", "it"),
-        ("steps", "it"),
-    ] {
-        if let Some(n) = params[k].as_f64() {
-            return format!("{} {unit}", super::table::fmt_num(n));
-        }
+/// Schedule length of an evaluation stage (`50 ep`, `160000 it`, `-`).
+pub fn schedule_of(facts: &ReportFacts) -> String {
+    match facts.schedule {
+        Some((n, unit)) => format!("{} {unit}", super::table::fmt_num(n)),
+        None => "-".into(),
     }
-    "-".into()
 }
 
 /// Every measurement in `records` (the upstream chain is looked up among them).
@@ -136,15 +110,15 @@ pub fn measurements(records: &[Record]) -> Vec<Measurement> {
         let origin = runs::origin(r, &by_key);
         let synth = runs::on_synth_data(r, &by_key);
         let dataset = runs::dataset_label(r, &by_key);
-        let params = &r.config["params"];
+        let facts = runs::facts(r);
         for (bench, base, metric) in benches {
             let Some(v) = r.metrics.get(*metric) else {
                 continue;
             };
             out.push(Measurement {
                 benchmark: *bench,
-                protocol: protocol_of(&r.kind, base, params),
-                schedule: schedule_of(params),
+                protocol: protocol_of(&facts, base),
+                schedule: schedule_of(&facts),
                 value: *v,
                 origin: origin.clone(),
                 synth,
@@ -552,45 +526,37 @@ mod tests {
 
     #[test]
     fn protocol_and_schedule_tags() {
+        let tag = |kind: &str, base: &str, params: Value| {
+            let k = crate::kind::StageKind::parse(kind).unwrap();
+            protocol_of(&crate::stages::table(k).report_facts(&params), base)
+        };
+        let ade = "ade20k_segmentation";
         assert_eq!(
-            protocol_of(
-                "ade20k_segmentation",
-                "ade20k-upernet",
-                &json!({"protocol": "linear"})
-            ),
+            tag(ade, "ade20k-upernet", json!({"protocol": "linear"})),
             "ade20k-linear"
         );
         assert_eq!(
-            protocol_of(
-                "ade20k_segmentation",
-                "ade20k-upernet",
-                &json!({"protocol": "upernet"})
-            ),
+            tag(ade, "ade20k-upernet", json!({"protocol": "upernet"})),
             "ade20k-upernet"
         );
+        assert_eq!(tag(ade, "ade20k-upernet", json!({})), "ade20k-linear");
+        let coco = "coco_detection";
         assert_eq!(
-            protocol_of(
-                "coco_detection",
-                "coco-maskrcnn",
-                &json!({"backbone": "frozen"})
-            ),
+            tag(coco, "coco-maskrcnn", json!({"backbone": "frozen"})),
             "coco-fcos-frozen"
         );
         assert_eq!(
-            protocol_of(
-                "coco_detection",
-                "coco-maskrcnn",
-                &json!({"backbone": "finetune"})
-            ),
+            tag(coco, "coco-maskrcnn", json!({"backbone": "finetune"})),
             "coco-fcos"
         );
         assert_eq!(
-            protocol_of("linear_probe", "linear", &json!({"head": "bn_linear"})),
+            tag("linear_probe", "linear", json!({"head": "bn_linear"})),
             "linear"
         );
-        assert_eq!(schedule_of(&json!({"epochs": 50})), "50 ep");
-        assert_eq!(schedule_of(&json!({"iters": 160000})), "160000 it");
-        assert_eq!(schedule_of(&json!({})), "-");
+        let sched = |v: Value| schedule_of(&ReportFacts::common(&v));
+        assert_eq!(sched(json!({"epochs": 50})), "50 ep");
+        assert_eq!(sched(json!({"iters": 160000})), "160000 it");
+        assert_eq!(sched(json!({})), "-");
     }
 
     #[test]

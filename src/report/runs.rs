@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_json::Value;
 
 use super::baselines::{arch_label, Method};
+use crate::kind::report_facts::{PretrainFacts, ReportFacts};
+use crate::kind::StageKind;
 use crate::model::VitConfig;
 use crate::plan::Plan;
 use crate::store::{Record, Status};
@@ -138,6 +140,16 @@ pub struct Origin {
     pub pretrain_key: Option<String>,
 }
 
+/// What the report reads from a record's params, read by the record's kind
+/// ([`crate::kind::Kind::report_facts`]).
+pub fn facts(r: &Record) -> ReportFacts {
+    let params = r.config.get("params").unwrap_or(&Value::Null);
+    match StageKind::parse(&r.kind) {
+        Some(k) => crate::stages::table(k).report_facts(params),
+        None => ReportFacts::common(params),
+    }
+}
+
 /// A record's nearest upstream record of `kind` (breadth first through `key_input.upstream`).
 pub fn upstream_of_kind<'a>(
     r: &'a Record,
@@ -173,11 +185,11 @@ pub const IMAGENET_LABEL: &str = "IN-1K";
 /// is among `by_key`.
 pub fn dataset_label(r: &Record, by_key: &BTreeMap<String, Record>) -> Option<String> {
     let d = upstream_of_kind(r, "dataset", by_key)?;
-    let p = &d.config["params"];
-    if p["source"].as_str() == Some("synth") {
+    let src = facts(d).dataset.unwrap_or_default();
+    if src.synth {
         return Some(format!("{} (synthetic)", d.stage_id));
     }
-    let preset = match (p["path"].as_str(), p["format"].as_str()) {
+    let preset = match (&src.path, &src.format) {
         (Some(path), Some(format)) => crate::spec::datasets::recognise_embedded(path, format),
         _ => None,
     };
@@ -191,34 +203,32 @@ pub fn dataset_label(r: &Record, by_key: &BTreeMap<String, Record>) -> Option<St
 /// Whether the nearest upstream dataset of a record is synthetic.
 pub fn on_synth_data(r: &Record, by_key: &BTreeMap<String, Record>) -> bool {
     upstream_of_kind(r, "dataset", by_key)
-        .is_some_and(|d| d.config["params"]["source"].as_str() == Some("synth"))
+        .is_some_and(|d| facts(d).dataset.is_some_and(|s| s.synth))
 }
 
-/// Method and label of pretraining params (`method`, and `vic_terms` and the `b_*` weights, read
-/// from the `loss:` section or, in older records, from the params themselves).
-pub fn method_of(params: &Value) -> (Option<Method>, String) {
-    let get = |name: &str| -> &Value {
-        match params.get("loss").and_then(|l| l.get(name)) {
-            Some(v) => v,
-            None => &params[name],
-        }
-    };
+/// Method and label of a pretraining run (its `method`, `vic_terms` and `b_*` weights; a
+/// weight not written is the paper's).
+pub fn method_of(p: &PretrainFacts) -> (Option<Method>, String) {
     let w = |name: &str| -> f64 {
-        get(name).as_f64().unwrap_or_else(|| {
-            PAPER_WEIGHTS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0.0, |(_, v)| *v)
-        })
+        p.weights
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| *v)
+            .unwrap_or_else(|| {
+                PAPER_WEIGHTS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0.0, |(_, v)| *v)
+            })
     };
-    let m = params["method"].as_str().unwrap_or("cjepa");
+    let m = p.method.as_str();
     if m == "ijepa" || (m == "cjepa" && w("b_vic") == 0.0) {
         return (Some(Method::Ijepa), Method::Ijepa.label().to_string());
     }
     if m != "cjepa" {
         return (None, m.to_string());
     }
-    let terms = get("vic_terms").as_str().unwrap_or("all");
+    let terms = p.vic_terms.as_str();
     let inv = matches!(terms, "all" | "invariance") && w("b_sim") != 0.0;
     let var = matches!(terms, "all" | "var_cov") && (w("b_std") != 0.0 || w("b_cov") != 0.0);
     let method = match (inv, var) {
@@ -294,17 +304,15 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
     };
     match pre {
         Some(p) => {
-            let params = &p.config["params"];
-            let (method, method_label) = method_of(params);
-            let (arch, arch_label) = arch_of(
-                &p.config["model"],
-                crate::kind::param(params, crate::kind::hooks::IMG).and_then(|v| v.as_u64()),
-            );
-            let run_epochs = params["epochs"].as_u64();
+            let pf = facts(p);
+            let pre = pf.pretrain.clone().unwrap_or_default();
+            let (method, method_label) = method_of(&pre);
+            let (arch, arch_label) = arch_of(&p.config["model"], pf.img_size);
+            let run_epochs = pre.epochs;
             // an evaluation of the run's snapshot of epoch K counts as K pretraining epochs
             let at_epoch = match r.kind.as_str() {
                 "pretrain" => None,
-                _ => r.config["params"]["at_epoch"].as_u64(),
+                _ => facts(r).at_epoch,
             };
             Origin {
                 method,
@@ -313,14 +321,13 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
                 arch_label,
                 epochs: at_epoch.or(run_epochs),
                 snapshot_of: at_epoch.and(run_epochs),
-                with_snapshots: params["snapshot_epochs"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty()),
+                with_snapshots: pre.snapshots,
                 pretrain_key: Some(p.key.clone()),
             }
         }
         None => {
-            let ck = r.config["params"]["checkpoint"].as_str().unwrap_or("");
+            let rf = facts(r);
+            let ck = rf.checkpoint.as_deref().unwrap_or("");
             let label = match ck {
                 "random" => "random init".to_string(),
                 "" | "upstream" => "no pretraining".to_string(),
@@ -330,11 +337,7 @@ pub fn origin(r: &Record, by_key: &BTreeMap<String, Record>) -> Origin {
                 ),
             };
             let (arch, arch_label) = if r.config.get("model").is_some() {
-                arch_of(
-                    &r.config["model"],
-                    crate::kind::param(&r.config["params"], crate::kind::hooks::IMG)
-                        .and_then(|v| v.as_u64()),
-                )
+                arch_of(&r.config["model"], rf.img_size)
             } else {
                 ("?".into(), "?".into())
             };
@@ -357,37 +360,48 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A pretraining's facts, read by the pretrain kind as the report reads them.
+    fn pre(params: Value) -> PretrainFacts {
+        crate::stages::table(StageKind::Pretrain)
+            .report_facts(&params)
+            .pretrain
+            .expect("pretrain facts")
+    }
+
     #[test]
     fn methods_follow_the_ablation() {
         assert_eq!(
-            method_of(&json!({"method": "ijepa"})).0,
+            method_of(&pre(json!({"method": "ijepa"}))).0,
             Some(Method::Ijepa)
         );
         assert_eq!(
-            method_of(&json!({"method": "cjepa"})).0,
+            method_of(&pre(json!({"method": "cjepa"}))).0,
             Some(Method::Cjepa)
         );
         assert_eq!(
-            method_of(&json!({"method": "cjepa", "vic_terms": "var_cov"})).0,
+            method_of(&pre(json!({"method": "cjepa", "vic_terms": "var_cov"}))).0,
             Some(Method::VarCov)
         );
         assert_eq!(
-            method_of(&json!({"method": "cjepa", "vic_terms": "invariance"})).0,
+            method_of(&pre(json!({"method": "cjepa", "vic_terms": "invariance"}))).0,
             Some(Method::Inv)
         );
         assert_eq!(
-            method_of(&json!({"method": "cjepa", "b_sim": 0.0})).0,
+            method_of(&pre(json!({"method": "cjepa", "b_sim": 0.0}))).0,
             Some(Method::VarCov)
         );
         assert_eq!(
-            method_of(&json!({"method": "cjepa", "b_vic": 0.0})).0,
+            method_of(&pre(json!({"method": "cjepa", "b_vic": 0.0}))).0,
             Some(Method::Ijepa)
         );
-        let (m, l) = method_of(&json!({"method": "cjepa", "b_vic": 0.01, "b_sim": 25.0}));
+        let (m, l) = method_of(&pre(
+            json!({"method": "cjepa", "b_vic": 0.01, "b_sim": 25.0}),
+        ));
         assert_eq!((m, l.as_str()), (None, "C-JEPA (b_vic=0.01)"));
         // a weight of an unused term does not count
-        let (m, _) =
-            method_of(&json!({"method": "cjepa", "vic_terms": "invariance", "b_std": 5.0}));
+        let (m, _) = method_of(&pre(
+            json!({"method": "cjepa", "vic_terms": "invariance", "b_std": 5.0}),
+        ));
         assert_eq!(m, Some(Method::Inv));
     }
 

@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{backbone, params_of, StageContext, StageOutput};
 use crate::data::ade20k::{self, Ade20k, LabelMap};
@@ -433,6 +433,19 @@ impl crate::kind::Kind for Ade20kSegmentation {
     }
 
     kind_basics!(super::resolve::<Params>, run);
+
+    /// `protocol: upernet` is `ade20k-upernet` (the published protocol), `protocol: linear`
+    /// (the default) `ade20k-linear`.
+    fn report_facts(&self, params: &Value) -> crate::kind::report_facts::ReportFacts {
+        let proto = params
+            .get("protocol")
+            .and_then(Value::as_str)
+            .unwrap_or("linear");
+        crate::kind::report_facts::ReportFacts {
+            protocol: Some(format!("ade20k-{proto}")),
+            ..crate::kind::report_facts::ReportFacts::common(params)
+        }
+    }
 
     fn check_plan(
         &self,

@@ -458,6 +458,24 @@ pub struct CocoDetection;
 impl crate::kind::Kind for CocoDetection {
     kind_basics!(resolve, run);
 
+    /// Our detector is an FCOS-style box head with a RoIAlign mask head, not Mask R-CNN: its
+    /// protocol is `coco-fcos` (`coco-fcos-frozen` with `backbone: frozen`), never sharing a
+    /// cell with the published `coco-maskrcnn` numbers.
+    fn report_facts(&self, params: &Value) -> crate::kind::report_facts::ReportFacts {
+        let frozen = params.get("backbone").and_then(Value::as_str) == Some("frozen");
+        crate::kind::report_facts::ReportFacts {
+            protocol: Some(
+                if frozen {
+                    "coco-fcos-frozen"
+                } else {
+                    "coco-fcos"
+                }
+                .into(),
+            ),
+            ..crate::kind::report_facts::ReportFacts::common(params)
+        }
+    }
+
     fn check_plan(
         &self,
         stage: &crate::kind::PlanView,

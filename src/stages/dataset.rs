@@ -436,6 +436,19 @@ pub struct Dataset;
 impl crate::kind::Kind for Dataset {
     kind_basics!(resolve, run);
 
+    fn report_facts(&self, params: &Value) -> crate::kind::report_facts::ReportFacts {
+        use crate::kind::report_facts::{DatasetFacts, ReportFacts};
+        let text = |k: &str| params.get(k).and_then(Value::as_str).map(str::to_string);
+        ReportFacts {
+            dataset: Some(DatasetFacts {
+                synth: text("source").as_deref() == Some("synth"),
+                path: text("path"),
+                format: text("format"),
+            }),
+            ..ReportFacts::common(params)
+        }
+    }
+
     fn unkeyed_params(&self) -> &'static [&'static str] {
         &["path"]
     }

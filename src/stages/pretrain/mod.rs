@@ -410,6 +410,39 @@ impl crate::kind::Kind for Pretrain {
 
     kind_basics!(resolve);
 
+    fn report_facts(&self, params: &Value) -> crate::kind::report_facts::ReportFacts {
+        use crate::kind::report_facts::{PretrainFacts, ReportFacts, LOSS_WEIGHTS};
+        let mut f = ReportFacts::common(params);
+        // the loss weights sit in `loss:`; records of older versions held them at the top
+        let get = |name: &str| {
+            params
+                .get("loss")
+                .and_then(|l| l.get(name))
+                .or_else(|| params.get(name))
+        };
+        f.pretrain = Some(PretrainFacts {
+            method: params
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("cjepa")
+                .to_string(),
+            vic_terms: get("vic_terms")
+                .and_then(Value::as_str)
+                .unwrap_or("all")
+                .to_string(),
+            weights: LOSS_WEIGHTS
+                .iter()
+                .map(|&n| (n, get(n).and_then(Value::as_f64)))
+                .collect(),
+            epochs: params.get("epochs").and_then(Value::as_u64),
+            snapshots: params
+                .get("snapshot_epochs")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty()),
+        });
+        f
+    }
+
     /// `model:` with `params.img_size` / `params.patch_size` applied.
     fn planned_model(
         &self,
