@@ -620,7 +620,11 @@ fn paper_pipelines_parse_and_cover_the_tables() {
             let loss = p["loss"].as_object_mut().unwrap();
             loss.insert("b_sim".into(), b_sim.clone());
             loss.insert("vic_terms".into(), terms.clone());
-            let (m, label) = runs::method_of(&Value::Object(p));
+            let facts = cjepa::stages::table(cjepa::kind::StageKind::Pretrain)
+                .report_facts(&Value::Object(p))
+                .pretrain
+                .expect("pretrain facts");
+            let (m, label) = runs::method_of(&facts);
             methods.push(m.unwrap_or_else(|| panic!("{label}")));
         }
     }
