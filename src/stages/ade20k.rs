@@ -43,7 +43,7 @@ use crate::data::transforms::{self, Interpolation, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 use crate::model::resize::resize_bilinear;
 use crate::model::VisionTransformer;
-use crate::train::run_loop::{self, LoopConfig};
+use crate::train::run_loop::{self, LoopConfig, Points};
 use crate::util::rng::stage_rng;
 
 use crate::model::seg_net::{Heads, SegNet as Model};
@@ -254,10 +254,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let cfg = LoopConfig {
         total: p.iters,
         log_every: p.log_every,
-        curve_every: p.log_every.max(1),
+        points: Points::Means(p.log_every.max(1)),
         names: vec!["loss"],
         nan_hint: Some("lower `lr`".into()),
         unit: "iteration",
+        rank_means: false,
+        images_per_step: None,
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {

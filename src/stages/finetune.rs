@@ -48,7 +48,7 @@ use crate::data::loader::{load_batch, ImageSamples};
 use crate::data::Transform;
 use crate::error::{Error, Result};
 use crate::model::classifier_head::ClassifierHead;
-use crate::train::run_loop::{self, LoopConfig};
+use crate::train::run_loop::{self, LoopConfig, Points};
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -218,10 +218,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let cfg = LoopConfig {
         total: r.ipe as u64 * p.epochs as u64,
         log_every: r.ipe as u64,
-        curve_every: r.ipe as u64,
+        points: Points::Means(r.ipe as u64),
         names: vec!["loss"],
         nan_hint: Some("lower `blr`".into()),
         unit: "step",
+        rank_means: false,
+        images_per_step: None,
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {

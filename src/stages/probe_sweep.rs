@@ -17,7 +17,7 @@ use crate::model::head_bank::{HeadBank, HeadOptim};
 use crate::model::VisionTransformer;
 use crate::train::cross_entropy::cross_entropy;
 use crate::train::parallel::ranks::Ranks;
-use crate::train::run_loop::{self, LoopConfig, Recipe, Step};
+use crate::train::run_loop::{self, LoopConfig, Points, Recipe, Step};
 
 /// Head architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -342,11 +342,13 @@ pub fn train_sweep(
     let cfg = LoopConfig {
         total,
         log_every: nb as u64,
-        curve_every: nb as u64,
+        points: Points::Means(nb as u64),
         names: vec!["loss_mean_of_heads"],
         // a head whose lr diverges is one outcome of the sweep: it is scored, not fatal
         nan_hint: None,
         unit: "step",
+        rank_means: false,
+        images_per_step: None,
     };
     let done = run_loop::run(ctx, &mut Ranks::single(dev), &cfg, &mut recipe)?;
     let mut banks = recipe.banks;
@@ -479,7 +481,7 @@ impl Recipe for ProbeRecipe<'_> {
         Ok(())
     }
 
-    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+    fn load(&mut self, dir: &std::path::Path, _step: u64) -> Result<()> {
         let t = candle_core::safetensors::load(dir.join(TENSORS_FILE), &self.dev)?;
         for (_, b) in self.banks.iter_mut() {
             b.load(&t, &self.dev)?;

@@ -1,6 +1,6 @@
-//! The training loop shared by the kinds that train a network after pretraining (fine-tuning,
-//! detection, segmentation, the linear probes). A kind writes its step as a [`Recipe`]; the loop
-//! owns everything around it:
+//! The training loop shared by every kind that trains (pretraining, fine-tuning, detection,
+//! segmentation, the linear probes). A kind writes its step as a [`Recipe`]; the loop owns
+//! everything around it:
 //!
 //! - **resume**: the newest checkpoint restores the recipe's tensors and the loop's state;
 //! - **one device read per log**: a step hands back its losses as tensors left on the device; the
@@ -8,8 +8,12 @@
 //!   each checkpoint (one device-to-host read, [`crate::util::host_read`]), never inside a step;
 //! - **the NaN stop**: a non-finite loss found at a read stops the stage with the step it
 //!   happened at. Weights are never checkpointed unread, so the last checkpoint is a healthy one;
-//! - **curves**: every step's values go to TensorBoard (written at the read), and the mean over
-//!   each `curve_every` steps becomes a point of the stage's series;
+//! - **curves**: every step's values go to TensorBoard (written at the read); the stage's series
+//!   hold either the mean over each `n` steps ([`Points::Means`]) or the values of the logged steps
+//!   themselves ([`Points::Logged`]);
+//! - **a recipe's own reads**: a step may ask for a read ([`Recipe::read_at`], e.g. before its
+//!   weights are copied out) and gets the read step back ([`Recipe::after_read`]) to add values
+//!   that cost a read of their own (e.g. an effective rank) or to write files;
 //! - **checkpoints and interrupts**: saved when [`crate::kind::checkpoint::Checkpointer::due`]
 //!   or on Ctrl-C / SIGTERM; with several ranks every rank agrees on both at every step, so
 //!   every rank reads at the same steps and rank 0 alone writes;
@@ -41,9 +45,8 @@ pub struct LoopConfig {
     /// Read (and log) the losses every this many steps (0: only at the first and last step
     /// and before checkpoints).
     pub log_every: u64,
-    /// A point of each series is the mean over this many steps (e.g. an epoch); the last point
-    /// may cover fewer.
-    pub curve_every: u64,
+    /// How the stage's series are made.
+    pub points: Points,
     /// Names of the values a step returns; the first is the loss the NaN stop watches.
     pub names: Vec<&'static str>,
     /// Stop at a non-finite loss, with this end of the message: what to change (e.g. "lower
@@ -51,6 +54,23 @@ pub struct LoopConfig {
     pub nan_hint: Option<String>,
     /// What a step is called in messages ("step", "iteration").
     pub unit: &'static str,
+    /// The values a step returns are already the same on every rank (averaged inside the step):
+    /// they are not averaged again.
+    pub rank_means: bool,
+    /// Images (or samples) one step trains: the loop then logs the throughput
+    /// (`images_per_sec`, since this run started) with the read values. Never a series.
+    pub images_per_step: Option<usize>,
+}
+
+/// How the points of a stage's series are made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Points {
+    /// The mean of the step's values over each this many steps (e.g. an epoch); the last point
+    /// may cover fewer.
+    Means(u64),
+    /// The values of each logged step (the first, every `log_every`-th, the last), with the
+    /// host values and those [`Recipe::after_read`] adds; non-finite values make no point.
+    Logged,
 }
 
 /// One kind's training step and the tensors it checkpoints.
@@ -59,8 +79,28 @@ pub trait Recipe {
     fn step(&mut self, ctx: &mut StageContext, ranks: &mut Ranks, step: u64) -> Result<Step>;
     /// Write the recipe's tensors (weights, optimiser moments) into a checkpoint folder.
     fn save(&self, dir: &Path) -> Result<()>;
-    /// Restore them from a checkpoint folder.
-    fn load(&mut self, dir: &Path) -> Result<()>;
+    /// Restore them from a checkpoint folder written after `step` steps.
+    fn load(&mut self, dir: &Path, step: u64) -> Result<()>;
+    /// Whether the values of `step` (1-based: steps done) must be read even when it is not a
+    /// logged step (e.g. before weights of that step are written anywhere).
+    fn read_at(&self, _step: u64) -> bool {
+        false
+    }
+    /// Called once the values of the latest step (`step` steps done) have been read and found
+    /// finite; `logged` says whether it is a logged step. Returns values to log with it.
+    fn after_read(
+        &mut self,
+        _ctx: &mut StageContext,
+        _step: u64,
+        _logged: bool,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        Ok(Vec::new())
+    }
+    /// The loop state of a checkpoint written before the loop's own file existed, if this kind
+    /// can read it (its step and series); `None`: the checkpoint is not resumed.
+    fn legacy_state(&self, _dir: &Path) -> Result<Option<LoopState>> {
+        Ok(None)
+    }
 }
 
 /// What one step hands back.
@@ -79,8 +119,19 @@ pub struct LoopState {
     pub step: u64,
     /// Values of the steps since the last series point (read, not yet averaged).
     window: Vec<Vec<f64>>,
-    /// Series: name -> (step, mean over its `curve_every` steps).
+    /// Series: name -> (step, value), made as [`LoopConfig::points`] says.
     pub curves: BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+impl LoopState {
+    /// The state after `step` steps with these series (a checkpoint of an older format).
+    pub fn at(step: u64, curves: BTreeMap<String, Vec<(u64, f64)>>) -> Self {
+        LoopState {
+            step,
+            window: Vec::new(),
+            curves,
+        }
+    }
 }
 
 /// What the loop hands back once every step is done.
@@ -120,24 +171,7 @@ pub fn run(
     recipe: &mut dyn Recipe,
 ) -> Result<Trained> {
     let id = ctx.job.id.clone();
-    let mut st = LoopState::default();
-    if let Some(c) = ctx.ckpt.load()? {
-        let file = c.path.join(LOOP_FILE);
-        if file.is_file() {
-            st = serde_json::from_slice(&fs_err::read(&file)?)
-                .map_err(|e| Error::stage(&id, format!("checkpoint {}: {e}", file.display())))?;
-            recipe.load(&c.path)?;
-            ctx.log(format!(
-                "resumed from {} {} of {}",
-                cfg.unit, st.step, cfg.total
-            ));
-        } else {
-            ctx.log(format!(
-                "checkpoint {} was written by an older version: training from the start",
-                c.path.display()
-            ));
-        }
-    }
+    let mut st = resume(ctx, cfg, recipe)?;
     let resumed_from = st.step;
     let mut unread: Vec<Unread> = Vec::new();
     let mut last = BTreeMap::new();
@@ -174,17 +208,11 @@ pub fn run(
             ranks.agree([ctx.is_interrupted(), due])?
         };
         let log_now = s == 1 || finished || (cfg.log_every > 0 && s % cfg.log_every == 0);
-        if log_now || save || stop {
-            let values = read(ranks, &mut unread)?;
+        if log_now || save || stop || recipe.read_at(s) {
+            let values = read(ranks, &mut unread, !cfg.rank_means)?;
             for (step, losses, host) in values {
                 if let (false, Some(hint)) = (losses[0].is_finite(), &cfg.nan_hint) {
-                    return Err(Error::stage(
-                        &id,
-                        format!(
-                            "{} is {} at {} {step}; {} (the last checkpoint is kept)",
-                            cfg.names[0], losses[0], cfg.unit, hint
-                        ),
-                    ));
+                    return Err(diverged(ctx, cfg, step, losses[0], hint));
                 }
                 let mut named: Vec<(&str, f64)> = cfg
                     .names
@@ -193,16 +221,24 @@ pub fn run(
                     .zip(losses.iter().copied())
                     .collect();
                 named.extend(host.iter().copied());
-                ctx.scalars(step, &named);
-                last = named.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-                st.window.push(losses);
-                if step % cfg.curve_every.max(1) == 0 || step == cfg.total {
-                    close_window(&mut st, &cfg.names, step);
+                if step == s {
+                    named.extend(recipe.after_read(ctx, s, log_now)?);
                 }
+                let mut curves = named.clone();
+                if let (Some(n), true) = (cfg.images_per_step, step == s) {
+                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                    curves.push((
+                        "images_per_sec",
+                        ((s - resumed_from) as usize * n) as f64 / secs,
+                    ));
+                }
+                ctx.scalars(step, &curves);
+                last = curves.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+                add_point(&mut st, cfg, step, log_now && step == s, losses, &named);
             }
-            msg = line(&last);
+            msg = short_line(&last);
             if log_now {
-                ctx.log(format!("{} {s}/{}: {msg}", cfg.unit, cfg.total));
+                ctx.log(format!("{} {s}/{}: {}", cfg.unit, cfg.total, line(&last)));
             }
         }
         ctx.progress.set(s, cfg.total, msg.clone());
@@ -216,6 +252,7 @@ pub fn run(
             }
         }
     }
+    last.remove("images_per_sec");
     Ok(Trained {
         state: st,
         resumed_from,
@@ -223,6 +260,91 @@ pub fn run(
         last,
         reads_in_steps,
     })
+}
+
+/// The state of the newest checkpoint (its tensors restored into `recipe`), or a fresh one.
+fn resume(ctx: &mut StageContext, cfg: &LoopConfig, recipe: &mut dyn Recipe) -> Result<LoopState> {
+    let Some(c) = ctx.ckpt.load()? else {
+        return Ok(LoopState::default());
+    };
+    let file = c.path.join(LOOP_FILE);
+    let st = if file.is_file() {
+        serde_json::from_slice(&fs_err::read(&file)?)
+            .map_err(|e| Error::stage(&ctx.job.id, format!("checkpoint {}: {e}", file.display())))?
+    } else if let Some(st) = recipe.legacy_state(&c.path)? {
+        st
+    } else {
+        ctx.log(format!(
+            "checkpoint {} was written by an older version: training from the start",
+            c.path.display()
+        ));
+        return Ok(LoopState::default());
+    };
+    let st: LoopState = st;
+    if st.step != c.step || st.step > cfg.total {
+        return Err(Error::stage(
+            &ctx.job.id,
+            format!(
+                "checkpoint {} holds {} {}, expected {} (at most {}); delete it to train from \
+                 the start",
+                c.path.display(),
+                cfg.unit,
+                st.step,
+                c.step,
+                cfg.total
+            ),
+        ));
+    }
+    recipe.load(&c.path, st.step)?;
+    ctx.log(format!(
+        "resumed from {} {} of {}",
+        cfg.unit, st.step, cfg.total
+    ));
+    Ok(st)
+}
+
+/// The error of a non-finite loss at `step`.
+fn diverged(ctx: &StageContext, cfg: &LoopConfig, step: u64, v: f64, hint: &str) -> Error {
+    let kept = match ctx.ckpt.load() {
+        Ok(Some(c)) => format!("{} {}", cfg.unit, c.step),
+        _ => "none yet".into(),
+    };
+    Error::stage(
+        &ctx.job.id,
+        format!(
+            "{} is non-finite ({v}) at {} {step} of {}: training diverged; {hint}; the last \
+             good checkpoint ({kept}) is kept",
+            cfg.names[0], cfg.unit, cfg.total
+        ),
+    )
+}
+
+/// Adds a read step's values to the series, as [`LoopConfig::points`] says.
+fn add_point(
+    st: &mut LoopState,
+    cfg: &LoopConfig,
+    step: u64,
+    logged: bool,
+    losses: Vec<f64>,
+    named: &[(&str, f64)],
+) {
+    match cfg.points {
+        Points::Means(n) => {
+            st.window.push(losses);
+            if step % n.max(1) == 0 || step == cfg.total {
+                close_window(st, &cfg.names, step);
+            }
+        }
+        Points::Logged if logged => {
+            for &(name, v) in named.iter().filter(|(_, v)| v.is_finite()) {
+                st.curves
+                    .entry(name.to_string())
+                    .or_default()
+                    .push((step, v));
+            }
+        }
+        Points::Logged => {}
+    }
 }
 
 /// Checkpoint the finished training (e.g. before a long evaluation that may be interrupted).
@@ -237,8 +359,8 @@ pub fn checkpoint(ctx: &mut StageContext, st: &LoopState, recipe: &dyn Recipe) -
 
 type Read = (u64, Vec<f64>, Vec<(&'static str, f64)>);
 
-/// The values of the unread steps, in one device read (averaged over the ranks).
-fn read(ranks: &mut Ranks, unread: &mut Vec<Unread>) -> Result<Vec<Read>> {
+/// The values of the unread steps, in one device read (averaged over the ranks with `mean`).
+fn read(ranks: &mut Ranks, unread: &mut Vec<Unread>, mean: bool) -> Result<Vec<Read>> {
     if unread.is_empty() {
         return Ok(Vec::new());
     }
@@ -253,7 +375,7 @@ fn read(ranks: &mut Ranks, unread: &mut Vec<Unread>) -> Result<Vec<Read>> {
     } else {
         host_read::vec1::<f64>(&Tensor::stack(&all, 0)?)?
     };
-    if ranks.world() > 1 {
+    if mean && ranks.world() > 1 {
         let as32: Vec<f32> = flat.iter().map(|&v| v as f32).collect();
         flat = ranks
             .mean_scalars(&as32)?
@@ -283,13 +405,26 @@ fn close_window(st: &mut LoopState, names: &[&'static str], step: u64) {
     st.window.clear();
 }
 
+/// The progress line: the loss, and the throughput when the loop measures it.
+fn short_line(values: &BTreeMap<String, f64>) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = values.get("loss") {
+        parts.push(format!("loss {l:.4}"));
+    }
+    if let Some(ips) = values.get("images_per_sec") {
+        parts.push(format!("{ips:.1} img/s"));
+    }
+    parts.join(" ")
+}
+
+/// The log line: every value read.
 fn line(values: &BTreeMap<String, f64>) -> String {
     let mut parts: Vec<String> = Vec::new();
     if let Some(l) = values.get("loss") {
         parts.push(format!("loss {l:.4}"));
     }
     for (k, v) in values {
-        if k == "loss" {
+        if k == "loss" || !v.is_finite() {
             continue;
         }
         if k == "lr" {
@@ -344,7 +479,7 @@ mod tests {
             .collect();
         let mut ranks = Ranks::single(&dev);
         let before = host_read::reads();
-        let got = read(&mut ranks, &mut unread).unwrap();
+        let got = read(&mut ranks, &mut unread, true).unwrap();
         assert_eq!(host_read::reads() - before, 1);
         assert!(unread.is_empty());
         assert_eq!(got.len(), 3);
@@ -364,6 +499,10 @@ mod loop_tests {
         reads: bool,
         nan_at: Option<u64>,
         saved: Vec<u64>,
+        /// a step whose values must be read
+        read_at: Option<u64>,
+        /// (step, logged) of each `after_read`
+        after: Vec<(u64, bool)>,
     }
 
     impl Recipe for Toy {
@@ -386,9 +525,25 @@ mod loop_tests {
             fs_err::write(dir.join("toy"), b"x")?;
             Ok(())
         }
-        fn load(&mut self, _: &Path) -> Result<()> {
-            self.saved.push(1);
+        fn load(&mut self, _: &Path, step: u64) -> Result<()> {
+            self.saved.push(step);
             Ok(())
+        }
+        fn read_at(&self, step: u64) -> bool {
+            Some(step) == self.read_at
+        }
+        fn after_read(
+            &mut self,
+            _: &mut StageContext,
+            step: u64,
+            logged: bool,
+        ) -> Result<Vec<(&'static str, f64)>> {
+            self.after.push((step, logged));
+            Ok(vec![("extra", step as f64 * 10.0), ("unset", f64::NAN)])
+        }
+        fn legacy_state(&self, dir: &Path) -> Result<Option<LoopState>> {
+            let old = dir.join("old-state");
+            Ok(old.is_file().then(|| LoopState::at(1, BTreeMap::new())))
         }
     }
 
@@ -397,6 +552,8 @@ mod loop_tests {
             reads,
             nan_at,
             saved: vec![],
+            read_at: None,
+            after: vec![],
         }
     }
 
@@ -404,10 +561,12 @@ mod loop_tests {
         LoopConfig {
             total,
             log_every: 5,
-            curve_every: 4,
+            points: Points::Means(4),
             names: vec!["loss"],
             nan_hint: Some("lower `lr`".into()),
             unit: "step",
+            rank_means: false,
+            images_per_step: None,
         }
     }
 
@@ -447,7 +606,11 @@ mod loop_tests {
         let e = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(20), &mut toy)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("loss is NaN at step 7; lower `lr`"), "{e}");
+        assert!(
+            e.contains("loss is non-finite (NaN) at step 7 of 20: training diverged; lower `lr`")
+                && e.contains("the last good checkpoint (none yet) is kept"),
+            "{e}"
+        );
         assert!(c.ckpt.load().unwrap().is_none(), "nothing was checkpointed");
         // without a hint the loop trains on
         let tmp = tempfile::tempdir().unwrap();
@@ -502,8 +665,71 @@ mod loop_tests {
             &mut toy,
         )
         .unwrap();
-        assert_eq!(toy.saved, vec![1], "the recipe was restored once");
+        assert_eq!(
+            toy.saved,
+            vec![1],
+            "the recipe was restored once, at step 1"
+        );
         assert_eq!(resumed.resumed_from, 1);
         assert_eq!(resumed.state, whole.state);
+    }
+
+    #[test]
+    fn logged_points_are_the_logged_steps_values_with_the_recipes_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        let mut toy = new_toy(false, None);
+        toy.read_at = Some(3);
+        let mut logged = cfg(12);
+        logged.points = Points::Logged;
+        logged.images_per_step = Some(4);
+        let before = host_read::reads();
+        let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &logged, &mut toy).unwrap();
+        // reads at steps 1, 3 (asked by the recipe), 5, 10 and 12
+        assert_eq!(host_read::reads() - before, 5);
+        assert_eq!(
+            toy.after,
+            vec![(1, true), (3, false), (5, true), (10, true), (12, true)]
+        );
+        // a point per logged step: its own value, no mean; host and recipe values too,
+        // non-finite ones and the throughput left out
+        assert_eq!(
+            done.curve("loss"),
+            vec![(1, 1.0), (5, 5.0), (10, 10.0), (12, 12.0)]
+        );
+        assert_eq!(done.curve("lr").len(), 4);
+        assert_eq!(
+            done.curve("extra"),
+            vec![(1, 10.0), (5, 50.0), (10, 100.0), (12, 120.0)]
+        );
+        assert!(done.curve("unset").is_empty() && done.curve("images_per_sec").is_empty());
+        assert_eq!(done.last["extra"], 120.0);
+        assert!(!done.last.contains_key("images_per_sec"));
+    }
+
+    #[test]
+    fn a_checkpoint_of_an_older_format_resumes_through_the_recipe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        c.ckpt
+            .save(1, |dir| {
+                fs_err::write(dir.join("old-state"), b"1")?;
+                Ok(())
+            })
+            .unwrap();
+        let mut toy = new_toy(false, None);
+        let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(4), &mut toy).unwrap();
+        assert_eq!((done.resumed_from, toy.saved.clone()), (1, vec![1]));
+        // without the recipe's reader it trains from the start
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = ctx(tmp.path());
+        c.ckpt
+            .save(1, |dir| {
+                fs_err::write(dir.join("unknown"), b"1")?;
+                Ok(())
+            })
+            .unwrap();
+        let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(4), &mut toy).unwrap();
+        assert_eq!(done.resumed_from, 0);
     }
 }

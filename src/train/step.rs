@@ -130,6 +130,19 @@ impl PendingLosses {
         effective_rank(&self.z_t)
     }
 
+    /// The six values `[total, jepa, sim, std, cov, target_std]` as scalar tensors still on the
+    /// device (for a loop that reads them later with other steps' values).
+    pub fn values(&self) -> Result<Vec<Tensor>, StepError> {
+        Ok((0..6)
+            .map(|i| self.values.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// The gradient norm before clipping, when it was computed (host value).
+    pub fn grad_norm(&self) -> Option<f64> {
+        self.optim.grad_norm
+    }
+
     /// The six values, in one counted device-to-host read. A non-finite total is
     /// [`StepError::NonFinite`] (on every rank alike: the values are the ranks' means).
     pub fn read(&self) -> Result<StepLosses, StepError> {

@@ -137,7 +137,7 @@ impl Recipe for SegRecipe<'_> {
         Ok(())
     }
 
-    fn load(&mut self, dir: &Path) -> Result<()> {
+    fn load(&mut self, dir: &Path, _step: u64) -> Result<()> {
         self.model.load(dir).map_err(merr)?;
         let t = candle_core::safetensors::load(dir.join("optim.safetensors"), &self.dev)?;
         self.opt

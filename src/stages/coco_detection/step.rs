@@ -245,7 +245,7 @@ impl Recipe for DetRecipe<'_> {
         Ok(())
     }
 
-    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+    fn load(&mut self, dir: &std::path::Path, _step: u64) -> Result<()> {
         let w = candle_core::safetensors::load(dir.join(WEIGHTS), &self.dev)?;
         for (n, v, _) in &self.trainable {
             let t = w

@@ -234,7 +234,7 @@ impl Recipe for FtRecipe<'_> {
         Ok(())
     }
 
-    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+    fn load(&mut self, dir: &std::path::Path, _step: u64) -> Result<()> {
         let w = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &self.dev)?;
         for (name, var) in &self.all_vars {
             let t = w.get(name).ok_or_else(|| {

@@ -12,8 +12,10 @@
 //! augmentations from stream `data` (per (epoch, sample) inside the loader), the masks of iteration
 //! `i` from stream `masks/i`. So the training state is only: the three networks, the AdamW moments
 //! and counts, the step and the logged series; that is what a checkpoint holds (`nets.safetensors`,
-//! `optim.safetensors`, `state.json`), and a run interrupted at any point (SIGTERM, or kill -9
-//! between checkpoints) and rerun finishes bit-identical on CPU.
+//! `optim.safetensors`, and the shared loop's `loop.json`; a `state.json` of the format before it
+//! is still resumed), and a run interrupted at any point (SIGTERM, or kill -9 between checkpoints)
+//! and rerun finishes bit-identical on CPU. The loop around the step (reads, NaN stop,
+//! checkpoints, interrupts, ranks) is [`crate::train::run_loop`]; the step is [`step`].
 //!
 //! Artifacts: `encoder.safetensors` + `model.json` (the **target** encoder, official names, see
 //! [`super::backbone`]), `full.safetensors` (`encoder.` / `predictor.` / `target_encoder.`
@@ -37,9 +39,7 @@
 mod params;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
-use candle_core::Tensor;
 use serde_json::{json, Value};
 
 pub use params::{resolve, LossParams, MaskParams, Params};
@@ -51,12 +51,13 @@ use crate::data::loader::{DecodedImageSamples, ImageSamples, Loader, LoaderConfi
 use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
 use crate::model::masks::MaskSampler;
+use crate::model::JepaNetworks;
 use crate::model::VitConfig;
-use crate::train::iteration::{Batches, Plan, Trainer};
-use crate::train::optim::AdamWConfig;
+use crate::train::iteration::{Batches, Plan};
+use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::parallel::shards::{shard_count, ThreadShards, SHARDS_ENV};
+use crate::train::run_loop::{self, LoopConfig, Points};
 use crate::train::schedules::Schedules;
-use crate::train::step::PendingLosses;
 use crate::util::rng::derive_seed;
 
 /// Implementation version (part of the key). 2: `mask.min_keep` is the paper's 10 unless written;
@@ -67,10 +68,9 @@ pub const VERSION: u32 = 2;
 pub const FULL_FILE: &str = "full.safetensors";
 
 mod checkpoints;
-use checkpoints::{
-    last_values, link_snapshots, log_step, output, resume_or_init, save, settle, snapshots_reached,
-    write_artifacts, write_snapshot,
-};
+mod step;
+use checkpoints::{link_snapshots, output, snapshots_reached, write_artifacts};
+use step::{JepaStep, NAMES};
 /// Resolved config written next to the weights.
 pub const CONFIG_FILE: &str = "config.json";
 /// Run the pretraining.
@@ -130,133 +130,78 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         .map_or(sched.total_iterations, |m| m.min(sched.total_iterations));
 
     let shards = thread_shards(ctx, &p, &dev, world).map_err(fail)?;
-
     let adam = AdamWConfig {
         clip_grad_norm: p.clip_grad,
         ..AdamWConfig::default()
     };
-    let (nets, mut opt, mut st) = resume_or_init(ctx, &cfg, adam, total, &dev)?;
-    let resumed_from = st.step;
-    let snapshots = snapshots_reached(ctx, &p, ipe, total, st.step, rank)?;
-    let snap_root = ctx.job.work_dir.join(backbone::SNAPSHOTS_DIR);
+    // a resumed run replaces these with the checkpoint's
+    let nets = JepaNetworks::new_random(&cfg, derive_seed(&key, seed, "init"), &dev)
+        .map_err(|e| fail(e.to_string()))?;
+    let opt = AdamW::new(nets.online_vars(), adam.clone()).map_err(|e| fail(e.to_string()))?;
+    let snapshots = snapshots_reached(ctx, &p, ipe, total);
     ctx.log(format!(
         "{:?} on {n_images} images: {ipe} steps/epoch x {} epochs, training {total} steps; \
          grid {grid}x{grid}, mask min_keep {}, device {:?}",
         p.method, p.epochs, mask_cfg.min_keep, dev
     ));
-
-    let t0 = Instant::now();
-    let mut batches = Batches::new(&loader);
-    let plan = Plan {
-        sampler: &sampler,
-        sched: &sched,
-        loss: &loss_cfg,
-        key: &key,
-        seed,
-        batch: p.batch_size,
+    let mut step = JepaStep {
+        id: id.clone(),
+        plan: Plan {
+            sampler: &sampler,
+            sched: &sched,
+            loss: &loss_cfg,
+            key: &key,
+            seed,
+            batch: p.batch_size,
+            rank,
+            world,
+        },
+        batches: Batches::new(&loader),
+        nets,
+        opt,
+        adam,
+        cfg: cfg.clone(),
+        shards,
+        dev,
         rank,
-        world,
+        ipe,
+        snapshots,
+        snap_root: ctx.job.work_dir.join(backbone::SNAPSHOTS_DIR),
+        work_dir: ctx.job.work_dir.clone(),
+        latest: None,
     };
-    // the last step's values while they are still on the device: (step, values, lr)
-    let mut unread: Option<(u64, PendingLosses, f64)> = None;
-    let mut progress_msg = String::new();
-    while st.step < total {
-        // every rank stops at the same step; rank 0 checkpoints while the others wait
-        ranks.stop_if_interrupted(ctx, |ctx| {
-            if let Some((l, lr)) = settle(&id, ctx, &mut unread, total)? {
-                st.last = last_values(&l, lr);
-            }
-            save(ctx, &nets, &opt, &st)
-        })?;
-        let it = st.step;
-        let epoch = it / ipe;
-        let batch = batches
-            .get(it)
-            .ok_or_else(|| fail(format!("epoch {epoch} ended before step {it}")))?
-            .map_err(|e| fail(e.to_string()))?;
-        let images = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
-        let completed = it + 1;
-        let log_now = completed % p.log_every == 0 || completed == total || completed == 1;
-        let snapshot = snapshots
-            .iter()
-            .find(|(_, s)| *s == completed)
-            .map(|&(k, _)| k);
-        let ckpt_now = rank == 0 && completed < total && ctx.ckpt.due(completed);
-        let trainer = match &shards {
-            Some(pools) => Trainer::Shards(pools),
-            None => Trainer::Ranks(ranks.comm()),
-        };
-        let done = plan
-            .run(it, &images, &nets, &mut opt, trainer)
-            .map_err(|e| fail(format!("step {completed}: {e}")))?;
-        let (pending, hv) = (done.pending, done.hyper);
-        st.step = completed;
-        // The step's values stay on the device (no sync) except where they are used: logged
-        // steps (always the first and the last) and steps whose weights are written, which must
-        // not be written after a divergence.
-        unread = Some((completed, pending, hv.lr));
-        if !(log_now || ckpt_now || snapshot.is_some()) {
-            ctx.progress.set(completed, total, progress_msg.clone());
-            continue;
-        }
-        // the second collapse monitor, on logged steps only (one more read, O(D^3) on the host)
-        let eff_rank = match (&unread, log_now) {
-            (Some((_, pending, _)), true) => pending
-                .effective_rank()
-                .map_err(|e| fail(format!("step {completed}: {e}")))?,
-            _ => f64::NAN,
-        };
-        let (l, _) = settle(&id, ctx, &mut unread, total)?.expect("a step was just taken");
-        st.last = last_values(&l, hv.lr);
-        progress_msg = format!("loss {:.4}", l.total);
-        if let (Some(k), 0) = (snapshot, rank) {
-            write_snapshot(&snap_root, k, &nets, &cfg)?;
-            ctx.log(format!("snapshot of epoch {k} (step {completed})"));
-        }
-        if log_now {
-            let secs = t0.elapsed().as_secs_f64();
-            let ips = ((completed - resumed_from) as usize * p.batch_size) as f64 / secs.max(1e-9);
-            log_step(ctx, &mut st, &l, (hv.lr, hv.wd), ips, eff_rank);
-            ctx.log(format!(
-                "step {completed}/{total} epoch {} loss {:.5} (jepa {:.5} sim {:.4} std {:.4} \
-                 cov {:.4}) target_std {:.4} lr {:.3e} | {:.1} img/s",
-                epoch + 1,
-                l.total,
-                l.jepa,
-                l.sim,
-                l.std,
-                l.cov,
-                l.target_std,
-                hv.lr,
-                ips,
-            ));
-        }
-        ctx.progress.set(completed, total, progress_msg.clone());
-        if ckpt_now {
-            save(ctx, &nets, &opt, &st)?;
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
+    let loop_cfg = LoopConfig {
+        total,
+        log_every: p.log_every,
+        points: Points::Logged,
+        names: NAMES.to_vec(),
+        nan_hint: Some("lower `lr` or set `clip_grad`".into()),
+        unit: "step",
+        rank_means: true,
+        images_per_step: Some(p.batch_size),
+    };
+    let done = run_loop::run(ctx, &mut ranks, &loop_cfg, &mut step)?;
     if rank > 0 {
         // rank 0 holds the same weights and writes the artifacts and the metrics
         return Ok(StageOutput::default());
     }
 
     let out_dir = ctx.job.out_dir.clone();
-    write_artifacts(ctx, &out_dir, &nets, &cfg, &mask_cfg, ipe, total)?;
+    write_artifacts(ctx, &out_dir, &step.nets, &cfg, &mask_cfg, ipe, total)?;
     let info = json!({
-        "resumed_from": resumed_from,
+        "resumed_from": done.resumed_from,
         "iterations_per_epoch": ipe,
         "total_steps": total,
         "train_images": n_images,
         "mask_min_keep": mask_cfg.min_keep,
         "ranks": world,
-        "thread_shards": shards.as_ref().map_or(1, ThreadShards::count),
-        "snapshot_epochs": snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        "thread_shards": step.shards.as_ref().map_or(1, ThreadShards::count),
+        "snapshot_epochs": step.snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
     });
-    link_snapshots(ctx, &snapshots)?;
-    let trained = (st.step - resumed_from) as usize * p.batch_size;
-    Ok(output(st, ipe, trained as f64 / secs.max(1e-9), info))
+    link_snapshots(ctx, &step.snapshots)?;
+    let trained = (done.state.step - done.resumed_from) as usize * p.batch_size;
+    let images_per_sec = trained as f64 / done.secs.max(1e-9);
+    Ok(output(done, ipe, images_per_sec, info))
 }
 
 /// On the CPU in one process, each batch is cut into shards trained on separate threads.
