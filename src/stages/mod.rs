@@ -1,7 +1,10 @@
-//! The stage kinds' implementations, one file per kind: its params struct (serde, defaults,
-//! `deny_unknown_fields`), its implementation version (bump it when a change alters results),
-//! its [`Kind`] hooks (plan checks, cost, process set-up) and its `run` recipe. [`table`] is the
-//! one `match` from the closed [`StageKind`] enum to them; the engine is handed it.
+//! The stage kinds' implementations, one file (or folder) per kind: its params struct (serde,
+//! defaults, `deny_unknown_fields`), its implementation version (bump it when a change alters
+//! results), its [`Kind`] hooks (plan checks, cost, process set-up, report facts) and its `run`
+//! recipe. A training kind's step (model, optimiser groups, one update) sits beside it in
+//! `<kind>/step.rs` and its unit tests in `<kind>/tests.rs`; [`probe_sweep`] is the head sweep
+//! the linear and CLEVR probes share. [`table`] is the one `match` from the closed
+//! [`StageKind`] enum to them; the engine is handed it.
 
 /// The hooks every kind writes the same way: its `VERSION`, its params resolved by `$resolve`
 /// and defaulted by `Params::default()`, and (with `run`) its `run` function.
