@@ -87,6 +87,10 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
             for (k, v) in full {
                 m.insert(k, v);
             }
+            // the default colouring is left out, so keys from before `style` stay the same
+            if m.get("style").and_then(Value::as_str) == Some("varied") {
+                m.remove("style");
+            }
         }
     }
     Ok(out)
@@ -503,6 +507,23 @@ impl crate::kind::Kind for Dataset {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_default_style_leaves_the_key_as_it_was() {
+        let resolved = |extra: &str| {
+            let yaml = format!("{{ source: synth, format: imagefolder, classes: 3{extra} }}");
+            let m: serde_json::Map<String, Value> = serde_yaml::from_str(&yaml).unwrap();
+            resolve(&m).unwrap()
+        };
+        let plain = resolved("");
+        assert!(plain.get("style").is_none(), "{plain}");
+        assert_eq!(resolved(", style: varied"), plain);
+        assert_eq!(resolved(", style: gray")["style"], "gray");
+        let m: serde_json::Map<String, Value> =
+            serde_yaml::from_str("{ source: synth, format: imagefolder, style: pink }").unwrap();
+        let e = resolve(&m).unwrap_err();
+        assert!(e.contains("style") && e.contains("varied"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -1,5 +1,8 @@
-//! Synthetic ImageFolder: one class per shape structure; colour, position, scale, rotation,
-//! background and noise are random so that colour alone does not identify the class.
+//! Synthetic ImageFolder: one class per shape structure; position, scale, rotation and noise are
+//! random. In the `varied` style (the default) colours and a background gradient are random too,
+//! so that colour alone does not identify the class; in the `gray` style the image is a light
+//! gray shape on a dark gray ground (random levels), where the shape is most of what there is
+//! to see (the style a short pretraining can learn from, as on real photographs of objects).
 
 use std::f64::consts::PI;
 use std::path::Path;
@@ -33,6 +36,19 @@ pub struct ImageFolderParams {
     pub size: u32,
     /// JPEG quality of the written `.JPEG` files.
     pub jpeg_quality: u8,
+    /// How the images are coloured (not part of the key when `varied`, the default).
+    pub style: Style,
+}
+
+/// How a synthetic ImageFolder's images are coloured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Style {
+    /// Random colours for the shape and a random two-colour gradient behind it.
+    #[default]
+    Varied,
+    /// A light gray shape (textures: light and mid gray) on a dark gray ground.
+    Gray,
 }
 
 impl Default for ImageFolderParams {
@@ -43,6 +59,7 @@ impl Default for ImageFolderParams {
             val_per_class: 20,
             size: 64,
             jpeg_quality: 90,
+            style: Style::Varied,
         }
     }
 }
@@ -68,7 +85,7 @@ pub(super) fn generate(out: &Path, seed: u64, p: &ImageFolderParams) -> Result<(
         (0..n).into_par_iter().try_for_each(|i| {
             let (c, k) = (i % p.classes, i / p.classes);
             let mut rng = item_rng(seed, DataFormat::ImageFolder, split, i);
-            let canvas = render(c, p.size as usize, &mut rng);
+            let canvas = render(c, p.size as usize, p.style, &mut rng);
             let path = out
                 .join(split)
                 .join(CLASS_KINDS[c])
@@ -80,14 +97,26 @@ pub(super) fn generate(out: &Path, seed: u64, p: &ImageFolderParams) -> Result<(
 }
 
 /// Render one image of class `class`.
-fn render(class: usize, s: usize, rng: &mut ChaCha8Rng) -> Canvas {
+fn render(class: usize, s: usize, style: Style, rng: &mut ChaCha8Rng) -> Canvas {
     let sf = s as f64;
-    let bg0 = draw::random_color(rng);
-    let bg1 = draw::mix(bg0, draw::random_color(rng), 0.5);
-    let mut cv = Canvas::gradient(s, s, bg0, bg1, rng.gen_range(0.0..2.0 * PI));
-    let bg_mid = draw::mix(bg0, bg1, 0.5);
-    let fg = draw::contrasting_color(rng, bg_mid, 0.25);
-    let fg2 = draw::contrasting_color(rng, fg, 0.3);
+    let (bg0, bg1, angle, fg, fg2) = match style {
+        Style::Varied => {
+            let bg0 = draw::random_color(rng);
+            let bg1 = draw::mix(bg0, draw::random_color(rng), 0.5);
+            let angle = rng.gen_range(0.0..2.0 * PI);
+            let bg_mid = draw::mix(bg0, bg1, 0.5);
+            let fg = draw::contrasting_color(rng, bg_mid, 0.25);
+            let fg2 = draw::contrasting_color(rng, fg, 0.3);
+            (bg0, bg1, angle, fg, fg2)
+        }
+        Style::Gray => {
+            let bg = rng.gen_range(0.0f32..0.3);
+            let fg = rng.gen_range(0.7f32..1.0);
+            let fg2 = rng.gen_range(0.35f32..0.55);
+            ([bg; 3], [bg; 3], 0.0, [fg; 3], [fg2; 3])
+        }
+    };
+    let mut cv = Canvas::gradient(s, s, bg0, bg1, angle);
     let r = sf * rng.gen_range(0.2..0.36);
     let cx = rng.gen_range(r * 0.9..sf - r * 0.9);
     let cy = rng.gen_range(r * 0.9..sf - r * 0.9);
@@ -201,4 +230,41 @@ fn render(class: usize, s: usize, rng: &mut ChaCha8Rng) -> Canvas {
     let amp = rng.gen_range(0.02..0.08);
     cv.noise(rng, amp);
     cv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Largest difference between two channels of one pixel.
+    fn colour_spread(cv: &Canvas) -> f32 {
+        cv.px
+            .iter()
+            .map(|p| (p[0] - p[1]).abs().max((p[1] - p[2]).abs()))
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn gray_images_are_gray_and_varied_ones_are_coloured() {
+        for class in 0..CLASS_KINDS.len() {
+            let mut rng = ChaCha8Rng::seed_from_u64(class as u64);
+            let gray = render(class, 32, Style::Gray, &mut rng);
+            // only the per-channel noise (at most 0.08 each way) tells the channels apart
+            assert!(colour_spread(&gray) <= 0.161, "{}", CLASS_KINDS[class]);
+            let mut rng = ChaCha8Rng::seed_from_u64(class as u64);
+            let varied = render(class, 32, Style::Varied, &mut rng);
+            assert!(colour_spread(&varied) > 0.2, "{}", CLASS_KINDS[class]);
+        }
+    }
+
+    #[test]
+    fn the_shape_stands_out_from_a_gray_ground() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let cv = render(0, 64, Style::Gray, &mut rng); // a circle
+        let mut levels: Vec<f32> = cv.px.iter().map(|p| p[0]).collect();
+        levels.sort_by(f32::total_cmp);
+        let (dark, light) = (levels[levels.len() / 10], levels[levels.len() * 99 / 100]);
+        assert!(light - dark > 0.3, "ground {dark}, shape {light}");
+    }
 }
