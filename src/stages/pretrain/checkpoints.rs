@@ -2,7 +2,7 @@
 //! format before the shared loop), the epoch snapshots, the final artifacts and metrics.
 
 use super::super::{backbone, StageContext, StageOutput};
-use super::step::NAMES;
+use super::step::{JepaStep, NAMES};
 use super::{Params, CONFIG_FILE, FULL_FILE};
 use crate::error::{Error, Result};
 use crate::model::masks::MaskConfig;
@@ -87,7 +87,7 @@ pub(super) fn check_snapshots(
 }
 
 /// Link (or copy) the epoch snapshots from the work folder into the outputs.
-pub(super) fn link_snapshots(ctx: &StageContext, snapshots: &[(u64, u64)]) -> Result<()> {
+fn link_snapshots(ctx: &StageContext, snapshots: &[(u64, u64)]) -> Result<()> {
     for &(k, _) in snapshots {
         let (src, dst) = (
             backbone::snapshot_dir(&ctx.job.work_dir, k),
@@ -103,8 +103,26 @@ pub(super) fn link_snapshots(ctx: &StageContext, snapshots: &[(u64, u64)]) -> Re
     Ok(())
 }
 
+/// The finished run's artifacts (weights, config, snapshots) and its output.
+pub(super) fn finish(
+    ctx: &mut StageContext,
+    step: &JepaStep,
+    mask: &MaskConfig,
+    done: Trained,
+    batch_size: usize,
+    info: Value,
+) -> Result<StageOutput> {
+    let out_dir = ctx.job.out_dir.clone();
+    let total = done.state.step;
+    write_artifacts(ctx, &out_dir, &step.nets, &step.cfg, mask, step.ipe, total)?;
+    link_snapshots(ctx, &step.snapshots)?;
+    let trained = (total - done.resumed_from) as usize * batch_size;
+    let images_per_sec = trained as f64 / done.secs.max(1e-9);
+    Ok(output(done, step.ipe, images_per_sec, info))
+}
+
 /// The stage's metrics (the last step's values), series and info.
-pub(super) fn output(done: Trained, ipe: u64, images_per_sec: f64, info: Value) -> StageOutput {
+fn output(done: Trained, ipe: u64, images_per_sec: f64, info: Value) -> StageOutput {
     let mut out = StageOutput::default();
     let m = &mut out.metrics;
     let step = done.state.step;
@@ -156,7 +174,7 @@ pub(super) fn write_snapshot(
     Ok(())
 }
 
-pub(super) fn write_artifacts(
+fn write_artifacts(
     ctx: &StageContext,
     dir: &std::path::Path,
     nets: &JepaNetworks,

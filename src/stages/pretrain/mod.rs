@@ -51,10 +51,9 @@ use crate::data::loader::{DecodedImageSamples, ImageSamples, Loader, LoaderConfi
 use crate::data::{DataError, DataFormat};
 use crate::error::{Error, Result};
 use crate::model::masks::MaskSampler;
-use crate::model::JepaNetworks;
 use crate::model::VitConfig;
 use crate::train::iteration::{Batches, Plan};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamWConfig;
 use crate::train::parallel::shards::{shard_count, ThreadShards, SHARDS_ENV};
 use crate::train::run_loop::{self, LoopConfig, Points};
 use crate::train::schedules::Schedules;
@@ -69,7 +68,7 @@ pub const FULL_FILE: &str = "full.safetensors";
 
 mod checkpoints;
 mod step;
-use checkpoints::{link_snapshots, output, snapshots_reached, write_artifacts};
+use checkpoints::{finish, snapshots_reached};
 use step::{JepaStep, NAMES};
 /// Resolved config written next to the weights.
 pub const CONFIG_FILE: &str = "config.json";
@@ -93,16 +92,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let (rank, world) = (ranks.rank(), ranks.world());
     ranks.check_divides("batch_size", p.batch_size)?;
 
-    let (root, format) = dataset_root(ctx)?;
-    let samples = pretraining_images(&root, format, &p.split).map_err(|e| fail(e.to_string()))?;
-    let n_images = samples.len();
-    let source = DecodedImageSamples {
-        images: ImageSamples {
-            samples,
-            transform: p.transform(cfg.img_size),
-        },
-        decode: p.decode,
-    };
+    let (source, root) = image_source(ctx, &p, &cfg)?;
+    let n_images = source.images.samples.len();
     let loader = Loader::new(
         &source,
         LoaderConfig {
@@ -135,9 +126,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         ..AdamWConfig::default()
     };
     // a resumed run replaces these with the checkpoint's
-    let nets = JepaNetworks::new_random(&cfg, derive_seed(&key, seed, "init"), &dev)
-        .map_err(|e| fail(e.to_string()))?;
-    let opt = AdamW::new(nets.online_vars(), adam.clone()).map_err(|e| fail(e.to_string()))?;
+    let (nets, opt) =
+        step::fresh(&cfg, &adam, derive_seed(&key, seed, "init"), &dev).map_err(&fail)?;
     let snapshots = snapshots_reached(ctx, &p, ipe, total);
     ctx.log(format!(
         "{:?} on {n_images} images: {ipe} steps/epoch x {} epochs, training {total} steps; \
@@ -186,8 +176,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         return Ok(StageOutput::default());
     }
 
-    let out_dir = ctx.job.out_dir.clone();
-    write_artifacts(ctx, &out_dir, &step.nets, &cfg, &mask_cfg, ipe, total)?;
     let info = json!({
         "resumed_from": done.resumed_from,
         "iterations_per_epoch": ipe,
@@ -198,10 +186,26 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "thread_shards": step.shards.as_ref().map_or(1, ThreadShards::count),
         "snapshot_epochs": step.snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
     });
-    link_snapshots(ctx, &step.snapshots)?;
-    let trained = (done.state.step - done.resumed_from) as usize * p.batch_size;
-    let images_per_sec = trained as f64 / done.secs.max(1e-9);
-    Ok(output(done, ipe, images_per_sec, info))
+    finish(ctx, &step, &mask_cfg, done, p.batch_size, info)
+}
+
+/// The images of the upstream dataset's split with this stage's transform, and its root.
+fn image_source(
+    ctx: &StageContext,
+    p: &Params,
+    cfg: &VitConfig,
+) -> Result<(DecodedImageSamples, PathBuf)> {
+    let (root, format) = dataset_root(ctx)?;
+    let samples = pretraining_images(&root, format, &p.split)
+        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+    let source = DecodedImageSamples {
+        images: ImageSamples {
+            samples,
+            transform: p.transform(cfg.img_size),
+        },
+        decode: p.decode,
+    };
+    Ok((source, root))
 }
 
 /// On the CPU in one process, each batch is cut into shards trained on separate threads.

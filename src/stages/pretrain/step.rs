@@ -52,6 +52,18 @@ pub(super) struct JepaStep<'r> {
     pub(super) latest: Option<PendingLosses>,
 }
 
+/// Networks drawn from `seed` and their optimiser.
+pub(super) fn fresh(
+    cfg: &VitConfig,
+    adam: &AdamWConfig,
+    seed: u64,
+    dev: &Device,
+) -> std::result::Result<(JepaNetworks, AdamW), String> {
+    let nets = JepaNetworks::new_random(cfg, seed, dev).map_err(|e| e.to_string())?;
+    let opt = AdamW::new(nets.online_vars(), adam.clone()).map_err(|e| e.to_string())?;
+    Ok((nets, opt))
+}
+
 impl JepaStep<'_> {
     fn fail(&self, m: String) -> Error {
         Error::stage(&self.id, m)
