@@ -7,6 +7,7 @@ use super::{Params, CONFIG_FILE, FULL_FILE};
 use crate::error::{Error, Result};
 use crate::model::masks::MaskConfig;
 use crate::model::{JepaNetworks, VitConfig};
+use crate::train::parallel::shards::ThreadShards;
 use crate::train::run_loop::{LoopState, Trained};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -103,17 +104,27 @@ fn link_snapshots(ctx: &StageContext, snapshots: &[(u64, u64)]) -> Result<()> {
     Ok(())
 }
 
-/// The finished run's artifacts (weights, config, snapshots) and its output.
+/// The finished run's artifacts (weights, config, snapshots) and its output (`n_images`
+/// training images, `world` ranks).
 pub(super) fn finish(
     ctx: &mut StageContext,
     step: &JepaStep,
     mask: &MaskConfig,
     done: Trained,
-    batch_size: usize,
-    info: Value,
+    (batch_size, n_images, world): (usize, usize, usize),
 ) -> Result<StageOutput> {
     let out_dir = ctx.job.out_dir.clone();
     let total = done.state.step;
+    let info = json!({
+        "resumed_from": done.resumed_from,
+        "iterations_per_epoch": step.ipe,
+        "total_steps": total,
+        "train_images": n_images,
+        "mask_min_keep": mask.min_keep,
+        "ranks": world,
+        "thread_shards": step.shards.as_ref().map_or(1, ThreadShards::count),
+        "snapshot_epochs": step.snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+    });
     write_artifacts(ctx, &out_dir, &step.nets, &step.cfg, mask, step.ipe, total)?;
     link_snapshots(ctx, &step.snapshots)?;
     let trained = (total - done.resumed_from) as usize * batch_size;

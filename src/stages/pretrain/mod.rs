@@ -40,7 +40,7 @@ mod params;
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub use params::{resolve, LossParams, MaskParams, Params};
 
@@ -108,7 +108,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let ipe = loader.num_batches() as u64;
     if ipe == 0 {
         return Err(fail(format!(
-            "split `{}` of {} has {n_images} images, fewer than one batch of {}; lower `batch_size`",
+            "split `{}` of {} has {n_images} images, fewer than one batch of {}; lower \
+             `batch_size`",
             p.split,
             root.display(),
             p.batch_size
@@ -160,7 +161,19 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         work_dir: ctx.job.work_dir.clone(),
         latest: None,
     };
-    let loop_cfg = LoopConfig {
+    let done = run_loop::run(ctx, &mut ranks, &loop_config(&p, total), &mut step)?;
+    if rank > 0 {
+        // rank 0 holds the same weights and writes the artifacts and the metrics
+        return Ok(StageOutput::default());
+    }
+
+    finish(ctx, &step, &mask_cfg, done, (p.batch_size, n_images, world))
+}
+
+/// The shared loop's settings for pretraining: series of the logged steps' own values, the
+/// values already the ranks' means, the throughput in images.
+fn loop_config(p: &Params, total: u64) -> LoopConfig {
+    LoopConfig {
         total,
         log_every: p.log_every,
         points: Points::Logged,
@@ -169,24 +182,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         unit: "step",
         rank_means: true,
         images_per_step: Some(p.batch_size),
-    };
-    let done = run_loop::run(ctx, &mut ranks, &loop_cfg, &mut step)?;
-    if rank > 0 {
-        // rank 0 holds the same weights and writes the artifacts and the metrics
-        return Ok(StageOutput::default());
     }
-
-    let info = json!({
-        "resumed_from": done.resumed_from,
-        "iterations_per_epoch": ipe,
-        "total_steps": total,
-        "train_images": n_images,
-        "mask_min_keep": mask_cfg.min_keep,
-        "ranks": world,
-        "thread_shards": step.shards.as_ref().map_or(1, ThreadShards::count),
-        "snapshot_epochs": step.snapshots.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
-    });
-    finish(ctx, &step, &mask_cfg, done, p.batch_size, info)
 }
 
 /// The images of the upstream dataset's split with this stage's transform, and its root.
