@@ -2,7 +2,8 @@
 //! random. In the `varied` style (the default) colours and a background gradient are random too,
 //! so that colour alone does not identify the class; in the `gray` style the image is a light
 //! gray shape on a dark gray ground (random levels), where the shape is most of what there is
-//! to see (the style a short pretraining can learn from, as on real photographs of objects).
+//! to see (the style a short pretraining can learn from, as on real photographs of objects);
+//! `mixed` draws every other image of each class in each style.
 
 use std::f64::consts::PI;
 use std::path::Path;
@@ -49,6 +50,8 @@ pub enum Style {
     Varied,
     /// A light gray shape (textures: light and mid gray) on a dark gray ground.
     Gray,
+    /// Every other image of each class `gray`, the rest `varied`.
+    Mixed,
 }
 
 impl Default for ImageFolderParams {
@@ -85,7 +88,7 @@ pub(super) fn generate(out: &Path, seed: u64, p: &ImageFolderParams) -> Result<(
         (0..n).into_par_iter().try_for_each(|i| {
             let (c, k) = (i % p.classes, i / p.classes);
             let mut rng = item_rng(seed, DataFormat::ImageFolder, split, i);
-            let canvas = render(c, p.size as usize, p.style, &mut rng);
+            let canvas = render(c, p.size as usize, p.style.of_image(k), &mut rng);
             let path = out
                 .join(split)
                 .join(CLASS_KINDS[c])
@@ -96,11 +99,22 @@ pub(super) fn generate(out: &Path, seed: u64, p: &ImageFolderParams) -> Result<(
     Ok(())
 }
 
+impl Style {
+    /// The style of the `k`-th image of a class.
+    fn of_image(self, k: usize) -> Style {
+        match self {
+            Style::Mixed if k % 2 == 0 => Style::Gray,
+            Style::Mixed => Style::Varied,
+            s => s,
+        }
+    }
+}
+
 /// Render one image of class `class`.
 fn render(class: usize, s: usize, style: Style, rng: &mut ChaCha8Rng) -> Canvas {
     let sf = s as f64;
     let (bg0, bg1, angle, fg, fg2) = match style {
-        Style::Varied => {
+        Style::Varied | Style::Mixed => {
             let bg0 = draw::random_color(rng);
             let bg1 = draw::mix(bg0, draw::random_color(rng), 0.5);
             let angle = rng.gen_range(0.0..2.0 * PI);
@@ -256,6 +270,14 @@ mod tests {
             let varied = render(class, 32, Style::Varied, &mut rng);
             assert!(colour_spread(&varied) > 0.2, "{}", CLASS_KINDS[class]);
         }
+    }
+
+    #[test]
+    fn mixed_alternates_the_styles_within_each_class() {
+        let of: Vec<Style> = (0..4).map(|k| Style::Mixed.of_image(k)).collect();
+        assert_eq!(of, [Style::Gray, Style::Varied, Style::Gray, Style::Varied]);
+        assert_eq!(Style::Gray.of_image(1), Style::Gray);
+        assert_eq!(Style::Varied.of_image(0), Style::Varied);
     }
 
     #[test]
