@@ -204,6 +204,29 @@ fn sample_index(key: &str, seed: u64, n: usize, g: u64) -> usize {
 }
 
 /// Run the stage: check, train ([`crate::train::run_loop`]), predict the val split, score.
+/// The blocks the head reads (`layers`, or the protocol's default for this depth), once the
+/// params are checked against the backbone and the number of ranks.
+fn checked_layers(
+    p: &Params,
+    cfg: &crate::model::VitConfig,
+    world: usize,
+) -> std::result::Result<Vec<i64>, String> {
+    let layers = if p.layers.is_empty() {
+        default_layers(cfg.depth)
+    } else {
+        p.layers.clone()
+    };
+    check(p, &layers, cfg.patch_size)?;
+    if p.protocol == Protocol::Upernet && p.batch_size / world < 2 {
+        return Err(format!(
+            "UperNet trains BatchNorm layers on each rank's shard: `batch_size` ({}) must be at \
+             least 2 x the number of ranks ({world})",
+            p.batch_size,
+        ));
+    }
+    Ok(layers)
+}
+
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
@@ -224,21 +247,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         )));
     }
     let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
-    let layers = if p.layers.is_empty() {
-        default_layers(bb.cfg.depth)
-    } else {
-        p.layers.clone()
-    };
-    check(&p, &layers, bb.cfg.patch_size).map_err(&bad)?;
     ranks.check_divides("batch_size", p.batch_size)?;
-    if p.protocol == Protocol::Upernet && p.batch_size / ranks.world() < 2 {
-        return Err(bad(format!(
-            "UperNet trains BatchNorm layers on each rank's shard: `batch_size` ({}) must be at \
-             least 2 x the number of ranks ({})",
-            p.batch_size,
-            ranks.world()
-        )));
-    }
+    let layers = checked_layers(&p, &bb.cfg, ranks.world()).map_err(&bad)?;
     ctx.log(format!(
         "ADE20K {:?} protocol on {} ({} blocks, patch {}), layers {:?}; {} train / {} val images",
         p.protocol,

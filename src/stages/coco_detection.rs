@@ -237,6 +237,38 @@ fn stack(images: &[&Chw], dev: &Device) -> Result<Tensor> {
 }
 
 /// Run the stage: build the detector, train ([`crate::train::run_loop`]), evaluate, write.
+/// The detector's results and weights, COCOeval's report and the run's config.
+fn write_artifacts(
+    out_dir: &std::path::Path,
+    r: &DetRecipe,
+    report: &ce::CocoReport,
+    json_results: &[serde_json::Value],
+    config: &serde_json::Value,
+) -> Result<()> {
+    crate::util::atomic::write_json(&out_dir.join("results.json"), &json_results)?;
+    crate::util::atomic::write_json(&out_dir.join("eval.json"), &report.to_json())?;
+    fs_err::write(out_dir.join("eval.txt"), report.to_text())?;
+    candle_core::safetensors::save(&r.weights(), out_dir.join("detector.safetensors"))?;
+    Ok(crate::util::atomic::write_json(
+        &out_dir.join("config.json"),
+        config,
+    )?)
+}
+
+/// COCOeval's twelve statistics of boxes and masks, in percent (`ap_box`, `ap50_mask`, ...).
+fn coco_metrics(report: &ce::CocoReport) -> std::collections::BTreeMap<String, f64> {
+    let mut m = std::collections::BTreeMap::new();
+    for (r, suffix) in [(&report.bbox, "box"), (&report.segm, "mask")] {
+        let r = r.as_ref().expect("evaluated");
+        for (name, v) in STAT_NAMES.iter().zip(r.stats) {
+            if v >= 0.0 {
+                m.insert(format!("{name}_{suffix}"), 100.0 * v);
+            }
+        }
+    }
+    m
+}
+
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
@@ -287,32 +319,17 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     ));
     let (report, json_results) = evaluate(ctx, det, &bb, &val, &root, &p, &dev)?;
     ctx.log(report.to_text());
-    let out_dir = ctx.job.out_dir.clone();
-    crate::util::atomic::write_json(&out_dir.join("results.json"), &json_results)?;
-    crate::util::atomic::write_json(&out_dir.join("eval.json"), &report.to_json())?;
-    fs_err::write(out_dir.join("eval.txt"), report.to_text())?;
-    candle_core::safetensors::save(&r.weights(), out_dir.join("detector.safetensors"))?;
-    crate::util::atomic::write_json(
-        &out_dir.join("config.json"),
-        &json!({
-            "params": p,
-            "vit": bb.cfg,
-            "backbone_source": bb.source,
-            "num_classes": train.categories.len(),
-            "category_ids": train.categories.ids(),
-            "strides": det.strides(),
-        }),
-    )?;
-
+    let config = json!({
+        "params": p,
+        "vit": bb.cfg,
+        "backbone_source": bb.source,
+        "num_classes": train.categories.len(),
+        "category_ids": train.categories.ids(),
+        "strides": det.strides(),
+    });
+    write_artifacts(&ctx.job.out_dir, &r, &report, &json_results, &config)?;
     let mut o = StageOutput::default();
-    for (r, suffix) in [(&report.bbox, "box"), (&report.segm, "mask")] {
-        let r = r.as_ref().expect("evaluated");
-        for (name, v) in STAT_NAMES.iter().zip(r.stats) {
-            if v >= 0.0 {
-                o.metrics.insert(format!("{name}_{suffix}"), 100.0 * v);
-            }
-        }
-    }
+    o.metrics = coco_metrics(&report);
     o.metrics.insert("steps".into(), done.state.step as f64);
     let loss = done.curve("loss");
     if let Some(&(_, l)) = loss.last() {

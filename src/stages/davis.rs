@@ -28,7 +28,7 @@ use super::{backbone, params_of, StageContext, StageOutput};
 use crate::data::davis::{self as davis_data, Davis};
 use crate::data::transforms;
 use crate::error::{Error, Result};
-use crate::eval::davis::{evaluate_davis, read_palette_png, write_palette_png};
+use crate::eval::davis::{evaluate_davis, read_palette_png, write_palette_png, DavisReport};
 use crate::eval::label_propagation::{
     dino_frame_size, frame_output, nearest_resize_u8, one_hot, propagate_sequence,
     PropagationConfig,
@@ -256,6 +256,39 @@ fn run_sequence(
 }
 
 /// Run the stage.
+/// The backbone's weights as a ViT without gradients.
+fn frozen_encoder(
+    bb: &backbone::Backbone,
+    dev: &candle_core::Device,
+) -> std::result::Result<VisionTransformer, crate::model::ModelError> {
+    let frozen: std::collections::HashMap<String, Tensor> = bb
+        .varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+        .collect();
+    VisionTransformer::new(&bb.cfg, VarBuilder::from_tensors(frozen, DType::F32, dev))
+}
+
+/// The official tool's output files: `metrics.json`, the global and per-sequence CSVs.
+fn write_results(out_dir: &Path, rep: &DavisReport, split: &str) -> Result<()> {
+    fs_err::write(
+        out_dir.join("metrics.json"),
+        serde_json::to_vec_pretty(&rep.to_json())?,
+    )?;
+    fs_err::write(
+        out_dir.join(format!("global_results-{split}.csv")),
+        rep.global_csv(),
+    )?;
+    fs_err::write(
+        out_dir.join(format!("per-sequence_results-{split}.csv")),
+        rep.per_sequence_csv(),
+    )?;
+    Ok(())
+}
+
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let id = ctx.job.id.clone();
@@ -273,16 +306,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let bb = backbone::load(ctx, &p.checkpoint, ctx.job.config.get("model"), &dev)?;
     let patch = bb.cfg.patch_size;
     check_params(&p, Some(patch)).map_err(|(_, m)| bad(m))?;
-    let frozen: std::collections::HashMap<String, Tensor> = bb
-        .varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
-        .collect();
-    let enc = VisionTransformer::new(&bb.cfg, VarBuilder::from_tensors(frozen, DType::F32, &dev))
-        .map_err(|e| bad(e.to_string()))?;
+    let enc = frozen_encoder(&bb, &dev).map_err(|e| bad(e.to_string()))?;
     let cfg = PropagationConfig {
         n_last_frames: p.n_last_frames,
         size_mask_neighborhood: p.size_mask_neighborhood,
@@ -312,22 +336,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let secs = t0.elapsed().as_secs_f64();
     let fps = frames as f64 / secs.max(1e-9);
     let rep = evaluate_davis(&root, &pred_dir, &p.split).map_err(|e| bad(e.to_string()))?;
-    fs_err::write(
-        ctx.job.out_dir.join("metrics.json"),
-        serde_json::to_vec_pretty(&rep.to_json())?,
-    )?;
-    fs_err::write(
-        ctx.job
-            .out_dir
-            .join(format!("global_results-{}.csv", p.split)),
-        rep.global_csv(),
-    )?;
-    fs_err::write(
-        ctx.job
-            .out_dir
-            .join(format!("per-sequence_results-{}.csv", p.split)),
-        rep.per_sequence_csv(),
-    )?;
+    write_results(&ctx.job.out_dir, &rep, &p.split)?;
     let g = rep.global;
     ctx.log(format!(
         "J&F {:.3}  J {:.3}  F {:.3}  ({frames} frames in {secs:.1}s, {fps:.1} frames/s)",
