@@ -268,7 +268,7 @@ fn resume(ctx: &mut StageContext, cfg: &LoopConfig, recipe: &mut dyn Recipe) -> 
         return Ok(LoopState::default());
     };
     let file = c.path.join(LOOP_FILE);
-    let st = if file.is_file() {
+    let st: LoopState = if file.is_file() {
         serde_json::from_slice(&fs_err::read(&file)?)
             .map_err(|e| Error::stage(&ctx.job.id, format!("checkpoint {}: {e}", file.display())))?
     } else if let Some(st) = recipe.legacy_state(&c.path)? {
@@ -280,7 +280,6 @@ fn resume(ctx: &mut StageContext, cfg: &LoopConfig, recipe: &mut dyn Recipe) -> 
         ));
         return Ok(LoopState::default());
     };
-    let st: LoopState = st;
     if st.step != c.step || st.step > cfg.total {
         return Err(Error::stage(
             &ctx.job.id,

@@ -130,6 +130,16 @@ impl PendingLosses {
         effective_rank(&self.z_t)
     }
 
+    /// The names of [`PendingLosses::values`], in their order (as a stage logs them).
+    pub const NAMES: [&'static str; 6] = [
+        "loss",
+        "loss_jepa",
+        "loss_sim",
+        "loss_std",
+        "loss_cov",
+        "target_std",
+    ];
+
     /// The six values `[total, jepa, sim, std, cov, target_std]` as scalar tensors still on the
     /// device (for a loop that reads them later with other steps' values).
     pub fn values(&self) -> Result<Vec<Tensor>, StepError> {

@@ -379,7 +379,8 @@ fn a_shard_count_that_does_not_split_the_batch_is_a_usage_error() {
 /// running stage's step, and ends by itself when the run ends, with every stage fresh.
 #[test]
 fn status_watch_follows_a_run_until_it_ends() {
-    let dir = pipeline(&resumable(".store"));
+    // long enough (600 steps) to be seen running on a fast, quiet machine
+    let dir = pipeline(&resumable(".store").replace("epochs: 15,", "epochs: 150,"));
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cjepa"))
         .current_dir(dir.path())
         .args(run_args(1))

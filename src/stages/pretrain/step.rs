@@ -20,14 +20,7 @@ use crate::train::run_loop::{LoopState, Recipe, Step};
 use crate::train::step::PendingLosses;
 
 /// The values a step hands back, in the order of [`PendingLosses::values`].
-pub(super) const NAMES: [&str; 6] = [
-    "loss",
-    "loss_jepa",
-    "loss_sim",
-    "loss_std",
-    "loss_cov",
-    "target_std",
-];
+pub(super) const NAMES: [&str; 6] = PendingLosses::NAMES;
 
 /// One pretraining run's networks, optimiser, batches and plan.
 pub(super) struct JepaStep<'r> {
