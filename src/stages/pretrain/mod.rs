@@ -157,7 +157,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         rank,
         ipe,
         snapshots,
-        snap_root: ctx.job.work_dir.join(backbone::SNAPSHOTS_DIR),
         work_dir: ctx.job.work_dir.clone(),
         latest: None,
     };

@@ -39,7 +39,6 @@ pub(super) struct JepaStep<'r> {
     pub(super) ipe: u64,
     /// `(epoch, step)` of each snapshot this run reaches.
     pub(super) snapshots: Vec<(u64, u64)>,
-    pub(super) snap_root: PathBuf,
     pub(super) work_dir: PathBuf,
     /// The latest step's values on the device (its features, for the effective rank).
     pub(super) latest: Option<PendingLosses>,
@@ -141,7 +140,8 @@ impl Recipe for JepaStep<'_> {
         }
         if let Some(&(k, _)) = self.snapshots.iter().find(|(_, s)| *s == step) {
             if self.rank == 0 {
-                write_snapshot(&self.snap_root, k, &self.nets, &self.cfg)?;
+                let root = self.work_dir.join(super::backbone::SNAPSHOTS_DIR);
+                write_snapshot(&root, k, &self.nets, &self.cfg)?;
                 ctx.log(format!("snapshot of epoch {k} (step {step})"));
             }
         }

@@ -28,3 +28,24 @@ fn pretraining_reads_the_images_of_an_imagefolder_or_a_clevr_split() {
     let e = pretraining_images(&clevr, DataFormat::Coco, "train").unwrap_err();
     assert!(e.to_string().contains("`coco`"), "{e}");
 }
+
+/// A checkpoint of the format before the shared loop (`state.json`: step, series, last values)
+/// resumes with its step and series; a folder without one is not taken for it.
+#[test]
+fn a_state_json_checkpoint_resumes_with_its_step_and_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs_err::write(
+        tmp.path().join("state.json"),
+        r#"{"step": 40, "series": {"loss": [[1, 0.5], [40, 0.25]]},
+            "last": {"loss": 0.25, "loss_jepa": 0.2, "loss_sim": 0.0, "loss_std": 0.0,
+                     "loss_cov": 0.0, "target_std": 0.1, "lr": 0.001}}"#,
+    )
+    .unwrap();
+    let st = checkpoints::legacy_state(tmp.path())
+        .unwrap()
+        .expect("read");
+    assert_eq!(st.step, 40);
+    assert_eq!(st.curves["loss"], vec![(1, 0.5), (40, 0.25)]);
+    let empty = tempfile::tempdir().unwrap();
+    assert!(checkpoints::legacy_state(empty.path()).unwrap().is_none());
+}
