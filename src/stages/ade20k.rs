@@ -262,14 +262,11 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let source = bb.source.clone();
     let mut r = SegRecipe::new(ctx, &p, bb, layers.clone(), &train, &ranks, &dev)?;
     let cfg = LoopConfig {
-        total: p.iters,
         log_every: p.log_every,
         points: Points::Means(p.log_every.max(1)),
-        names: vec!["loss"],
         nan_hint: Some("lower `lr`".into()),
         unit: "iteration",
-        rank_means: false,
-        images_per_step: None,
+        ..LoopConfig::new(p.iters, vec!["loss"])
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {

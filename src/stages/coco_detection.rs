@@ -46,7 +46,7 @@ use crate::model::detect::box_coding;
 use crate::model::detect::fcos::Detection;
 use crate::model::detect::mask_head::paste;
 use crate::model::detect::{infer, Detector, DetectorConfig};
-use crate::train::run_loop::{self, LoopConfig, Points};
+use crate::train::run_loop::{self, LoopConfig};
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 2;
@@ -297,15 +297,11 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         p.img_size,
         r.det.strides()
     ));
+    let names = vec!["loss", "loss_cls", "loss_box", "loss_ctr", "loss_mask"];
     let cfg = LoopConfig {
-        total: p.steps,
         log_every: p.log_every,
-        points: Points::Means(1),
-        names: vec!["loss", "loss_cls", "loss_box", "loss_ctr", "loss_mask"],
         nan_hint: Some("lower `lr` or set `clip_grad_norm`".into()),
-        unit: "step",
-        rank_means: false,
-        images_per_step: None,
+        ..LoopConfig::new(p.steps, names)
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {

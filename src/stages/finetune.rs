@@ -215,15 +215,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         "fine-tuning {} ({} classes, {} images): {} epochs x {} steps of {} ({} x {}), peak lr {:.3e}",
         bb.source, r.classes, r.n, p.epochs, r.ipe, r.bs, p.accum_iter, r.micro, r.peak
     ));
+    let total = r.ipe as u64 * p.epochs as u64;
     let cfg = LoopConfig {
-        total: r.ipe as u64 * p.epochs as u64,
         log_every: r.ipe as u64,
         points: Points::Means(r.ipe as u64),
-        names: vec!["loss"],
         nan_hint: Some("lower `blr`".into()),
-        unit: "step",
-        rank_means: false,
-        images_per_step: None,
+        ..LoopConfig::new(total, vec!["loss"])
     };
     let done = run_loop::run(ctx, &mut ranks, &cfg, &mut r)?;
     if !ranks.is_leader() {

@@ -339,16 +339,11 @@ pub fn train_sweep(
         order: (u32::MAX, Vec::new()),
         dev: dev.clone(),
     };
+    // a head whose lr diverges is one outcome of the sweep: it is scored, not fatal (no NaN stop)
     let cfg = LoopConfig {
-        total,
         log_every: nb as u64,
         points: Points::Means(nb as u64),
-        names: vec!["loss_mean_of_heads"],
-        // a head whose lr diverges is one outcome of the sweep: it is scored, not fatal
-        nan_hint: None,
-        unit: "step",
-        rank_means: false,
-        images_per_step: None,
+        ..LoopConfig::new(total, vec!["loss_mean_of_heads"])
     };
     let done = run_loop::run(ctx, &mut Ranks::single(dev), &cfg, &mut recipe)?;
     let mut banks = recipe.banks;

@@ -94,27 +94,8 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 
     let (source, root) = image_source(ctx, &p, &cfg)?;
     let n_images = source.images.samples.len();
-    let loader = Loader::new(
-        &source,
-        LoaderConfig {
-            batch_size: p.batch_size / world,
-            shuffle: true,
-            drop_last: true,
-            seed: derive_seed(&key, seed, "data"),
-        },
-    )
-    .and_then(|l| l.sharded(rank, world))
-    .map_err(|e| fail(e.to_string()))?;
+    let loader = batch_loader(ctx, &p, &source, &root, (rank, world))?;
     let ipe = loader.num_batches() as u64;
-    if ipe == 0 {
-        return Err(fail(format!(
-            "split `{}` of {} has {n_images} images, fewer than one batch of {}; lower \
-             `batch_size`",
-            p.split,
-            root.display(),
-            p.batch_size
-        )));
-    }
     let sched = Schedules::from_config(&p.schedule_config(), ipe, p.epochs)
         .map_err(|e| fail(e.to_string()))?;
     let total = p
@@ -173,15 +154,46 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 /// values already the ranks' means, the throughput in images.
 fn loop_config(p: &Params, total: u64) -> LoopConfig {
     LoopConfig {
-        total,
         log_every: p.log_every,
         points: Points::Logged,
-        names: NAMES.to_vec(),
         nan_hint: Some("lower `lr` or set `clip_grad`".into()),
-        unit: "step",
         rank_means: true,
         images_per_step: Some(p.batch_size),
+        ..LoopConfig::new(total, NAMES.to_vec())
     }
+}
+
+/// This rank's batches of the global batch over the images, one shuffled order per epoch; an
+/// error when the split holds fewer images than one batch.
+fn batch_loader<'s>(
+    ctx: &StageContext,
+    p: &Params,
+    source: &'s DecodedImageSamples,
+    root: &std::path::Path,
+    (rank, world): (usize, usize),
+) -> Result<Loader<'s, DecodedImageSamples>> {
+    let fail = |m: String| Error::stage(&ctx.job.id, m);
+    let loader = Loader::new(
+        source,
+        LoaderConfig {
+            batch_size: p.batch_size / world,
+            shuffle: true,
+            drop_last: true,
+            seed: derive_seed(&ctx.job.key, ctx.job.seed, "data"),
+        },
+    )
+    .and_then(|l| l.sharded(rank, world))
+    .map_err(|e| fail(e.to_string()))?;
+    if loader.num_batches() == 0 {
+        return Err(fail(format!(
+            "split `{}` of {} has {} images, fewer than one batch of {}; lower `batch_size`",
+            p.split,
+            root.display(),
+            source.images.samples.len(),
+            p.batch_size
+        )));
+    }
+    Ok(loader)
 }
 
 /// The images of the upstream dataset's split with this stage's transform, and its root.
