@@ -86,6 +86,19 @@ impl VitConfig {
         }
     }
 
+    /// A toy architecture for tests: 32 px in 16 px patches (a 2x2 grid), width 8, one block
+    /// of 2 heads with MLP ratio 2; predictor 8 wide, one block of 2 heads. Too small to learn
+    /// anything; a test changes the fields it needs with `..VitConfig::toy()`.
+    pub fn toy() -> Self {
+        Self {
+            img_size: 32,
+            mlp_ratio: 2.0,
+            pred_embed_dim: 8,
+            pred_num_heads: 2,
+            ..Self::preset(8, 1, 2, 16, 1)
+        }
+    }
+
     /// ViT-Tiny/16: D 192, depth 12, 3 heads; predictor 384 x 6.
     pub fn vit_tiny() -> Self {
         Self::preset(192, 12, 3, 16, 6)

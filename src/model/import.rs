@@ -381,19 +381,11 @@ mod tests {
     #[test]
     fn expected_shapes_mirror_the_encoder_and_describe_guesses() {
         let cfg = VitConfig {
-            img_size: 32,
             patch_size: 8,
-            in_chans: 3,
             embed_dim: 16,
             depth: 2,
-            num_heads: 2,
             mlp_ratio: 4.0,
-            qkv_bias: true,
-            ln_eps: 1e-6,
-            pred_embed_dim: 8,
-            pred_depth: 1,
-            pred_num_heads: 2,
-            init_std: 0.02,
+            ..VitConfig::toy()
         };
         let s = expected_shapes(&cfg).unwrap();
         let count = |p: &str| s.keys().filter(|k| k.starts_with(p)).count();

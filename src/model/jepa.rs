@@ -272,6 +272,19 @@ impl JepaNetworks {
             .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
             .collect()
     }
+
+    /// The target encoder's parameters under the encoder's own names (`blocks.0.attn.qkv.weight`,
+    /// no prefix): what an `encoder.safetensors` artifact holds (detached views).
+    pub fn target_encoder_tensors(&self) -> HashMap<String, Tensor> {
+        let prefix = format!("{TARGET_ENCODER}.");
+        self.target
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(&prefix)
+                    .map(|k| (k.to_string(), v.as_detached_tensor()))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -280,19 +293,9 @@ mod tests {
 
     fn tiny() -> VitConfig {
         VitConfig {
-            img_size: 32,
-            patch_size: 16,
-            in_chans: 3,
             embed_dim: 12,
-            depth: 1,
             num_heads: 3,
-            mlp_ratio: 2.0,
-            qkv_bias: true,
-            ln_eps: 1e-6,
-            pred_embed_dim: 8,
-            pred_depth: 1,
-            pred_num_heads: 2,
-            init_std: 0.02,
+            ..VitConfig::toy()
         }
     }
 

@@ -230,19 +230,8 @@ mod tests {
 
     fn cfg() -> VitConfig {
         VitConfig {
-            img_size: 32,
-            patch_size: 16,
-            in_chans: 3,
-            embed_dim: 8,
             depth: 2,
-            num_heads: 2,
-            mlp_ratio: 2.0,
-            qkv_bias: true,
-            ln_eps: 1e-6,
-            pred_embed_dim: 8,
-            pred_depth: 1,
-            pred_num_heads: 2,
-            init_std: 0.02,
+            ..VitConfig::toy()
         }
     }
 

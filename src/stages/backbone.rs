@@ -331,14 +331,7 @@ pub fn load_at(
             let seed = crate::util::rng::derive_seed(&ctx.job.key, ctx.job.seed, "random-init");
             let nets = JepaNetworks::new_random(&cfg, seed, dev)
                 .map_err(|e| Error::stage(&id, e.to_string()))?;
-            let t: HashMap<String, Tensor> = nets
-                .state_tensors()
-                .into_iter()
-                .filter_map(|(k, v)| {
-                    k.strip_prefix("target_encoder.")
-                        .map(|k| (k.to_string(), v))
-                })
-                .collect();
+            let t: HashMap<String, Tensor> = nets.target_encoder_tensors();
             (cfg, t, "random init".to_string())
         }
         CheckpointRef::Path(p) => {

@@ -378,14 +378,7 @@ fn a_stage_loads_the_imported_folder() {
 fn random_encoder(dir: &Path) -> (VitConfig, PathBuf) {
     let cfg: VitConfig = serde_json::from_value(expected()["model"].clone()).unwrap();
     let nets = JepaNetworks::new_random(&cfg, 11, &Device::Cpu).unwrap();
-    let enc: HashMap<String, Tensor> = nets
-        .state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("target_encoder.")
-                .map(|k| (k.to_string(), v))
-        })
-        .collect();
+    let enc: HashMap<String, Tensor> = nets.target_encoder_tensors();
     let out = dir.join("enc");
     backbone::save(&out, &cfg, &enc).unwrap();
     (cfg, out)

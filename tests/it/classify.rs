@@ -197,14 +197,7 @@ fn clevr_count_and_dist_share_features_of_a_checkpoint_file() {
     // An encoder artifact written with the producer contract, read back as a path.
     let cfg: cjepa::model::VitConfig = serde_yaml::from_str(TINY).expect("tiny config parses");
     let nets = cjepa::model::JepaNetworks::new_random(&cfg, 7, &candle_core::Device::Cpu).unwrap();
-    let enc: std::collections::HashMap<String, candle_core::Tensor> = nets
-        .state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("target_encoder.")
-                .map(|k| (k.to_string(), v))
-        })
-        .collect();
+    let enc: std::collections::HashMap<String, candle_core::Tensor> = nets.target_encoder_tensors();
     cjepa::stages::backbone::save(&d.path().join("enc"), &cfg, &enc).unwrap();
     let p = write(
         d.path(),
@@ -244,14 +237,7 @@ fn clevr_count_and_dist_share_features_of_a_checkpoint_file() {
     assert_eq!(cached, 1.0);
     // Replacing the checkpoint file changes the keys: both probes rerun.
     let nets = cjepa::model::JepaNetworks::new_random(&cfg, 8, &candle_core::Device::Cpu).unwrap();
-    let enc: std::collections::HashMap<String, candle_core::Tensor> = nets
-        .state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("target_encoder.")
-                .map(|k| (k.to_string(), v))
-        })
-        .collect();
+    let enc: std::collections::HashMap<String, candle_core::Tensor> = nets.target_encoder_tensors();
     cjepa::stages::backbone::save(&d.path().join("enc"), &cfg, &enc).unwrap();
     let err = run(&p);
     assert!(err.contains("2 ran, 2 cached"), "{err}");

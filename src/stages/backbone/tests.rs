@@ -3,21 +3,7 @@
 use super::*;
 
 fn tiny() -> VitConfig {
-    VitConfig {
-        img_size: 32,
-        patch_size: 16,
-        in_chans: 3,
-        embed_dim: 8,
-        depth: 1,
-        num_heads: 2,
-        mlp_ratio: 2.0,
-        qkv_bias: true,
-        ln_eps: 1e-6,
-        pred_embed_dim: 8,
-        pred_depth: 1,
-        pred_num_heads: 2,
-        init_std: 0.02,
-    }
+    VitConfig::toy()
 }
 
 #[test]
@@ -76,14 +62,7 @@ fn open_reads_folders_and_files_with_their_model_json() {
     let d = tempfile::tempdir().unwrap();
     let cfg = tiny();
     let nets = JepaNetworks::new_random(&cfg, 3, &Device::Cpu).unwrap();
-    let enc: HashMap<String, Tensor> = nets
-        .state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("target_encoder.")
-                .map(|k| (k.to_string(), v))
-        })
-        .collect();
+    let enc: HashMap<String, Tensor> = nets.target_encoder_tensors();
     let dir = d.path().join("art");
     save(&dir, &cfg, &enc).unwrap();
     assert_eq!(weights_file(&dir), dir.join(ENCODER_FILE));

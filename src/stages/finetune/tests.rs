@@ -34,27 +34,13 @@ fn fits_a_fixed_batch() {
     let cfg = crate::model::VitConfig {
         img_size: 16,
         patch_size: 8,
-        in_chans: 3,
         embed_dim: 16,
         depth: 2,
-        num_heads: 2,
-        mlp_ratio: 2.0,
-        qkv_bias: true,
-        ln_eps: 1e-6,
         pred_embed_dim: 16,
-        pred_depth: 1,
-        pred_num_heads: 2,
-        init_std: 0.02,
+        ..crate::model::VitConfig::toy()
     };
     let nets = crate::model::JepaNetworks::new_random(&cfg, 1, &dev).unwrap();
-    let enc: HashMap<String, Tensor> = nets
-        .state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("target_encoder.")
-                .map(|k| (k.to_string(), v))
-        })
-        .collect();
+    let enc: HashMap<String, Tensor> = nets.target_encoder_tensors();
     let bb = super::super::backbone::build("t", cfg, &enc, &dev, "t".into()).unwrap();
     let mut rng = crate::util::rng::stage_rng("t", 0, "t");
     let head = ClassifierHead::new(16, 2, 2e-5, &mut rng, &dev).unwrap();
