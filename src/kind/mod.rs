@@ -152,8 +152,34 @@ impl StageKind {
 pub fn resolve<P: DeserializeOwned + Serialize>(
     params: &Map<String, Value>,
 ) -> std::result::Result<Value, String> {
+    resolve_listing::<P>(params, &[])
+}
+
+/// [`resolve`] for params with a `#[serde(flatten)]` block (such as
+/// [`crate::stages::features::FrozenEncoder`]): serde then names no valid keys in its
+/// unknown-key error, so they are read from `P`'s schema.
+pub fn resolve_flattened<P: DeserializeOwned + Serialize + schemars::JsonSchema>(
+    params: &Map<String, Value>,
+) -> std::result::Result<Value, String> {
+    let schema = schemars::schema_for!(P);
+    let keys: Vec<String> = schema
+        .schema
+        .object
+        .map(|o| o.properties.keys().cloned().collect())
+        .unwrap_or_default();
+    resolve_listing::<P>(params, &keys)
+}
+
+fn resolve_listing<P: DeserializeOwned + Serialize>(
+    params: &Map<String, Value>,
+    keys: &[String],
+) -> std::result::Result<Value, String> {
     let p: P = serde_json::from_value(Value::Object(params.clone())).map_err(|e| {
-        let s = e.to_string();
+        let mut s = e.to_string();
+        if !keys.is_empty() && s.contains("unknown field `") && !s.contains("expected") {
+            let listed: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+            s = format!("{s}, expected one of {}", listed.join(", "));
+        }
         crate::util::suggest::unknown_field(&s)
             .map(|(_, m)| m)
             .unwrap_or(s)

@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::features::{self, FeatureRequest, FeatureSet};
+use super::features::{self, FeatureRequest, FeatureSet, FrozenEncoder};
 use super::linear_probe::{self, Augment, HeadKind, LrSchedule, OptimKind, ProbeData, Sweep};
 use super::{params_of, StageContext, StageOutput};
 use crate::data::clevr::{Clevr, ClevrTask};
@@ -35,15 +35,9 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
-    /// `upstream`, `random`, or a safetensors path.
-    pub checkpoint: String,
-    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
-    /// `snapshot_epochs`) instead of its final weights.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub at_epoch: Option<u64>,
-    /// Input side in pixels (default: the model's `img_size`; VISSL: 224).
-    #[serde(alias = "img")]
-    pub img_size: Option<u32>,
+    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`).
+    #[serde(flatten)]
+    pub encoder: FrozenEncoder,
     /// Epochs (default: 50 for Count, 100 for Dist).
     pub epochs: Option<u32>,
     /// Batch size (VISSL: 32 x 8 GPUs).
@@ -75,9 +69,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Self {
-            checkpoint: "upstream".into(),
-            at_epoch: Default::default(),
-            img_size: Default::default(),
+            encoder: FrozenEncoder::default(),
             epochs: Default::default(),
             batch_size: 256,
             base_lr: 0.01,
@@ -127,9 +119,9 @@ pub fn default_epochs(task: ClevrTask) -> u32 {
 
 /// Validate params.
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
-    let v = super::resolve::<Params>(params)?;
+    let v = super::resolve_flattened::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    super::backbone::check_at_epoch(&p.checkpoint, p.at_epoch)?;
+    p.encoder.check()?;
     p.sweep(ClevrTask::Count).validate()?;
     Ok(v)
 }
@@ -138,7 +130,7 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
 pub fn run(ctx: &mut StageContext, task: ClevrTask) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
-    let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
+    let bb = p.encoder.load(ctx, &dev)?;
     let u = features::dataset_upstream(ctx)?.clone();
     let root = features::dataset_root(ctx, &u, "clevr")?;
     let open = |s: &str| -> Result<Vec<(std::path::PathBuf, usize)>> {
@@ -147,7 +139,7 @@ pub fn run(ctx: &mut StageContext, task: ClevrTask) -> Result<StageOutput> {
             .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))
     };
     let (train, val) = (open("train")?, open("val")?);
-    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.encoder.img(&bb);
     let tp: Vec<_> = train.iter().map(|s| s.0.clone()).collect();
     let vp: Vec<_> = val.iter().map(|s| s.0.clone()).collect();
     let req = FeatureRequest {
@@ -212,7 +204,7 @@ impl crate::kind::Kind for ClevrProbe {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Forward,
-            img_size: p.img_size.map(|i| i as usize),
+            img_size: p.encoder.img_size.map(|i| i as usize),
             schedule: p.epochs.map(|e| crate::kind::Schedule::Epochs(e as f64)),
         }
     }

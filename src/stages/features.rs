@@ -378,6 +378,51 @@ pub fn load_backbone(ctx: &StageContext, checkpoint: &str, dev: &Device) -> Resu
     load_backbone_at(ctx, checkpoint, None, dev)
 }
 
+/// Which frozen encoder a feature probe reads, and at what input size: the params `knn`,
+/// `linear_probe`, `clevr_count` and `clevr_dist` share, flattened into each kind's own (a
+/// pipeline writes them beside the kind's other params).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default)]
+pub struct FrozenEncoder {
+    /// `upstream` (the pretrain / finetune encoder), `random`, or a safetensors path.
+    pub checkpoint: String,
+    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
+    /// `snapshot_epochs`) instead of its final weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at_epoch: Option<u64>,
+    /// Input side in pixels (default: the model's `img_size`); eval transform = resize the
+    /// shorter side to `img_size * 256 / 224`, centre crop `img_size`.
+    #[serde(alias = "img")]
+    pub img_size: Option<u32>,
+}
+
+impl Default for FrozenEncoder {
+    fn default() -> Self {
+        Self {
+            checkpoint: "upstream".into(),
+            at_epoch: None,
+            img_size: None,
+        }
+    }
+}
+
+impl FrozenEncoder {
+    /// The plan-time check: `at_epoch` only with `checkpoint: upstream`.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        backbone::check_at_epoch(&self.checkpoint, self.at_epoch)
+    }
+
+    /// Load the encoder (logged).
+    pub fn load(&self, ctx: &StageContext, dev: &Device) -> Result<Backbone> {
+        load_backbone_at(ctx, &self.checkpoint, self.at_epoch, dev)
+    }
+
+    /// The input side: `img_size`, else the encoder's own.
+    pub fn img(&self, bb: &Backbone) -> u32 {
+        self.img_size.unwrap_or(bb.cfg.img_size as u32)
+    }
+}
+
 /// [`load_backbone`], reading the upstream pretrain stage's snapshot of epoch `at_epoch` when
 /// given (see [`backbone::load_at`]).
 pub fn load_backbone_at(

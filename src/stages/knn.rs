@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::features::{self, FeatureRequest, FeatureSet};
+use super::features::{self, FeatureRequest, FeatureSet, FrozenEncoder};
 use super::{params_of, StageContext, StageOutput};
 use crate::data::Transform;
 use crate::error::{Error, Result};
@@ -27,15 +27,9 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
-    /// `upstream`, `random`, or a safetensors path.
-    pub checkpoint: String,
-    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
-    /// `snapshot_epochs`) instead of its final weights.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub at_epoch: Option<u64>,
-    /// Input side in pixels (default: the model's `img_size`).
-    #[serde(alias = "img")]
-    pub img_size: Option<u32>,
+    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`).
+    #[serde(flatten)]
+    pub encoder: FrozenEncoder,
     /// Neighbours.
     pub k: usize,
     /// Temperature of the vote weights.
@@ -49,9 +43,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Self {
-            checkpoint: "upstream".into(),
-            at_epoch: Default::default(),
-            img_size: Default::default(),
+            encoder: FrozenEncoder::default(),
             k: 20,
             temperature: 0.07,
             feature: FeatureSet::Last,
@@ -62,9 +54,9 @@ impl Default for Params {
 
 /// Validate params.
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
-    let v = super::resolve::<Params>(params)?;
+    let v = super::resolve_flattened::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    super::backbone::check_at_epoch(&p.checkpoint, p.at_epoch)?;
+    p.encoder.check()?;
     if p.k == 0 {
         return Err("`k` must be at least 1".into());
     }
@@ -172,9 +164,9 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
-    let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
+    let bb = p.encoder.load(ctx, &dev)?;
     let (root, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
-    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.encoder.img(&bb);
     let paths =
         |s: &[(std::path::PathBuf, usize)]| s.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     let (tp, vp) = (paths(&train.samples), paths(&val.samples));
@@ -238,7 +230,7 @@ impl crate::kind::Kind for Knn {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Forward,
-            img_size: p.img_size.map(|i| i as usize),
+            img_size: p.encoder.img_size.map(|i| i as usize),
             schedule: Some(crate::kind::Schedule::OnePass),
         }
     }

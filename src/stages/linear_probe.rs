@@ -37,7 +37,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::features::{self, FeatureRequest, FeatureSet};
+use super::features::{self, FeatureRequest, FeatureSet, FrozenEncoder};
 pub use super::probe_sweep::{
     sweep_output, train_sweep, Augment, HeadKind, LrSchedule, OptimKind, ProbeData, Sweep,
 };
@@ -54,16 +54,9 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
-    /// `upstream` (the pretrain / finetune encoder), `random`, or a safetensors path.
-    pub checkpoint: String,
-    /// Read the upstream pretrain stage's snapshot of this epoch (one of its
-    /// `snapshot_epochs`) instead of its final weights.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub at_epoch: Option<u64>,
-    /// Input side in pixels (default: the model's `img_size`); eval transform = resize the
-    /// shorter side to `img_size * 256 / 224`, centre crop `img_size`.
-    #[serde(alias = "img")]
-    pub img_size: Option<u32>,
+    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`).
+    #[serde(flatten)]
+    pub encoder: FrozenEncoder,
     /// Training epochs (VISSL: 50).
     pub epochs: u32,
     /// Batch size (the lr scales with it).
@@ -107,9 +100,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Self {
-            checkpoint: "upstream".into(),
-            at_epoch: Default::default(),
-            img_size: Default::default(),
+            encoder: FrozenEncoder::default(),
             epochs: 50,
             batch_size: 256,
             optimizer: OptimKind::Lars,
@@ -157,9 +148,9 @@ impl Params {
 
 /// Validate params.
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
-    let v = super::resolve::<Params>(params)?;
+    let v = super::resolve_flattened::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    super::backbone::check_at_epoch(&p.checkpoint, p.at_epoch)?;
+    p.encoder.check()?;
     p.sweep().validate()?;
     Ok(v)
 }
@@ -186,9 +177,9 @@ pub fn imagefolder_splits(
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
-    let bb = features::load_backbone_at(ctx, &p.checkpoint, p.at_epoch, &dev)?;
+    let bb = p.encoder.load(ctx, &dev)?;
     let (root, train, val) = imagefolder_splits(ctx)?;
-    let img = p.img_size.unwrap_or(bb.cfg.img_size as u32);
+    let img = p.encoder.img(&bb);
     let paths = |f: &ImageFolder| f.samples.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
     let (tp, vp) = (paths(&train), paths(&val));
     let u = features::dataset_upstream(ctx)?.clone();
@@ -247,7 +238,7 @@ impl crate::kind::Kind for LinearProbe {
         };
         crate::kind::Cost {
             pass: crate::kind::Pass::Forward,
-            img_size: p.img_size.map(|i| i as usize),
+            img_size: p.encoder.img_size.map(|i| i as usize),
             schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
         }
     }

@@ -82,7 +82,9 @@ pub mod probe_sweep;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use crate::kind::{params_of, resolve, StageContext, StageKind, StageOutput, NON_SEMANTIC};
+pub use crate::kind::{
+    params_of, resolve, resolve_flattened, StageContext, StageKind, StageOutput, NON_SEMANTIC,
+};
 
 use crate::kind::Kind;
 

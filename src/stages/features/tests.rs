@@ -23,19 +23,11 @@ fn layers_and_sets() {
 
 fn tiny_cfg() -> crate::model::VitConfig {
     crate::model::VitConfig {
-        img_size: 32,
         patch_size: 8,
-        in_chans: 3,
         embed_dim: 16,
         depth: 2,
-        num_heads: 2,
-        mlp_ratio: 2.0,
-        qkv_bias: true,
-        ln_eps: 1e-6,
         pred_embed_dim: 16,
-        pred_depth: 1,
-        pred_num_heads: 2,
-        init_std: 0.02,
+        ..crate::model::VitConfig::toy()
     }
 }
 
@@ -51,14 +43,7 @@ fn upstream_artifact_features_are_extracted_once() {
     let cfg = tiny_cfg();
     let dev = Device::Cpu;
     let nets = crate::model::JepaNetworks::new_random(&cfg, 3, &dev).unwrap();
-    let enc: std::collections::HashMap<String, Tensor> = nets
-        .state_tensors()
-        .into_iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("target_encoder.")
-                .map(|k| (k.to_string(), v))
-        })
-        .collect();
+    let enc: std::collections::HashMap<String, Tensor> = nets.target_encoder_tensors();
     let art = store.join("artifacts").join("pt");
     backbone::save(&art, &cfg, &enc).unwrap();
     let up = |id: &str, kind: &str, artifacts: PathBuf, info: Value| UpstreamRef {
@@ -168,4 +153,48 @@ fn topk_counts() {
     assert_eq!(t1.to_scalar::<f32>().unwrap(), 1.0);
     // sample 1: 3 classes above -> top5 hit; sample 2: 5 above -> miss
     assert_eq!(t5.to_scalar::<f32>().unwrap(), 2.0);
+}
+
+/// The three feature probes share the encoder block: `img` still reads as `img_size`, the
+/// resolved params hold the block's keys first and unchanged (so the stage keys are those of
+/// the params before the block), and an unknown key names every valid one, the block's too.
+#[test]
+fn the_probes_share_the_frozen_encoder_block() {
+    let map = |v: serde_json::Value| v.as_object().unwrap().clone();
+    let resolvers: [(
+        &str,
+        fn(
+            &serde_json::Map<String, serde_json::Value>,
+        ) -> std::result::Result<serde_json::Value, String>,
+    ); 3] = [
+        ("knn", crate::stages::knn::resolve),
+        ("linear_probe", crate::stages::linear_probe::resolve),
+        ("clevr", crate::stages::clevr::resolve),
+    ];
+    for (name, resolve) in resolvers {
+        let v = resolve(&map(
+            serde_json::json!({ "checkpoint": "random", "img": 48 }),
+        ))
+        .unwrap();
+        let keys: Vec<&String> = v.as_object().unwrap().keys().take(2).collect();
+        assert_eq!(keys, ["checkpoint", "img_size"], "{name}");
+        assert_eq!(v["checkpoint"], "random", "{name}");
+        assert_eq!(v["img_size"], 48, "{name}");
+        assert!(v.get("at_epoch").is_none(), "{name}: {v}");
+        let v = resolve(&map(serde_json::json!({ "at_epoch": 2 }))).unwrap();
+        assert_eq!(v["at_epoch"], 2, "{name}");
+        assert_eq!(v["checkpoint"], "upstream", "{name}");
+        let e = resolve(&map(
+            serde_json::json!({ "checkpoint": "random", "at_epoch": 2 }),
+        ))
+        .unwrap_err();
+        assert!(e.contains("at_epoch"), "{name}: {e}");
+        let e = resolve(&map(serde_json::json!({ "chekpoint": "random" }))).unwrap_err();
+        assert!(e.contains("unknown key `chekpoint`"), "{name}: {e}");
+        assert!(e.contains("did you mean `checkpoint`?"), "{name}: {e}");
+        assert!(
+            e.contains("valid keys: ") && e.contains("img_size") && e.contains("extract_batch"),
+            "{name}: {e}"
+        );
+    }
 }
