@@ -28,6 +28,7 @@ pub mod jpeg;
 pub mod label_png;
 pub mod loader;
 pub mod mask;
+pub mod resample;
 pub mod seg_transforms;
 pub mod synth;
 pub mod transforms;
