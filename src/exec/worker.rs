@@ -5,15 +5,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::kind::checkpoint::Checkpointer;
+use crate::kind::checkpoint::Cadence;
 use crate::kind::job::{DistRole, Job, JobResult};
 use crate::kind::progress::ProgressFile;
 use crate::kind::{KindTable, StageContext, StageKind};
 use crate::train::parallel::launch::{self as ranks, Launcher, RankVerdict};
 use crate::util::atomic;
-
-/// Checkpoint cadence defaults (overridable per stage with `checkpoint_every` / `checkpoint_secs`).
-const DEFAULT_CKPT_SECS: u64 = 300;
 
 /// What an `exec-stage` process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,15 +86,7 @@ pub fn exec_stage_as(job_file: &Path, role: Role, kinds: KindTable) -> Result<i3
             job.device = ranks::slurm_device(&job.device);
         }
     }
-    let params = &job.config["params"];
-    let every_steps = params
-        .get("checkpoint_every")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    let every_secs = params
-        .get("checkpoint_secs")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(DEFAULT_CKPT_SECS);
+    let cadence = Cadence::of(&job.config["params"]);
     if let Some(n) = Some(job.threads).filter(|n| *n > 0) {
         let n = match rank {
             Some(_) => (n / job.ranks).max(1),
@@ -122,7 +111,7 @@ pub fn exec_stage_as(job_file: &Path, role: Role, kinds: KindTable) -> Result<i3
         _ => job.progress_file(),
     };
     let mut ctx = StageContext {
-        ckpt: Checkpointer::new(job.ckpt_dir(), every_steps, every_secs),
+        ckpt: cadence.checkpointer(job.ckpt_dir()),
         progress: ProgressFile::new(progress),
         interrupted,
         job,

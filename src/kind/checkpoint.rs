@@ -5,8 +5,43 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::Result;
 use crate::util::atomic;
+
+/// How often a training stage checkpoints: the params every checkpointing kind shares (flattened
+/// into its own, or written out where a kind's defaults differ). Neither is hashed
+/// ([`super::NON_SEMANTIC`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default)]
+pub struct Cadence {
+    /// Checkpoint every N steps (0 = by time only; not hashed).
+    pub checkpoint_every: u64,
+    /// Checkpoint every N seconds (not hashed).
+    pub checkpoint_secs: u64,
+}
+
+impl Default for Cadence {
+    fn default() -> Self {
+        Cadence {
+            checkpoint_every: 0,
+            checkpoint_secs: 300,
+        }
+    }
+}
+
+impl Cadence {
+    /// The cadence of a stage's resolved params (the defaults for what they do not hold).
+    pub fn of(params: &serde_json::Value) -> Cadence {
+        serde_json::from_value(params.clone()).unwrap_or_default()
+    }
+
+    /// The checkpointer of a stage's work folder with this cadence.
+    pub fn checkpointer(self, dir: impl Into<PathBuf>) -> Checkpointer {
+        Checkpointer::new(dir, self.checkpoint_every, self.checkpoint_secs)
+    }
+}
 
 /// A complete checkpoint on disk.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +153,37 @@ pub fn latest(dir: &Path) -> Result<Option<Checkpoint>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine reads a stage's cadence from its resolved params: the kinds that flatten
+    /// [`Cadence`] (defaults 0 steps / 300 s), a kind that writes its own (ADE20K: 1000 / 600),
+    /// and params without either.
+    #[test]
+    fn cadence_of_resolved_params() {
+        let m = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let ft = crate::stages::finetune::resolve(&m(serde_json::json!({}))).unwrap();
+        assert_eq!(Cadence::of(&ft), Cadence::default());
+        assert_eq!(Cadence::default().checkpoint_secs, 300);
+        let ft = crate::stages::finetune::resolve(&m(serde_json::json!({ "checkpoint_every": 7 })))
+            .unwrap();
+        assert_eq!(Cadence::of(&ft).checkpoint_every, 7);
+        let e = crate::stages::finetune::resolve(&m(serde_json::json!({ "checkpoint_sec": 7 })))
+            .unwrap_err();
+        assert!(e.contains("did you mean `checkpoint_secs`?"), "{e}");
+        assert!(e.contains("valid keys: ") && e.contains("blr"), "{e}");
+        let ade = super::super::resolve::<crate::stages::ade20k::Params>(&m(serde_json::json!({})))
+            .unwrap();
+        assert_eq!(
+            Cadence::of(&ade),
+            Cadence {
+                checkpoint_every: 1000,
+                checkpoint_secs: 600
+            }
+        );
+        assert_eq!(
+            Cadence::of(&serde_json::json!({ "k": 20 })),
+            Cadence::default()
+        );
+    }
 
     #[test]
     fn save_load_prune() {

@@ -27,6 +27,7 @@ use crate::data::clevr::{Clevr, ClevrTask};
 use crate::data::loader::ImageSamples;
 use crate::data::Transform;
 use crate::error::{Error, Result};
+use crate::kind::checkpoint::Cadence;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -35,7 +36,7 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
-    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`).
+    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`, `extract_batch`).
     #[serde(flatten)]
     pub encoder: FrozenEncoder,
     /// Epochs (default: 50 for Count, 100 for Dist).
@@ -58,12 +59,9 @@ pub struct Params {
     pub heads: Vec<HeadKind>,
     /// Recompute train features every epoch with VISSL's random horizontal flip.
     pub augment: bool,
-    /// Images per forward pass during extraction.
-    pub extract_batch: usize,
-    /// Checkpoint every N steps (0 = by time only; not hashed).
-    pub checkpoint_every: u64,
-    /// Checkpoint every N seconds (not hashed).
-    pub checkpoint_secs: u64,
+    /// How often it checkpoints (`checkpoint_every`, `checkpoint_secs`).
+    #[serde(flatten)]
+    pub cadence: Cadence,
 }
 
 impl Default for Params {
@@ -80,9 +78,7 @@ impl Default for Params {
             feature_sets: vec![FeatureSet::Last4, FeatureSet::Last],
             heads: vec![HeadKind::BnLinear, HeadKind::Linear],
             augment: Default::default(),
-            extract_batch: 64,
-            checkpoint_every: Default::default(),
-            checkpoint_secs: 300,
+            cadence: Cadence::default(),
         }
     }
 }
@@ -148,7 +144,7 @@ pub fn run(ctx: &mut StageContext, task: ClevrTask) -> Result<StageOutput> {
         train: &tp,
         val: &vp,
         transform: Transform::clevr(img, false),
-        batch: p.extract_batch,
+        batch: p.encoder.extract_batch,
     };
     let feats = features::extract_or_load(ctx, &bb, &req, &dev)?;
     feats.link_into(&ctx.job.out_dir)?;

@@ -378,7 +378,8 @@ pub fn load_backbone(ctx: &StageContext, checkpoint: &str, dev: &Device) -> Resu
     load_backbone_at(ctx, checkpoint, None, dev)
 }
 
-/// Which frozen encoder a feature probe reads, and at what input size: the params `knn`,
+/// Which frozen encoder a feature probe reads, at what input size and in batches of how many
+/// images: the params `knn`,
 /// `linear_probe`, `clevr_count` and `clevr_dist` share, flattened into each kind's own (a
 /// pipeline writes them beside the kind's other params).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -394,6 +395,8 @@ pub struct FrozenEncoder {
     /// shorter side to `img_size * 256 / 224`, centre crop `img_size`.
     #[serde(alias = "img")]
     pub img_size: Option<u32>,
+    /// Images per forward pass during extraction (does not change the features).
+    pub extract_batch: usize,
 }
 
 impl Default for FrozenEncoder {
@@ -402,6 +405,7 @@ impl Default for FrozenEncoder {
             checkpoint: "upstream".into(),
             at_epoch: None,
             img_size: None,
+            extract_batch: 64,
         }
     }
 }

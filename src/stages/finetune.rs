@@ -47,6 +47,7 @@ use super::{params_of, StageContext, StageOutput};
 use crate::data::loader::{load_batch, ImageSamples};
 use crate::data::Transform;
 use crate::error::{Error, Result};
+use crate::kind::checkpoint::Cadence;
 use crate::model::classifier_head::ClassifierHead;
 use crate::train::run_loop::{self, LoopConfig, Points};
 
@@ -105,10 +106,9 @@ pub struct Params {
     pub head_init_std: f64,
     /// Images per forward pass in the evaluation.
     pub eval_batch: usize,
-    /// Checkpoint every N steps (0 = by time only; not hashed).
-    pub checkpoint_every: u64,
-    /// Checkpoint every N seconds (not hashed).
-    pub checkpoint_secs: u64,
+    /// How often it checkpoints (`checkpoint_every`, `checkpoint_secs`).
+    #[serde(flatten)]
+    pub cadence: Cadence,
 }
 
 impl Default for Params {
@@ -136,8 +136,7 @@ impl Default for Params {
             reprob: 0.25,
             head_init_std: 2e-5,
             eval_batch: 64,
-            checkpoint_every: Default::default(),
-            checkpoint_secs: 300,
+            cadence: Cadence::default(),
         }
     }
 }
@@ -193,7 +192,7 @@ impl Params {
 
 /// Validate params.
 pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<Value, String> {
-    let v = super::resolve::<Params>(params)?;
+    let v = super::resolve_flattened::<Params>(params)?;
     let p: Params = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
     p.validate()?;
     Ok(v)

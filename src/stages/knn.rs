@@ -27,7 +27,7 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
-    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`).
+    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`, `extract_batch`).
     #[serde(flatten)]
     pub encoder: FrozenEncoder,
     /// Neighbours.
@@ -36,8 +36,6 @@ pub struct Params {
     pub temperature: f64,
     /// `last` or `last4`.
     pub feature: FeatureSet,
-    /// Images per forward pass during extraction.
-    pub extract_batch: usize,
 }
 
 impl Default for Params {
@@ -47,7 +45,6 @@ impl Default for Params {
             k: 20,
             temperature: 0.07,
             feature: FeatureSet::Last,
-            extract_batch: 64,
         }
     }
 }
@@ -177,7 +174,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         train: &tp,
         val: &vp,
         transform: Transform::imagenet_eval(img),
-        batch: p.extract_batch,
+        batch: p.encoder.extract_batch,
     };
     let feats = features::extract_or_load(ctx, &bb, &req, &dev)?;
     feats.link_into(&ctx.job.out_dir)?;

@@ -46,6 +46,7 @@ use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::ImageSamples;
 use crate::data::Transform;
 use crate::error::{Error, Result};
+use crate::kind::checkpoint::Cadence;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -54,7 +55,7 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
-    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`).
+    /// The frozen encoder (`checkpoint`, `at_epoch`, `img_size`, `extract_batch`).
     #[serde(flatten)]
     pub encoder: FrozenEncoder,
     /// Training epochs (VISSL: 50).
@@ -89,12 +90,9 @@ pub struct Params {
     pub weight_decays: Vec<f64>,
     /// Recompute train features from augmented images every epoch.
     pub augment: bool,
-    /// Images per forward pass during extraction.
-    pub extract_batch: usize,
-    /// Checkpoint every N steps (0 = by time only; not hashed).
-    pub checkpoint_every: u64,
-    /// Checkpoint every N seconds (not hashed).
-    pub checkpoint_secs: u64,
+    /// How often it checkpoints (`checkpoint_every`, `checkpoint_secs`).
+    #[serde(flatten)]
+    pub cadence: Cadence,
 }
 
 impl Default for Params {
@@ -117,9 +115,7 @@ impl Default for Params {
             lr_mults: vec![1.0, 0.1],
             weight_decays: vec![5e-4, 0.0],
             augment: Default::default(),
-            extract_batch: 64,
-            checkpoint_every: Default::default(),
-            checkpoint_secs: 300,
+            cadence: Cadence::default(),
         }
     }
 }
@@ -189,7 +185,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         train: &tp,
         val: &vp,
         transform: Transform::imagenet_eval(img),
-        batch: p.extract_batch,
+        batch: p.encoder.extract_batch,
     };
     let feats = features::extract_or_load(ctx, &bb, &req, &dev)?;
     feats.link_into(&ctx.job.out_dir)?;
