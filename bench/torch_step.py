@@ -340,7 +340,8 @@ def main():
     if a.masks:
         data, mask_steps = load_masks(a.masks)
         c = dict(data["config"])
-        batch = data["batch"]
+        # `batch_size` since the params' one vocabulary; files written before it say `batch`
+        batch = data["batch_size"] if "batch_size" in data else data["batch"]
         model_name = "from " + os.path.basename(a.masks)
     else:
         c = dict(PRESETS[a.model])

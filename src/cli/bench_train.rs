@@ -440,6 +440,27 @@ mod tests {
         args: Args,
     }
 
+    /// The masks file `--masks-out` writes holds every key the PyTorch twin
+    /// (`bench/torch_step.py`) reads from it, but for a fallback after `else` (`batch`, for files
+    /// written before `batch_size`): a rename on one side broke `bench/compare.sh` unseen.
+    #[test]
+    fn the_masks_file_holds_what_the_twin_reads() {
+        let cfg = VitConfig::toy();
+        let v = json_masks(&[], &cfg, 4);
+        let twin = include_str!("../../bench/torch_step.py");
+        let mut read = 0;
+        for (at, _) in twin.match_indices("data[\"") {
+            let key = twin[at + 6..].split('"').next().unwrap();
+            // `... else data["batch"]`: the fallback for older files
+            if !twin[..at].ends_with("else ") {
+                assert!(v.get(key).is_some(), "torch_step.py reads `{key}`: {v}");
+                read += 1;
+            }
+        }
+        assert!(read >= 3, "torch_step.py reads {read} keys");
+        assert_eq!(v["batch_size"], 4);
+    }
+
     /// `--model quick` is the architecture the quickstart pretrains, so its figures are the
     /// quickstart's.
     #[test]
