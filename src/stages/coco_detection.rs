@@ -496,9 +496,7 @@ impl crate::kind::Kind for CocoDetection {
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
         super::backbone::check_plan(stage)?;
-        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
-            let p: Params =
-                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+        crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
         })?;
         super::dataset::check_plan_upstream(stage, Some("coco"), false)

@@ -328,9 +328,7 @@ impl crate::kind::Kind for Finetune {
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
         super::backbone::check_plan(stage)?;
-        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
-            let p: Params =
-                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+        crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             let micro = p.batch_size / p.accum_iter.max(1);
             let need = if p.mixes_pairs() { 2 * world } else { world };
             if micro.is_multiple_of(need) {

@@ -424,9 +424,7 @@ impl crate::kind::Kind for Pretrain {
         &self,
         stage: &crate::kind::PlanView,
     ) -> std::result::Result<(), crate::kind::PlanIssue> {
-        crate::train::parallel::ranks::check_plan(stage, |world, rf| {
-            let p: Params =
-                serde_json::from_value(stage.params.clone()).map_err(|e| e.to_string())?;
+        crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
         })?;
         // the masks on this stage's patch grid (a `min_keep` too large for it is refused here,

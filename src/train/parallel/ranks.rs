@@ -164,18 +164,20 @@ impl Ranks {
 }
 
 /// Plan-time check that the global batch of a data-parallel stage splits over the ranks it asks
-/// for (`stage.world`, set by `stage.world_field`): `rule(world, field)` is the kind's own
-/// condition ([`batch_divides`] for most), its message naming the params and the fix. The stages
-/// repeat the check when they start (a batch capped by a small dataset, a world given by the
-/// GPUs actually granted).
-pub fn check_plan(
+/// for (`stage.world`, set by `stage.world_field`): `rule(params, world, field)` is the kind's
+/// own condition on its params `P` ([`batch_divides`] for most), its message naming the params
+/// and the fix. The stages repeat the check when they start (a batch capped by a small dataset,
+/// a world given by the GPUs actually granted).
+pub fn check_plan<P: serde::de::DeserializeOwned>(
     stage: &PlanView,
-    rule: impl FnOnce(usize, &str) -> std::result::Result<(), String>,
+    rule: impl FnOnce(&P, usize, &str) -> std::result::Result<(), String>,
 ) -> std::result::Result<(), PlanIssue> {
     if stage.world <= 1 {
         return Ok(());
     }
-    rule(stage.world, stage.world_field).map_err(|m| PlanIssue::at("resources", m))
+    let p: P = serde_json::from_value(stage.params.clone())
+        .map_err(|e| PlanIssue::at("params", e.to_string()))?;
+    rule(&p, stage.world, stage.world_field).map_err(|m| PlanIssue::at("resources", m))
 }
 
 /// The usual rule: `params.{field}` (`value` images) is the global batch and must be divisible
