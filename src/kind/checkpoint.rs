@@ -154,37 +154,6 @@ pub fn latest(dir: &Path) -> Result<Option<Checkpoint>> {
 mod tests {
     use super::*;
 
-    /// The engine reads a stage's cadence from its resolved params: the kinds that flatten
-    /// [`Cadence`] (defaults 0 steps / 300 s), a kind that writes its own (ADE20K: 1000 / 600),
-    /// and params without either.
-    #[test]
-    fn cadence_of_resolved_params() {
-        let m = |v: serde_json::Value| v.as_object().unwrap().clone();
-        let ft = crate::stages::finetune::resolve(&m(serde_json::json!({}))).unwrap();
-        assert_eq!(Cadence::of(&ft), Cadence::default());
-        assert_eq!(Cadence::default().checkpoint_secs, 300);
-        let ft = crate::stages::finetune::resolve(&m(serde_json::json!({ "checkpoint_every": 7 })))
-            .unwrap();
-        assert_eq!(Cadence::of(&ft).checkpoint_every, 7);
-        let e = crate::stages::finetune::resolve(&m(serde_json::json!({ "checkpoint_sec": 7 })))
-            .unwrap_err();
-        assert!(e.contains("did you mean `checkpoint_secs`?"), "{e}");
-        assert!(e.contains("valid keys: ") && e.contains("blr"), "{e}");
-        let ade = super::super::resolve::<crate::stages::ade20k::Params>(&m(serde_json::json!({})))
-            .unwrap();
-        assert_eq!(
-            Cadence::of(&ade),
-            Cadence {
-                checkpoint_every: 1000,
-                checkpoint_secs: 600
-            }
-        );
-        assert_eq!(
-            Cadence::of(&serde_json::json!({ "k": 20 })),
-            Cadence::default()
-        );
-    }
-
     #[test]
     fn save_load_prune() {
         let d = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@ use super::step::{
     accumulate, apply, drop_path_scales, layer_groups, named_vars, shard_positions, soft_ce,
 };
 use super::*;
+use crate::kind::checkpoint::Cadence;
 
 #[test]
 fn schedule_is_mae() {
@@ -121,4 +122,35 @@ fn soft_ce_matches_hard_ce() {
         .to_vec1::<f32>()
         .unwrap();
     assert!((b[0] - want).abs() < 1e-6);
+}
+
+/// The engine reads a stage's cadence from its resolved params: the kinds that flatten
+/// [`Cadence`] (defaults 0 steps / 300 s), a kind that writes its own (ADE20K: 1000 / 600),
+/// and params without either.
+#[test]
+fn cadence_of_resolved_params() {
+    let m = |v: serde_json::Value| v.as_object().unwrap().clone();
+    let ft = crate::stages::finetune::resolve(&m(serde_json::json!({}))).unwrap();
+    assert_eq!(Cadence::of(&ft), Cadence::default());
+    assert_eq!(Cadence::default().checkpoint_secs, 300);
+    let ft =
+        crate::stages::finetune::resolve(&m(serde_json::json!({ "checkpoint_every": 7 }))).unwrap();
+    assert_eq!(Cadence::of(&ft).checkpoint_every, 7);
+    let e = crate::stages::finetune::resolve(&m(serde_json::json!({ "checkpoint_sec": 7 })))
+        .unwrap_err();
+    assert!(e.contains("did you mean `checkpoint_secs`?"), "{e}");
+    assert!(e.contains("valid keys: ") && e.contains("blr"), "{e}");
+    let ade =
+        crate::kind::resolve::<crate::stages::ade20k::Params>(&m(serde_json::json!({}))).unwrap();
+    assert_eq!(
+        Cadence::of(&ade),
+        Cadence {
+            checkpoint_every: 1000,
+            checkpoint_secs: 600
+        }
+    );
+    assert_eq!(
+        Cadence::of(&serde_json::json!({ "k": 20 })),
+        Cadence::default()
+    );
 }
