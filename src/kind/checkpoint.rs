@@ -32,9 +32,15 @@ impl Default for Cadence {
 }
 
 impl Cadence {
-    /// The cadence of a stage's resolved params (the defaults for what they do not hold).
+    /// The cadence of a stage's resolved params, field by field (the default for a field they
+    /// do not hold as a whole number, as the worker read them before this block).
     pub fn of(params: &serde_json::Value) -> Cadence {
-        serde_json::from_value(params.clone()).unwrap_or_default()
+        let d = Cadence::default();
+        let field = |k: &str, or: u64| params.get(k).and_then(|v| v.as_u64()).unwrap_or(or);
+        Cadence {
+            checkpoint_every: field("checkpoint_every", d.checkpoint_every),
+            checkpoint_secs: field("checkpoint_secs", d.checkpoint_secs),
+        }
     }
 
     /// The checkpointer of a stage's work folder with this cadence.

@@ -155,8 +155,8 @@ pub fn resolve<P: DeserializeOwned + Serialize>(
     resolve_listing::<P>(params, &[])
 }
 
-/// [`resolve`] for params with a `#[serde(flatten)]` block (such as
-/// [`crate::stages::features::FrozenEncoder`]): serde then names no valid keys in its
+/// [`resolve`] for params with a `#[serde(flatten)]` block (such as the probes' `FrozenEncoder`
+/// or [`checkpoint::Cadence`]): serde then names no valid keys in its
 /// unknown-key error, so they are read from `P`'s schema.
 pub fn resolve_flattened<P: DeserializeOwned + Serialize + schemars::JsonSchema>(
     params: &Map<String, Value>,

@@ -153,4 +153,7 @@ fn cadence_of_resolved_params() {
         Cadence::of(&serde_json::json!({ "k": 20 })),
         Cadence::default()
     );
+    // field by field: a field that is not a whole number takes its default alone
+    let odd = Cadence::of(&serde_json::json!({ "checkpoint_every": 5, "checkpoint_secs": "x" }));
+    assert_eq!((odd.checkpoint_every, odd.checkpoint_secs), (5, 300));
 }
