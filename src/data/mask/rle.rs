@@ -280,36 +280,71 @@ fn encode_iter(h: usize, w: usize, it: impl Iterator<Item = bool>) -> Rle {
     Rle { h, w, counts }
 }
 
-/// One step of `rleMerge`: literal port of the two-cursor run walk.
-fn merge2(a_cnts: &[u32], b_cnts: &[u32], intersect: bool) -> Vec<u32> {
-    let mut out = Vec::with_capacity(a_cnts.len() + b_cnts.len());
-    let mut ca = a_cnts.first().copied().unwrap_or(0);
-    let mut cb = b_cnts.first().copied().unwrap_or(0);
-    let (mut v, mut va, mut vb) = (false, false, false);
-    let (mut a, mut b) = (1usize, 1usize);
-    let mut cc = 0u32;
-    let mut ct = 1u64;
-    while ct > 0 {
-        let c = ca.min(cb);
-        cc = cc.wrapping_add(c);
-        ct = 0;
-        ca -= c;
-        if ca == 0 && a < a_cnts.len() {
-            ca = a_cnts[a];
-            a += 1;
+/// One step of the two-cursor walk over two run-length count lists (`rleMerge` / `rleIou`): a
+/// stretch of `len` pixels where neither mask changes, the masks' values on it (`on`) and after it
+/// (`next`), and whether it is the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunStep {
+    /// Pixels in the stretch.
+    pub len: u32,
+    /// `(a, b)` on the stretch.
+    pub on: (bool, bool),
+    /// `(a, b)` after it.
+    pub next: (bool, bool),
+    /// No pixels follow.
+    pub last: bool,
+}
+
+/// The two-cursor run walk of the official `rleMerge` and `rleIou` (a literal port: the same
+/// stretches, in the same order, also for count lists of unequal total length).
+pub(crate) fn run_walk<'a>(a: &'a [u32], b: &'a [u32]) -> impl Iterator<Item = RunStep> + 'a {
+    let mut ca = a.first().copied().unwrap_or(0);
+    let mut cb = b.first().copied().unwrap_or(0);
+    let (mut va, mut vb) = (false, false);
+    let (mut ia, mut ib) = (1usize, 1usize);
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let len = ca.min(cb);
+        let on = (va, vb);
+        let mut ct = 0u64;
+        ca -= len;
+        if ca == 0 && ia < a.len() {
+            ca = a[ia];
+            ia += 1;
             va = !va;
         }
         ct += ca as u64;
-        cb -= c;
-        if cb == 0 && b < b_cnts.len() {
-            cb = b_cnts[b];
-            b += 1;
+        cb -= len;
+        if cb == 0 && ib < b.len() {
+            cb = b[ib];
+            ib += 1;
             vb = !vb;
         }
         ct += cb as u64;
+        done = ct == 0;
+        Some(RunStep {
+            len,
+            on,
+            next: (va, vb),
+            last: done,
+        })
+    })
+}
+
+/// One step of `rleMerge`: literal port of the two-cursor run walk.
+fn merge2(a_cnts: &[u32], b_cnts: &[u32], intersect: bool) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a_cnts.len() + b_cnts.len());
+    let mut v = false;
+    let mut cc = 0u32;
+    for step in run_walk(a_cnts, b_cnts) {
+        cc = cc.wrapping_add(step.len);
+        let (va, vb) = step.next;
         let vp = v;
         v = if intersect { va && vb } else { va || vb };
-        if v != vp || ct == 0 {
+        if v != vp || step.last {
             out.push(cc);
             cc = 0;
         }

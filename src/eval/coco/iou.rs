@@ -92,36 +92,15 @@ pub fn rle_pair_iou(dt: &Rle, gt: &Rle, crowd: bool) -> f64 {
     if dt.h != gt.h || dt.w != gt.w {
         return -1.0;
     }
-    let (a_c, b_c) = (&dt.counts, &gt.counts);
-    let mut ca = a_c.first().copied().unwrap_or(0);
-    let mut cb = b_c.first().copied().unwrap_or(0);
-    let (mut va, mut vb) = (false, false);
-    let (mut a, mut b) = (1usize, 1usize);
     let (mut i, mut u) = (0u64, 0u64);
-    let mut ct = 1u64;
-    while ct > 0 {
-        let c = ca.min(cb);
+    for step in crate::data::mask::rle::run_walk(&dt.counts, &gt.counts) {
+        let (va, vb) = step.on;
         if va || vb {
-            u += c as u64;
+            u += step.len as u64;
             if va && vb {
-                i += c as u64;
+                i += step.len as u64;
             }
         }
-        ct = 0;
-        ca -= c;
-        if ca == 0 && a < a_c.len() {
-            ca = a_c[a];
-            a += 1;
-            va = !va;
-        }
-        ct += ca as u64;
-        cb -= c;
-        if cb == 0 && b < b_c.len() {
-            cb = b_c[b];
-            b += 1;
-            vb = !vb;
-        }
-        ct += cb as u64;
     }
     if i == 0 {
         u = 1;
