@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 
 use super::backbone::{self, Backbone};
 use super::{StageContext, StageOutput};
+use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::{load_batch, ImageSamples};
 use crate::data::Transform;
 use crate::error::{Error, Result};
@@ -425,6 +426,48 @@ impl FrozenEncoder {
     pub fn img(&self, bb: &Backbone) -> u32 {
         self.img_size.unwrap_or(bb.cfg.img_size as u32)
     }
+
+    /// The features of the upstream `imagefolder` dataset's train and val splits (extracted at
+    /// [`Self::img`] with the eval transform, or read from the feature cache), linked into the
+    /// stage's output folder; with the splits, whose samples the features follow.
+    pub fn imagefolder_features(
+        &self,
+        ctx: &mut StageContext,
+        bb: &Backbone,
+        dev: &Device,
+    ) -> Result<(ImageFolder, ImageFolder, Features)> {
+        let (root, train, val) = imagefolder_splits(ctx)?;
+        let paths = |f: &ImageFolder| f.samples.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
+        let (tp, vp) = (paths(&train), paths(&val));
+        let u = dataset_upstream(ctx)?.clone();
+        let req = FeatureRequest {
+            dataset: &u,
+            root: &root,
+            train: &tp,
+            val: &vp,
+            transform: Transform::imagenet_eval(self.img(bb)),
+            batch: self.extract_batch,
+        };
+        let feats = extract_or_load(ctx, bb, &req, dev)?;
+        feats.link_into(&ctx.job.out_dir)?;
+        Ok((train, val, feats))
+    }
+}
+
+/// ImageFolder train / val samples of the upstream dataset.
+pub fn imagefolder_splits(ctx: &StageContext) -> Result<(PathBuf, ImageFolder, ImageFolder)> {
+    let u = dataset_upstream(ctx)?;
+    let root = dataset_root(ctx, u, "imagefolder")?;
+    let open =
+        |s: &str| ImageFolder::open(&root, s).map_err(|e| Error::stage(&ctx.job.id, e.to_string()));
+    let (train, val) = (open("train")?, open("val")?);
+    if train.classes != val.classes {
+        return Err(Error::stage(
+            &ctx.job.id,
+            "train and val class folders differ; labels would not line up",
+        ));
+    }
+    Ok((root, train, val))
 }
 
 /// [`load_backbone`], reading the upstream pretrain stage's snapshot of epoch `at_epoch` when

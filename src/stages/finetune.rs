@@ -208,7 +208,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let dev = super::backbone::device(ctx)?;
     let mut ranks = crate::train::parallel::ranks::Ranks::connect(ctx, &dev)?;
     let bb = features::load_backbone(ctx, &p.checkpoint, &dev)?;
-    let (_, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
+    let (_, train, val) = super::features::imagefolder_splits(ctx)?;
     let mut r = FtRecipe::new(ctx, &p, &bb, &train, ranks.world(), ranks.rank(), &dev)?;
     ctx.log(format!(
         "fine-tuning {} ({} classes, {} images): {} epochs x {} steps of {} ({} x {}), peak lr {:.3e}",

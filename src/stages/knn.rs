@@ -15,9 +15,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::features::{self, FeatureRequest, FeatureSet, FrozenEncoder};
+use super::features::{FeatureSet, FrozenEncoder};
 use super::{params_of, StageContext, StageOutput};
-use crate::data::Transform;
 use crate::error::{Error, Result};
 
 /// Implementation version (part of the key).
@@ -162,22 +161,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
     let bb = p.encoder.load(ctx, &dev)?;
-    let (root, train, val) = super::linear_probe::imagefolder_splits(ctx)?;
-    let img = p.encoder.img(&bb);
-    let paths =
-        |s: &[(std::path::PathBuf, usize)]| s.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
-    let (tp, vp) = (paths(&train.samples), paths(&val.samples));
-    let u = features::dataset_upstream(ctx)?.clone();
-    let req = FeatureRequest {
-        dataset: &u,
-        root: &root,
-        train: &tp,
-        val: &vp,
-        transform: Transform::imagenet_eval(img),
-        batch: p.encoder.extract_batch,
-    };
-    let feats = features::extract_or_load(ctx, &bb, &req, &dev)?;
-    feats.link_into(&ctx.job.out_dir)?;
+    let (train, val, feats) = p.encoder.imagefolder_features(ctx, &bb, &dev)?;
     let xt = l2_normalize(&p.feature.select(&feats.train)?.to_device(&dev)?)?;
     let xv = l2_normalize(&p.feature.select(&feats.val)?.to_device(&dev)?)?;
     let ty: Vec<usize> = train.samples.iter().map(|s| s.1).collect();

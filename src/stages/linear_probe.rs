@@ -37,7 +37,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::features::{self, FeatureRequest, FeatureSet, FrozenEncoder};
+use super::features::{FeatureSet, FrozenEncoder};
 pub use super::probe_sweep::{
     sweep_output, train_sweep, Augment, HeadKind, LrSchedule, OptimKind, ProbeData, Sweep,
 };
@@ -45,7 +45,7 @@ use super::{params_of, StageContext, StageOutput};
 use crate::data::imagefolder::ImageFolder;
 use crate::data::loader::ImageSamples;
 use crate::data::Transform;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kind::checkpoint::Cadence;
 
 /// Implementation version (part of the key).
@@ -151,44 +151,13 @@ pub fn resolve(params: &serde_json::Map<String, Value>) -> std::result::Result<V
     Ok(v)
 }
 
-/// ImageFolder train / val samples of the upstream dataset.
-pub fn imagefolder_splits(
-    ctx: &StageContext,
-) -> Result<(std::path::PathBuf, ImageFolder, ImageFolder)> {
-    let u = features::dataset_upstream(ctx)?;
-    let root = features::dataset_root(ctx, u, "imagefolder")?;
-    let open =
-        |s: &str| ImageFolder::open(&root, s).map_err(|e| Error::stage(&ctx.job.id, e.to_string()));
-    let (train, val) = (open("train")?, open("val")?);
-    if train.classes != val.classes {
-        return Err(Error::stage(
-            &ctx.job.id,
-            "train and val class folders differ; labels would not line up",
-        ));
-    }
-    Ok((root, train, val))
-}
-
 /// Run the sweep.
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
     let dev = super::backbone::device(ctx)?;
     let bb = p.encoder.load(ctx, &dev)?;
-    let (root, train, val) = imagefolder_splits(ctx)?;
     let img = p.encoder.img(&bb);
-    let paths = |f: &ImageFolder| f.samples.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
-    let (tp, vp) = (paths(&train), paths(&val));
-    let u = features::dataset_upstream(ctx)?.clone();
-    let req = FeatureRequest {
-        dataset: &u,
-        root: &root,
-        train: &tp,
-        val: &vp,
-        transform: Transform::imagenet_eval(img),
-        batch: p.encoder.extract_batch,
-    };
-    let feats = features::extract_or_load(ctx, &bb, &req, &dev)?;
-    feats.link_into(&ctx.job.out_dir)?;
+    let (train, val, feats) = p.encoder.imagefolder_features(ctx, &bb, &dev)?;
     let labels = |f: &ImageFolder| f.samples.iter().map(|s| s.1).collect::<Vec<_>>();
     let (ty, vy) = (labels(&train), labels(&val));
     let augment = p.augment.then(|| Augment {

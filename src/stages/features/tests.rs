@@ -74,7 +74,7 @@ fn upstream_artifact_features_are_extracted_once() {
     assert!(bb.source.starts_with("pt "), "{}", bb.source);
     let same = backbone::build("x", cfg.clone(), &enc, &dev, "x".into()).unwrap();
     assert_eq!(weights_digest(&bb).unwrap(), weights_digest(&same).unwrap());
-    let (root, train, val) = super::super::linear_probe::imagefolder_splits(&ctx).unwrap();
+    let (root, train, val) = imagefolder_splits(&ctx).unwrap();
     let paths = |s: &[(PathBuf, usize)]| s.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     let (tp, vp) = (paths(&train.samples), paths(&val.samples));
     let u = dataset_upstream(&ctx).unwrap().clone();
