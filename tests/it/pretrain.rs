@@ -436,3 +436,42 @@ fn decode_exact_keeps_the_key_and_scaled_changes_it() {
     let e = plan(", decode: fast").unwrap_err().to_string();
     assert!(e.contains("fast") && e.contains("scaled"), "{e}");
 }
+
+/// With several dataset stages in `needs`, pretraining learns from the union of their training
+/// images (imagefolder + ADE20K scenes + DAVIS frames); a dataset it cannot read is refused
+/// when the plan is built, naming the stage and the fix.
+#[test]
+fn pretraining_reads_the_union_of_its_datasets() {
+    let store = "st";
+    let yaml = format!(
+        "name: union\nstore: {store}\ndefaults: {{ seed: 0, device: cpu }}\nstages:\n  \
+         data:\n    kind: dataset\n    source: synth\n    format: imagefolder\n    \
+         params: {{ classes: 4, train_per_class: 8, val_per_class: 2, size: 32 }}\n  \
+         scenes:\n    kind: dataset\n    source: synth\n    format: ade20k\n    \
+         params: {{ train_images: 16, val_images: 2, size: 32 }}\n  \
+         clips:\n    kind: dataset\n    source: synth\n    format: davis\n    \
+         params: {{ train_sequences: 2, val_sequences: 1, frames: 4, height: 32, width: 48, max_objects: 1 }}\n  \
+         pretrain:\n    kind: pretrain\n    needs: [data, scenes, clips]\n    \
+         model: {{ preset: vit_tiny, embed_dim: 48, depth: 2, pred_embed_dim: 48, pred_depth: 1, img_size: 32, patch_size: 8 }}\n    \
+         params: {{ epochs: 1, batch_size: 8, warmup_epochs: 1, mask: {{ min_keep: 0 }} }}\n"
+    );
+    let dir = pipeline(&yaml);
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 0, "{err}");
+    // 32 + 16 + 2 x 4 images = 56: 7 steps of 8
+    let (rec, _) = pretrain_record(dir.path(), store);
+    assert_eq!(rec["metrics"]["steps"], 7.0, "{}", rec["metrics"]);
+
+    let coco = yaml.replace("format: davis", "format: coco").replace(
+        "params: { train_sequences: 2, val_sequences: 1, frames: 4, height: 32, width: 48, max_objects: 1 }",
+        "params: { train_images: 4, val_images: 2 }",
+    );
+    let dir = pipeline(&coco.replace(&format!("store: {store}"), "store: st2"));
+    let (code, err) = run(dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("clips") && err.contains("`coco`") && err.contains("drop it from `needs`"),
+        "{err}"
+    );
+    assert!(!dir.path().join("st2").exists(), "nothing written: {err}");
+}

@@ -1,6 +1,8 @@
 //! `pretrain` stage: I-JEPA / C-JEPA self-supervised pretraining (METHOD.md; I-JEPA arXiv
-//! 2301.08243, C-JEPA arXiv 2410.19560) on the images of one split (`train` by default) of an
-//! upstream `imagefolder` dataset (labels unused) or `clevr` dataset (`images/<split>/*.png`).
+//! 2301.08243, C-JEPA arXiv 2410.19560) on the images of one split (`train` by default) of its
+//! upstream datasets, labels unused: `imagefolder` (`<split>/<class>/*`), `clevr`
+//! (`images/<split>/*.png`), `ade20k` (`images/training/*.jpg`) or `davis` (the frames of the
+//! split's sequences); with several, the union of their images.
 //!
 //! Each iteration: a batch of `RandomResizedCrop(img, crop_scale)` + ImageNet-normalised images (no
 //! flip), one multi-block mask draw for the batch, then [`crate::train::step::train_step`] (targets, context encoder,
@@ -92,9 +94,9 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let (rank, world) = (ranks.rank(), ranks.world());
     ranks.check_divides("batch_size", p.batch_size)?;
 
-    let (source, root) = image_source(ctx, &p, &cfg)?;
+    let (source, roots) = image_source(ctx, &p, &cfg)?;
     let n_images = source.images.samples.len();
-    let loader = batch_loader(ctx, &p, &source, &root, (rank, world))?;
+    let loader = batch_loader(ctx, &p, &source, &roots, (rank, world))?;
     let ipe = loader.num_batches() as u64;
     let sched = Schedules::from_config(&p.schedule_config(), ipe, p.epochs)
         .map_err(|e| fail(e.to_string()))?;
@@ -169,7 +171,7 @@ fn batch_loader<'s>(
     ctx: &StageContext,
     p: &Params,
     source: &'s DecodedImageSamples,
-    root: &std::path::Path,
+    roots: &str,
     (rank, world): (usize, usize),
 ) -> Result<Loader<'s, DecodedImageSamples>> {
     let fail = |m: String| Error::stage(&ctx.job.id, m);
@@ -188,7 +190,7 @@ fn batch_loader<'s>(
         return Err(fail(format!(
             "split `{}` of {} has {} images, fewer than one batch of {}; lower `batch_size`",
             p.split,
-            root.display(),
+            roots,
             source.images.samples.len(),
             p.batch_size
         )));
@@ -196,15 +198,22 @@ fn batch_loader<'s>(
     Ok(loader)
 }
 
-/// The images of the upstream dataset's split with this stage's transform, and its root.
+/// The images of the upstream datasets' split with this stage's transform, and the roots they
+/// came from (for messages).
 fn image_source(
     ctx: &StageContext,
     p: &Params,
     cfg: &VitConfig,
-) -> Result<(DecodedImageSamples, PathBuf)> {
-    let (root, format) = dataset_root(ctx)?;
-    let samples = pretraining_images(&root, format, &p.split)
-        .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
+) -> Result<(DecodedImageSamples, String)> {
+    let mut samples = Vec::new();
+    let mut roots = Vec::new();
+    for (root, format) in dataset_roots(ctx)? {
+        samples.extend(
+            pretraining_images(&root, format, &p.split)
+                .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?,
+        );
+        roots.push(root.display().to_string());
+    }
     let source = DecodedImageSamples {
         images: ImageSamples {
             samples,
@@ -212,7 +221,7 @@ fn image_source(
         },
         decode: p.decode,
     };
-    Ok((source, root))
+    Ok((source, roots.join(" + ")))
 }
 
 /// On the CPU in one process, each batch is cut into shards trained on separate threads.
@@ -272,11 +281,16 @@ fn model_config(ctx: &StageContext, p: &Params) -> Result<VitConfig> {
 }
 
 /// Dataset formats a pretrain stage reads images from.
-const PRETRAIN_FORMATS: [DataFormat; 2] = [DataFormat::ImageFolder, DataFormat::Clevr];
+const PRETRAIN_FORMATS: [DataFormat; 4] = [
+    DataFormat::ImageFolder,
+    DataFormat::Clevr,
+    DataFormat::Ade20k,
+    DataFormat::Davis,
+];
 
-/// Root and format of the upstream image dataset (`imagefolder` or `clevr`).
-fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, DataFormat)> {
-    let id = &ctx.job.id;
+/// Root and format of each upstream image dataset (`imagefolder`, `clevr` or `ade20k`), in the
+/// order of their ids; pretraining reads the union of their images (labels unused).
+fn dataset_roots(ctx: &StageContext) -> Result<Vec<(PathBuf, DataFormat)>> {
     let ds: Vec<_> = ctx
         .job
         .upstream
@@ -290,43 +304,70 @@ fn dataset_root(ctx: &StageContext) -> Result<(PathBuf, DataFormat)> {
             .unwrap_or("?")
             .to_string()
     };
-    let sources: Vec<_> = ds
+    let mut roots = Vec::new();
+    for u in &ds {
+        let f = fmt(u);
+        match PRETRAIN_FORMATS.into_iter().find(|k| k.as_str() == f) {
+            Some(k) => roots.push((super::dataset::root_of(u), k)),
+            None => {
+                return Err(Error::stage(
+                    &ctx.job.id,
+                    format!(
+                        "upstream dataset `{}` has format `{f}`; pretraining reads `imagefolder` \
+                         (train/<class>/*.jpg), `clevr` (images/train/*.png), `ade20k` \
+                         (images/training/*.jpg) or `davis` (the frames of the `train.txt` \
+                         sequences) datasets: drop it from `needs`",
+                        u.id
+                    ),
+                ))
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(Error::stage(
+            &ctx.job.id,
+            "a pretrain stage needs an `imagefolder`, `clevr`, `ade20k` or `davis` dataset stage in \
+             `needs`",
+        ));
+    }
+    Ok(roots)
+}
+
+/// Plan-time check of `needs`: at least one dataset, each of a format pretraining reads.
+fn check_plan_datasets(
+    stage: &crate::kind::PlanView,
+) -> std::result::Result<(), crate::kind::PlanIssue> {
+    let names = PRETRAIN_FORMATS
+        .map(|f| format!("`{}`", f.as_str()))
+        .join(", ");
+    let mut any = false;
+    for u in stage
+        .upstream
         .iter()
-        .filter_map(|u| {
-            let f = fmt(u);
-            PRETRAIN_FORMATS
-                .into_iter()
-                .find(|k| k.as_str() == f)
-                .map(|k| (u, k))
-        })
-        .collect();
-    match sources.as_slice() {
-        [(u, f)] => Ok((super::dataset::root_of(u), *f)),
-        [] => Err(Error::stage(
-            id,
-            match ds.first() {
-                Some(u) => format!(
-                    "upstream dataset `{}` has format `{}`; pretraining reads an `imagefolder` \
-                     dataset (train/<class>/*.jpg) or a `clevr` dataset (images/train/*.png)",
-                    u.id,
-                    fmt(u)
+        .filter(|u| u.kind == crate::kind::StageKind::Dataset)
+    {
+        let f = u.config["params"]["format"].as_str().unwrap_or("");
+        if !PRETRAIN_FORMATS.iter().any(|k| k.as_str() == f) {
+            return Err(crate::kind::PlanIssue::at(
+                "needs",
+                format!(
+                    "upstream dataset `{}` has format `{f}`; pretraining reads the images of \
+                     {names} datasets: drop it from `needs`",
+                    u.id
                 ),
-                None => "a pretrain stage needs an `imagefolder` or `clevr` dataset stage in \
-                         `needs`"
-                    .into(),
-            },
-        )),
-        many => Err(Error::stage(
-            id,
+            ));
+        }
+        any = true;
+    }
+    if any {
+        Ok(())
+    } else {
+        Err(crate::kind::PlanIssue::at(
+            "needs",
             format!(
-                "{} image datasets in `needs` ({}); keep one",
-                many.len(),
-                many.iter()
-                    .map(|(u, _)| u.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "needs a `dataset` stage ({names}) in `needs` (the images it learns from); add one"
             ),
-        )),
+        ))
     }
 }
 
@@ -342,10 +383,21 @@ fn pretraining_images(
             Ok(c.scenes.iter().map(|s| (c.image_path(s), 0)).collect())
         }
         DataFormat::ImageFolder => Ok(ImageFolder::open(root, split)?.samples),
+        DataFormat::Ade20k => Ok(crate::data::ade20k::Ade20k::open(root, split)?
+            .samples
+            .into_iter()
+            .map(|(image, _)| (image, 0))
+            .collect()),
+        DataFormat::Davis => Ok(crate::data::davis::Davis::open(root, split)?
+            .sequences
+            .into_iter()
+            .flat_map(|q| q.frames)
+            .map(|frame| (frame, 0))
+            .collect()),
         other => Err(DataError::param(
             "format",
             format!(
-                "pretraining reads `imagefolder` or `clevr` images, not `{}`",
+                "pretraining reads `imagefolder`, `clevr`, `ade20k` or `davis` images, not `{}`",
                 other.as_str()
             ),
         )),
@@ -427,6 +479,7 @@ impl crate::kind::Kind for Pretrain {
         crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
         })?;
+        check_plan_datasets(stage)?;
         // the masks on this stage's patch grid (a `min_keep` too large for it is refused here,
         // not when the stage starts)
         let model = stage

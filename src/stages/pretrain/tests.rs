@@ -4,7 +4,7 @@ use super::*;
 use crate::data::synth::{synth, SynthParams};
 
 #[test]
-fn pretraining_reads_the_images_of_an_imagefolder_or_a_clevr_split() {
+fn pretraining_reads_the_images_of_each_image_format() {
     let tmp = tempfile::tempdir().unwrap();
     let p = SynthParams::tiny();
     let (folder, clevr) = (tmp.path().join("if"), tmp.path().join("clevr"));
@@ -27,6 +27,25 @@ fn pretraining_reads_the_images_of_an_imagefolder_or_a_clevr_split() {
     assert!(e.to_string().contains("test"), "{e}");
     let e = pretraining_images(&clevr, DataFormat::Coco, "train").unwrap_err();
     assert!(e.to_string().contains("`coco`"), "{e}");
+
+    // ADE20K: the training images (annotations unused); DAVIS: every frame of the split's
+    // sequences, in sequence order
+    let (ade, davis) = (tmp.path().join("ade"), tmp.path().join("davis"));
+    synth(DataFormat::Ade20k, &ade, 0, &p).unwrap();
+    synth(DataFormat::Davis, &davis, 0, &p).unwrap();
+    let a = pretraining_images(&ade, DataFormat::Ade20k, "train").unwrap();
+    assert_eq!(a.len(), p.ade20k.train_images);
+    assert!(a.iter().all(|(path, label)| *label == 0
+        && path.extension().is_some_and(|e| e == "jpg")
+        && path.to_string_lossy().contains("training")));
+    let d = pretraining_images(&davis, DataFormat::Davis, "train").unwrap();
+    assert_eq!(d.len(), p.davis.train_sequences * p.davis.frames);
+    assert!(d.iter().all(|(path, _)| path.is_file()));
+    let dv = pretraining_images(&davis, DataFormat::Davis, "val").unwrap();
+    assert!(
+        dv.iter().all(|v| !d.contains(v)),
+        "train and val frames are apart"
+    );
 }
 
 /// A checkpoint of the format before the shared loop (`state.json`: step, series, last values)
