@@ -45,65 +45,47 @@ impl Default for LossParams {
 /// Mask section (`mask:`): the fields of [`MaskConfig`] (defaults = the paper, `min_keep` 10 as
 /// well), plus one explicit rule, off by default: `scale_min_keep: true` scales `min_keep` down to
 /// the grid ([`MaskConfig::scaled_for_grid`]). Without it `min_keep` is used as written, and a grid
-/// too small for it is refused when planning with the value to write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// too small for it is refused when planning with the value to write. Written flat (`mask: {
+/// min_keep: 3, scale_min_keep: true }`); an unknown key is refused with the valid ones.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(try_from = "Map<String, Value>")]
 pub struct MaskParams {
-    /// Context blocks per image.
-    pub enc_blocks: usize,
-    /// Context block scale range.
-    pub enc_scale: [f64; 2],
-    /// Context aspect range.
-    pub enc_aspect: [f64; 2],
-    /// Target blocks per image.
-    pub pred_blocks: usize,
-    /// Target block scale range.
-    pub pred_scale: [f64; 2],
-    /// Target aspect range.
-    pub pred_aspect: [f64; 2],
-    /// A block counts only if it keeps more patches than this.
-    pub min_keep: usize,
+    /// The sampler's own settings.
+    #[serde(flatten)]
+    pub sampler: MaskConfig,
     /// Scale `min_keep` by `grid² / 196` (never up) and below the smallest reachable block.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub scale_min_keep: bool,
-    /// Context may overlap the targets.
-    pub allow_overlap: bool,
-    /// The official corner draw that never reaches the last row / column.
-    pub edge_quirk: bool,
 }
 
-impl Default for MaskParams {
-    fn default() -> Self {
-        let c = MaskConfig::default();
-        MaskParams {
-            enc_blocks: c.enc_blocks,
-            enc_scale: c.enc_scale,
-            enc_aspect: c.enc_aspect,
-            pred_blocks: c.pred_blocks,
-            pred_scale: c.pred_scale,
-            pred_aspect: c.pred_aspect,
-            min_keep: c.min_keep,
-            scale_min_keep: false,
-            allow_overlap: c.allow_overlap,
-            edge_quirk: c.edge_quirk,
-        }
+impl TryFrom<Map<String, Value>> for MaskParams {
+    type Error = String;
+
+    /// `scale_min_keep`, then the rest as a [`MaskConfig`] (whose unknown-key error then lists
+    /// `scale_min_keep` too).
+    fn try_from(mut m: Map<String, Value>) -> std::result::Result<Self, String> {
+        let scale_min_keep = match m.remove("scale_min_keep") {
+            None => false,
+            Some(v) => serde_json::from_value(v).map_err(|e| format!("`scale_min_keep`: {e}"))?,
+        };
+        let sampler = serde_json::from_value(Value::Object(m)).map_err(|e| {
+            e.to_string().replacen(
+                ", expected one of ",
+                ", expected one of `scale_min_keep`, ",
+                1,
+            )
+        })?;
+        Ok(MaskParams {
+            sampler,
+            scale_min_keep,
+        })
     }
 }
 
 impl MaskParams {
     /// The sampler settings for a `grid x grid` patch grid.
     pub fn config(&self, grid: usize) -> std::result::Result<MaskConfig, MaskError> {
-        let c = MaskConfig {
-            enc_blocks: self.enc_blocks,
-            enc_scale: self.enc_scale,
-            enc_aspect: self.enc_aspect,
-            pred_blocks: self.pred_blocks,
-            pred_scale: self.pred_scale,
-            pred_aspect: self.pred_aspect,
-            min_keep: self.min_keep,
-            allow_overlap: self.allow_overlap,
-            edge_quirk: self.edge_quirk,
-        };
+        let c = self.sampler.clone();
         if self.scale_min_keep {
             c.scaled_for_grid(grid, grid)
         } else {
@@ -407,7 +389,10 @@ mod tests {
         assert!(small.min_keep < 10);
         MaskSampler::new(small, 4, 4).unwrap();
         let given = MaskParams {
-            min_keep: 0,
+            sampler: MaskConfig {
+                min_keep: 0,
+                ..MaskConfig::default()
+            },
             ..MaskParams::default()
         };
         assert_eq!(given.config(4).unwrap().min_keep, 0);
@@ -415,6 +400,27 @@ mod tests {
         let v = serde_json::to_value(MaskParams::default()).unwrap();
         assert!(v.get("scale_min_keep").is_none(), "{v}");
         assert_eq!(v["min_keep"], 10);
+        // written flat, read back the same; an unknown key names the valid ones, the rule's too
+        let flat = serde_json::json!({ "min_keep": 3, "scale_min_keep": true, "pred_blocks": 2 });
+        let m: MaskParams = serde_json::from_value(flat.clone()).unwrap();
+        assert_eq!(
+            (m.sampler.min_keep, m.sampler.pred_blocks, m.scale_min_keep),
+            (3, 2, true)
+        );
+        let back = serde_json::to_value(&m).unwrap();
+        assert_eq!(back["scale_min_keep"], true);
+        assert_eq!(back["min_keep"], 3);
+        let e = serde_json::from_value::<MaskParams>(serde_json::json!({ "min_kep": 3 }))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`min_kep`") && e.contains("`scale_min_keep`") && e.contains("`edge_quirk`"),
+            "{e}"
+        );
+        let e = serde_json::from_value::<MaskParams>(serde_json::json!({ "scale_min_keep": 1 }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`scale_min_keep`"), "{e}");
     }
 
     #[test]

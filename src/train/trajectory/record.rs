@@ -68,7 +68,7 @@ impl Setup {
         };
         params.loss.b_vic = 0.1;
         // the quickstart's value on its 8x8 grid
-        params.mask.min_keep = 3;
+        params.mask.sampler.min_keep = 3;
         Setup {
             model,
             params,
