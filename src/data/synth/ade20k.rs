@@ -96,11 +96,7 @@ fn render(seed: u64, split: &str, i: usize, s: usize) -> (Canvas, Vec<u8>) {
     let horizon = sf * sc.rng.gen_range(0.3..0.6);
     // Sky, then ground (road or floor).
     let sky = poly_mask(s, &[draw::rect(0.0, 0.0, sf, horizon)]);
-    let sky_c = draw::hsv(
-        sc.rng.gen_range(195.0..225.0),
-        sc.rng.gen_range(0.3..0.7),
-        sc.rng.gen_range(0.7..1.0),
-    );
+    let sky_c = draw::hsv_in(&mut sc.rng, 195.0..225.0, 0.3..0.7, 0.7..1.0);
     sc.fill(&sky, SKY, sky_c, 0);
     let ground = poly_mask(s, &[draw::rect(0.0, horizon, sf, sf)]);
     if sc.rng.gen_bool(0.5) {
@@ -123,11 +119,7 @@ fn render(seed: u64, split: &str, i: usize, s: usize) -> (Canvas, Vec<u8>) {
             }
         });
     } else {
-        let c = draw::hsv(
-            sc.rng.gen_range(20.0..40.0),
-            sc.rng.gen_range(0.4..0.7),
-            sc.rng.gen_range(0.4..0.7),
-        );
+        let c = draw::hsv_in(&mut sc.rng, 20.0..40.0, 0.4..0.7, 0.4..0.7);
         sc.fill(&ground, FLOOR, c, 2);
     }
     // Walls / buildings standing on the horizon.
@@ -138,11 +130,7 @@ fn render(seed: u64, split: &str, i: usize, s: usize) -> (Canvas, Vec<u8>) {
         );
         let top = horizon * sc.rng.gen_range(0.05..0.7);
         let m = poly_mask(s, &[draw::rect(x0, top, x0 + bw, horizon + 1.0)]);
-        let c = draw::hsv(
-            sc.rng.gen_range(0.0..60.0),
-            sc.rng.gen_range(0.05..0.3),
-            sc.rng.gen_range(0.5..0.85),
-        );
+        let c = draw::hsv_in(&mut sc.rng, 0.0..60.0, 0.05..0.3, 0.5..0.85);
         sc.fill(&m, WALL, c, 4);
     }
     // Trees: trunk + canopy.
@@ -152,11 +140,7 @@ fn render(seed: u64, split: &str, i: usize, s: usize) -> (Canvas, Vec<u8>) {
         let trunk = draw::rect(cx - r * 0.15, base - r * 1.2, cx + r * 0.15, base);
         let canopy = draw::ellipse(cx, base - r * 1.8, r, r * 1.1, 24);
         let m = poly_mask(s, &[trunk, canopy]);
-        let c = draw::hsv(
-            sc.rng.gen_range(90.0..140.0),
-            sc.rng.gen_range(0.5..0.9),
-            sc.rng.gen_range(0.3..0.6),
-        );
+        let c = draw::hsv_in(&mut sc.rng, 90.0..140.0, 0.5..0.9, 0.3..0.6);
         sc.fill(&m, TREE, c, 3);
     }
     // Other stuff (label 0).
@@ -189,22 +173,14 @@ fn render(seed: u64, split: &str, i: usize, s: usize) -> (Canvas, Vec<u8>) {
             let body = draw::rect(cx - bw / 2.0, foot - bh * 0.7, cx + bw / 2.0, foot);
             let cabin = draw::rect(cx - bw * 0.3, foot - bh, cx + bw * 0.25, foot - bh * 0.6);
             let m = poly_mask(s, &[body, cabin]);
-            let c = draw::hsv(
-                sc.rng.gen_range(0.0..360.0),
-                sc.rng.gen_range(0.5..0.9),
-                sc.rng.gen_range(0.4..0.9),
-            );
+            let c = draw::hsv_in(&mut sc.rng, 0.0..360.0, 0.5..0.9, 0.4..0.9);
             sc.fill(&m, CAR, c, 0);
         } else {
             let ph = sf * scale * 0.9;
             let head = draw::ellipse(cx, foot - ph * 0.85, ph * 0.12, ph * 0.12, 12);
             let body = draw::ellipse(cx, foot - ph * 0.38, ph * 0.16, ph * 0.38, 16);
             let m = poly_mask(s, &[head, body]);
-            let c = draw::hsv(
-                sc.rng.gen_range(0.0..360.0),
-                sc.rng.gen_range(0.2..0.6),
-                sc.rng.gen_range(0.2..0.6),
-            );
+            let c = draw::hsv_in(&mut sc.rng, 0.0..360.0, 0.2..0.6, 0.2..0.6);
             sc.fill(&m, PERSON, c, 1);
         }
     }

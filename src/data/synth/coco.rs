@@ -226,11 +226,7 @@ fn render_image(
     let mut rng = item_rng(seed, DataFormat::Coco, split, i);
     let (wu, hu) = (p.width as usize, p.height as usize);
     let (w, h) = (p.width as f64, p.height as f64);
-    let bg0 = draw::hsv(
-        rng.gen_range(0.0..360.0),
-        rng.gen_range(0.0..0.4),
-        rng.gen_range(0.3..0.9),
-    );
+    let bg0 = draw::hsv_in(&mut rng, 0.0..360.0, 0.0..0.4, 0.3..0.9);
     let bg1 = draw::mix(bg0, draw::random_color(&mut rng), 0.4);
     let mut cv = Canvas::gradient(wu, hu, bg0, bg1, rng.gen_range(0.0..2.0 * PI));
     // Unannotated clutter.

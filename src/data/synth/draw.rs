@@ -244,13 +244,21 @@ pub fn hsv(h: f64, s: f64, v: f64) -> Rgb {
     [(r + m) as f32, (g + m) as f32, (b + m) as f32]
 }
 
+/// A colour with hue, saturation and value drawn uniformly from the ranges, in that order.
+pub fn hsv_in(
+    rng: &mut ChaCha8Rng,
+    h: std::ops::Range<f64>,
+    s: std::ops::Range<f64>,
+    v: std::ops::Range<f64>,
+) -> Rgb {
+    let h = rng.gen_range(h);
+    let s = rng.gen_range(s);
+    hsv(h, s, rng.gen_range(v))
+}
+
 /// Random saturated-ish colour.
 pub fn random_color(rng: &mut ChaCha8Rng) -> Rgb {
-    hsv(
-        rng.gen_range(0.0..360.0),
-        rng.gen_range(0.35..1.0),
-        rng.gen_range(0.3..1.0),
-    )
+    hsv_in(rng, 0.0..360.0, 0.35..1.0, 0.3..1.0)
 }
 
 /// Luma of a colour.
