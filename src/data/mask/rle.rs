@@ -263,8 +263,8 @@ fn check_len(len: usize, h: usize, w: usize) -> Result<(), MaskError> {
     Ok(())
 }
 
-/// `rleEncode` over a column-major stream of pixels.
-fn encode_iter(h: usize, w: usize, it: impl Iterator<Item = bool>) -> Rle {
+/// `rleEncode` over a column-major stream of pixels (`h * w` of them).
+pub(crate) fn encode_iter(h: usize, w: usize, it: impl Iterator<Item = bool>) -> Rle {
     let mut counts = Vec::new();
     let mut p = false;
     let mut c = 0u32;

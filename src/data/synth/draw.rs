@@ -74,21 +74,13 @@ impl Mask {
     }
     /// Uncompressed COCO RLE counts: column-major runs starting with a run of zeros.
     pub fn rle_counts(&self) -> Vec<u64> {
-        let mut counts = Vec::new();
-        let (mut cur, mut run) = (false, 0u64);
-        for x in 0..self.w {
-            for y in 0..self.h {
-                let v = self.data[y * self.w + x];
-                if v != cur {
-                    counts.push(run);
-                    run = 0;
-                    cur = v;
-                }
-                run += 1;
-            }
-        }
-        counts.push(run);
-        counts
+        let (w, h) = (self.w, self.h);
+        let col_major = (0..w).flat_map(move |x| (0..h).map(move |y| self.data[y * w + x]));
+        crate::data::mask::rle::encode_iter(h, w, col_major)
+            .counts
+            .into_iter()
+            .map(u64::from)
+            .collect()
     }
 }
 
