@@ -355,7 +355,7 @@ fn quickstart_and_examples_plan() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for (file, n) in [
         ("pipelines/quickstart.yaml", 31),
-        ("pipelines/quickstart_long.yaml", 7),
+        ("pipelines/quickstart_long.yaml", 8),
         ("pipelines/examples/pretrain_tiny.yaml", 3),
         ("pipelines/examples/synth_pretrain_long.yaml", 12),
         ("pipelines/examples/clevr_pretrain.yaml", 8),
@@ -473,7 +473,12 @@ fn quickstart_long_shares_the_quickstarts_pretraining() {
         keys("pipelines/quickstart.yaml"),
         keys("pipelines/quickstart_long.yaml"),
     );
-    for id in ["images", "pretrain[method=ijepa]", "pretrain[method=cjepa]"] {
+    for id in [
+        "images",
+        "ade20k",
+        "pretrain[method=ijepa]",
+        "pretrain[method=cjepa]",
+    ] {
         assert_eq!(quick.get(id), long.get(id), "{id}");
         assert!(quick.contains_key(id), "{id}");
     }
