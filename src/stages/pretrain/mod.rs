@@ -288,8 +288,8 @@ const PRETRAIN_FORMATS: [DataFormat; 4] = [
     DataFormat::Davis,
 ];
 
-/// Root and format of each upstream image dataset (`imagefolder`, `clevr` or `ade20k`), in the
-/// order of their ids; pretraining reads the union of their images (labels unused).
+/// Root and format of each upstream dataset (one of [`PRETRAIN_FORMATS`]), in the order of their
+/// ids; pretraining reads the union of their images (labels unused).
 fn dataset_roots(ctx: &StageContext) -> Result<Vec<(PathBuf, DataFormat)>> {
     let ds: Vec<_> = ctx
         .job
@@ -309,37 +309,43 @@ fn dataset_roots(ctx: &StageContext) -> Result<Vec<(PathBuf, DataFormat)>> {
         let f = fmt(u);
         match PRETRAIN_FORMATS.into_iter().find(|k| k.as_str() == f) {
             Some(k) => roots.push((super::dataset::root_of(u), k)),
-            None => {
-                return Err(Error::stage(
-                    &ctx.job.id,
-                    format!(
-                        "upstream dataset `{}` has format `{f}`; pretraining reads `imagefolder` \
-                         (train/<class>/*.jpg), `clevr` (images/train/*.png), `ade20k` \
-                         (images/training/*.jpg) or `davis` (the frames of the `train.txt` \
-                         sequences) datasets: drop it from `needs`",
-                        u.id
-                    ),
-                ))
-            }
+            None => return Err(Error::stage(&ctx.job.id, unreadable_format(&u.id, &f))),
         }
     }
     if roots.is_empty() {
-        return Err(Error::stage(
-            &ctx.job.id,
-            "a pretrain stage needs an `imagefolder`, `clevr`, `ade20k` or `davis` dataset stage in \
-             `needs`",
-        ));
+        return Err(Error::stage(&ctx.job.id, no_dataset()));
     }
     Ok(roots)
+}
+
+/// The formats of [`PRETRAIN_FORMATS`], listed for messages.
+fn format_names() -> String {
+    PRETRAIN_FORMATS
+        .map(|f| format!("`{}`", f.as_str()))
+        .join(", ")
+}
+
+/// The refusal of upstream dataset `id` of format `f` (when planning and when the stage starts).
+fn unreadable_format(id: &str, f: &str) -> String {
+    format!(
+        "upstream dataset `{id}` has format `{f}`; pretraining reads the images of {} datasets: \
+         drop it from `needs`",
+        format_names()
+    )
+}
+
+/// The refusal of a pretrain stage without a dataset upstream.
+fn no_dataset() -> String {
+    format!(
+        "needs a `dataset` stage ({}) in `needs` (the images it learns from); add one",
+        format_names()
+    )
 }
 
 /// Plan-time check of `needs`: at least one dataset, each of a format pretraining reads.
 fn check_plan_datasets(
     stage: &crate::kind::PlanView,
 ) -> std::result::Result<(), crate::kind::PlanIssue> {
-    let names = PRETRAIN_FORMATS
-        .map(|f| format!("`{}`", f.as_str()))
-        .join(", ");
     let mut any = false;
     for u in stage
         .upstream
@@ -350,11 +356,7 @@ fn check_plan_datasets(
         if !PRETRAIN_FORMATS.iter().any(|k| k.as_str() == f) {
             return Err(crate::kind::PlanIssue::at(
                 "needs",
-                format!(
-                    "upstream dataset `{}` has format `{f}`; pretraining reads the images of \
-                     {names} datasets: drop it from `needs`",
-                    u.id
-                ),
+                unreadable_format(u.id, f),
             ));
         }
         any = true;
@@ -362,12 +364,7 @@ fn check_plan_datasets(
     if any {
         Ok(())
     } else {
-        Err(crate::kind::PlanIssue::at(
-            "needs",
-            format!(
-                "needs a `dataset` stage ({names}) in `needs` (the images it learns from); add one"
-            ),
-        ))
+        Err(crate::kind::PlanIssue::at("needs", no_dataset()))
     }
 }
 
