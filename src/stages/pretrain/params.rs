@@ -402,7 +402,7 @@ mod tests {
         assert_eq!(v["min_keep"], 10);
         // written flat, read back the same; an unknown key names the valid ones, the rule's too
         let flat = serde_json::json!({ "min_keep": 3, "scale_min_keep": true, "pred_blocks": 2 });
-        let m: MaskParams = serde_json::from_value(flat.clone()).unwrap();
+        let m: MaskParams = serde_json::from_value(flat).unwrap();
         assert_eq!(
             (m.sampler.min_keep, m.sampler.pred_blocks, m.scale_min_keep),
             (3, 2, true)

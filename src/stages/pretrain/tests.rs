@@ -42,6 +42,7 @@ fn pretraining_reads_the_images_of_each_image_format() {
     assert_eq!(d.len(), p.davis.train_sequences * p.davis.frames);
     assert!(d.iter().all(|(path, _)| path.is_file()));
     let dv = pretraining_images(&davis, DataFormat::Davis, "val").unwrap();
+    assert_eq!(dv.len(), p.davis.val_sequences * p.davis.frames);
     assert!(
         dv.iter().all(|v| !d.contains(v)),
         "train and val frames are apart"
