@@ -10,9 +10,11 @@
 //! parameters, the softmax gradient) is tested without a GPU; the CUDA kernels compute the same
 //! formulas and are checked on a GPU by the golden model tests (`scripts/gpu-check.sh`).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+
+use super::custom_op::{apply, apply_no_bwd, f32_data, CpuArg, CpuOut, Grads, Op};
+#[cfg(feature = "cuda")]
+use super::custom_op::{CudaArg, CudaOut};
 
 /// Rows of one partial column sum of the LayerNorm parameter gradients: 64, more for very long
 /// inputs (a launch has at most 65535 chunks).
@@ -35,7 +37,7 @@ pub fn applies(x: &Tensor) -> bool {
 
 /// Softmax over the last axis, with its backward.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    apply([&x.contiguous()?], Softmax)
 }
 
 /// LayerNorm over the last axis (biased variance), affine when `wb` is given, with its backward.
@@ -48,8 +50,7 @@ pub fn layer_norm(x: &Tensor, wb: Option<(&Tensor, &Tensor)>, eps: f64) -> Resul
             Tensor::zeros(d, DType::F32, x.device())?,
         ),
     };
-    x.contiguous()?
-        .apply_op3(&w, &b, LayerNorm { eps: eps as f32 })
+    apply([&x.contiguous()?, &w, &b], LayerNorm { eps: eps as f32 })
 }
 
 fn rows_of(l: &Layout) -> Result<(usize, usize)> {
@@ -60,14 +61,12 @@ fn rows_of(l: &Layout) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / d, d))
 }
 
-fn host<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("cuda ops: contiguous f32 expected"),
-    }
+fn host(x: CpuArg<'_>) -> Result<&[f32]> {
+    f32_data(x, "cuda ops")
 }
 
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+/// Mean and reciprocal standard deviation (biased variance) of a row.
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = x.iter().sum::<f32>() / d;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
@@ -86,13 +85,11 @@ struct LayerNormBwdParams {
     eps: f32,
 }
 
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "cuda-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, n) = rows_of(l)?;
-        let mut y = host(s, l)?.to_vec();
+impl Op<1> for Softmax {
+    const NAME: &'static str = "cuda-softmax";
+    fn cpu(&self, [x]: [CpuArg<'_>; 1]) -> CpuOut {
+        let (_, n) = rows_of(x.1)?;
+        let mut y = host(x)?.to_vec();
         for row in y.chunks_exact_mut(n) {
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
@@ -104,35 +101,24 @@ impl CustomOp1 for Softmax {
                 *v /= sum;
             }
         }
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(y), x.1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, n) = rows_of(l)?;
-        Ok((cuda::softmax_fwd(s, l, rows, n)?, l.shape().clone()))
+    fn cuda(&self, x: [CudaArg<'_>; 1]) -> CudaOut {
+        let (rows, n) = rows_of(x[0].1)?;
+        Ok((cuda::softmax_fwd(&x, rows, n)?, x[0].1.shape().clone()))
     }
-    fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?))
+    fn bwd(&self, _: [&Tensor; 1], res: &Tensor, dy: &Tensor) -> Grads<1> {
+        Ok([Some(apply_no_bwd([res, &dy.contiguous()?], SoftmaxBwd)?)])
     }
 }
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "cuda-softmax-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, n) = rows_of(l1)?;
-        let (y, dy) = (host(s1, l1)?, host(s2, l2)?);
+impl Op<2> for SoftmaxBwd {
+    const NAME: &'static str = "cuda-softmax-bwd";
+    fn cpu(&self, [y, dy]: [CpuArg<'_>; 2]) -> CpuOut {
+        let (_, n) = rows_of(y.1)?;
+        let shape = y.1.shape().clone();
+        let (y, dy) = (host(y)?, host(dy)?);
         let mut dx = vec![0f32; y.len()];
         for ((yr, gr), o) in y
             .chunks_exact(n)
@@ -144,103 +130,72 @@ impl CustomOp2 for SoftmaxBwd {
                 *o = p * (g - c);
             }
         }
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((CpuStorage::F32(dx), shape))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, n) = rows_of(l1)?;
+    fn cuda(&self, args: [CudaArg<'_>; 2]) -> CudaOut {
+        let (rows, n) = rows_of(args[0].1)?;
         Ok((
-            cuda::softmax_bwd(s1, l1, s2, l2, rows, n)?,
-            l1.shape().clone(),
+            cuda::softmax_bwd(&args, rows, n)?,
+            args[0].1.shape().clone(),
         ))
     }
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "cuda-layer-norm"
+/// Affine LayerNorm of the rows of `x` (`d` wide), the loop the CPU forward runs.
+pub(crate) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], d: usize, eps: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        for (j, (o, v)) in yr.iter_mut().zip(xr).enumerate() {
+            *o = (v - mean) * rstd * w[j] + b[j];
+        }
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_of(l1)?;
-        let (x, w, b) = (host(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+    y
+}
+
+impl Op<3> for LayerNorm {
+    const NAME: &'static str = "cuda-layer-norm";
+    fn cpu(&self, [x, w, b]: [CpuArg<'_>; 3]) -> CpuOut {
+        let (_, d) = rows_of(x.1)?;
+        let shape = x.1.shape().clone();
+        let (x, w, b) = (host(x)?, host(w)?, host(b)?);
         if w.len() != d || b.len() != d {
             candle_core::bail!("cuda layer_norm: weight / bias do not fit the last axis {d}")
         }
-        let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            for (j, (o, v)) in yr.iter_mut().zip(xr).enumerate() {
-                *o = (v - mean) * rstd * w[j] + b[j];
-            }
-        }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(layer_norm_rows(x, w, b, d, self.eps)),
+            shape,
+        ))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = rows_of(l1)?;
-        if l2.shape().elem_count() != d || l3.shape().elem_count() != d {
+    fn cuda(&self, [x, w, b]: [CudaArg<'_>; 3]) -> CudaOut {
+        let (rows, d) = rows_of(x.1)?;
+        if w.1.shape().elem_count() != d || b.1.shape().elem_count() != d {
             candle_core::bail!("cuda layer_norm: weight / bias do not fit the last axis {d}")
         }
-        let y = cuda::ln_fwd((s1, l1), (s2, l2), (s3, l3), rows, d, self.eps)?;
-        Ok((y, l1.shape().clone()))
+        let y = cuda::ln_fwd(x, w, b, rows, d, self.eps)?;
+        Ok((y, x.1.shape().clone()))
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w, _]: [&Tensor; 3], _res: &Tensor, dy: &Tensor) -> Grads<3> {
         let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &LayerNormBwdX { eps: self.eps })?;
+        let dx = apply_no_bwd([x, w, &dy], LayerNormBwdX { eps: self.eps })?;
         let d = x.dim(candle_core::D::Minus1)?;
         // (chunks, 2, d) partial sums of dy x̂ and dy, added up here
-        let part = x.apply_op2_no_bwd(&dy, &LayerNormBwdParams { eps: self.eps })?;
+        let part = apply_no_bwd([x, &dy], LayerNormBwdParams { eps: self.eps })?;
         let sums = part.sum(0)?;
         let dw = sums.narrow(0, 0, 1)?.reshape(d)?;
         let db = sums.narrow(0, 1, 1)?.reshape(d)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok([Some(dx), Some(dw), Some(db)])
     }
 }
 
-impl CustomOp3 for LayerNormBwdX {
-    fn name(&self) -> &'static str {
-        "cuda-layer-norm-bwd-x"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_of(l1)?;
-        let (x, w, dy) = (host(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+impl Op<3> for LayerNormBwdX {
+    const NAME: &'static str = "cuda-layer-norm-bwd-x";
+    fn cpu(&self, [x, w, dy]: [CpuArg<'_>; 3]) -> CpuOut {
+        let (_, d) = rows_of(x.1)?;
+        let shape = x.1.shape().clone();
+        let (x, w, dy) = (host(x)?, host(w)?, host(dy)?);
         let mut dx = vec![0f32; x.len()];
         for ((xr, gr), o) in x
             .chunks_exact(d)
@@ -260,37 +215,21 @@ impl CustomOp3 for LayerNormBwdX {
                 o[j] = rstd * (g - a - (xr[j] - mean) * rstd * c);
             }
         }
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((CpuStorage::F32(dx), shape))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = rows_of(l1)?;
-        let dx = cuda::ln_bwd_x((s1, l1), (s2, l2), (s3, l3), rows, d, self.eps)?;
-        Ok((dx, l1.shape().clone()))
+    fn cuda(&self, [x, w, dy]: [CudaArg<'_>; 3]) -> CudaOut {
+        let (rows, d) = rows_of(x.1)?;
+        let dx = cuda::ln_bwd_x(x, w, dy, rows, d, self.eps)?;
+        Ok((dx, x.1.shape().clone()))
     }
 }
 
-impl CustomOp2 for LayerNormBwdParams {
-    fn name(&self) -> &'static str {
-        "cuda-layer-norm-bwd-params"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (rows, d) = rows_of(l1)?;
-        let (x, dy) = (host(s1, l1)?, host(s2, l2)?);
+impl Op<2> for LayerNormBwdParams {
+    const NAME: &'static str = "cuda-layer-norm-bwd-params";
+    fn cpu(&self, [x, dy]: [CpuArg<'_>; 2]) -> CpuOut {
+        let (rows, d) = rows_of(x.1)?;
+        let (x, dy) = (host(x)?, host(dy)?);
         let chunk = param_chunk(rows);
         let chunks = rows.div_ceil(chunk);
         let mut part = vec![0f32; chunks * 2 * d];
@@ -307,17 +246,11 @@ impl CustomOp2 for LayerNormBwdParams {
         Ok((CpuStorage::F32(part), Shape::from((chunks, 2, d))))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = rows_of(l1)?;
+    fn cuda(&self, [x, dy]: [CudaArg<'_>; 2]) -> CudaOut {
+        let (rows, d) = rows_of(x.1)?;
         let chunk = param_chunk(rows);
         let chunks = rows.div_ceil(chunk);
-        let part = cuda::ln_bwd_params((s1, l1), (s2, l2), rows, d, self.eps, chunk)?;
+        let part = cuda::ln_bwd_params(x, dy, rows, d, self.eps, chunk)?;
         Ok((part, Shape::from((chunks, 2, d))))
     }
 }
@@ -514,19 +447,12 @@ extern "C" __global__ void cjepa_softmax_bwd(const float* y, const float* dy, fl
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
-    pub fn softmax_fwd(s: &CudaStorage, l: &Layout, rows: usize, n: usize) -> Result<CudaStorage> {
-        warp_rows("cjepa_softmax_fwd", &[(s, l)], rows, n)
+    pub fn softmax_fwd(x: &[In], rows: usize, n: usize) -> Result<CudaStorage> {
+        warp_rows("cjepa_softmax_fwd", x, rows, n)
     }
 
-    pub fn softmax_bwd(
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        rows: usize,
-        n: usize,
-    ) -> Result<CudaStorage> {
-        warp_rows("cjepa_softmax_bwd", &[(s1, l1), (s2, l2)], rows, n)
+    pub fn softmax_bwd(y_dy: &[In], rows: usize, n: usize) -> Result<CudaStorage> {
+        warp_rows("cjepa_softmax_bwd", y_dy, rows, n)
     }
 
     /// One block per row over three `(rows, d)` / `(d)` inputs (the LayerNorm forward and the

@@ -9,15 +9,17 @@
 //! dtypes, the ops are candle's own (`index_select`, `index_add`), so CPU results are unchanged.
 //! The kernels are compiled once per process with NVRTC.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
+
+use super::custom_op::{apply, CpuArg, CpuOut, Grads, Op};
+#[cfg(feature = "cuda")]
+use super::custom_op::{CudaArg, CudaOut};
 
 /// `table.index_select(idx, 0)` for a `(N, C)` table and `(M,)` u32 indices: `(M, C)`, with a
 /// scatter-add backward.
 pub fn gather_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
     if custom_applies(table, idx) {
-        return table
-            .contiguous()?
-            .apply_op2(&idx.contiguous()?, GatherRows);
+        return apply([&table.contiguous()?, &idx.contiguous()?], GatherRows);
     }
     table.index_select(idx, 0)
 }
@@ -26,9 +28,10 @@ pub fn gather_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
 /// gather backward.
 pub fn scatter_add_rows(src: &Tensor, idx: &Tensor, n: usize) -> Result<Tensor> {
     if custom_applies(src, idx) {
-        return src
-            .contiguous()?
-            .apply_op2(&idx.contiguous()?, ScatterAddRows { n });
+        return apply(
+            [&src.contiguous()?, &idx.contiguous()?],
+            ScatterAddRows { n },
+        );
     }
     let c = src.dim(1)?;
     Tensor::zeros((n, c), src.dtype(), src.device())?.index_add(idx, src, 0)
@@ -80,11 +83,9 @@ fn host_scatter_add(src: &[f32], c: usize, idx: &[u32], n: usize) -> Vec<f32> {
     out
 }
 
+/// The f32 rows, their count and width, and the u32 indices of a CPU op's arguments.
 fn host_args<'a>(
-    s1: &'a CpuStorage,
-    l1: &Layout,
-    s2: &'a CpuStorage,
-    l2: &Layout,
+    [(s1, l1), (s2, l2)]: [CpuArg<'a>; 2],
 ) -> Result<(&'a [f32], usize, usize, &'a [u32])> {
     let (CpuStorage::F32(a), CpuStorage::U32(i)) = (s1, s2) else {
         candle_core::bail!("row gather / scatter: f32 rows and u32 indices expected")
@@ -97,105 +98,59 @@ fn host_args<'a>(
     Ok((&a[a0..a1], rows, c, &i[i0..i1]))
 }
 
-impl CustomOp2 for GatherRows {
-    fn name(&self) -> &'static str {
-        "gather-rows"
-    }
+impl Op<2> for GatherRows {
+    const NAME: &'static str = "gather-rows";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (table, n, c, idx) = host_args(s1, l1, s2, l2)?;
+    fn cpu(&self, args: [CpuArg<'_>; 2]) -> CpuOut {
+        let (table, n, c, idx) = host_args(args)?;
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= n) {
             candle_core::bail!("gather-rows: index {bad} outside a table of {n} rows")
         }
-        Ok((
-            CpuStorage::F32(host_gather(table, c, idx)),
-            Shape::from((idx.len(), c)),
-        ))
+        let out = host_gather(table, c, idx);
+        Ok((CpuStorage::F32(out), Shape::from((idx.len(), c))))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c) = l1.shape().dims2()?;
-        let m = l2.shape().elem_count();
-        let out = cuda::launch(cuda::GATHER, s1, l1, s2, l2, m * c, c)?;
+    fn cuda(&self, [table, idx]: [CudaArg<'_>; 2]) -> CudaOut {
+        let (_, c) = table.1.shape().dims2()?;
+        let m = idx.1.shape().elem_count();
+        let out = cuda::launch(cuda::GATHER, table, idx, m * c, c)?;
         Ok((out, Shape::from((m, c))))
     }
 
-    fn bwd(
-        &self,
-        table: &Tensor,
-        idx: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(scatter_add_rows(grad, idx, table.dim(0)?)?), None))
+    fn bwd(&self, [table, idx]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
+        Ok([Some(scatter_add_rows(grad, idx, table.dim(0)?)?), None])
     }
 }
 
-impl CustomOp2 for ScatterAddRows {
-    fn name(&self) -> &'static str {
-        "scatter-add-rows"
-    }
+impl Op<2> for ScatterAddRows {
+    const NAME: &'static str = "scatter-add-rows";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (src, m, c, idx) = host_args(s1, l1, s2, l2)?;
+    fn cpu(&self, args: [CpuArg<'_>; 2]) -> CpuOut {
+        let (src, m, c, idx) = host_args(args)?;
         if idx.len() != m {
             candle_core::bail!("scatter-add-rows: {m} rows but {} indices", idx.len())
         }
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= self.n) {
             candle_core::bail!("scatter-add-rows: index {bad} outside {} rows", self.n)
         }
-        Ok((
-            CpuStorage::F32(host_scatter_add(src, c, idx, self.n)),
-            Shape::from((self.n, c)),
-        ))
+        let out = host_scatter_add(src, c, idx, self.n);
+        Ok((CpuStorage::F32(out), Shape::from((self.n, c))))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, c) = l1.shape().dims2()?;
-        if l2.shape().elem_count() != m {
-            candle_core::bail!(
-                "scatter-add-rows: {m} rows but {} indices",
-                l2.shape().elem_count()
-            )
+    fn cuda(&self, [src, idx]: [CudaArg<'_>; 2]) -> CudaOut {
+        let (m, c) = src.1.shape().dims2()?;
+        let k = idx.1.shape().elem_count();
+        if k != m {
+            candle_core::bail!("scatter-add-rows: {m} rows but {k} indices")
         }
-        let out = cuda::launch(cuda::SCATTER_ADD, s1, l1, s2, l2, self.n * c, c)?;
+        let out = cuda::launch(cuda::SCATTER_ADD, src, idx, self.n * c, c)?;
         Ok((out, Shape::from((self.n, c))))
     }
 
-    fn bwd(
-        &self,
-        _src: &Tensor,
-        idx: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(gather_rows(grad, idx)?), None))
+    fn bwd(&self, [_, idx]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
+        Ok([Some(gather_rows(grad, idx)?), None])
     }
 }
 
@@ -211,23 +166,31 @@ mod cuda {
     pub const SCATTER_ADD: &str = "cjepa_scatter_add_rows_f32";
 
     pub const SRC: &str = r#"
-extern "C" __global__ void cjepa_gather_rows_f32(
-    const float* table, const unsigned int* idx, float* out,
-    unsigned long long total, unsigned long long c) {
+// Element i = (r, col) of the (rows, c) side that walks the indices: with `scatter` off it reads
+// row idx[r] of `a` into out[i]; with `scatter` on it adds a[i] to row idx[r] of out.
+__device__ __forceinline__ void rows_by_index(
+    const float* a, const unsigned int* idx, float* out,
+    unsigned long long total, unsigned long long c, bool scatter) {
   for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
        i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
     unsigned long long r = i / c, col = i - r * c;
-    out[i] = table[(unsigned long long)idx[r] * c + col];
+    unsigned long long j = (unsigned long long)idx[r] * c + col;
+    if (scatter) {
+      atomicAdd(&out[j], a[i]);
+    } else {
+      out[i] = a[j];
+    }
   }
+}
+extern "C" __global__ void cjepa_gather_rows_f32(
+    const float* table, const unsigned int* idx, float* out,
+    unsigned long long total, unsigned long long c) {
+  rows_by_index(table, idx, out, total, c, false);
 }
 extern "C" __global__ void cjepa_scatter_add_rows_f32(
     const float* src, const unsigned int* idx, float* out,
     unsigned long long total, unsigned long long c) {
-  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-       i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
-    unsigned long long r = i / c, col = i - r * c;
-    atomicAdd(&out[(unsigned long long)idx[r] * c + col], src[i]);
-  }
+  rows_by_index(src, idx, out, total, c, true);
 }
 "#;
 
@@ -236,10 +199,8 @@ extern "C" __global__ void cjepa_scatter_add_rows_f32(
     /// input rows.
     pub fn launch(
         kernel: &str,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
         out_len: usize,
         c: usize,
     ) -> Result<CudaStorage> {
@@ -281,7 +242,7 @@ mod tests {
         let dev = Device::Cpu;
         let table = Var::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap();
         let idx = Tensor::new(&[2u32, 0, 2, 1], &dev).unwrap();
-        let ours = table.as_tensor().apply_op2(&idx, GatherRows).unwrap();
+        let ours = apply([table.as_tensor(), &idx], GatherRows).unwrap();
         let theirs = table.as_tensor().index_select(&idx, 0).unwrap();
         assert_eq!(
             ours.to_vec2::<f32>().unwrap(),
@@ -306,10 +267,7 @@ mod tests {
 
         let src = Var::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap();
         let to = Tensor::new(&[1u32, 1, 0], &dev).unwrap();
-        let ours = src
-            .as_tensor()
-            .apply_op2(&to, ScatterAddRows { n: 3 })
-            .unwrap();
+        let ours = apply([src.as_tensor(), &to], ScatterAddRows { n: 3 }).unwrap();
         let theirs = Tensor::zeros((3, 2), DType::F32, &dev)
             .unwrap()
             .index_add(&to, src.as_tensor(), 0)
@@ -324,10 +282,8 @@ mod tests {
             g.get(src.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
             vec![vec![3.0, 4.0], vec![3.0, 4.0], vec![1.0, 2.0]]
         );
-        assert!(table
-            .as_tensor()
-            .apply_op2(&Tensor::new(&[3u32], &dev).unwrap(), GatherRows)
-            .is_err());
+        let out_of_range = Tensor::new(&[3u32], &dev).unwrap();
+        assert!(apply([table.as_tensor(), &out_of_range], GatherRows).is_err());
     }
 
     /// Off CUDA the public functions are candle's own ops.

@@ -14,6 +14,22 @@ use super::config::VitConfig;
 use super::error::Result;
 use super::{cuda_ops, fused, precision};
 
+/// The `k x k` taps of a "same" convolution (stride 1, zero padding `k / 2`) of `x` over its
+/// axes `(ah, aw)`: tap `(i, j)` (row-major) is `x` shifted by `(i - k/2, j - k/2)`, a view of
+/// the padded map with `x`'s shape.
+pub fn shifted_taps(x: &Tensor, k: usize, (ah, aw): (usize, usize)) -> Result<Vec<Tensor>> {
+    let (h, w) = (x.dim(ah)?, x.dim(aw)?);
+    let p = k / 2;
+    let xp = x.pad_with_zeros(ah, p, p)?.pad_with_zeros(aw, p, p)?;
+    let mut taps = Vec::with_capacity(k * k);
+    for i in 0..k {
+        for j in 0..k {
+            taps.push(xp.narrow(ah, i, h)?.narrow(aw, j, w)?);
+        }
+    }
+    Ok(taps)
+}
+
 /// Softmax over the last axis (fused kernel on the CPU, else [`softmax_last_unfused`]).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if fused::applies_to(x) {

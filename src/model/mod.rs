@@ -4,6 +4,7 @@
 //! - `config`: [`VitConfig`] with the registry presets;
 //! - `pos_embed`: fixed 2-D sin-cos position embedding;
 //! - `layers`: LayerNorm, Linear, attention, MLP, block (all differentiable);
+//! - `custom_op`: one trait for candle's custom ops of every arity ([`custom_op::Op`]);
 //! - `fused`: fused CPU kernels of those layers, each with its backward;
 //! - `tokens`: `apply_masks` and `repeat_interleave_batch`;
 //! - `vit`: the encoder; `predictor`: the predictor;
@@ -16,6 +17,7 @@ pub mod classifier_head;
 pub mod config;
 pub mod cuda_kernels;
 pub mod cuda_ops;
+pub mod custom_op;
 pub mod detect;
 pub mod error;
 pub mod fused;

@@ -211,14 +211,7 @@ fn conv_cols(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let cols = if k == 1 {
         x.reshape((b, c, h * w))?
     } else {
-        let p = k / 2;
-        let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-        let mut taps = Vec::with_capacity(k * k);
-        for i in 0..k {
-            for j in 0..k {
-                taps.push(xp.narrow(2, i, h)?.narrow(3, j, w)?);
-            }
-        }
+        let taps = super::layers::shifted_taps(x, k, (2, 3))?;
         // (B, C, k*k, H, W): column index c*k*k + i*k + j, the order of the weight's flattening.
         Tensor::stack(&taps, 2)?.reshape((b, c * k * k, h * w))?
     };

@@ -24,7 +24,7 @@ fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [
 }
 
 fn data<'a>(s: &'a CpuStorage, l: &Layout, n: usize, op: &'static str) -> Result<&'a [f32]> {
-    let d = fused::slice(s, l, op)?;
+    let d = crate::model::custom_op::f32_data((s, l), op)?;
     if d.len() != n {
         bail!("{op}: operand of {} elements, expected {n}", d.len())
     }
@@ -79,135 +79,102 @@ impl AdamConsts {
     }
 }
 
-/// A mutable slice handed from an in-place op to the one nested in it.
-type Handoff<'a> = Mutex<Option<&'a mut [f32]>>;
+/// A value handed from an in-place op to the one nested in it (candle gives an op `&self`).
+type Handoff<T> = Mutex<Option<T>>;
 
-fn take<'a>(h: &Handoff<'a>, op: &str) -> Result<&'a mut [f32]> {
+fn take<T>(h: &Handoff<T>, op: &str) -> Result<T> {
     match h.lock().map(|mut s| s.take()) {
         Ok(Some(s)) => Ok(s),
         _ => bail!("{op}: operand already taken"),
     }
 }
 
+/// An in-place op on one contiguous f32 CPU tensor: `f` gets its data.
+struct InPlace<F> {
+    name: &'static str,
+    f: F,
+}
+
+fn in_place<F: Fn(&mut [f32]) -> Result<()>>(name: &'static str, f: F) -> InPlace<F> {
+    InPlace { name, f }
+}
+
+impl<F: Fn(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        (self.f)(data_mut(s, l, self.name)?)
+    }
+}
+
+/// An in-place op on one contiguous f32 CPU tensor that reads a second of the same size.
+struct InPlaceWith<F> {
+    name: &'static str,
+    f: F,
+}
+
+fn in_place_with<F>(name: &'static str, f: F) -> InPlaceWith<F>
+where
+    F: Fn(&mut [f32], &[f32]) -> Result<()>,
+{
+    InPlaceWith { name, f }
+}
+
+impl<F: Fn(&mut [f32], &[f32]) -> Result<()>> InplaceOp2 for InPlaceWith<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let dst = data_mut(s1, l1, self.name)?;
+        let src = data(s2, l2, dst.len(), self.name)?;
+        (self.f)(dst, src)
+    }
+}
+
 /// The AdamW update reads and writes three tensors (weight, first and second moment), but a
-/// candle in-place op may write only one. So the op on the first moment holds its storage and
-/// runs the op on the second moment inside, which runs the one on the weight (reading the
-/// gradient) inside that: [`MomentOne`] -> [`MomentTwo`] -> [`AdamWPass`], one pass over the four.
-struct MomentOne<'t> {
-    w: &'t Tensor,
-    g: &'t Tensor,
-    v: &'t Tensor,
-    k: AdamConsts,
-}
-
-impl InplaceOp1 for MomentOne<'_> {
-    fn name(&self) -> &'static str {
-        "adamw-first-moment"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let m = data_mut(s, l, self.name())?;
-        self.v.inplace_op1(&MomentTwo {
-            w: self.w,
-            g: self.g,
-            m: Mutex::new(Some(m)),
-            k: self.k,
-        })
-    }
-}
-
-struct MomentTwo<'t, 'm> {
-    w: &'t Tensor,
-    g: &'t Tensor,
-    m: Handoff<'m>,
-    k: AdamConsts,
-}
-
-impl InplaceOp1 for MomentTwo<'_, '_> {
-    fn name(&self) -> &'static str {
-        "adamw-second-moment"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let v = data_mut(s, l, self.name())?;
-        let m = take(&self.m, self.name())?;
-        self.w.inplace_op2(
-            self.g,
-            &AdamWPass {
-                m: Mutex::new(Some(m)),
-                v: Mutex::new(Some(v)),
-                k: self.k,
-            },
-        )
-    }
-}
-
-struct AdamWPass<'m> {
-    m: Handoff<'m>,
-    v: Handoff<'m>,
-    k: AdamConsts,
-}
-
-impl InplaceOp2 for AdamWPass<'_> {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let w = data_mut(s1, l1, self.name())?;
-        let g = data(s2, l2, w.len(), self.name())?;
-        let (m, v) = (take(&self.m, self.name())?, take(&self.v, self.name())?);
-        if m.len() != w.len() || v.len() != w.len() {
-            bail!(
-                "{}: moments of {} and {} elements for a parameter of {}",
-                self.name(),
-                m.len(),
-                v.len(),
-                w.len()
-            )
-        }
-        let k = self.k;
-        w.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(((w, m), v), g)| {
-                fused::kernels::simd(|| {
-                    for (((w, m), v), g) in w.iter_mut().zip(m).zip(v).zip(g) {
-                        k.update(w, m, v, *g);
+/// candle in-place op may write only one. So the op on the first moment hands its data to the op
+/// on the second moment, run inside it, which hands both to the op on the weight (reading the
+/// gradient) inside that: one pass over the four.
+fn adamw_cpu(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: AdamConsts) -> Result<()> {
+    m.inplace_op1(&in_place("adamw-first-moment", |m| {
+        let m = Mutex::new(Some(m));
+        v.inplace_op1(&in_place("adamw-second-moment", |v| {
+            let mv = Mutex::new(Some((take(&m, "adamw-second-moment")?, v)));
+            w.inplace_op2(
+                g,
+                &in_place_with("adamw-update", |w, g| {
+                    let (m, v) = take(&mv, "adamw-update")?;
+                    if m.len() != w.len() || v.len() != w.len() {
+                        bail!(
+                            "adamw-update: moments of {} and {} elements for a parameter of {}",
+                            m.len(),
+                            v.len(),
+                            w.len()
+                        )
                     }
-                })
-            });
-        Ok(())
-    }
-}
-
-/// `t = (t * m + 0) + (s * (1 - m) + 0)`.
-struct Ema {
-    m: f32,
-    c: f32,
-}
-
-impl InplaceOp2 for Ema {
-    fn name(&self) -> &'static str {
-        "ema-update"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let t = data_mut(s1, l1, self.name())?;
-        let s = data(s2, l2, t.len(), self.name())?;
-        let (m, c) = (self.m, self.c);
-        zip2(t, s, |t, s| (t * m + 0.0) + (s * c + 0.0));
-        Ok(())
-    }
+                    w.par_chunks_mut(CHUNK)
+                        .zip(m.par_chunks_mut(CHUNK))
+                        .zip(v.par_chunks_mut(CHUNK))
+                        .zip(g.par_chunks(CHUNK))
+                        .for_each(|(((w, m), v), g)| {
+                            fused::kernels::simd(|| {
+                                for (((w, m), v), g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                                    k.update(w, m, v, *g);
+                                }
+                            })
+                        });
+                    Ok(())
+                }),
+            )
+        }))
+    }))
 }
 
 /// True when every tensor can be updated by these kernels (contiguous f32 on the CPU, fused on).
@@ -270,7 +237,7 @@ pub(crate) fn adamw_inplace(
     if w.device().is_cuda() {
         return cuda::adamw(w, g, m, v, &k);
     }
-    m.inplace_op1(&MomentOne { w, g, v, k })
+    adamw_cpu(w, g, m, v, k)
 }
 
 /// `target = m target + (1 - m) online`, in place.
@@ -279,13 +246,13 @@ pub(crate) fn ema_inplace(target: &Tensor, online: &Tensor, momentum: f64) -> Re
     if target.device().is_cuda() {
         return cuda::ema(target, online, momentum as f32, (1.0 - momentum) as f32);
     }
-    target.inplace_op2(
-        online,
-        &Ema {
-            m: momentum as f32,
-            c: (1.0 - momentum) as f32,
-        },
-    )
+    // `t = (t * m + 0) + (s * (1 - m) + 0)`
+    let (m, c) = (momentum as f32, (1.0 - momentum) as f32);
+    let ema = in_place_with("ema-update", |t, s| {
+        zip2(t, s, |t, s| (t * m + 0.0) + (s * c + 0.0));
+        Ok(())
+    });
+    target.inplace_op2(online, &ema)
 }
 
 /// The AdamW update and the EMA as one CUDA kernel launch per parameter (the candle chain takes
@@ -414,7 +381,9 @@ pub(crate) fn mean_of(parts: &[Tensor]) -> Result<Tensor> {
     let mut srcs = Vec::with_capacity(parts.len());
     for (s, l) in &guards {
         match &**s {
-            candle_core::Storage::Cpu(cs) => srcs.push(fused::slice(cs, l, "mean-of")?),
+            candle_core::Storage::Cpu(cs) => {
+                srcs.push(crate::model::custom_op::f32_data((cs, l), "mean-of")?)
+            }
             _ => bail!("mean-of: expected CPU tensors"),
         }
     }

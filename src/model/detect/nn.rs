@@ -17,23 +17,17 @@
 use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+use crate::model::cuda_ops::{layer_norm_rows, row_stats};
+use crate::model::custom_op::{apply, f32_data, CpuArg, CpuOut, Grads, Op};
 use crate::model::error::Result;
+use crate::model::layers::shifted_taps;
 use crate::model::{launch, precision};
 
 /// The im2col columns of a `k x k` "same" convolution of channels-last `(B, H, W, C)` as shifted
 /// views of the zero-padded map, concatenated on the channel axis: `(B, H, W, k*k*C)` in
 /// `(ky, kx, c)` order (the order of [`im2col_indices`]' taps).
 pub fn shifted_columns(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (_, h, w, _) = x.dims4()?;
-    let p = k / 2;
-    let xp = x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?;
-    let mut taps = Vec::with_capacity(k * k);
-    for ky in 0..k {
-        for kx in 0..k {
-            taps.push(xp.narrow(1, ky, h)?.narrow(2, kx, w)?);
-        }
-    }
-    Ok(Tensor::cat(&taps, 3)?)
+    Ok(Tensor::cat(&shifted_taps(x, k, (1, 2))?, 3)?)
 }
 
 /// `y = x W^T (+ b)` on the last axis of `(..., in)`.
@@ -211,9 +205,10 @@ pub fn layer_norm_last(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<T
         .iter()
         .all(|t| t.dtype() == candle_core::DType::F32);
     if x.device().is_cpu() && all_f32 {
-        return Ok(x
-            .contiguous()?
-            .apply_op3(w, b, LnAffine { eps: eps as f32 })?);
+        return Ok(apply(
+            [&x.contiguous()?, w, b],
+            LnAffine { eps: eps as f32 },
+        )?);
     }
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
@@ -222,47 +217,18 @@ pub fn layer_norm_last(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<T
     Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
 }
 
+const OP: &str = "fused layer norm";
+
 struct LnAffine {
     eps: f32,
 }
 
-fn f32_slice<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let (o1, o2) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("layer norm needs contiguous inputs".into()))?;
-    match s {
-        candle_core::CpuStorage::F32(v) => Ok(&v[o1..o2]),
-        _ => candle_core::bail!("fused layer norm: f32 only"),
-    }
-}
-
-/// Mean and reciprocal standard deviation of a row.
-fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
-    let n = r.len() as f32;
-    let mean = r.iter().sum::<f32>() / n;
-    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-impl candle_core::CustomOp3 for LnAffine {
-    fn name(&self) -> &'static str {
-        "layer-norm-affine"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let d = *l1.dims().last().unwrap_or(&1);
+impl Op<3> for LnAffine {
+    const NAME: &'static str = "layer-norm-affine";
+    fn cpu(&self, [x, w, b]: [CpuArg<'_>; 3]) -> CpuOut {
+        let shape = x.1.shape().clone();
+        let d = *shape.dims().last().unwrap_or(&1);
+        let (x, w, b) = (f32_data(x, OP)?, f32_data(w, OP)?, f32_data(b, OP)?);
         if w.len() != d || b.len() != d || d == 0 {
             candle_core::bail!(
                 "layer norm: weight {} / bias {} for width {d}",
@@ -270,24 +236,11 @@ impl candle_core::CustomOp3 for LnAffine {
                 b.len()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks(d).zip(out.chunks_mut(d)) {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            for (i, y) in yr.iter_mut().enumerate() {
-                *y = (xr[i] - mean) * rstd * w[i] + b[i];
-            }
-        }
-        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+        let out = layer_norm_rows(x, w, b, d, self.eps);
+        Ok((candle_core::CpuStorage::F32(out), shape))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let d = x.dim(D::Minus1)?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let wv = w.to_vec1::<f32>()?;
@@ -313,11 +266,11 @@ impl candle_core::CustomOp3 for LnAffine {
             }
         }
         let dev = x.device();
-        Ok((
+        Ok([
             Some(Tensor::from_vec(dx, x.shape().clone(), dev)?),
             Some(Tensor::from_vec(dw, w.shape().clone(), dev)?),
             Some(Tensor::from_vec(db, b.shape().clone(), dev)?),
-        ))
+        ])
     }
 }
 

@@ -9,12 +9,13 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Result, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::{gemm, output_buffer, Mat, MatMut};
 use super::softmax::{softmax_rows, softmax_rows_bwd};
-use super::{slice, tensor, with_data, SendConst, SendPtr};
+use super::{tensor, with_data, SendConst, SendPtr};
+use crate::model::custom_op::{apply, f32_data, CpuArg, CpuOut, Grads, Op};
 
 struct Attention {
     heads: usize,
@@ -31,15 +32,13 @@ fn dims(d: &[usize], heads: usize) -> Result<(usize, usize, usize, usize)> {
     Ok((d[0], d[1], e, e / heads))
 }
 
-impl CustomOp1 for Attention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
+impl Op<1> for Attention {
+    const NAME: &'static str = "fused-attention";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, t, e, hd) = dims(l.dims(), self.heads)?;
+    fn cpu(&self, [qkv]: [CpuArg<'_>; 1]) -> CpuOut {
+        let (b, t, e, hd) = dims(qkv.1.dims(), self.heads)?;
         let h = self.heads;
-        let qkv = slice(s, l, self.name())?;
+        let qkv = f32_data(qkv, Self::NAME)?;
         // SAFETY: the (image, head) tasks below write every head's T x T block of probs and
         // T x hd block of out (gemms with accumulate = false).
         let (mut out, mut probs) =
@@ -110,7 +109,7 @@ impl CustomOp1 for Attention {
         Ok((CpuStorage::F32(out), (b, t, e).into()))
     }
 
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, [qkv]: [&Tensor; 1], _res: &Tensor, dout: &Tensor) -> Grads<1> {
         let (b, t, e, hd) = dims(qkv.dims(), self.heads)?;
         let h = self.heads;
         let Some(probs) = self.probs.get() else {
@@ -120,8 +119,8 @@ impl CustomOp1 for Attention {
         let mut dqkv = unsafe { output_buffer(b * t * 3 * e) };
         let scale = self.scale;
         let e3 = (3 * e) as isize;
-        with_data(qkv, self.name(), |q| {
-            with_data(dout, self.name(), |g| {
+        with_data(qkv, Self::NAME, |q| {
+            with_data(dout, Self::NAME, |g| {
                 let (dp, qp, gp, pp) = (
                     SendPtr(dqkv.as_mut_ptr()),
                     SendConst(q.as_ptr()),
@@ -241,17 +240,18 @@ impl CustomOp1 for Attention {
                 Ok(())
             })
         })?;
-        Ok(Some(tensor(dqkv, qkv.dims())?))
+        Ok([Some(tensor(dqkv, qkv.dims())?)])
     }
 }
 
 /// Attention of packed `qkv (B, T, 3E)` with `heads` heads and logit scale `scale`: `(B, T, E)`.
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(Attention {
+    let op = Attention {
         heads,
         scale: scale as f32,
         probs: OnceLock::new(),
-    })
+    };
+    apply([&qkv.contiguous()?], op)
 }
 
 #[cfg(test)]

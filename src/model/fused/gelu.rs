@@ -2,10 +2,11 @@
 //! `dx = dy (Φ(x) + x φ(x))`, where candle's unfused backward takes about ten passes over the
 //! MLP's hidden tensor.
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Result, Tensor};
 
 use super::kernels::{erf, exp, output_buffer, par_rows, simd_fn};
-use super::{slice, tensor, with_data, SendPtr};
+use super::{tensor, with_data, SendPtr};
+use crate::model::custom_op::{apply, f32_data, CpuArg, CpuOut, Grads, Op};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2 pi).
@@ -64,20 +65,18 @@ fn par_chunks(v: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     });
 }
 
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "fused-gelu-erf"
-    }
+impl Op<1> for GeluErf {
+    const NAME: &'static str = "fused-gelu-erf";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
+    fn cpu(&self, [arg]: [CpuArg<'_>; 1]) -> CpuOut {
+        let x = f32_data(arg, Self::NAME)?;
         // SAFETY: the chunks below cover all of y.
         let mut y = unsafe { output_buffer(x.len()) };
         par_chunks(&mut y, |a, out| gelu_into(out, &x[a..]));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(y), arg.1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, dy: &Tensor) -> Grads<1> {
         if x.dims() != dy.dims() {
             bail!(
                 "fused gelu: gradient {:?} vs input {:?}",
@@ -85,18 +84,18 @@ impl CustomOp1 for GeluErf {
                 x.dims()
             )
         }
-        let mut g = with_data(dy, self.name(), |g| Ok(g.to_vec()))?;
-        with_data(x, self.name(), |xs| {
+        let mut g = with_data(dy, Self::NAME, |g| Ok(g.to_vec()))?;
+        with_data(x, Self::NAME, |xs| {
             par_chunks(&mut g, |a, out| gelu_grad_mul(out, &xs[a..]));
             Ok(())
         })?;
-        Ok(Some(tensor(g, x.dims())?))
+        Ok([Some(tensor(g, x.dims())?)])
     }
 }
 
 /// GELU (erf form) of an f32 CPU tensor, with a backward.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(GeluErf)
+    apply([&x.contiguous()?], GeluErf)
 }
 
 #[cfg(test)]

@@ -5,10 +5,11 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Layout, Result, Tensor};
 
 use super::kernels::{dot, output_buffer, par_rows, par_rows_sum, simd_fn, sum};
-use super::{slice, tensor, with_data, SendPtr};
+use super::{tensor, with_data, SendPtr};
+use crate::model::custom_op::{apply, f32_data, CpuArg, CpuOut, Grads, Op};
 
 const OP: &str = "fused layer_norm";
 
@@ -219,97 +220,72 @@ fn last_dim(l: &Layout) -> Result<usize> {
     }
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm"
-    }
+impl Op<3> for LayerNorm {
+    const NAME: &'static str = "fused-layer-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = last_dim(l1)?;
-        if l2.dims() != [d] || l3.dims() != [d] {
+    fn cpu(&self, [x, w, b]: [CpuArg<'_>; 3]) -> CpuOut {
+        let d = last_dim(x.1)?;
+        if w.1.dims() != [d] || b.1.dims() != [d] {
             bail!(
                 "fused layer_norm: weight {:?} / bias {:?} do not fit the last axis {d}",
-                l2.dims(),
-                l3.dims()
+                w.1.dims(),
+                b.1.dims()
             )
         }
-        let x = slice(s1, l1, OP)?;
-        let w = slice(s2, l2, OP)?;
-        let b = slice(s3, l3, OP)?;
+        let shape = x.1.shape().clone();
+        let (x, w, b) = (f32_data(x, OP)?, f32_data(w, OP)?, f32_data(b, OP)?);
         let y = self.forward(x, d, Some((w, b)))?;
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, dy: &Tensor) -> Grads<3> {
         let d = x.dim(candle_core::D::Minus1)?;
         let want_params = w.track_op() || b.track_op();
-        let (dx, p) = with_data(x, "fused layer_norm", |xs| {
-            with_data(dy, "fused layer_norm", |g| {
-                with_data(w, "fused layer_norm", |ws| {
+        let (dx, p) = with_data(x, OP, |xs| {
+            with_data(dy, OP, |g| {
+                with_data(w, OP, |ws| {
                     self.backward(xs, g, d, Some(ws), x.track_op(), want_params)
                 })
             })
         })?;
         let dx = dx.map(|v| tensor(v, x.dims())).transpose()?;
         if !want_params {
-            return Ok((dx, None, None));
+            return Ok([dx, None, None]);
         }
         let db = p[d..].to_vec();
         let mut dw = p;
         dw.truncate(d);
-        Ok((dx, Some(tensor(dw, &[d])?), Some(tensor(db, &[d])?)))
+        Ok([dx, Some(tensor(dw, &[d])?), Some(tensor(db, &[d])?)])
     }
 }
 
-impl CustomOp1 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-plain"
+impl Op<1> for LayerNorm {
+    const NAME: &'static str = "fused-layer-norm-plain";
+
+    fn cpu(&self, [x]: [CpuArg<'_>; 1]) -> CpuOut {
+        let d = last_dim(x.1)?;
+        let y = self.forward(f32_data(x, OP)?, d, None)?;
+        Ok((CpuStorage::F32(y), x.1.shape().clone()))
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = last_dim(l)?;
-        let y = self.forward(slice(s, l, "fused layer_norm")?, d, None)?;
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, dy: &Tensor) -> Grads<1> {
         let d = x.dim(candle_core::D::Minus1)?;
-        let (dx, _) = with_data(x, "fused layer_norm", |xs| {
-            with_data(dy, "fused layer_norm", |g| {
-                self.backward(xs, g, d, None, true, false)
-            })
+        let (dx, _) = with_data(x, OP, |xs| {
+            with_data(dy, OP, |g| self.backward(xs, g, d, None, true, false))
         })?;
-        dx.map(|v| tensor(v, x.dims())).transpose()
+        Ok([dx.map(|v| tensor(v, x.dims())).transpose()?])
     }
 }
 
 /// Affine LayerNorm of the last axis of an f32 CPU tensor.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        LayerNorm::new(eps),
-    )
+    let (w, b) = (weight.contiguous()?, bias.contiguous()?);
+    apply([&x.contiguous()?, &w, &b], LayerNorm::new(eps))
 }
 
 /// LayerNorm of the last axis without affine parameters.
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(LayerNorm::new(eps))
+    apply([&x.contiguous()?], LayerNorm::new(eps))
 }
 
 #[cfg(test)]

@@ -6,14 +6,15 @@
 //! records reshape, transpose, matmul and broadcast-add, whose backward materialises transposed
 //! copies and broadcast sums.
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Result, Shape, Tensor};
 
 use super::kernels::{gemm_par_rows, output_buffer, par_rows, par_rows_sum, simd_fn, Mat, MatMut};
-use super::{slice, tensor, with_data, SendPtr};
+use super::{tensor, with_data, SendPtr};
+use crate::model::custom_op::{apply, f32_data, CpuArg, CpuOut, Grads, Op};
 
 const OP: &str = "fused linear";
 
-/// The op: a `CustomOp3` with the bias, a `CustomOp2` without.
+/// The op: three arguments with the bias, two without.
 struct Linear;
 
 pub(super) fn check(xd: &[usize], wd: &[usize]) -> Result<(usize, usize, usize)> {
@@ -220,68 +221,45 @@ fn backward(
     })
 }
 
-impl CustomOp3 for Linear {
-    fn name(&self) -> &'static str {
-        "fused-linear"
+/// The forward of a biased linear op's arguments `[x, w, b]` (`op` names it in errors):
+/// `x W^T + b`, its shape and its `(rows, columns)`.
+pub(super) fn forward_biased(
+    [x, w, b]: [CpuArg<'_>; 3],
+    op: &'static str,
+) -> Result<(Vec<f32>, Shape, (usize, usize))> {
+    let (m, k, n) = check_with_bias(x.1.dims(), w.1.dims(), b.1.dims(), op)?;
+    let shape = out_shape(x.1.dims(), n);
+    let (x, w, b) = (f32_data(x, op)?, f32_data(w, op)?, f32_data(b, op)?);
+    Ok((forward(x, w, Some(b), m, k, n), shape, (m, n)))
+}
+
+impl Op<3> for Linear {
+    const NAME: &'static str = "fused-linear";
+
+    fn cpu(&self, args: [CpuArg<'_>; 3]) -> CpuOut {
+        let (y, shape, _) = forward_biased(args, OP)?;
+        Ok((CpuStorage::F32(y), shape))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = check_with_bias(l1.dims(), l2.dims(), l3.dims(), OP)?;
-        let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
-        let y = forward(x, w, Some(b), m, k, n);
-        Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        backward(x, w, dy, (x.track_op(), w.track_op(), b.track_op()))
+    fn bwd(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, dy: &Tensor) -> Grads<3> {
+        let (dx, dw, db) = backward(x, w, dy, (x.track_op(), w.track_op(), b.track_op()))?;
+        Ok([dx, dw, db])
     }
 }
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "fused-linear-nobias"
+impl Op<2> for Linear {
+    const NAME: &'static str = "fused-linear-nobias";
+
+    fn cpu(&self, [x, w]: [CpuArg<'_>; 2]) -> CpuOut {
+        let (m, k, n) = check(x.1.dims(), w.1.dims())?;
+        let shape = out_shape(x.1.dims(), n);
+        let (x, w) = (f32_data(x, OP)?, f32_data(w, OP)?);
+        Ok((CpuStorage::F32(forward(x, w, None, m, k, n)), shape))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = check(l1.dims(), l2.dims())?;
-        let (x, w) = (
-            slice(s1, l1, "fused linear")?,
-            slice(s2, l2, "fused linear")?,
-        );
-        let y = forward(x, w, None, m, k, n);
-        Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, dy: &Tensor) -> Grads<2> {
         let (dx, dw, _) = backward(x, w, dy, (x.track_op(), w.track_op(), false))?;
-        Ok((dx, dw))
+        Ok([dx, dw])
     }
 }
 
@@ -290,33 +268,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, Linear),
-        None => x.apply_op2(&w, Linear),
+        Some(b) => apply([&x, &w, &b.contiguous()?], Linear),
+        None => apply([&x, &w], Linear),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testutil::{assert_close, assert_grads_close, randn, var};
-
-    fn unfused(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap();
-        let rows = x.elem_count() / k;
-        let y = x
-            .reshape((rows, k))
-            .unwrap()
-            .matmul(&w.t().unwrap())
-            .unwrap();
-        let y = match b {
-            Some(b) => y.broadcast_add(b).unwrap(),
-            None => y,
-        };
-        let mut od = dims;
-        *od.last_mut().unwrap() = w.dim(0).unwrap();
-        y.reshape(od).unwrap()
-    }
+    use crate::model::fused::testutil::{
+        assert_close, assert_grads_close, randn, unfused_linear as unfused, var,
+    };
 
     #[test]
     fn values_and_gradients_match_unfused() {

@@ -10,12 +10,13 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Result, Tensor};
 
 use super::gelu::{gelu_grad, gelu_into};
 use super::kernels::{output_buffer, par_rows, par_rows_sum, simd_fn};
-use super::linear::{check, check_with_bias, forward, input_and_weight_grads, out_shape};
-use super::{slice, tensor, with_data, SendPtr};
+use super::linear::{check, forward_biased, input_and_weight_grads};
+use super::{tensor, with_data, SendPtr};
+use crate::model::custom_op::{apply, CpuArg, CpuOut, Grads, Op};
 
 const OP: &str = "fused linear_gelu";
 
@@ -43,23 +44,11 @@ struct LinearGelu {
     pre: OnceLock<Vec<f32>>,
 }
 
-impl CustomOp3 for LinearGelu {
-    fn name(&self) -> &'static str {
-        "fused-linear-gelu"
-    }
+impl Op<3> for LinearGelu {
+    const NAME: &'static str = "fused-linear-gelu";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = check_with_bias(l1.dims(), l2.dims(), l3.dims(), OP)?;
-        let (x, w, b) = (slice(s1, l1, OP)?, slice(s2, l2, OP)?, slice(s3, l3, OP)?);
-        let z = forward(x, w, Some(b), m, k, n);
+    fn cpu(&self, args: [CpuArg<'_>; 3]) -> CpuOut {
+        let (z, shape, (m, n)) = forward_biased(args, OP)?;
         // SAFETY: the row chunks below cover all m rows.
         let mut y = unsafe { output_buffer(m * n) };
         let yp = SendPtr(y.as_mut_ptr());
@@ -71,17 +60,10 @@ impl CustomOp3 for LinearGelu {
             gelu_into(out, &z[a..e]);
         });
         let _ = self.pre.set(z);
-        Ok((CpuStorage::F32(y), out_shape(l1.dims(), n)))
+        Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w, b]: [&Tensor; 3], _res: &Tensor, dy: &Tensor) -> Grads<3> {
         let (m, _, n) = check(x.dims(), w.dims())?;
         let Some(z) = self.pre.get() else {
             bail!("{OP}: backward before forward")
@@ -107,41 +89,29 @@ impl CustomOp3 for LinearGelu {
         } else {
             None
         };
-        Ok((dx, dw, db))
+        Ok([dx, dw, db])
     }
 }
 
 /// `GELU_erf(x W^T + b)` for `x (..., in)`, `w (out, in)`, `b (out)`; f32 CPU tensors.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        LinearGelu {
-            pre: OnceLock::new(),
-        },
+    let pre = OnceLock::new();
+    apply(
+        [&x.contiguous()?, &w.contiguous()?, &b.contiguous()?],
+        LinearGelu { pre },
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testutil::{assert_close, assert_grads_close, randn, var};
+    use crate::model::fused::testutil::{
+        assert_close, assert_grads_close, randn, unfused_linear, var,
+    };
 
     /// The unfused composition: candle's matmul, broadcast add and `gelu_erf`.
     fn unfused(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap();
-        let rows = x.elem_count() / k;
-        let z = x
-            .reshape((rows, k))
-            .unwrap()
-            .matmul(&w.t().unwrap())
-            .unwrap()
-            .broadcast_add(b)
-            .unwrap();
-        let mut od = dims;
-        *od.last_mut().unwrap() = w.dim(0).unwrap();
-        z.gelu_erf().unwrap().reshape(od).unwrap()
+        unfused_linear(x, w, Some(b)).gelu_erf().unwrap()
     }
 
     #[test]

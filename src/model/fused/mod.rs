@@ -24,7 +24,7 @@ pub mod linear;
 pub mod linear_gelu;
 pub mod softmax;
 
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+use candle_core::{bail, DType, Result, Storage, Tensor};
 
 pub use attention::attention;
 pub use gelu::gelu_erf;
@@ -54,18 +54,6 @@ pub fn applies_to(t: &Tensor) -> bool {
         && super::precision::current() == super::precision::Precision::F32
 }
 
-/// The contiguous f32 slice of a `cpu_fwd` argument.
-pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => bail!("{op}: expected an f32 tensor"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{op}: the input must be contiguous"),
-    }
-}
-
 /// Runs `f` on the contiguous f32 data of `t` (copied first when `t` is strided).
 pub(crate) fn with_data<R>(
     t: &Tensor,
@@ -79,7 +67,7 @@ pub(crate) fn with_data<R>(
     };
     let (s, l) = t.storage_and_layout();
     match &*s {
-        Storage::Cpu(cs) => f(slice(cs, l, op)?),
+        Storage::Cpu(cs) => f(super::custom_op::f32_data((cs, l), op)?),
         _ => bail!("{op}: the fused kernels run on the CPU only"),
     }
 }
@@ -118,6 +106,26 @@ pub(crate) fn ranges(n: usize, parts: usize, align: usize) -> Vec<std::ops::Rang
 pub(crate) mod testutil {
     //! Comparison helpers of the fused-op tests.
     use candle_core::{Device, Tensor, Var};
+
+    /// `x W^T (+ b)` of candle's own ops (reshape, matmul, broadcast add): the reference of the
+    /// fused linear ops.
+    pub fn unfused_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap();
+        let rows = x.elem_count() / k;
+        let y = x
+            .reshape((rows, k))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap();
+        let y = match b {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        };
+        let mut od = dims;
+        *od.last_mut().unwrap() = w.dim(0).unwrap();
+        y.reshape(od).unwrap()
+    }
 
     /// Seeded normal data.
     pub fn randn(shape: &[usize], seed: u64) -> Tensor {

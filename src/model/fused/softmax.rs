@@ -1,10 +1,11 @@
 //! Softmax over the last axis with a backward (candle's `softmax_last_dim` has none):
 //! forward `y = exp(x - max) / Σ`, backward `dx = y (dy - Σ dy y)` from the saved output.
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Result, Tensor};
 
 use super::kernels::{dot, exp, max, par_rows, simd_fn, sum};
-use super::{slice, tensor, with_data, SendPtr};
+use super::{tensor, with_data, SendPtr};
+use crate::model::custom_op::{apply, f32_data, CpuArg, CpuOut, Grads, Op};
 
 /// Softmax of one row in place.
 #[inline(always)]
@@ -54,16 +55,14 @@ simd_fn! {
 
 struct Softmax;
 
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "fused-softmax-last"
-    }
+impl Op<1> for Softmax {
+    const NAME: &'static str = "fused-softmax-last";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some(&d) = l.dims().last() else {
+    fn cpu(&self, [x]: [CpuArg<'_>; 1]) -> CpuOut {
+        let Some(&d) = x.1.dims().last() else {
             bail!("fused softmax: scalar input")
         };
-        let mut y = slice(s, l, self.name())?.to_vec();
+        let mut y = f32_data(x, Self::NAME)?.to_vec();
         if d > 0 {
             let rows = y.len() / d;
             let yp = SendPtr(y.as_mut_ptr());
@@ -75,13 +74,13 @@ impl CustomOp1 for Softmax {
                 softmax_rows(block, d);
             });
         }
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(y), x.1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, _x: [&Tensor; 1], res: &Tensor, dy: &Tensor) -> Grads<1> {
         let d = res.dim(candle_core::D::Minus1)?;
-        let mut g = with_data(dy, self.name(), |g| Ok(g.to_vec()))?;
-        with_data(res, self.name(), |y| {
+        let mut g = with_data(dy, Self::NAME, |g| Ok(g.to_vec()))?;
+        with_data(res, Self::NAME, |y| {
             if d > 0 {
                 let rows = y.len() / d;
                 let gp = SendPtr(g.as_mut_ptr());
@@ -96,13 +95,13 @@ impl CustomOp1 for Softmax {
             }
             Ok(())
         })?;
-        Ok(Some(tensor(g, res.dims())?))
+        Ok([Some(tensor(g, res.dims())?)])
     }
 }
 
 /// Softmax over the last axis of an f32 CPU tensor, with a backward.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    apply([&x.contiguous()?], Softmax)
 }
 
 #[cfg(test)]

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use candle_core::{CudaStorage, Device, Tensor};
 
 use super::{rendezvous, AllReduce, DistError};
+use crate::model::custom_op::{CpuArg, CpuOut, CudaArg, CudaOut, Custom, Op};
 
 /// Rendezvous file holding rank 0's NCCL id.
 pub const ID_FILE: &str = "nccl_id";
@@ -81,7 +82,7 @@ impl AllReduce for Nccl {
     }
     fn all_reduce_sum(&mut self, flat: &Tensor) -> Result<Tensor, DistError> {
         let flat = flat.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        Ok(flat.apply_op1_no_bwd(&SumOp { comm: &self.comm })?)
+        Ok(flat.apply_op1_no_bwd(&Custom(SumOp { comm: &self.comm }))?)
     }
 }
 
@@ -90,16 +91,14 @@ struct SumOp<'a> {
     comm: &'a Comm,
 }
 
-impl CustomOp1 for SumOp<'_> {
-    fn name(&self) -> &'static str {
-        "nccl-all-reduce-sum"
-    }
+impl Op<1> for SumOp<'_> {
+    const NAME: &'static str = "nccl-all-reduce-sum";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu(&self, _: [CpuArg<'_>; 1]) -> CpuOut {
         candle_core::bail!("the NCCL all-reduce runs on CUDA tensors only")
     }
 
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda(&self, [(s, l)]: [CudaArg<'_>; 1]) -> CudaOut {
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("the NCCL all-reduce needs a contiguous tensor")
         };
