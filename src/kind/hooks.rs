@@ -127,6 +127,12 @@ impl Cost {
 }
 
 /// One stage kind's implementation.
+/// What a plan check returns: nothing, or the issue that stops the plan.
+pub type PlanCheck = std::result::Result<(), PlanIssue>;
+
+/// A kind's extra key inputs (file fingerprints, digests), or why they cannot be read.
+pub type KeyInputs = std::result::Result<Value, String>;
+
 pub trait Kind: Sync {
     /// Implementation version, part of every key of this kind: bump it when a change alters
     /// results.
@@ -153,11 +159,7 @@ pub trait Kind: Sync {
     }
 
     /// Extra key inputs that depend on files (dataset fingerprints, input digests).
-    fn key_inputs(
-        &self,
-        _params: &Value,
-        _pipeline_dir: &Path,
-    ) -> std::result::Result<Value, String> {
+    fn key_inputs(&self, _params: &Value, _pipeline_dir: &Path) -> KeyInputs {
         Ok(Value::Null)
     }
 
@@ -170,14 +172,14 @@ pub trait Kind: Sync {
 
     /// Checks of the params against the model, the upstream stages and the resources, run when
     /// the plan is built (so that a stage that cannot run fails before anything starts).
-    fn check_plan(&self, _stage: &PlanView) -> std::result::Result<(), PlanIssue> {
+    fn check_plan(&self, _stage: &PlanView) -> PlanCheck {
         Ok(())
     }
 
     /// Checks of this process's environment for a planned stage when a run starts (a dataset
     /// folder that must exist, a thread-shard setting that must divide the batch): planning
     /// itself works without the data (dry runs, reports), a run does not start without it.
-    fn check_environment(&self, _stage: &PlanView) -> std::result::Result<(), PlanIssue> {
+    fn check_environment(&self, _stage: &PlanView) -> PlanCheck {
         Ok(())
     }
 

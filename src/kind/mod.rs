@@ -25,7 +25,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use context::{StageContext, StageOutput};
-pub use hooks::{Cost, Kind, KindTable, Pass, PlanIssue, PlanView, Rename, Schedule, UpstreamView};
+pub use hooks::{
+    Cost, KeyInputs, Kind, KindTable, Pass, PlanCheck, PlanIssue, PlanView, Rename, Schedule,
+    UpstreamView,
+};
 
 use crate::error::Result;
 

@@ -48,7 +48,7 @@ pub fn snapshot_dir(artifacts: &Path, epoch: u64) -> PathBuf {
 /// `checkpoint:` path must exist unless an upstream `command` stage may write it (relative paths
 /// are read from the pipeline file's folder, as the stage reads them), and `at_epoch: k` needs an
 /// upstream pretrain stage that saves the snapshot of epoch k.
-pub fn check_plan(stage: &PlanView) -> std::result::Result<(), PlanIssue> {
+pub fn check_plan(stage: &PlanView) -> crate::kind::PlanCheck {
     if let Some(c) = stage
         .params
         .get("checkpoint")

@@ -491,10 +491,7 @@ impl crate::kind::Kind for CocoDetection {
         }
     }
 
-    fn check_plan(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+    fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         super::backbone::check_plan(stage)?;
         crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)

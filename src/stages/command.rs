@@ -45,7 +45,7 @@ pub struct Params {
 }
 
 /// Key inputs: blake3 of every declared input file.
-pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Value, String> {
+pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> crate::kind::KeyInputs {
     let cmd = params["cmd"].as_str().unwrap_or("");
     if cmd.trim().is_empty() {
         return Err("`cmd` is required: the command line to run".into());
@@ -167,11 +167,5 @@ pub struct CommandStage;
 impl crate::kind::Kind for CommandStage {
     kind_basics!(super::resolve::<Params>, run);
 
-    fn key_inputs(
-        &self,
-        params: &serde_json::Value,
-        pipeline_dir: &std::path::Path,
-    ) -> std::result::Result<serde_json::Value, String> {
-        key_inputs(params, pipeline_dir)
-    }
+    key_inputs_by!(key_inputs);
 }

@@ -154,7 +154,7 @@ pub fn check_plan_upstream(
     stage: &crate::kind::PlanView,
     format: Option<&str>,
     exactly_one: bool,
-) -> std::result::Result<(), crate::kind::PlanIssue> {
+) -> crate::kind::PlanCheck {
     let ds: Vec<_> = stage
         .upstream
         .iter()
@@ -251,7 +251,7 @@ pub fn expand_env(s: &str) -> String {
 }
 
 /// Key inputs: the fingerprint of the file list.
-pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> std::result::Result<Value, String> {
+pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> crate::kind::KeyInputs {
     let fmt = params["format"].as_str().unwrap_or("");
     if !FORMATS.contains(&fmt) {
         let hint = crate::util::suggest::did_you_mean(fmt, FORMATS.iter().copied());
@@ -457,20 +457,11 @@ impl crate::kind::Kind for Dataset {
         &["path"]
     }
 
-    fn key_inputs(
-        &self,
-        params: &serde_json::Value,
-        pipeline_dir: &std::path::Path,
-    ) -> std::result::Result<serde_json::Value, String> {
-        key_inputs(params, pipeline_dir)
-    }
+    key_inputs_by!(key_inputs);
 
     /// The folder of `source: path` must exist when a run starts (planning works without it),
     /// unless an upstream `command` stage may write it.
-    fn check_environment(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+    fn check_environment(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         if stage.params["source"] == "synth"
             || stage
                 .upstream

@@ -367,7 +367,7 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 /// Plan-time check of the sizes against the patch size, when planning can tell it: the stage's
 /// own complete `model:` (for `random` or a path), else an upstream `pretrain` stage's model as
 /// it will train (with its `params.patch` applied).
-fn check_plan(stage: &crate::kind::PlanView) -> std::result::Result<(), crate::kind::PlanIssue> {
+fn check_plan(stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
     let p: Params = serde_json::from_value(stage.params.clone())
         .map_err(|e| crate::kind::PlanIssue::params("", e.to_string()))?;
     let own = || {
@@ -404,10 +404,7 @@ impl crate::kind::Kind for DavisVos {
 
     kind_basics!(super::resolve::<Params>, run);
 
-    fn check_plan(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+    fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         super::backbone::check_plan(stage)?;
         check_plan(stage)?;
         super::dataset::check_plan_upstream(stage, Some("davis"), false)

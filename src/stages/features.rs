@@ -490,10 +490,7 @@ pub fn load_backbone_at(
 /// Key input of a stage whose `checkpoint` is a file: the blake3 of its bytes (so replacing the
 /// file reruns the stage); `upstream` / `random` add nothing (the upstream key / the stage key
 /// already cover them).
-pub fn checkpoint_key_input(
-    params: &Value,
-    pipeline_dir: &Path,
-) -> std::result::Result<Value, String> {
+pub fn checkpoint_key_input(params: &Value, pipeline_dir: &Path) -> crate::kind::KeyInputs {
     let c = params
         .get("checkpoint")
         .and_then(Value::as_str)

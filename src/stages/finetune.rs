@@ -323,10 +323,7 @@ impl crate::kind::Kind for Finetune {
 
     encoder_hooks!(key_inputs);
 
-    fn check_plan(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+    fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         super::backbone::check_plan(stage)?;
         crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             let micro = p.batch_size / p.accum_iter.max(1);

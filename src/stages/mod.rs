@@ -37,26 +37,30 @@ macro_rules! kind_basics {
     };
 }
 
+/// A kind's `key_inputs` hook that hands the stage's params and the pipeline folder to `$f`.
+macro_rules! key_inputs_by {
+    ($f:path) => {
+        fn key_inputs(
+            &self,
+            params: &serde_json::Value,
+            pipeline_dir: &std::path::Path,
+        ) -> crate::kind::KeyInputs {
+            $f(params, pipeline_dir)
+        }
+    };
+}
+
 /// The hooks of a kind that reads a frozen or fine-tuned encoder (`checkpoint:`) and a dataset
 /// upstream: a checkpoint file's hash in the key (`key_inputs`), and, given the dataset format
 /// (`None`: any image dataset), the plan checks of the encoder and the dataset (`check_plan`).
 macro_rules! encoder_hooks {
     (key_inputs) => {
-        fn key_inputs(
-            &self,
-            params: &serde_json::Value,
-            pipeline_dir: &std::path::Path,
-        ) -> std::result::Result<serde_json::Value, String> {
-            super::features::checkpoint_key_input(params, pipeline_dir)
-        }
+        key_inputs_by!(super::features::checkpoint_key_input);
     };
     ($format:expr) => {
         encoder_hooks!(key_inputs);
 
-        fn check_plan(
-            &self,
-            stage: &crate::kind::PlanView,
-        ) -> std::result::Result<(), crate::kind::PlanIssue> {
+        fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
             super::backbone::check_plan(stage)?;
             super::dataset::check_plan_upstream(stage, $format, true)
         }

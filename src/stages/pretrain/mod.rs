@@ -343,9 +343,7 @@ fn no_dataset() -> String {
 }
 
 /// Plan-time check of `needs`: at least one dataset, each of a format pretraining reads.
-fn check_plan_datasets(
-    stage: &crate::kind::PlanView,
-) -> std::result::Result<(), crate::kind::PlanIssue> {
+fn check_plan_datasets(stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
     let mut any = false;
     for u in stage
         .upstream
@@ -469,10 +467,7 @@ impl crate::kind::Kind for Pretrain {
         Some(cfg)
     }
 
-    fn check_plan(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+    fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         crate::train::parallel::ranks::check_plan(stage, |p: &Params, world, rf| {
             crate::train::parallel::ranks::batch_divides("batch_size", p.batch_size, world, rf)
         })?;
@@ -494,10 +489,7 @@ impl crate::kind::Kind for Pretrain {
     }
 
     /// A `CJEPA_SHARDS` setting must be a shard count that divides the batch.
-    fn check_environment(
-        &self,
-        stage: &crate::kind::PlanView,
-    ) -> std::result::Result<(), crate::kind::PlanIssue> {
+    fn check_environment(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         use crate::train::parallel::shards::{shard_count, SHARDS_ENV};
         let Ok(v) = std::env::var(SHARDS_ENV) else {
             return Ok(());
