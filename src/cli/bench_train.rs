@@ -199,6 +199,7 @@ fn run_mode(
         let l = match &pools {
             Some(p) => {
                 train_step_sharded(&nets, &batch, &loss_cfg, &mut opt, hyper, p, Some(&mut ph))?
+                    .read()?
             }
             None => train_step_timed(&nets, &batch, &loss_cfg, &mut opt, hyper, Some(&mut ph))?,
         };

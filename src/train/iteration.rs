@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use super::loss::LossConfig;
 use super::optim::AdamW;
 use super::parallel::comm::{self as dist, AllReduce};
-use super::parallel::shards::{train_step_sharded_pending, ThreadShards};
+use super::parallel::shards::{train_step_sharded, ThreadShards};
 use super::schedules::{ScheduleValues, Schedules};
 use super::step::{train_step_pending, Batch, PendingLosses, StepError, StepHyper};
 use crate::data::loader::{self, EpochIter, Loader, Source};
@@ -128,7 +128,7 @@ impl Plan<'_> {
         };
         let pending = match trainer {
             Trainer::Shards(pools) => {
-                train_step_sharded_pending(nets, &b, self.loss, opt, hyper, pools, None)
+                train_step_sharded(nets, &b, self.loss, opt, hyper, pools, None)
             }
             Trainer::Ranks(comm) => train_step_pending(nets, &b, self.loss, opt, hyper, comm, None),
         }?;

@@ -80,7 +80,7 @@ pub struct ForwardOut {
     /// Loss terms.
     pub loss: LossOutput,
     /// The tensor back-propagated: `loss.total`, except over several ranks where the VICReg
-    /// terms (computed on the global batch) enter `world` times (see [`train_step_dp`]).
+    /// terms (computed on the global batch) enter `world` times (see [`train_step_pending`]).
     pub backward_root: Tensor,
     /// z_t of the global batch (every rank's rows), for the collapse monitor.
     pub z_t_global: Tensor,
@@ -369,30 +369,21 @@ pub fn train_step_timed(
     hyper: StepHyper,
     times: Option<&mut PhaseTimes>,
 ) -> Result<StepLosses, StepError> {
-    train_step_dp(nets, batch, cfg, opt, hyper, &mut Single, times)
+    train_step_pending(nets, batch, cfg, opt, hyper, &mut Single, times)?.read()
 }
 
-/// [`train_step_timed`] for one rank of a data-parallel group: `batch` is this rank's shard of
-/// the global batch. The JEPA term is this shard's; the VICReg terms are computed on the global
-/// batch (gathered from every rank, see [`global_loss`]). The loss values are averaged over the
-/// ranks (so all ranks agree on a divergence) and so are the gradients, before the optimiser
-/// step; every rank then applies the same update, the one of a one-process run on the global
-/// batch up to float rounding. With [`Single`] this is exactly [`train_step_timed`].
-pub fn train_step_dp(
-    nets: &JepaNetworks,
-    batch: &Batch,
-    cfg: &LossConfig,
-    opt: &mut AdamW,
-    hyper: StepHyper,
-    comm: &mut dyn AllReduce,
-    times: Option<&mut PhaseTimes>,
-) -> Result<StepLosses, StepError> {
-    train_step_pending(nets, batch, cfg, opt, hyper, comm, times)?.read()
-}
-
-/// [`train_step_dp`] that leaves the step's values on the device: no device-to-host read
-/// happens inside (the masks are host data; see [`crate::util::host_read`]). The caller reads
-/// the values when it logs or checkpoints; a non-finite loss shows there.
+/// [`train_step_timed`] for one rank of a data-parallel group, its values left on the device.
+///
+/// `batch` is this rank's shard of the global batch. The JEPA term is this shard's; the VICReg
+/// terms are computed on the global batch (gathered from every rank, see [`global_loss`]). The
+/// loss values are averaged over the ranks (so all ranks agree on a divergence) and so are the
+/// gradients, before the optimiser step; every rank then applies the same update, the one of a
+/// one-process run on the global batch up to float rounding. With [`Single`] this is exactly
+/// [`train_step_timed`].
+///
+/// No device-to-host read happens inside (the masks are host data; see
+/// [`crate::util::host_read`]). The caller reads the values ([`PendingLosses::read`]) when it
+/// logs or checkpoints; a non-finite loss shows there.
 pub fn train_step_pending(
     nets: &JepaNetworks,
     batch: &Batch,

@@ -227,18 +227,3 @@ impl Forward {
         })
     }
 }
-
-/// Forward pass and losses of square `images` `(B, 3, S, S)` with their instances, normalised
-/// by the batch's own counts ([`forward`], then [`Forward::losses`]).
-pub fn forward_loss<R: Rng>(
-    det: &Detector,
-    vit: &VisionTransformer,
-    frozen: bool,
-    images: &Tensor,
-    instances: &[Vec<Instance>],
-    rngs: &mut [R],
-) -> Result<LossParts> {
-    let f = forward(det, vit, frozen, images, instances, rngs)?;
-    let n = f.norms();
-    f.losses(det, &n, 1.0)
-}

@@ -3,7 +3,7 @@
 //! On the CPU, splitting each matrix product over the threads leaves them waiting for each other
 //! after every one of the step's thousands of small ops. Here the batch is cut into `n` equal
 //! shards instead, and each shard runs the whole forward and backward pass on its own thread
-//! pool, exactly as a rank of a data-parallel group does ([`crate::train::step::train_step_dp`]): the
+//! pool, exactly as a rank of a data-parallel group does ([`crate::train::step::train_step_pending`]): the
 //! JEPA term is the shard's mean, the VICReg terms are computed on the whole batch (gathered
 //! through an in-process all-reduce, [`super::comm::local`]), and the gradients are averaged over
 //! the shards in shard order. The optimiser step and the EMA then run once, on all threads.
@@ -23,7 +23,7 @@ use crate::train::loss::LossConfig;
 use crate::train::optim::AdamW;
 use crate::train::step::{
     forward_loss_timed, pending_values, update, Batch, Lap, PendingLosses, PhaseTimes, StepError,
-    StepHyper, StepLosses,
+    StepHyper,
 };
 
 /// The environment variable that sets the shard count of the `pretrain` stage on the CPU: a
@@ -143,60 +143,38 @@ fn run_shard(
     comm: &mut LocalComm,
     times: Option<&mut PhaseTimes>,
 ) -> Result<ShardOut, StepError> {
-    let r = shard_pass(nets, batch, cfg, opt, k, comm, times);
+    let r = (|| -> Result<ShardOut, StepError> {
+        let b = batch.images.dim(0)? / comm.world();
+        let (images, masks_enc, masks_pred) = shard_of(batch, k, b)?;
+        let shard = Batch {
+            images: &images,
+            masks_enc: &masks_enc,
+            masks_pred: &masks_pred,
+        };
+        let mut lap = Lap::new(times, images.device());
+        let fwd = forward_loss_timed(nets, &shard, cfg, &mut lap, comm)?;
+        let losses = pending_values(&fwd.loss, &fwd.z_t_global, comm)?;
+        let z_t = fwd.z_t_global.detach();
+        lap.mark(|t| &mut t.loss);
+        let grads = fwd.backward_root.backward()?;
+        drop(fwd);
+        let named = opt.named_grads(&grads);
+        drop(grads);
+        lap.mark(|t| &mut t.backward);
+        Ok((named, losses, z_t))
+    })();
     if r.is_err() {
         comm.abort();
     }
     r
 }
 
-fn shard_pass(
-    nets: &JepaNetworks,
-    batch: &Batch,
-    cfg: &LossConfig,
-    opt: &AdamW,
-    k: usize,
-    comm: &mut LocalComm,
-    times: Option<&mut PhaseTimes>,
-) -> Result<ShardOut, StepError> {
-    let b = batch.images.dim(0)? / comm.world();
-    let (images, masks_enc, masks_pred) = shard_of(batch, k, b)?;
-    let shard = Batch {
-        images: &images,
-        masks_enc: &masks_enc,
-        masks_pred: &masks_pred,
-    };
-    let mut lap = Lap::new(times, images.device());
-    let fwd = forward_loss_timed(nets, &shard, cfg, &mut lap, comm)?;
-    let losses = pending_values(&fwd.loss, &fwd.z_t_global, comm)?;
-    let z_t = fwd.z_t_global.detach();
-    lap.mark(|t| &mut t.loss);
-    let grads = fwd.backward_root.backward()?;
-    drop(fwd);
-    let named = opt.named_grads(&grads);
-    drop(grads);
-    lap.mark(|t| &mut t.backward);
-    Ok((named, losses, z_t))
-}
-
 /// One training step with the batch split over `shards` (see the module's documentation). The
 /// batch must divide into equal shards. `times` gets shard 0's forward and backward phases (the
 /// shards run at the same time) and the optimiser's and the EMA's.
+///
+/// The step's values are left unread (see [`crate::train::step::train_step_pending`]).
 pub fn train_step_sharded(
-    nets: &JepaNetworks,
-    batch: &Batch,
-    cfg: &LossConfig,
-    opt: &mut AdamW,
-    hyper: StepHyper,
-    shards: &ThreadShards,
-    times: Option<&mut PhaseTimes>,
-) -> Result<StepLosses, StepError> {
-    train_step_sharded_pending(nets, batch, cfg, opt, hyper, shards, times)?.read()
-}
-
-/// [`train_step_sharded`] that leaves the step's values unread (see
-/// [`crate::train::step::train_step_pending`]).
-pub fn train_step_sharded_pending(
     nets: &JepaNetworks,
     batch: &Batch,
     cfg: &LossConfig,
@@ -330,7 +308,8 @@ mod tests {
                 masks_pred: &pred,
             };
             let l = match &pools {
-                Some(p) => train_step_sharded(&nets, &b, &loss_cfg, &mut opt, HYPER, p, None),
+                Some(p) => train_step_sharded(&nets, &b, &loss_cfg, &mut opt, HYPER, p, None)
+                    .and_then(|l| l.read()),
                 None => train_step(&nets, &b, &loss_cfg, &mut opt, HYPER),
             }
             .unwrap();
@@ -390,6 +369,7 @@ mod tests {
             &pools,
             None,
         )
+        .and_then(|l| l.read())
         .unwrap_err()
     }
 
