@@ -182,6 +182,18 @@ impl DataError {
             msg: msg.into(),
         }
     }
+
+    /// `Ok` when param `what` is at least `min`, else the error "must be at least `min`
+    /// `unit`" (`unit` may go on with why).
+    pub(crate) fn at_least<T>(what: &'static str, value: T, min: T, unit: &str) -> Result<(), Self>
+    where
+        T: PartialOrd + std::fmt::Display,
+    {
+        match value >= min {
+            true => Ok(()),
+            false => Err(Self::param(what, format!("must be at least {min} {unit}"))),
+        }
+    }
 }
 
 #[cfg(test)]

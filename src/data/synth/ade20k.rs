@@ -191,12 +191,7 @@ fn render(seed: u64, split: &str, i: usize, s: usize) -> (Canvas, Vec<u8>) {
 }
 
 pub(super) fn generate(out: &Path, seed: u64, p: &Ade20kParams) -> Result<(), DataError> {
-    if p.size < 16 {
-        return Err(DataError::param(
-            "ade20k.size",
-            "must be at least 16 pixels",
-        ));
-    }
+    DataError::at_least("ade20k.size", p.size, 16, "pixels")?;
     for (split, tag, n) in [
         ("training", "train", p.train_images),
         ("validation", "val", p.val_images),

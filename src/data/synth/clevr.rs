@@ -328,12 +328,7 @@ fn relations(objs: &[ClevrObject]) -> (Value, Value) {
 }
 
 pub(super) fn generate(out: &Path, seed: u64, p: &ClevrParams) -> Result<(), DataError> {
-    if p.height < 32 || p.width < 32 {
-        return Err(DataError::param(
-            "clevr.width/height",
-            "must be at least 32 pixels",
-        ));
-    }
+    DataError::at_least("clevr.width/height", p.width.min(p.height), 32, "pixels")?;
     fs_err::create_dir_all(out.join("scenes"))?;
     for (split, n) in [("train", p.train_images), ("val", p.val_images)] {
         let dir = out.join("images").join(split);

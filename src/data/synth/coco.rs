@@ -321,12 +321,13 @@ fn render_image(
 }
 
 pub(super) fn generate(out: &Path, seed: u64, p: &CocoParams) -> Result<(), DataError> {
-    if p.width < 96 || p.height < 96 {
-        return Err(DataError::param(
-            "coco.width/height",
-            "must be at least 96 so that large (> 96²) objects fit",
-        ));
-    }
+    let side = p.width.min(p.height);
+    DataError::at_least(
+        "coco.width/height",
+        side,
+        96,
+        "so that large (> 96²) objects fit",
+    )?;
     fs_err::create_dir_all(out.join("annotations"))?;
     for (split, n, id0) in [
         ("train", p.train_images, 100u64),

@@ -246,18 +246,9 @@ fn bounce(p0: f64, d: f64, r: f64, len: f64) -> f64 {
 }
 
 pub(super) fn generate(out: &Path, seed: u64, p: &DavisParams) -> Result<(), DataError> {
-    if p.frames < 3 {
-        return Err(DataError::param(
-            "davis.frames",
-            "needs at least 3 frames (the metric skips the first and the last)",
-        ));
-    }
-    if p.height < 16 || p.width < 16 {
-        return Err(DataError::param(
-            "davis.height/width",
-            "must be at least 16 pixels",
-        ));
-    }
+    let why = "frames (the metric skips the first and the last)";
+    DataError::at_least("davis.frames", p.frames, 3, why)?;
+    DataError::at_least("davis.height/width", p.height.min(p.width), 16, "pixels")?;
     let sets = root_sets(out)?;
     let mut g = 0;
     for (split, n) in [("train", p.train_sequences), ("val", p.val_sequences)] {

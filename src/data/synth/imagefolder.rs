@@ -74,12 +74,7 @@ pub(super) fn generate(out: &Path, seed: u64, p: &ImageFolderParams) -> Result<(
             format!("{} not in 1..={}", p.classes, CLASS_KINDS.len()),
         ));
     }
-    if p.size < 16 {
-        return Err(DataError::param(
-            "imagefolder.size",
-            "must be at least 16 pixels",
-        ));
-    }
+    DataError::at_least("imagefolder.size", p.size, 16, "pixels")?;
     for (split, per_class) in [("train", p.train_per_class), ("val", p.val_per_class)] {
         for kind in &CLASS_KINDS[..p.classes] {
             fs_err::create_dir_all(out.join(split).join(kind))?;

@@ -27,6 +27,19 @@ pub(super) struct Tracked {
     pub(super) ended_seen: Option<Instant>,
 }
 
+impl Tracked {
+    /// A submitted job not yet seen running or ended.
+    fn new(sub: Submitted, job: Job, idx: Option<usize>) -> Self {
+        Tracked {
+            sub,
+            job,
+            idx,
+            announced: false,
+            ended_seen: None,
+        }
+    }
+}
+
 /// What one look at a tracked stage found.
 pub(super) enum Step {
     /// Nothing new.
@@ -89,16 +102,7 @@ impl<'a> Tracker<'a> {
                 Ok(job) => {
                     let idx =
                         plan.and_then(|p| p.stages.iter().position(|s| s.key == sub.stage.key));
-                    active.insert(
-                        sub.stage.key.clone(),
-                        Tracked {
-                            sub,
-                            job,
-                            idx,
-                            announced: false,
-                            ended_seen: None,
-                        },
-                    );
+                    active.insert(sub.stage.key.clone(), Tracked::new(sub, job, idx));
                 }
                 Err(e) => {
                     rep.event(Event::Warning(format!(
@@ -136,16 +140,8 @@ impl<'a> Tracker<'a> {
         let entries: Vec<Submitted> = subs.iter().map(|(s, _, _)| s.clone()).collect();
         self.jobs.put_all(&entries)?;
         for (sub, job, idx) in subs {
-            self.active.insert(
-                sub.stage.key.clone(),
-                Tracked {
-                    sub,
-                    job,
-                    idx,
-                    announced: false,
-                    ended_seen: None,
-                },
-            );
+            self.active
+                .insert(sub.stage.key.clone(), Tracked::new(sub, job, idx));
         }
         self.backoff.now();
         Ok(())

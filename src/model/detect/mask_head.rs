@@ -217,20 +217,18 @@ pub fn paste(
             probs[r as usize * m + c as usize]
         }
     };
+    // grid_sample, align_corners = False: pixel `i` of a box from `lo` of `size` samples the
+    // mask at `((g + 1) * m - 1) / 2` with `g = ((i + 0.5 - lo) / size) * 2 - 1`: its cell and
+    // the fraction past it
+    let source = |i: usize, lo: f32, size: f32| {
+        let g = ((i as f32 + 0.5 - lo) / size) * 2.0 - 1.0;
+        let s = ((g + 1.0) * m as f32 - 1.0) / 2.0;
+        (s.floor() as i64, s - s.floor())
+    };
     for yi in 0..rh {
-        let y = cy0 + yi;
-        // grid_sample, align_corners = False: source = ((g + 1) * m - 1) / 2
-        let gy = ((y as f32 + 0.5 - y0) / bh) * 2.0 - 1.0;
-        let sy = ((gy + 1.0) * m as f32 - 1.0) / 2.0;
-        let y_lo = sy.floor();
-        let ly = sy - y_lo;
+        let (r, ly) = source(cy0 + yi, y0, bh);
         for xi in 0..rw {
-            let x = cx0 + xi;
-            let gx = ((x as f32 + 0.5 - x0) / bw) * 2.0 - 1.0;
-            let sx = ((gx + 1.0) * m as f32 - 1.0) / 2.0;
-            let x_lo = sx.floor();
-            let lx = sx - x_lo;
-            let (r, c) = (y_lo as i64, x_lo as i64);
+            let (c, lx) = source(cx0 + xi, x0, bw);
             let v = (1.0 - ly) * (1.0 - lx) * val(r, c)
                 + (1.0 - ly) * lx * val(r, c + 1)
                 + ly * (1.0 - lx) * val(r + 1, c)

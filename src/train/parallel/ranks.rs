@@ -171,7 +171,7 @@ impl Ranks {
 pub fn check_plan<P: serde::de::DeserializeOwned>(
     stage: &PlanView,
     rule: impl FnOnce(&P, usize, &str) -> std::result::Result<(), String>,
-) -> std::result::Result<(), PlanIssue> {
+) -> crate::kind::PlanCheck {
     if stage.world <= 1 {
         return Ok(());
     }

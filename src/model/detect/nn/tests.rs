@@ -4,6 +4,12 @@ use super::*;
 use candle_core::{Device, Var};
 
 /// Direct NCHW reference convolution (PyTorch semantics, zero padding k/2).
+/// Standard normal weights.
+const N01: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 1.0,
+};
+
 fn conv_ref(
     x: &[f32],
     (c, h, w): (usize, usize, usize),
@@ -40,12 +46,8 @@ fn conv_matches_direct_formula_and_candle() {
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
     let vb = crate::model::detect::init::SeededInit::var_builder(&vm, 1, &dev);
-    let n01 = Init::Randn {
-        mean: 0.0,
-        stdev: 1.0,
-    };
     for k in [1, 3] {
-        let conv = Conv2d::new(3, 4, k, n01, Some(0.5), vb.pp(format!("c{k}"))).unwrap();
+        let conv = Conv2d::new(3, 4, k, N01, Some(0.5), vb.pp(format!("c{k}"))).unwrap();
         let nchw = Tensor::randn(0f32, 1.0, (1, 3, 5, 6), &dev).unwrap();
         let y = conv.forward(&nchw.permute((0, 2, 3, 1)).unwrap()).unwrap();
         assert_eq!(y.dims(), &[1, 5, 6, 4]);
@@ -103,11 +105,7 @@ fn conv_gradient_matches_candle_conv2d() {
     let dev = Device::Cpu;
     let vm = candle_nn::VarMap::new();
     let vb = crate::model::detect::init::SeededInit::var_builder(&vm, 2, &dev);
-    let n01 = Init::Randn {
-        mean: 0.0,
-        stdev: 1.0,
-    };
-    let conv = Conv2d::new(2, 3, 3, n01, None, vb.pp("c")).unwrap();
+    let conv = Conv2d::new(2, 3, 3, N01, None, vb.pp("c")).unwrap();
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 2, 4, 5), &dev).unwrap()).unwrap();
     let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
     let ours = conv
@@ -124,20 +122,11 @@ fn conv_gradient_matches_candle_conv2d() {
         .backward()
         .unwrap();
     for t in [x.as_tensor(), &conv.weight] {
-        let a = g1
-            .get(t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = g2
-            .get(t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let host = |g: &candle_core::backprop::GradStore| {
+            let v = g.get(t).unwrap().flatten_all().unwrap();
+            v.to_vec1::<f32>().unwrap()
+        };
+        let (a, b) = (host(&g1), host(&g2));
         for (u, v) in a.iter().zip(&b) {
             assert!((u - v).abs() < 1e-3, "{u} vs {v}");
         }
