@@ -69,58 +69,29 @@ pub enum VicTerms {
     Invariance,
 }
 
-fn d_beta() -> f64 {
-    1.0
-}
-fn d_ln_eps() -> f64 {
-    1e-5
-}
-fn d_vic_weight() -> f64 {
-    0.001
-}
-fn d_25() -> f64 {
-    25.0
-}
-fn d_1() -> f64 {
-    1.0
-}
-fn d_var_eps() -> f64 {
-    1e-4
-}
-
 /// Loss settings (METHOD.md §4 defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
     /// `ijepa` (no VICReg) or `cjepa`.
-    #[serde(default)]
     pub method: Method,
     /// Smooth-L1 or L2 JEPA term.
-    #[serde(default)]
     pub kind: JepaLossKind,
     /// Beta of the smooth-L1.
-    #[serde(default = "d_beta")]
     pub smooth_l1_beta: f64,
     /// Epsilon of the affine-free LayerNorm applied to the target features.
-    #[serde(default = "d_ln_eps")]
     pub target_ln_eps: f64,
     /// b_vic: weight of the whole VICReg block.
-    #[serde(default = "d_vic_weight")]
     pub vic_weight: f64,
     /// b_sim: invariance coefficient.
-    #[serde(default = "d_25")]
     pub vic_sim_coeff: f64,
     /// b_std: variance coefficient.
-    #[serde(default = "d_25")]
     pub vic_std_coeff: f64,
     /// b_cov: covariance coefficient.
-    #[serde(default = "d_1")]
     pub vic_cov_coeff: f64,
     /// Epsilon inside the std of the variance term.
-    #[serde(default = "d_var_eps")]
     pub vic_var_eps: f64,
     /// Which VICReg terms are on.
-    #[serde(default)]
     pub vic_terms: VicTerms,
 }
 

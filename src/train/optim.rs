@@ -37,31 +37,17 @@ pub enum OptimError {
 
 type Result<T> = std::result::Result<T, OptimError>;
 
-fn d_b1() -> f64 {
-    0.9
-}
-fn d_b2() -> f64 {
-    0.999
-}
-fn d_eps() -> f64 {
-    1e-8
-}
-
 /// AdamW constants (lr and wd come per step).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdamWConfig {
     /// First-moment decay.
-    #[serde(default = "d_b1")]
     pub beta1: f64,
     /// Second-moment decay.
-    #[serde(default = "d_b2")]
     pub beta2: f64,
     /// Added to the denominator.
-    #[serde(default = "d_eps")]
     pub eps: f64,
     /// Clip the global gradient 2-norm to this value before the update (`clip_grad_norm_`); none by default.
-    #[serde(default)]
     pub clip_grad_norm: Option<f64>,
 }
 

@@ -41,95 +41,59 @@ use self::roi_align::{fpn_level, roi_align, Roi, RoiAlignConfig};
 use super::error::{ModelError, Result};
 use super::VisionTransformer;
 
-fn d_fpn_dim() -> usize {
-    256
-}
-fn d_four() -> usize {
-    4
-}
-fn d_roi() -> usize {
-    14
-}
-fn d_radius() -> f64 {
-    1.5
-}
-fn d_alpha() -> f64 {
-    0.25
-}
-fn d_gamma() -> f64 {
-    2.0
-}
-fn d_score() -> f64 {
-    0.05
-}
-fn d_nms() -> f64 {
-    0.6
-}
-fn d_pre() -> usize {
-    1000
-}
-fn d_dets() -> usize {
-    100
-}
-fn d_mask_rois() -> usize {
-    64
-}
-fn d_one() -> f64 {
-    1.0
-}
-
 /// Architecture and loss / test settings of the detector (defaults: FCOS and Mask R-CNN papers,
 /// ViTDet's 256-channel pyramid).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DetectorConfig {
     /// Channels of the pyramid and of both heads.
-    #[serde(default = "d_fpn_dim")]
     pub fpn_dim: usize,
     /// Convs per FCOS tower.
-    #[serde(default = "d_four")]
     pub head_convs: usize,
     /// Convs of the mask head.
-    #[serde(default = "d_four")]
     pub mask_convs: usize,
     /// RoIAlign output side (masks are twice that).
-    #[serde(default = "d_roi")]
     pub roi_size: usize,
     /// RoIAlign samples per bin side (0 = adaptive, detectron2's default).
-    #[serde(default)]
     pub sampling_ratio: usize,
     /// FCOS center-sampling radius in strides.
-    #[serde(default = "d_radius")]
     pub center_radius: f64,
     /// Focal loss alpha.
-    #[serde(default = "d_alpha")]
     pub focal_alpha: f64,
     /// Focal loss gamma.
-    #[serde(default = "d_gamma")]
     pub focal_gamma: f64,
     /// Minimum class probability of a test candidate.
-    #[serde(default = "d_score")]
     pub score_thresh: f64,
     /// Per-class NMS IoU threshold.
-    #[serde(default = "d_nms")]
     pub nms_thresh: f64,
     /// Candidates per level before NMS.
-    #[serde(default = "d_pre")]
     pub pre_nms_topk: usize,
     /// Detections kept per image (COCO's maxDets is 100).
-    #[serde(default = "d_dets")]
     pub detections_per_image: usize,
     /// Mask-head RoIs sampled per training image (ground-truth boxes + matching predictions).
-    #[serde(default = "d_mask_rois")]
     pub mask_rois_per_image: usize,
     /// Weight of the mask loss.
-    #[serde(default = "d_one")]
     pub mask_loss_weight: f64,
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({})).expect("defaults")
+        Self {
+            fpn_dim: 256,
+            head_convs: 4,
+            mask_convs: 4,
+            roi_size: 14,
+            sampling_ratio: 0,
+            center_radius: 1.5,
+            focal_alpha: 0.25,
+            focal_gamma: 2.0,
+            score_thresh: 0.05,
+            nms_thresh: 0.6,
+            pre_nms_topk: 1000,
+            detections_per_image: 100,
+            mask_rois_per_image: 64,
+            mask_loss_weight: 1.0,
+        }
     }
 }
 
