@@ -233,12 +233,7 @@ pub(crate) fn check_layout(root: &Path, opts: &CheckOptions, report: &mut CheckR
                 *present.entry(format!("label_{v:03}")).or_default() += 1;
             }
         }
-        let c = report.split_mut(split);
-        c.images += imgs.len();
-        c.annotations += anns.len();
-        for (k, v) in present {
-            *c.classes.entry(k).or_default() += v;
-        }
+        report.count(split, imgs.len(), anns.len(), present);
     }
 }
 

@@ -150,8 +150,20 @@ impl CheckReport {
         });
     }
 
-    pub(crate) fn split_mut(&mut self, split: &str) -> &mut SplitCounts {
-        self.splits.entry(split.to_string()).or_default()
+    /// Adds `images`, `annotations` and per-class counts to `split`'s counts.
+    pub(crate) fn count(
+        &mut self,
+        split: &str,
+        images: usize,
+        annotations: usize,
+        classes: impl IntoIterator<Item = (String, usize)>,
+    ) {
+        let c = self.splits.entry(split.to_string()).or_default();
+        c.images += images;
+        c.annotations += annotations;
+        for (k, v) in classes {
+            *c.classes.entry(k).or_default() += v;
+        }
     }
 }
 

@@ -118,6 +118,16 @@ impl ClevrTask {
             ClevrTask::Dist => min_depth_f32(scene).and_then(dist_label),
         }
     }
+
+    /// Why a scene has no label ([`ClevrTask::label`] is `None`).
+    fn why_unlabelled(self, scene: &ClevrScene) -> String {
+        match self {
+            ClevrTask::Count => {
+                format!("{} objects, CLEVR scenes have 3..=10", scene.objects.len())
+            }
+            ClevrTask::Dist => format!("closest depth {:?} outside (0, 100]", min_depth_f32(scene)),
+        }
+    }
 }
 
 /// `n_objects - 3` for 3..=10 objects, else `None` (the golden-tested [`crate::data::clevr_labels`] rule).
@@ -163,12 +173,7 @@ pub fn scenes_path(root: &Path, split: &str) -> PathBuf {
 impl ClevrScenes {
     /// Parse a scenes file.
     pub fn load(path: &Path) -> Result<Self, DataError> {
-        let bytes = fs_err::read(path)?;
-        serde_json::from_slice(&bytes).map_err(|source| DataError::Json {
-            path: path.to_path_buf(),
-            what: "CLEVR scenes",
-            source,
-        })
+        DataError::read_json(path, "CLEVR scenes")
     }
 }
 
@@ -269,27 +274,14 @@ pub(crate) fn check_layout(root: &Path, opts: &CheckOptions, report: &mut CheckR
                     ),
                 );
             }
-            match ClevrTask::Count.label(s) {
-                Some(l) => *classes.entry(format!("count={l}")).or_default() += 1,
-                None => report.problem(
-                    &sp,
-                    format!(
-                        "scene {}: {} objects, CLEVR scenes have 3..=10",
-                        s.image_index,
-                        s.objects.len()
-                    ),
-                ),
-            }
-            match ClevrTask::Dist.label(s) {
-                Some(l) => *classes.entry(format!("dist={l}")).or_default() += 1,
-                None => report.problem(
-                    &sp,
-                    format!(
-                        "scene {}: closest depth {:?} outside (0, 100]",
-                        s.image_index,
-                        min_depth_f32(s)
-                    ),
-                ),
+            for (task, tag) in [(ClevrTask::Count, "count"), (ClevrTask::Dist, "dist")] {
+                match task.label(s) {
+                    Some(l) => *classes.entry(format!("{tag}={l}")).or_default() += 1,
+                    None => {
+                        let why = task.why_unlabelled(s);
+                        report.problem(&sp, format!("scene {}: {why}", s.image_index));
+                    }
+                }
             }
             if !s.split.is_empty() && s.split != split {
                 report.problem(
@@ -307,12 +299,7 @@ pub(crate) fn check_layout(root: &Path, opts: &CheckOptions, report: &mut CheckR
             }
         }
         probe_and_report(&present, opts, report);
-        let c = report.split_mut(split);
-        c.images += on_disk.len();
-        c.annotations += scenes.len();
-        for (k, v) in classes {
-            *c.classes.entry(k).or_default() += v;
-        }
+        report.count(split, on_disk.len(), scenes.len(), classes);
     }
 }
 

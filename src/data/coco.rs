@@ -115,23 +115,12 @@ pub enum RleCounts {
 impl CocoFile {
     /// Parse an instances JSON file.
     pub fn load(path: &Path) -> Result<Self, DataError> {
-        let bytes = fs_err::read(path)?;
-        serde_json::from_slice(&bytes).map_err(|source| DataError::Json {
-            path: path.to_path_buf(),
-            what: "COCO instances",
-            source,
-        })
+        DataError::read_json(path, "COCO instances")
     }
 
     /// Write as compact JSON (the way COCO ships it).
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
-        let s = serde_json::to_string(self).map_err(|source| DataError::Json {
-            path: path.to_path_buf(),
-            what: "COCO instances",
-            source,
-        })?;
-        fs_err::write(path, s)?;
-        Ok(())
+        DataError::write_json(path, "COCO instances", self)
     }
 }
 
@@ -371,12 +360,7 @@ fn check_file(
             report.problem(ann_path, format!("{at}: {msg}"));
         }
     }
-    let c = report.split_mut(split);
-    c.images += file.images.len();
-    c.annotations += file.annotations.len();
-    for (k, v) in per_cat {
-        *c.classes.entry(k).or_default() += v;
-    }
+    report.count(split, file.images.len(), file.annotations.len(), per_cat);
 }
 
 fn bbox_problem(b: &[f64; 4], im: &CocoImage) -> Option<String> {

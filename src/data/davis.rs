@@ -315,10 +315,8 @@ fn check_sequence(
             Err(e) => report.problem(a, e.to_string()),
         }
     }
-    let c = report.split_mut(split);
-    c.images += frames.len();
-    c.annotations += anns.len();
-    c.classes.insert(name.to_string(), frames.len());
+    let classes = [(name.to_string(), frames.len())];
+    report.count(split, frames.len(), anns.len(), classes);
 }
 
 #[cfg(test)]

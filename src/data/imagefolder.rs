@@ -120,11 +120,7 @@ pub(crate) fn check_layout(root: &Path, opts: &CheckOptions, report: &mut CheckR
             if files.is_empty() {
                 report.problem(cdir, "class folder has no images (.jpg/.jpeg/.png)");
             }
-            report
-                .split_mut(split)
-                .classes
-                .insert(name.clone(), files.len());
-            report.split_mut(split).images += files.len();
+            report.count(split, files.len(), 0, [(name.clone(), files.len())]);
             names.push(name);
             all.extend(files);
         }

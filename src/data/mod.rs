@@ -34,7 +34,7 @@ pub mod synth;
 pub mod transforms;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -180,6 +180,34 @@ impl DataError {
         DataError::Param {
             what,
             msg: msg.into(),
+        }
+    }
+
+    /// Reads and parses the JSON file `path`, expected to hold `what` (e.g. "COCO instances").
+    pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+        path: &Path,
+        what: &'static str,
+    ) -> Result<T, Self> {
+        let bytes = fs_err::read(path)?;
+        serde_json::from_slice(&bytes).map_err(|source| Self::json(path, what, source))
+    }
+
+    /// Writes `value` as compact JSON to `path`, which holds `what`.
+    pub(crate) fn write_json<T: serde::Serialize>(
+        path: &Path,
+        what: &'static str,
+        value: &T,
+    ) -> Result<(), Self> {
+        let text = serde_json::to_string(value).map_err(|source| Self::json(path, what, source))?;
+        fs_err::write(path, text)?;
+        Ok(())
+    }
+
+    fn json(path: &Path, what: &'static str, source: serde_json::Error) -> Self {
+        DataError::Json {
+            path: path.to_path_buf(),
+            what,
+            source,
         }
     }
 
