@@ -61,8 +61,15 @@ fn rows_of(l: &Layout) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / d, d))
 }
 
-fn host(x: CpuArg<'_>) -> Result<&[f32]> {
-    f32_data(x, "cuda ops")
+/// The last-axis width and the shape of the first argument, and the data of every argument.
+fn host_rows<'a, const N: usize>(args: [CpuArg<'a>; N]) -> Result<(usize, Shape, [&'a [f32]; N])> {
+    let (_, d) = rows_of(args[0].1)?;
+    let shape = args[0].1.shape().clone();
+    let mut data = [&[][..]; N];
+    for (o, a) in data.iter_mut().zip(args) {
+        *o = f32_data(a, "cuda ops")?;
+    }
+    Ok((d, shape, data))
 }
 
 /// Mean and reciprocal standard deviation (biased variance) of a row.
@@ -87,9 +94,9 @@ struct LayerNormBwdParams {
 
 impl Op<1> for Softmax {
     const NAME: &'static str = "cuda-softmax";
-    fn cpu(&self, [x]: [CpuArg<'_>; 1]) -> CpuOut {
-        let (_, n) = rows_of(x.1)?;
-        let mut y = host(x)?.to_vec();
+    fn cpu(&self, args: [CpuArg<'_>; 1]) -> CpuOut {
+        let (n, shape, [x]) = host_rows(args)?;
+        let mut y = x.to_vec();
         for row in y.chunks_exact_mut(n) {
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
@@ -101,7 +108,7 @@ impl Op<1> for Softmax {
                 *v /= sum;
             }
         }
-        Ok((CpuStorage::F32(y), x.1.shape().clone()))
+        Ok((CpuStorage::F32(y), shape))
     }
     #[cfg(feature = "cuda")]
     fn cuda(&self, x: [CudaArg<'_>; 1]) -> CudaOut {
@@ -115,10 +122,8 @@ impl Op<1> for Softmax {
 
 impl Op<2> for SoftmaxBwd {
     const NAME: &'static str = "cuda-softmax-bwd";
-    fn cpu(&self, [y, dy]: [CpuArg<'_>; 2]) -> CpuOut {
-        let (_, n) = rows_of(y.1)?;
-        let shape = y.1.shape().clone();
-        let (y, dy) = (host(y)?, host(dy)?);
+    fn cpu(&self, args: [CpuArg<'_>; 2]) -> CpuOut {
+        let (n, shape, [y, dy]) = host_rows(args)?;
         let mut dx = vec![0f32; y.len()];
         for ((yr, gr), o) in y
             .chunks_exact(n)
@@ -156,10 +161,8 @@ pub(crate) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], d: usize, eps: f3
 
 impl Op<3> for LayerNorm {
     const NAME: &'static str = "cuda-layer-norm";
-    fn cpu(&self, [x, w, b]: [CpuArg<'_>; 3]) -> CpuOut {
-        let (_, d) = rows_of(x.1)?;
-        let shape = x.1.shape().clone();
-        let (x, w, b) = (host(x)?, host(w)?, host(b)?);
+    fn cpu(&self, args: [CpuArg<'_>; 3]) -> CpuOut {
+        let (d, shape, [x, w, b]) = host_rows(args)?;
         if w.len() != d || b.len() != d {
             candle_core::bail!("cuda layer_norm: weight / bias do not fit the last axis {d}")
         }
@@ -192,10 +195,8 @@ impl Op<3> for LayerNorm {
 
 impl Op<3> for LayerNormBwdX {
     const NAME: &'static str = "cuda-layer-norm-bwd-x";
-    fn cpu(&self, [x, w, dy]: [CpuArg<'_>; 3]) -> CpuOut {
-        let (_, d) = rows_of(x.1)?;
-        let shape = x.1.shape().clone();
-        let (x, w, dy) = (host(x)?, host(w)?, host(dy)?);
+    fn cpu(&self, args: [CpuArg<'_>; 3]) -> CpuOut {
+        let (d, shape, [x, w, dy]) = host_rows(args)?;
         let mut dx = vec![0f32; x.len()];
         for ((xr, gr), o) in x
             .chunks_exact(d)
@@ -227,9 +228,9 @@ impl Op<3> for LayerNormBwdX {
 
 impl Op<2> for LayerNormBwdParams {
     const NAME: &'static str = "cuda-layer-norm-bwd-params";
-    fn cpu(&self, [x, dy]: [CpuArg<'_>; 2]) -> CpuOut {
-        let (rows, d) = rows_of(x.1)?;
-        let (x, dy) = (host(x)?, host(dy)?);
+    fn cpu(&self, args: [CpuArg<'_>; 2]) -> CpuOut {
+        let (d, _, [x, dy]) = host_rows(args)?;
+        let rows = x.len() / d;
         let chunk = param_chunk(rows);
         let chunks = rows.div_ceil(chunk);
         let mut part = vec![0f32; chunks * 2 * d];

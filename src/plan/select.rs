@@ -35,29 +35,35 @@ pub fn only(plan: &Plan, only: &[String]) -> Result<BTreeSet<usize>> {
     if only.is_empty() {
         return Ok((0..plan.stages.len()).collect());
     }
-    let mut out = BTreeSet::new();
-    let mut stack = Vec::new();
-    for id in only {
-        stack.extend(matching(plan, id)?);
-    }
-    while let Some(i) = stack.pop() {
-        if out.insert(i) {
-            stack.extend(plan.stages[i].inst.upstream.iter().map(|(_, u)| *u));
-        }
-    }
-    Ok(out)
+    closure(plan, only, |i| {
+        plan.stages[i]
+            .inst
+            .upstream
+            .iter()
+            .map(|(_, u)| *u)
+            .collect()
+    })
 }
 
 /// Instances forced to rerun: each match and all its dependents.
 pub fn force(plan: &Plan, force: &[String]) -> Result<BTreeSet<usize>> {
+    closure(plan, force, |i| plan.dependents(i))
+}
+
+/// The stages matching `ids` and every stage reached from them through `next`.
+fn closure(
+    plan: &Plan,
+    ids: &[String],
+    next: impl Fn(usize) -> Vec<usize>,
+) -> Result<BTreeSet<usize>> {
     let mut out = BTreeSet::new();
     let mut stack = Vec::new();
-    for id in force {
+    for id in ids {
         stack.extend(matching(plan, id)?);
     }
     while let Some(i) = stack.pop() {
         if out.insert(i) {
-            stack.extend(plan.dependents(i));
+            stack.extend(next(i));
         }
     }
     Ok(out)

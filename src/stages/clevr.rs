@@ -186,10 +186,6 @@ pub static CLEVR_COUNT: ClevrProbe = ClevrProbe(ClevrTask::Count);
 pub static CLEVR_DIST: ClevrProbe = ClevrProbe(ClevrTask::Dist);
 
 impl crate::kind::Kind for ClevrProbe {
-    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
-        &[crate::kind::hooks::IMG]
-    }
-
     kind_basics!(resolve);
 
     encoder_hooks!(Some("clevr"));

@@ -343,16 +343,10 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         g.jf_mean, g.j_mean, g.f_mean
     ));
     let mut out = StageOutput::default();
-    for (k, v) in [
-        ("jf_mean", g.jf_mean),
-        ("j_mean", g.j_mean),
-        ("j_recall", g.j_recall),
-        ("j_decay", g.j_decay),
-        ("f_mean", g.f_mean),
-        ("f_recall", g.f_recall),
-        ("f_decay", g.f_decay),
-    ] {
-        out.metrics.insert(k.into(), v * 100.0);
+    // the official columns in snake case, in percent: `J&F-Mean` is `jf_mean`
+    for (name, v) in g.named() {
+        let key = name.replace('&', "").replace('-', "_").to_lowercase();
+        out.metrics.insert(key, v * 100.0);
     }
     out.metrics.insert("frames_per_s".into(), fps);
     out.info = json!({

@@ -315,13 +315,9 @@ fn evaluate(
 pub struct Finetune;
 
 impl crate::kind::Kind for Finetune {
-    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
-        &[crate::kind::hooks::IMG]
-    }
-
     kind_basics!(resolve, run);
 
-    encoder_hooks!(key_inputs);
+    encoder_hooks!(own_check_plan);
 
     fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
         super::backbone::check_plan(stage)?;

@@ -197,10 +197,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 pub struct Knn;
 
 impl crate::kind::Kind for Knn {
-    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
-        &[crate::kind::hooks::IMG]
-    }
-
     kind_basics!(resolve, run);
 
     encoder_hooks!(None);

@@ -189,10 +189,6 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
 pub struct LinearProbe;
 
 impl crate::kind::Kind for LinearProbe {
-    fn renamed_params(&self) -> &'static [crate::kind::Rename] {
-        &[crate::kind::hooks::IMG]
-    }
-
     kind_basics!(resolve, run);
 
     encoder_hooks!(Some("imagefolder"));

@@ -51,14 +51,20 @@ macro_rules! key_inputs_by {
 }
 
 /// The hooks of a kind that reads a frozen or fine-tuned encoder (`checkpoint:`) and a dataset
-/// upstream: a checkpoint file's hash in the key (`key_inputs`), and, given the dataset format
-/// (`None`: any image dataset), the plan checks of the encoder and the dataset (`check_plan`).
+/// upstream: a checkpoint file's hash in the key (`key_inputs`) and `img` read as `img_size`
+/// (`renamed_params`); given the dataset format (`None`: any image dataset), also the plan
+/// checks of the encoder and the dataset (`check_plan`), which `own_check_plan` leaves to the
+/// kind.
 macro_rules! encoder_hooks {
-    (key_inputs) => {
+    (own_check_plan) => {
         key_inputs_by!(super::features::checkpoint_key_input);
+
+        fn renamed_params(&self) -> &'static [crate::kind::Rename] {
+            &[crate::kind::hooks::IMG]
+        }
     };
     ($format:expr) => {
-        encoder_hooks!(key_inputs);
+        encoder_hooks!(own_check_plan);
 
         fn check_plan(&self, stage: &crate::kind::PlanView) -> crate::kind::PlanCheck {
             super::backbone::check_plan(stage)?;
