@@ -12,15 +12,9 @@ use std::time::Instant;
 use cjepa::store::record::Provenance;
 use cjepa::store::{Record, Status, Store};
 
-/// Arguments of `cjepa bench`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    what: What,
-}
-
+/// The subcommands of `cjepa bench`.
 #[derive(Debug, clap::Subcommand)]
-enum What {
+pub enum Args {
     /// Full C-JEPA training step, fused vs unfused kernels (images/s, phases, peak RSS).
     TrainStep(super::bench_train::Args),
     /// Plan + key + cache check of a fully cached matrix pipeline.
@@ -37,6 +31,7 @@ enum What {
     /// Data loader: decode + RandomResizedCrop + normalise, images/s per core.
     Loader(super::bench_loader::Args),
     /// Training trajectory of the quickstart's pretraining, recorded or compared.
+    #[command(subcommand)]
     Trajectory(super::bench_trajectory::Args),
     /// Report over many stored records.
     Report {
@@ -50,13 +45,13 @@ enum What {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    match a.what {
-        What::Plan { stages, reps } => plan(stages, reps),
-        What::Report { records, reps } => report(records, reps),
-        What::Loader(a) => super::bench_loader::run(a),
-        What::Cocoeval(a) => super::bench_cocoeval::run(a),
-        What::TrainStep(a) => super::bench_train::run(a),
-        What::Trajectory(a) => super::bench_trajectory::run(a),
+    match a {
+        Args::Plan { stages, reps } => plan(stages, reps),
+        Args::Report { records, reps } => report(records, reps),
+        Args::Loader(a) => super::bench_loader::run(a),
+        Args::Cocoeval(a) => super::bench_cocoeval::run(a),
+        Args::TrainStep(a) => super::bench_train::run(a),
+        Args::Trajectory(a) => super::bench_trajectory::run(a),
     }
 }
 

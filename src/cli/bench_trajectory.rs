@@ -16,15 +16,9 @@ use cjepa::train::loss::Method;
 use cjepa::train::parallel::shards::shard_count;
 use cjepa::train::trajectory::{deviations, record, Setup, Trajectory};
 
-/// Arguments of `cjepa bench trajectory`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    what: What,
-}
-
+/// The subcommands of `cjepa bench trajectory`.
 #[derive(Debug, clap::Subcommand)]
-enum What {
+pub enum Args {
     /// Train and record our trajectory (and the replay files for the other implementation).
     Run {
         /// `ijepa` or `cjepa`.
@@ -62,8 +56,8 @@ enum What {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    match a.what {
-        What::Run {
+    match a {
+        Args::Run {
             method,
             steps,
             seed,
@@ -72,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             out,
             replay,
         } => run_record(&method, steps, seed, &interpolation, &shards, out, replay),
-        What::Compare { ours, theirs, at } => compare(&ours, &theirs, &at),
+        Args::Compare { ours, theirs, at } => compare(&ours, &theirs, &at),
     }
 }
 

@@ -20,15 +20,9 @@ use cjepa::model::VitConfig;
 use cjepa::stages::backbone;
 use serde_json::json;
 
-/// Arguments of `cjepa checkpoint`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
+/// The subcommands of `cjepa checkpoint`.
 #[derive(Debug, clap::Subcommand)]
-enum Cmd {
+pub enum Args {
     /// Convert an official I-JEPA checkpoint (`*.pth.tar` with `encoder`, `predictor`,
     /// `target_encoder` state dicts) into safetensors + the encoder artifact stages load.
     Import {
@@ -82,8 +76,8 @@ fn default_out(file: &Path) -> PathBuf {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    match a.cmd {
-        Cmd::Import { file, model, out } => import(&file, &model, out),
+    match a {
+        Args::Import { file, model, out } => import(&file, &model, out),
     }
 }
 

@@ -5,15 +5,9 @@ use std::path::PathBuf;
 
 use cjepa::data::DataFormat;
 
-/// Arguments of `cjepa data`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
+/// The subcommands of `cjepa data`.
 #[derive(Debug, clap::Subcommand)]
-enum Cmd {
+pub enum Args {
     /// Validate a dataset: counts, missing or unreadable files, mismatched ids, PNG modes.
     Check {
         /// imagefolder, coco, ade20k, davis or clevr.
@@ -44,8 +38,9 @@ enum Cmd {
     },
 }
 
+/// The formats `cjepa data import` reads.
 #[derive(Debug, clap::Subcommand)]
-enum Import {
+pub enum Import {
     /// IDX `*-ubyte[.gz]` files (MNIST, Fashion-MNIST) -> imagefolder
     /// (`OUT/{train,val}/<label>[_<name>]/<index>.png`, the first N images of each class, RGB).
     Idx {
@@ -84,8 +79,8 @@ fn parse_format(s: &str) -> anyhow::Result<DataFormat> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    match a.cmd {
-        Cmd::Check {
+    match a {
+        Args::Check {
             format,
             path,
             decode,
@@ -102,7 +97,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             }
             Ok(if r.is_ok() { 0 } else { 1 })
         }
-        Cmd::Synth {
+        Args::Synth {
             format,
             out,
             seed,
@@ -130,7 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             outln!("{}", r.summary())?;
             Ok(0)
         }
-        Cmd::Import {
+        Args::Import {
             from:
                 Import::Idx {
                     out,

@@ -12,18 +12,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::Subcommand;
 
-/// Arguments of `cjepa eval`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    cmd: EvalCmd,
-}
-
-/// One subcommand per benchmark.
-#[derive(Debug, Subcommand)]
-pub enum EvalCmd {
+/// The subcommands of `cjepa eval`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Args {
     /// COCO detection / instance segmentation: the 12 COCOeval stats for bbox and / or segm.
     Coco(super::eval_coco::Args),
     /// ADE20K semantic segmentation: mIoU, aAcc, mAcc (x100) and per-class IoU / Acc.
@@ -65,10 +57,10 @@ pub struct DavisArgs {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    match a.cmd {
-        EvalCmd::Coco(a) => super::eval_coco::run(a),
-        EvalCmd::Seg(a) => seg(a),
-        EvalCmd::Davis(a) => davis(a),
+    match a {
+        Args::Coco(a) => super::eval_coco::run(a),
+        Args::Seg(a) => seg(a),
+        Args::Davis(a) => davis(a),
     }
 }
 

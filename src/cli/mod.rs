@@ -87,14 +87,18 @@ enum Cmd {
     /// JSON Schema of the pipeline file.
     Schema,
     /// Check or synthesise datasets.
+    #[command(subcommand)]
     Data(data::Args),
     /// Benchmarks of the engine.
+    #[command(subcommand)]
     Bench(bench::Args),
     /// Import official I-JEPA checkpoints.
+    #[command(subcommand)]
     Checkpoint(checkpoint::Args),
     /// Pooled encoder features of a folder of images.
     Embed(embed::Args),
     /// Exact evaluation metrics on files of predictions (COCO, ADE20K, DAVIS).
+    #[command(subcommand)]
     Eval(eval::Args),
     /// Run one stage from a job file (used by executors).
     #[command(hide = true)]
