@@ -354,15 +354,19 @@ mod shard_tests {
         }
     }
 
+    fn shuffled(batch_size: usize, drop_last: bool, seed: u64) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            shuffle: true,
+            drop_last,
+            seed,
+        }
+    }
+
     #[test]
     fn shards_are_disjoint_and_cover_the_epoch() {
         let src = Ids(103);
-        let cfg = LoaderConfig {
-            batch_size: 4,
-            shuffle: true,
-            drop_last: false,
-            seed: 3,
-        };
+        let cfg = shuffled(4, false, 3);
         let mut seen = Vec::new();
         for r in 0..3 {
             let l = Loader::new(&src, cfg).unwrap().sharded(r, 3).unwrap();
@@ -378,12 +382,7 @@ mod shard_tests {
     #[test]
     fn prefetch_yields_the_same_batches_in_order() {
         let src = Ids(37);
-        let cfg = LoaderConfig {
-            batch_size: 5,
-            shuffle: true,
-            drop_last: true,
-            seed: 9,
-        };
+        let cfg = shuffled(5, true, 9);
         let l = Loader::new(&src, cfg).unwrap();
         let direct: Vec<Vec<usize>> = l.iter_epoch(1, 2).map(|b| b.unwrap().labels).collect();
         let mut pre = Vec::new();

@@ -1,6 +1,7 @@
 //! Unit tests of `cuda_ops`.
 
 use super::*;
+use crate::model::fused::testutil::probed_grads;
 use crate::model::layers::{layer_norm_plain_unfused, softmax_last_unfused};
 use candle_core::{Device, Var};
 
@@ -36,18 +37,8 @@ fn layer_norm_and_softmax_match_the_composition_with_gradients() {
         .broadcast_add(b.as_tensor())
         .unwrap();
     close(&ours, &theirs, 1e-5);
-    let g1 = (ours * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g2 = (theirs * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g1 = probed_grads(&ours, &probe);
+    let g2 = probed_grads(&theirs, &probe);
     for v in [&x, &w, &b] {
         close(
             g1.get(v.as_tensor()).unwrap(),
@@ -65,18 +56,8 @@ fn layer_norm_and_softmax_match_the_composition_with_gradients() {
     let s1 = softmax_last(x.as_tensor()).unwrap();
     let s2 = softmax_last_unfused(x.as_tensor()).unwrap();
     close(&s1, &s2, 1e-6);
-    let g1 = (s1 * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g2 = (s2 * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g1 = probed_grads(&s1, &probe);
+    let g2 = probed_grads(&s2, &probe);
     close(
         g1.get(x.as_tensor()).unwrap(),
         g2.get(x.as_tensor()).unwrap(),

@@ -28,6 +28,14 @@ impl SeededInit {
             dev.clone(),
         )
     }
+
+    /// A fresh `VarMap` and its seeded `VarBuilder` on the CPU (tests).
+    #[cfg(test)]
+    pub(crate) fn cpu_vars(seed: u64) -> (VarMap, VarBuilder<'static>) {
+        let vars = VarMap::new();
+        let vb = Self::var_builder(&vars, seed, &Device::Cpu);
+        (vars, vb)
+    }
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {

@@ -335,8 +335,7 @@ mod tests {
     #[test]
     fn head_shapes_and_loss_gradient() {
         let dev = Device::Cpu;
-        let vm = candle_nn::VarMap::new();
-        let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
+        let (vm, vb) = crate::model::detect::init::SeededInit::cpu_vars(0);
         let head = MaskHead::new(4, 2, 3, vb).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 7, 4), &dev).unwrap()).unwrap();
         let logits = head.forward(x.as_tensor()).unwrap();

@@ -265,9 +265,7 @@ mod tests {
 
     #[test]
     fn mask_levels_follow_box_size() {
-        let dev = candle_core::Device::Cpu;
-        let vm = candle_nn::VarMap::new();
-        let vb = init::SeededInit::var_builder(&vm, 0, &dev);
+        let (_vars, vb) = crate::model::detect::init::SeededInit::cpu_vars(0);
         let cfg = DetectorConfig {
             fpn_dim: 8,
             head_convs: 1,

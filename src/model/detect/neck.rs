@@ -131,8 +131,7 @@ mod tests {
     #[test]
     fn shapes_strides_and_gradients() {
         let dev = Device::Cpu;
-        let vm = candle_nn::VarMap::new();
-        let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
+        let (vm, vb) = crate::model::detect::init::SeededInit::cpu_vars(0);
         let fp = SimpleFeaturePyramid::new(16, 16, 8, vb).unwrap();
         assert_eq!(fp.strides(), &[4, 8, 16, 32]);
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 6, 16), &dev).unwrap()).unwrap();

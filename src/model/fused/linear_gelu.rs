@@ -106,7 +106,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::fused::testutil::{
-        assert_close, assert_grads_close, randn, unfused_linear, var,
+        assert_close, assert_grads_close, grads, randn, unfused_linear, var,
     };
 
     /// The unfused composition: candle's matmul, broadcast add and `gelu_erf`.
@@ -141,12 +141,7 @@ mod tests {
         let x = randn(&[5, 6], 1);
         let w = var(&[3, 6], 2, 1.0, 0.0);
         let b = var(&[3], 3, 1.0, 0.0);
-        let g = linear_gelu(&x, w.as_tensor(), b.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = grads(&linear_gelu(&x, w.as_tensor(), b.as_tensor()).unwrap());
         assert!(g.get(&x).is_none());
         assert!(g.get(w.as_tensor()).is_some());
         assert!(g.get(b.as_tensor()).is_some());

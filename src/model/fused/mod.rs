@@ -105,6 +105,7 @@ pub(crate) fn ranges(n: usize, parts: usize, align: usize) -> Vec<std::ops::Rang
 #[cfg(test)]
 pub(crate) mod testutil {
     //! Comparison helpers of the fused-op tests.
+    use candle_core::backprop::GradStore;
     use candle_core::{Device, Tensor, Var};
 
     /// `x W^T (+ b)` of candle's own ops (reshape, matmul, broadcast add): the reference of the
@@ -125,6 +126,16 @@ pub(crate) mod testutil {
         let mut od = dims;
         *od.last_mut().unwrap() = w.dim(0).unwrap();
         y.reshape(od).unwrap()
+    }
+
+    /// The gradients of `sum(y * probe)`.
+    pub fn probed_grads(y: &Tensor, probe: &Tensor) -> GradStore {
+        (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
+    /// The gradients of `sum(y)`.
+    pub fn grads(y: &Tensor) -> GradStore {
+        y.sum_all().unwrap().backward().unwrap()
     }
 
     /// Seeded normal data.
@@ -158,18 +169,7 @@ pub(crate) mod testutil {
         atol: f32,
         rtol: f32,
     ) {
-        let gf = (fused * probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gu = (unfused * probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (gf, gu) = (probed_grads(fused, probe), probed_grads(unfused, probe));
         for (name, v) in vars {
             assert_close(
                 &format!("{op} d{name}"),

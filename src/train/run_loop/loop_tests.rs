@@ -56,6 +56,11 @@ impl Recipe for Toy {
     }
 }
 
+/// [`run`] as one process on the CPU.
+fn run_cpu(c: &mut StageContext, cfg: &LoopConfig, toy: &mut Toy) -> Result<Trained> {
+    run(c, &mut Ranks::single(&Device::Cpu), cfg, toy)
+}
+
 fn new_toy(reads: bool, nan_at: Option<u64>) -> Toy {
     Toy {
         reads,
@@ -87,7 +92,7 @@ fn the_losses_are_read_once_per_log_and_never_in_a_step() {
     let mut c = ctx(tmp.path());
     let mut toy = new_toy(false, None);
     let before = host_read::reads();
-    let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(12), &mut toy).unwrap();
+    let done = run_cpu(&mut c, &cfg(12), &mut toy).unwrap();
     // reads at steps 1, 5, 10 and 12 (the last), none inside the steps
     assert_eq!(host_read::reads() - before, 4);
     assert_eq!(done.reads_in_steps, 0);
@@ -99,7 +104,7 @@ fn the_losses_are_read_once_per_log_and_never_in_a_step() {
     let mut toy = new_toy(true, None);
     let tmp = tempfile::tempdir().unwrap();
     let mut c = ctx(tmp.path());
-    let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(7), &mut toy).unwrap();
+    let done = run_cpu(&mut c, &cfg(7), &mut toy).unwrap();
     assert_eq!(done.reads_in_steps, 7, "a read inside the step is counted");
 }
 
@@ -108,9 +113,7 @@ fn a_nan_stops_at_the_next_read_naming_its_step() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = ctx(tmp.path());
     let mut toy = new_toy(false, Some(6)); // the 7th step
-    let e = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(20), &mut toy)
-        .unwrap_err()
-        .to_string();
+    let e = run_cpu(&mut c, &cfg(20), &mut toy).unwrap_err().to_string();
     assert!(
         e.contains("loss is non-finite (NaN) at step 7 of 20: training diverged; lower `lr`")
             && e.contains("the last good checkpoint (none yet) is kept"),
@@ -123,7 +126,7 @@ fn a_nan_stops_at_the_next_read_naming_its_step() {
     let mut toy = new_toy(false, Some(6));
     let mut quiet = cfg(8);
     quiet.nan_hint = None;
-    let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &quiet, &mut toy).unwrap();
+    let done = run_cpu(&mut c, &quiet, &mut toy).unwrap();
     assert!(done.curve("loss")[1].1.is_nan());
 }
 
@@ -134,25 +137,13 @@ fn an_interrupt_reads_checkpoints_and_the_rerun_logs_the_same_curve() {
     let whole = {
         let mut c = ctx(&tmp.path().join("a"));
         let mut toy = new_toy(false, None);
-        run(
-            &mut c,
-            &mut Ranks::single(&Device::Cpu),
-            &cfg(total),
-            &mut toy,
-        )
-        .unwrap()
+        run_cpu(&mut c, &cfg(total), &mut toy).unwrap()
     };
     let mut c = ctx(&tmp.path().join("b"));
     let mut toy = new_toy(false, None);
     c.interrupted
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let e = run(
-        &mut c,
-        &mut Ranks::single(&Device::Cpu),
-        &cfg(total),
-        &mut toy,
-    )
-    .unwrap_err();
+    let e = run_cpu(&mut c, &cfg(total), &mut toy).unwrap_err();
     assert!(matches!(e, Error::Interrupted));
     let ck = c
         .ckpt
@@ -163,13 +154,7 @@ fn an_interrupt_reads_checkpoints_and_the_rerun_logs_the_same_curve() {
     assert!(ck.path.join("toy").is_file() && ck.path.join(LOOP_FILE).is_file());
     c.interrupted
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let resumed = run(
-        &mut c,
-        &mut Ranks::single(&Device::Cpu),
-        &cfg(total),
-        &mut toy,
-    )
-    .unwrap();
+    let resumed = run_cpu(&mut c, &cfg(total), &mut toy).unwrap();
     assert_eq!(
         toy.saved,
         vec![1],
@@ -189,7 +174,7 @@ fn logged_points_are_the_logged_steps_values_with_the_recipes_own() {
     logged.points = Points::Logged;
     logged.images_per_step = Some(4);
     let before = host_read::reads();
-    let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &logged, &mut toy).unwrap();
+    let done = run_cpu(&mut c, &logged, &mut toy).unwrap();
     // reads at steps 1, 3 (asked by the recipe), 5, 10 and 12
     assert_eq!(host_read::reads() - before, 5);
     assert_eq!(
@@ -223,7 +208,7 @@ fn a_checkpoint_of_an_older_format_resumes_through_the_recipe() {
         })
         .unwrap();
     let mut toy = new_toy(false, None);
-    let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(4), &mut toy).unwrap();
+    let done = run_cpu(&mut c, &cfg(4), &mut toy).unwrap();
     assert_eq!((done.resumed_from, toy.saved.clone()), (1, vec![1]));
     // without the recipe's reader it trains from the start
     let tmp = tempfile::tempdir().unwrap();
@@ -234,6 +219,6 @@ fn a_checkpoint_of_an_older_format_resumes_through_the_recipe() {
             Ok(())
         })
         .unwrap();
-    let done = run(&mut c, &mut Ranks::single(&Device::Cpu), &cfg(4), &mut toy).unwrap();
+    let done = run_cpu(&mut c, &cfg(4), &mut toy).unwrap();
     assert_eq!(done.resumed_from, 0);
 }

@@ -70,8 +70,7 @@ fn assignment_follows_size_ranges_and_center_sampling() {
 #[test]
 fn head_shapes_and_losses_backprop() {
     let dev = Device::Cpu;
-    let vm = candle_nn::VarMap::new();
-    let vb = super::super::init::SeededInit::var_builder(&vm, 0, &dev);
+    let (vm, vb) = crate::model::detect::init::SeededInit::cpu_vars(0);
     let head = FcosHead::new(3, 8, 1, 2, vb).unwrap();
     let f0 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 8, 8, 8), &dev).unwrap()).unwrap();
     let f1 = Tensor::randn(0f32, 1.0, (2, 4, 4, 8), &dev).unwrap();

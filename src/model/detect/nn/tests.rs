@@ -44,8 +44,7 @@ fn conv_ref(
 #[test]
 fn conv_matches_direct_formula_and_candle() {
     let dev = Device::Cpu;
-    let vm = candle_nn::VarMap::new();
-    let vb = crate::model::detect::init::SeededInit::var_builder(&vm, 1, &dev);
+    let (_vars, vb) = crate::model::detect::init::SeededInit::cpu_vars(1);
     for k in [1, 3] {
         let conv = Conv2d::new(3, 4, k, N01, Some(0.5), vb.pp(format!("c{k}"))).unwrap();
         let nchw = Tensor::randn(0f32, 1.0, (1, 3, 5, 6), &dev).unwrap();
@@ -103,8 +102,7 @@ fn shifted_columns_equal_the_gathered_columns() {
 #[test]
 fn conv_gradient_matches_candle_conv2d() {
     let dev = Device::Cpu;
-    let vm = candle_nn::VarMap::new();
-    let vb = crate::model::detect::init::SeededInit::var_builder(&vm, 2, &dev);
+    let (_vars, vb) = crate::model::detect::init::SeededInit::cpu_vars(2);
     let conv = Conv2d::new(2, 3, 3, N01, None, vb.pp("c")).unwrap();
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 2, 4, 5), &dev).unwrap()).unwrap();
     let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
@@ -136,8 +134,7 @@ fn conv_gradient_matches_candle_conv2d() {
 #[test]
 fn deconv_matches_direct_formula() {
     let dev = Device::Cpu;
-    let vm = candle_nn::VarMap::new();
-    let vb = crate::model::detect::init::SeededInit::var_builder(&vm, 3, &dev);
+    let (_vars, vb) = crate::model::detect::init::SeededInit::cpu_vars(3);
     let d = Deconv2x2::new(
         2,
         3,
@@ -250,8 +247,7 @@ fn fused_layer_norm_matches_generic_graph() {
 #[test]
 fn layer_norm_and_pool_backprop() {
     let dev = Device::Cpu;
-    let vm = candle_nn::VarMap::new();
-    let vb = crate::model::detect::init::SeededInit::var_builder(&vm, 0, &dev);
+    let (vm, vb) = crate::model::detect::init::SeededInit::cpu_vars(0);
     let ln = LayerNorm2d::new(3, vb.pp("ln")).unwrap();
     let x = Var::from_tensor(
         &Tensor::arange(0f32, 24.0, &dev)

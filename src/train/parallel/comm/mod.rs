@@ -233,6 +233,14 @@ mod tests {
         others: Vec<Vec<f32>>,
     }
 
+    /// Rank `rank` of two, the other rank holding `other`.
+    fn fake(rank: usize, other: &[f32]) -> Fake {
+        Fake {
+            rank,
+            others: vec![other.to_vec()],
+        }
+    }
+
     impl AllReduce for Fake {
         fn rank(&self) -> usize {
             self.rank
@@ -262,10 +270,7 @@ mod tests {
         );
         g.insert("a".to_string(), Tensor::new(&[10f32], &dev).unwrap());
         // the other rank's flat buffer, in name order: a, then b row-major
-        let mut f = Fake {
-            rank: 0,
-            others: vec![vec![30., 3., 2., 1., 0.]],
-        };
+        let mut f = fake(0, &[30., 3., 2., 1., 0.]);
         let m = mean_grads(&mut f, g).unwrap();
         assert_eq!(m["a"].to_vec1::<f32>().unwrap(), vec![20.]);
         assert_eq!(
@@ -289,16 +294,10 @@ mod tests {
     #[test]
     fn scalars_and_flags_reduce() {
         let dev = Device::Cpu;
-        let mut f = Fake {
-            rank: 1,
-            others: vec![vec![1.0]],
-        };
+        let mut f = fake(1, &[1.0]);
         assert_eq!(mean_scalars(&mut f, &[3.0], &dev).unwrap(), vec![2.0]);
         assert!(any(&mut f, false, &dev).unwrap(), "the other rank said yes");
-        let mut f = Fake {
-            rank: 1,
-            others: vec![vec![0.0]],
-        };
+        let mut f = fake(1, &[0.0]);
         assert!(!any(&mut f, false, &dev).unwrap());
     }
 
@@ -306,10 +305,7 @@ mod tests {
     fn all_gather_stacks_rank_blocks_and_keeps_own_gradient() {
         let dev = Device::Cpu;
         // rank 1 of 2; the other rank's buffer holds its rows at offset 0 and zeros after
-        let mut f = Fake {
-            rank: 1,
-            others: vec![vec![1., 2., 3., 4., 0., 0., 0., 0.]],
-        };
+        let mut f = fake(1, &[1., 2., 3., 4., 0., 0., 0., 0.]);
         let own = candle_core::Var::new(&[[5f32, 6.], [7., 8.]], &dev).unwrap();
         let all = all_gather_rows(&mut f, own.as_tensor()).unwrap();
         assert_eq!(
@@ -328,10 +324,7 @@ mod tests {
             "the gradient reaches this rank's rows"
         );
         assert!(with_own_rows(&all, &all, 1).is_err());
-        let mut f = Fake {
-            rank: 0,
-            others: vec![vec![3.0]],
-        };
+        let mut f = fake(0, &[3.0]);
         assert_eq!(sum_scalars(&mut f, &[2.0], &dev).unwrap(), vec![5.0]);
     }
 

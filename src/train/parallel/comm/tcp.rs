@@ -255,26 +255,31 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn three_ranks_sum_in_rank_order_and_agree_bitwise() {
+    /// `f(rank, hub)` on every rank of a group of `world`, each in its own thread, in rank order.
+    fn on_each_rank<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(usize, TcpHub) -> T + Send + Copy + 'static,
+    ) -> Vec<T> {
         let d = tempfile::tempdir().unwrap();
-        let handles: Vec<_> = group(3, d.path())
+        let handles: Vec<_> = group(world, d.path())
             .into_iter()
             .enumerate()
-            .map(|(r, h)| {
-                std::thread::spawn(move || {
-                    let mut hub = h.join().unwrap().unwrap();
-                    assert_eq!((hub.rank(), hub.world()), (r, 3));
-                    // values whose sum depends on the order of addition in f32
-                    let mut v = vec![[1e8f32, 1.0, -1e8][r], r as f32];
-                    hub.all_reduce_sum_vec(&mut v).unwrap();
-                    let t = Tensor::new(&[r as f32 + 1.0], &candle_core::Device::Cpu).unwrap();
-                    let s = hub.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
-                    (v, s)
-                })
-            })
+            .map(|(r, h)| std::thread::spawn(move || f(r, h.join().unwrap().unwrap())))
             .collect();
-        let res: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn three_ranks_sum_in_rank_order_and_agree_bitwise() {
+        let res = on_each_rank(3, |r, mut hub| {
+            assert_eq!((hub.rank(), hub.world()), (r, 3));
+            // values whose sum depends on the order of addition in f32
+            let mut v = vec![[1e8f32, 1.0, -1e8][r], r as f32];
+            hub.all_reduce_sum_vec(&mut v).unwrap();
+            let t = Tensor::new(&[r as f32 + 1.0], &candle_core::Device::Cpu).unwrap();
+            let s = hub.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap();
+            (v, s)
+        });
         // ((1e8 + 1) + -1e8) in f32 = 0: rank order, not any other
         let expect = ((1e8f32 + 1.0) + -1e8, 3.0);
         for (v, s) in &res {
@@ -286,19 +291,10 @@ mod tests {
 
     #[test]
     fn mismatched_lengths_are_an_error_naming_the_rank() {
-        let d = tempfile::tempdir().unwrap();
-        let handles: Vec<_> = group(2, d.path())
-            .into_iter()
-            .enumerate()
-            .map(|(r, h)| {
-                std::thread::spawn(move || {
-                    let mut hub = h.join().unwrap().unwrap();
-                    let mut v = vec![1.0f32; 2 + r];
-                    hub.all_reduce_sum_vec(&mut v).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        let res: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let res = on_each_rank(2, |r, mut hub| {
+            let mut v = vec![1.0f32; 2 + r];
+            hub.all_reduce_sum_vec(&mut v).map_err(|e| e.to_string())
+        });
         let e = res[0].clone().unwrap_err();
         assert!(e.contains("rank 1 sent 3 values, rank 0 has 2"), "{e}");
         assert!(res[1].is_err(), "rank 1 sees the hub hang up");
