@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -19,6 +19,7 @@ use serde_json::{json, Map, Value};
 
 use super::{params_of, StageContext, StageOutput};
 use crate::error::{Error, Result};
+use crate::kind::job::Job;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -75,12 +76,32 @@ pub fn key_inputs(params: &Value, pipeline_dir: &Path) -> crate::kind::KeyInputs
 /// Run the command, collect outputs and metrics.
 pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
     let p: Params = params_of(ctx)?;
+    fs_err::create_dir_all(&ctx.job.work_dir)?;
+    fs_err::create_dir_all(&ctx.job.out_dir)?;
+    let mut cmd = shell_command(ctx, &p.cmd)?;
+    ctx.log(format!("$ {}", p.cmd));
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::stage(&ctx.job.id, format!("cannot start `sh -c {}`: {e}", p.cmd)))?;
+    let status = wait_or_interrupt(ctx, child)?;
+    if !status.success() {
+        let msg = format!("command exited with {status}: {}", p.cmd);
+        return Err(Error::stage(&ctx.job.id, msg));
+    }
+    move_outputs(&ctx.job, &p.outputs)?;
+    Ok(StageOutput {
+        metrics: read_metrics(&ctx.job, p.metrics.as_deref())?,
+        ..StageOutput::default()
+    })
+}
+
+/// `sh -c cmd` in the work folder, with the stage's `CJEPA_*` environment, in its own process
+/// group.
+fn shell_command(ctx: &StageContext, cmd_line: &str) -> Result<Command> {
     let job = &ctx.job;
-    fs_err::create_dir_all(&job.work_dir)?;
-    fs_err::create_dir_all(&job.out_dir)?;
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg(&p.cmd)
+        .arg(cmd_line)
         .current_dir(&job.work_dir)
         .env("CJEPA_WORK", &job.work_dir)
         .env("CJEPA_OUT", &job.out_dir)
@@ -98,13 +119,14 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         cmd.env(var, &u.artifacts);
     }
     crate::util::proc::own_process_group(&mut cmd);
-    ctx.log(format!("$ {}", p.cmd));
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::stage(&job.id, format!("cannot start `sh -c {}`: {e}", p.cmd)))?;
-    let status = loop {
+    Ok(cmd)
+}
+
+/// The child's exit status; on an interrupt its process group is terminated first.
+fn wait_or_interrupt(ctx: &StageContext, mut child: std::process::Child) -> Result<ExitStatus> {
+    loop {
         if let Some(st) = child.try_wait()? {
-            break st;
+            return Ok(st);
         }
         if ctx.is_interrupted() {
             crate::util::proc::terminate_group(child.id());
@@ -112,14 +134,12 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
             return Err(Error::Interrupted);
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    if !status.success() {
-        return Err(Error::stage(
-            &job.id,
-            format!("command exited with {status}: {}", p.cmd),
-        ));
     }
-    for o in &p.outputs {
+}
+
+/// Moves the declared outputs from the work folder to the artifact folder.
+fn move_outputs(job: &Job, outputs: &[String]) -> Result<()> {
+    for o in outputs {
         let src = job.work_dir.join(o);
         if !src.exists() {
             return Err(Error::stage(
@@ -133,32 +153,35 @@ pub fn run(ctx: &mut StageContext) -> Result<StageOutput> {
         }
         fs_err::rename(&src, &dst)?;
     }
-    let mut out = StageOutput::default();
-    let mfile = p.metrics.clone().unwrap_or_else(|| "metrics.json".into());
-    let mpath = job.work_dir.join(&mfile);
-    if mpath.is_file() {
-        let text = fs_err::read_to_string(&mpath)?;
-        let v: BTreeMap<String, Value> = serde_json::from_str(&text).map_err(|e| {
-            Error::stage(
+    Ok(())
+}
+
+/// The numbers of the metrics file (`metrics.json` unless `declared`; optional unless declared).
+fn read_metrics(job: &Job, declared: Option<&str>) -> Result<BTreeMap<String, f64>> {
+    let mfile = declared.unwrap_or("metrics.json");
+    let mpath = job.work_dir.join(mfile);
+    if !mpath.is_file() {
+        return match declared {
+            Some(_) => Err(Error::stage(
                 &job.id,
-                format!(
-                    "metrics file {}: expected a JSON object of numbers: {e}",
-                    mpath.display()
-                ),
-            )
-        })?;
-        for (k, x) in v {
-            if let Some(f) = x.as_f64() {
-                out.metrics.insert(k, f);
-            }
-        }
-    } else if p.metrics.is_some() {
-        return Err(Error::stage(
-            &job.id,
-            format!("declared metrics file `{mfile}` was not written"),
-        ));
+                format!("declared metrics file `{mfile}` was not written"),
+            )),
+            None => Ok(BTreeMap::new()),
+        };
     }
-    Ok(out)
+    let text = fs_err::read_to_string(&mpath)?;
+    let v: BTreeMap<String, Value> = serde_json::from_str(&text).map_err(|e| {
+        Error::stage(
+            &job.id,
+            format!(
+                "metrics file {}: expected a JSON object of numbers: {e}",
+                mpath.display()
+            ),
+        )
+    })?;
+    Ok(v.into_iter()
+        .filter_map(|(k, x)| x.as_f64().map(|f| (k, f)))
+        .collect())
 }
 
 /// The `command` kind.
