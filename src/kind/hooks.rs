@@ -126,13 +126,13 @@ impl Cost {
     };
 }
 
-/// One stage kind's implementation.
 /// What a plan check returns: nothing, or the issue that stops the plan.
 pub type PlanCheck = std::result::Result<(), PlanIssue>;
 
 /// A kind's extra key inputs (file fingerprints, digests), or why they cannot be read.
 pub type KeyInputs = std::result::Result<Value, String>;
 
+/// One stage kind's implementation.
 pub trait Kind: Sync {
     /// Implementation version, part of every key of this kind: bump it when a change alters
     /// results.

@@ -98,7 +98,7 @@ pub use crate::kind::{
 
 use crate::kind::Kind;
 
-/// The implementation of `kind` (the [`KindTable`] the engine is handed).
+/// The implementation of `kind` (the [`crate::kind::KindTable`] the engine is handed).
 pub fn table(kind: StageKind) -> &'static dyn Kind {
     match kind {
         StageKind::Dataset => &dataset::Dataset,

@@ -2,8 +2,8 @@
 //! mask API (`maskApi.c`: RLE codec, polygon rasteriser, area, box, merge, IoU) and of
 //! `COCOeval` (`evaluate` / `accumulate` / `summarize`) for `iouType` `bbox` and `segm`.
 //!
-//! * [`rle`]: [`Rle`] masks and the compressed-string codec.
-//! * [`polygon`]: polygon -> RLE exactly as `frPyObjects`.
+//! * [`crate::data::mask::rle`]: [`Rle`] masks and the compressed-string codec.
+//! * [`crate::data::mask::polygon`]: polygon -> RLE exactly as `frPyObjects`.
 //! * [`iou`]: box and mask IoU with the crowd rule.
 //! * [`dataset`]: loading and validating instances / results JSON, category id maps
 //!   (`segm_json` reads segmentations without an intermediate `serde_json::Value`).

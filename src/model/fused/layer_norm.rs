@@ -1,5 +1,5 @@
-//! LayerNorm over the last axis (biased variance), affine (`CustomOp3`: x, weight, bias) or
-//! without affine parameters (`CustomOp1`). The forward saves mean and 1/std of every row; the
+//! LayerNorm over the last axis (biased variance), affine (an `Op<3>`: x, weight, bias) or
+//! without affine parameters (an `Op<1>`). The forward saves mean and 1/std of every row; the
 //! backward is one pass over the rows: `dx = rstd (g - mean(g) - x̂ mean(g x̂))` with `g = dy w`,
 //! and the per-thread partial sums of `dw = Σ dy x̂`, `db = Σ dy` added at the end.
 

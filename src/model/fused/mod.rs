@@ -1,5 +1,6 @@
-//! Fused CPU kernels (f32) of the transformer layers, each a candle `CustomOp` with its own
-//! backward, so a training step runs one pass per op instead of candle's chain of small ops.
+//! Fused CPU kernels (f32) of the transformer layers, each a custom op
+//! ([`crate::model::custom_op::Op`]) with its own backward, so a training step runs one pass per
+//! op instead of candle's chain of small ops.
 //!
 //! - `linear`: `y = x W^T + b` with the bias folded into the matmul and a backward that hands the
 //!   transposed operands to gemm as strides (no transposed copies); rows split over rayon threads.

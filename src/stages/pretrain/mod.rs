@@ -7,8 +7,9 @@
 //! Each iteration: a batch of `RandomResizedCrop(img, crop_scale)` + ImageNet-normalised images (no
 //! flip), one multi-block mask draw for the batch, then [`crate::train::step::train_step`] (targets, context encoder,
 //! predictor, JEPA (+ VICReg) loss, AdamW with this iteration's lr / wd, EMA with its momentum).
-//! On the CPU in one process the batch trains as one shard per thread ([`train_step_sharded`];
-//! `CJEPA_SHARDS` sets the count): the same step up to float rounding, the same from run to run.
+//! On the CPU in one process the batch trains as one shard per thread
+//! ([`crate::train::parallel::shards::train_step_sharded`]; `CJEPA_SHARDS` sets the count): the
+//! same step up to float rounding, the same from run to run.
 //!
 //! Every random draw derives from (stage key, seed): the init from stream `init`, the data order and
 //! augmentations from stream `data` (per (epoch, sample) inside the loader), the masks of iteration

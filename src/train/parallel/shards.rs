@@ -3,10 +3,11 @@
 //! On the CPU, splitting each matrix product over the threads leaves them waiting for each other
 //! after every one of the step's thousands of small ops. Here the batch is cut into `n` equal
 //! shards instead, and each shard runs the whole forward and backward pass on its own thread
-//! pool, exactly as a rank of a data-parallel group does ([`crate::train::step::train_step_pending`]): the
-//! JEPA term is the shard's mean, the VICReg terms are computed on the whole batch (gathered
-//! through an in-process all-reduce, [`super::comm::local`]), and the gradients are averaged over
-//! the shards in shard order. The optimiser step and the EMA then run once, on all threads.
+//! pool, exactly as a rank of a data-parallel group does
+//! ([`crate::train::step::train_step_pending`]): the JEPA term is the shard's mean, the VICReg
+//! terms are computed on the whole batch (gathered through an in-process all-reduce,
+//! [`super::comm::local`]), and the gradients are averaged over the shards in shard order. The
+//! optimiser step and the EMA then run once, on all threads.
 //!
 //! The result is the one-shard step's up to the order of float sums; for a given shard count it
 //! is the same from run to run, so a resumed run reproduces an uninterrupted one exactly.
