@@ -124,6 +124,33 @@ impl Cost {
         img_size: None,
         schedule: None,
     };
+
+    /// `pass` over images of side `img_size` (`None`: the encoder's own) on `schedule`.
+    pub fn of(pass: Pass, img_size: Option<usize>, schedule: Schedule) -> Cost {
+        Cost {
+            pass,
+            img_size,
+            schedule: Some(schedule),
+        }
+    }
+
+    /// The cost `f` gives a stage whose params read as `P`; [`Cost::NONE`] when they do not.
+    pub fn from_params<P: serde::de::DeserializeOwned>(
+        params: &Value,
+        f: impl FnOnce(P) -> Cost,
+    ) -> Cost {
+        serde_json::from_value(params.clone()).map_or(Cost::NONE, f)
+    }
+}
+
+impl Schedule {
+    /// `iters` steps of `batch` images.
+    pub fn iters(iters: u64, batch: usize) -> Schedule {
+        Schedule::Iters {
+            iters,
+            batch: batch as u64,
+        }
+    }
 }
 
 /// What a plan check returns: nothing, or the issue that stops the plan.

@@ -475,17 +475,14 @@ impl crate::kind::Kind for Ade20kSegmentation {
     }
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
-        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
-            return crate::kind::Cost::NONE;
-        };
-        crate::kind::Cost {
-            pass: crate::kind::Pass::Train,
-            img_size: Some(512),
-            schedule: Some(crate::kind::Schedule::Iters {
-                iters: p.iters,
-                batch: p.batch_size as u64,
-            }),
-        }
+        use crate::kind::{Cost, Pass, Schedule};
+        Cost::from_params(params, |p: Params| {
+            Cost::of(
+                Pass::Train,
+                Some(512),
+                Schedule::iters(p.iters, p.batch_size),
+            )
+        })
     }
 }
 

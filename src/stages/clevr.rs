@@ -191,14 +191,12 @@ impl crate::kind::Kind for ClevrProbe {
     encoder_hooks!(Some("clevr"));
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
-        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
-            return crate::kind::Cost::NONE;
-        };
-        crate::kind::Cost {
-            pass: crate::kind::Pass::Forward,
+        use crate::kind::{Cost, Pass, Schedule};
+        Cost::from_params(params, |p: Params| Cost {
+            pass: Pass::Forward,
             img_size: p.encoder.img_size.map(|i| i as usize),
-            schedule: p.epochs.map(|e| crate::kind::Schedule::Epochs(e as f64)),
-        }
+            schedule: p.epochs.map(|e| Schedule::Epochs(e as f64)),
+        })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<StageOutput> {

@@ -500,17 +500,14 @@ impl crate::kind::Kind for CocoDetection {
     }
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
-        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
-            return crate::kind::Cost::NONE;
-        };
-        crate::kind::Cost {
-            pass: crate::kind::Pass::Train,
-            img_size: Some(p.img_size),
-            schedule: Some(crate::kind::Schedule::Iters {
-                iters: p.steps,
-                batch: p.batch_size as u64,
-            }),
-        }
+        use crate::kind::{Cost, Pass, Schedule};
+        Cost::from_params(params, |p: Params| {
+            Cost::of(
+                Pass::Train,
+                Some(p.img_size),
+                Schedule::iters(p.steps, p.batch_size),
+            )
+        })
     }
 }
 

@@ -405,11 +405,8 @@ impl crate::kind::Kind for DavisVos {
     }
 
     fn cost(&self, _params: &serde_json::Value) -> crate::kind::Cost {
-        crate::kind::Cost {
-            pass: crate::kind::Pass::Forward,
-            img_size: Some(480),
-            schedule: Some(crate::kind::Schedule::OnePass),
-        }
+        use crate::kind::{Cost, Pass, Schedule};
+        Cost::of(Pass::Forward, Some(480), Schedule::OnePass)
     }
 }
 

@@ -202,14 +202,11 @@ impl crate::kind::Kind for Knn {
     encoder_hooks!(None);
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
-        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
-            return crate::kind::Cost::NONE;
-        };
-        crate::kind::Cost {
-            pass: crate::kind::Pass::Forward,
-            img_size: p.encoder.img_size.map(|i| i as usize),
-            schedule: Some(crate::kind::Schedule::OnePass),
-        }
+        use crate::kind::{Cost, Pass, Schedule};
+        Cost::from_params(params, |p: Params| {
+            let img = p.encoder.img_size.map(|i| i as usize);
+            Cost::of(Pass::Forward, img, Schedule::OnePass)
+        })
     }
 }
 

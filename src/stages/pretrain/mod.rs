@@ -502,14 +502,10 @@ impl crate::kind::Kind for Pretrain {
     }
 
     fn cost(&self, params: &serde_json::Value) -> crate::kind::Cost {
-        let Ok(p) = serde_json::from_value::<Params>(params.clone()) else {
-            return crate::kind::Cost::NONE;
-        };
-        crate::kind::Cost {
-            pass: crate::kind::Pass::Jepa,
-            img_size: p.img_size,
-            schedule: Some(crate::kind::Schedule::Epochs(p.epochs as f64)),
-        }
+        use crate::kind::{Cost, Pass, Schedule};
+        Cost::from_params(params, |p: Params| {
+            Cost::of(Pass::Jepa, p.img_size, Schedule::Epochs(p.epochs as f64))
+        })
     }
 
     /// The step trains shards of each batch on separate threads (`train::parallel::shards`), whose
