@@ -45,12 +45,7 @@ pub fn split_dir(split: &str) -> &str {
 
 /// Accept the dataset root itself or a parent holding `ADEChallengeData2016/`.
 pub fn resolve_root(path: &Path) -> PathBuf {
-    let inner = path.join("ADEChallengeData2016");
-    if !path.join("images").is_dir() && inner.join("images").is_dir() {
-        inner
-    } else {
-        path.to_path_buf()
-    }
+    super::root_or_inner(path, "ADEChallengeData2016", "images")
 }
 
 /// mmseg `reduce_zero_label`, in place: 0 -> 255, v -> v - 1, 254 -> 255.

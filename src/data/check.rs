@@ -150,6 +150,23 @@ impl CheckReport {
         });
     }
 
+    /// `load(path)`, or `None` with the problem reported: `missing` when there is no such file,
+    /// the load error when it does not read.
+    pub(crate) fn load_or_report<T>(
+        &mut self,
+        path: &Path,
+        missing: String,
+        load: impl FnOnce(&Path) -> Result<T, DataError>,
+    ) -> Option<T> {
+        if !path.is_file() {
+            self.problem(path, missing);
+            return None;
+        }
+        load(path)
+            .map_err(|e| self.problem(path, e.to_string()))
+            .ok()
+    }
+
     /// Adds `images`, `annotations` and per-class counts to `split`'s counts.
     pub(crate) fn count(
         &mut self,

@@ -156,12 +156,7 @@ pub fn dist_label(d: f32) -> Option<usize> {
 
 /// Accept the dataset root itself or a parent holding `CLEVR_v1.0/`.
 pub fn resolve_root(path: &Path) -> PathBuf {
-    let inner = path.join("CLEVR_v1.0");
-    if !path.join("scenes").is_dir() && inner.join("scenes").is_dir() {
-        inner
-    } else {
-        path.to_path_buf()
-    }
+    super::root_or_inner(path, "CLEVR_v1.0", "scenes")
 }
 
 /// Path of `scenes/CLEVR_<split>_scenes.json`.
@@ -238,19 +233,11 @@ pub(crate) fn check_layout(root: &Path, opts: &CheckOptions, report: &mut CheckR
     for split in SPLITS {
         let sp = scenes_path(root, split);
         let idir = root.join("images").join(split);
-        if !sp.is_file() {
-            report.problem(
-                &sp,
-                format!("missing CLEVR scenes file for split `{split}`"),
-            );
+        let missing = format!("missing CLEVR scenes file for split `{split}`");
+        let Some(ClevrScenes { scenes, .. }) =
+            report.load_or_report(&sp, missing, ClevrScenes::load)
+        else {
             continue;
-        }
-        let scenes = match ClevrScenes::load(&sp) {
-            Ok(s) => s.scenes,
-            Err(e) => {
-                report.problem(&sp, e.to_string());
-                continue;
-            }
         };
         let on_disk = files_with_ext(&idir, &["png"]).unwrap_or_else(|_| {
             report.problem(&idir, "missing image folder");

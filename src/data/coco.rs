@@ -244,19 +244,9 @@ impl CocoDataset {
 pub(crate) fn check_layout(root: &Path, opts: &CheckOptions, report: &mut CheckReport) {
     for split in SPLITS {
         let ann_path = CocoDataset::annotation_path(root, split);
-        if !ann_path.is_file() {
-            report.problem(
-                &ann_path,
-                format!("missing COCO annotation file for split `{split}`"),
-            );
+        let missing = format!("missing COCO annotation file for split `{split}`");
+        let Some(file) = report.load_or_report(&ann_path, missing, CocoFile::load) else {
             continue;
-        }
-        let file = match CocoFile::load(&ann_path) {
-            Ok(f) => f,
-            Err(e) => {
-                report.problem(&ann_path, e.to_string());
-                continue;
-            }
         };
         check_file(root, split, &ann_path, &file, opts, report);
     }

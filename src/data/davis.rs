@@ -114,11 +114,7 @@ pub fn davis_palette() -> Vec<[u8; 3]> {
 
 /// Accept the dataset root itself or a parent holding `DAVIS/`.
 pub fn resolve_root(path: &Path) -> PathBuf {
-    if !path.join("JPEGImages").is_dir() && path.join("DAVIS").join("JPEGImages").is_dir() {
-        path.join("DAVIS")
-    } else {
-        path.to_path_buf()
-    }
+    super::root_or_inner(path, "DAVIS", "JPEGImages")
 }
 
 /// One sequence: frame and annotation paths, sorted.

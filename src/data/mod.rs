@@ -84,6 +84,17 @@ impl DataFormat {
     }
 }
 
+/// `path`, or its folder `inner` when `path` lacks the dataset's `marker` folder and `inner` has
+/// it (a dataset root given as the folder its archive unpacked into).
+pub(crate) fn root_or_inner(path: &Path, inner: &str, marker: &str) -> PathBuf {
+    let nested = path.join(inner);
+    if !path.join(marker).is_dir() && nested.join(marker).is_dir() {
+        nested
+    } else {
+        path.to_path_buf()
+    }
+}
+
 impl fmt::Display for DataFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
