@@ -2,7 +2,7 @@
 //! against another implementation's (`bench/trajectory.sh` runs both and compares).
 //!
 //! - `run --method ijepa|cjepa --out DIR [--replay]`: trains the quickstart's recipe
-//!   ([`cjepa::train::trajectory::Setup::quickstart`]) through the pretrain stage's iteration and
+//!   ([`cjepa::stages::pretrain::trajectory::Setup::quickstart`]) through the pretrain stage's iteration and
 //!   writes `DIR/trajectory.json` (per step: loss terms, lr, wd, momentum, gradient and parameter
 //!   norms, target-feature std); with `--replay`, also `DIR/replay/` (initial weights with the
 //!   official names, the batches, the masks) for `bench/torch_step.py --replay`.
@@ -12,9 +12,9 @@
 use std::path::PathBuf;
 
 use cjepa::data::transforms::Interpolation;
+use cjepa::stages::pretrain::trajectory::{deviations, record, Setup, Trajectory};
 use cjepa::train::loss::Method;
 use cjepa::train::parallel::shards::shard_count;
-use cjepa::train::trajectory::{deviations, record, Setup, Trajectory};
 
 /// The subcommands of `cjepa bench trajectory`.
 #[derive(Debug, clap::Subcommand)]

@@ -1,6 +1,6 @@
 //! Training: schedules, our AdamW with parameter groups and saveable state, EMA, the
-//! JEPA + VICReg losses and the C-JEPA step; `run_loop`, the loop that the kinds training after
-//! pretraining share; `parallel`, data parallel.
+//! JEPA + VICReg losses and the C-JEPA step; `run_loop`, the one loop every training kind
+//! shares; `parallel`, data parallel.
 
 pub mod cross_entropy;
 pub mod ema;
@@ -15,4 +15,3 @@ pub mod schedules;
 pub mod step;
 #[cfg(test)]
 mod testutil;
-pub mod trajectory;

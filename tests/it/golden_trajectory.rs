@@ -21,8 +21,10 @@
 
 use std::path::PathBuf;
 
+use cjepa::stages::pretrain::trajectory::{
+    record, rel_dev, Setup, StepRecord, Trajectory, QUANTITIES,
+};
 use cjepa::train::loss::Method;
-use cjepa::train::trajectory::{record, rel_dev, Setup, StepRecord, Trajectory, QUANTITIES};
 
 /// The bounds after step 10, up to step 100 and beyond: losses, gradient norm and target std
 /// (beyond step 100: none step by step, see [`MEAN_TOL`]); parameter norms.

@@ -20,6 +20,9 @@
 //! and rerun finishes bit-identical on CPU. The loop around the step (reads, NaN stop,
 //! checkpoints, interrupts, ranks) is [`crate::train::run_loop`]; the step is [`step`].
 //!
+//! [`trajectory`] records this stage's per-step values through the same iteration, to compare
+//! them with the official code's (`cjepa bench trajectory`, the golden trajectory tests).
+//!
 //! Artifacts: `encoder.safetensors` + `model.json` (the **target** encoder, official names, see
 //! [`super::backbone`]), `full.safetensors` (`encoder.` / `predictor.` / `target_encoder.`
 //! prefixed, like the golden weights) and `config.json` (resolved config + effective values).
@@ -71,6 +74,7 @@ pub const FULL_FILE: &str = "full.safetensors";
 
 mod checkpoints;
 mod step;
+pub mod trajectory;
 use checkpoints::{finish, snapshots_reached};
 use step::{JepaStep, NAMES};
 /// Resolved config written next to the weights.

@@ -22,7 +22,7 @@ pub enum TrajectoryError {
     Data(#[from] crate::data::DataError),
     /// From the training step.
     #[error(transparent)]
-    Step(#[from] super::step::StepError),
+    Step(#[from] crate::train::step::StepError),
     /// From candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
