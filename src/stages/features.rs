@@ -9,17 +9,13 @@
 //! `last4` = the concatenation of the extracted layers (fewer than 4 for an encoder shallower
 //! than 4 blocks).
 //!
-//! The cache lives in the store, `<store>/cache/features/<digest>/` (`features.safetensors`:
-//! `train` and `val`, each `(layers, images, dim)` f32; `meta.json`: what was hashed, counts,
-//! extraction speed), where `digest` = blake3 over the canonical JSON of {format version, blake3
-//! of the encoder's weights and architecture, the dataset stage's key, the ordered image lists
-//! (paths relative to the dataset root), the layers, the transform, and `at_epoch` when the
-//! encoder is an upstream snapshot}. An entry is written into a temporary folder and renamed
-//! into place, so a reader never sees half of one; when two stages race, the first rename wins
-//! and the other uses it. Each stage also hard-links the file into
+//! The cache lives beside the store ([`crate::store::feature_cache`]:
+//! `<store>/cache/features/<digest>/`), where `digest` = blake3 over the canonical JSON of
+//! {format version, blake3 of the encoder's weights and architecture, the dataset stage's key,
+//! the ordered image lists (paths relative to the dataset root), the layers, the transform, and
+//! `at_epoch` when the encoder is an upstream snapshot}. Each stage also hard-links the file into
 //! its own artifacts (`features.safetensors`, a copy where a link is impossible), so a result
-//! keeps its inputs even after the cache is cleared. `cjepa gc` does not manage the cache folder;
-//! deleting it is always safe.
+//! keeps its inputs even after the cache is cleared.
 //!
 //! An encoder from `checkpoint: random` is seeded from the stage key (`backbone::load`), so two
 //! stages with random encoders hold different weights and do not share features; stages reading
@@ -42,13 +38,11 @@ use crate::error::{Error, Result};
 pub use crate::eval::embed::{batch_tensor, encode};
 use crate::kind::job::UpstreamRef;
 pub use crate::model::pooled::{extract_layers, pooled, FeatureSet};
+use crate::store::feature_cache::{self, Entry, FeatureCache, Meta};
 
 /// Version of the cache format and of the extraction (part of every cache digest).
 pub const VERSION: u32 = 1;
-/// Features file, in a cache entry and in a stage's artifacts.
-pub const FEATURES_FILE: &str = "features.safetensors";
-/// Description of a cache entry.
-pub const META_FILE: &str = "meta.json";
+pub use crate::store::feature_cache::FEATURES_FILE;
 
 /// What to extract.
 #[derive(Debug, Clone)]
@@ -112,51 +106,34 @@ impl Features {
 
     /// Hard-link (or copy) the features file into a stage's artifact folder.
     pub fn link_into(&self, out_dir: &Path) -> Result<()> {
-        let src = self.dir.join(FEATURES_FILE);
-        let dst = out_dir.join(FEATURES_FILE);
-        if dst.exists() {
-            fs_err::remove_file(&dst)?;
+        feature_cache::link_into(&self.dir, out_dir)
+    }
+
+    /// Features read from (or just written to) a cache entry.
+    fn of_entry(e: Entry, layers: Vec<i64>, digest: String, cached: bool) -> Features {
+        Features {
+            train: e.train,
+            val: e.val,
+            layers,
+            digest,
+            dir: e.dir,
+            cached,
+            images_per_sec: e.meta.images_per_sec,
         }
-        if std::fs::hard_link(&src, &dst).is_err() {
-            fs_err::copy(&src, &dst)?;
-        }
-        Ok(())
     }
 }
 
-/// Metadata written next to the features.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Meta {
-    /// What the digest was computed from.
-    pub key_input: Value,
-    /// Images per second of the extraction.
-    pub images_per_sec: f64,
-    /// Seconds the extraction took.
-    pub secs: f64,
-    /// Stage that computed the entry.
-    pub stage: String,
-}
-
-/// The store folder of a running stage (`<store>/work/<key>` is its work folder).
-pub fn store_root(ctx: &StageContext) -> Result<PathBuf> {
-    let w = &ctx.job.work_dir;
-    match (w.parent(), w.parent().and_then(Path::parent)) {
-        (Some(p), Some(root)) if p.file_name().is_some_and(|n| n == "work") => {
-            Ok(root.to_path_buf())
-        }
-        _ => Err(Error::stage(
+/// The feature cache of the store a running stage works in.
+pub fn cache(ctx: &StageContext) -> Result<FeatureCache> {
+    FeatureCache::of_work_dir(&ctx.job.work_dir).ok_or_else(|| {
+        Error::stage(
             &ctx.job.id,
             format!(
                 "work folder {} is not <store>/work/<key>; cannot locate the feature cache",
-                w.display()
+                ctx.job.work_dir.display()
             ),
-        )),
-    }
-}
-
-/// `<store>/cache/features`.
-pub fn cache_dir(ctx: &StageContext) -> Result<PathBuf> {
-    Ok(store_root(ctx)?.join("cache").join("features"))
+        )
+    })
 }
 
 /// blake3 over the architecture and every weight (names sorted, shapes, f32 little-endian bytes).
@@ -217,16 +194,15 @@ pub fn extract_or_load(
         key_input["at_epoch"] = json!(k);
     }
     let digest = crate::util::canon::hash(&key_input);
-    let cache = cache_dir(ctx)?;
-    let dir = cache.join(&digest);
-    if let Some(f) = read_entry(&dir, &digest, &layers)? {
+    let cache = cache(ctx)?;
+    if let Some(e) = cache.get(&digest)? {
         ctx.log(format!(
             "features {} found in the cache ({} train, {} val)",
             &digest[..12],
-            f.train.dim(1)?,
-            f.val.dim(1)?
+            e.train.dim(1)?,
+            e.val.dim(1)?
         ));
-        return Ok(f);
+        return Ok(Features::of_entry(e, layers, digest, true));
     }
     ctx.log(format!(
         "extracting features {} (layers {:?}, {} train + {} val images, encoder {})",
@@ -237,6 +213,35 @@ pub fn extract_or_load(
         bb.source
     ));
     let t0 = Instant::now();
+    let [train, val] = extract(ctx, bb, req, &layers, dev)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let total = req.train.len() + req.val.len();
+    let ips = total as f64 / secs.max(1e-9);
+    let meta = Meta {
+        key_input,
+        images_per_sec: ips,
+        secs,
+        stage: ctx.job.id.clone(),
+    };
+    let (e, written) = cache.put(&digest, &train, &val, meta)?;
+    if !written {
+        // another stage finished the same entry first: theirs is used
+        return Ok(Features::of_entry(e, layers, digest, true));
+    }
+    ctx.log(format!(
+        "extracted {total} images in {secs:.1} s ({ips:.1} images/s)"
+    ));
+    Ok(Features::of_entry(e, layers, digest, false))
+}
+
+/// The train and val features `(layers, images, dim)` of `req`, batch by batch (interruptible).
+fn extract(
+    ctx: &mut StageContext,
+    bb: &Backbone,
+    req: &FeatureRequest,
+    layers: &[i64],
+    dev: &Device,
+) -> Result<[Tensor; 2]> {
     let total = (req.train.len() + req.val.len()) as u64;
     let mut done = 0u64;
     let mut splits = Vec::new();
@@ -255,7 +260,7 @@ pub fn extract_or_load(
             }
             let b = load_batch(&src, chunk, 0, 0)
                 .map_err(|e| Error::stage(&ctx.job.id, e.to_string()))?;
-            parts.push(encode(&bb.encoder, &b, &layers, dev)?);
+            parts.push(encode(&bb.encoder, &b, layers, dev)?);
             done += chunk.len() as u64;
             ctx.progress.set(done, total, "extracting features");
         }
@@ -264,75 +269,9 @@ pub fn extract_or_load(
         }
         splits.push(Tensor::cat(&parts, 1)?);
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let ips = total as f64 / secs.max(1e-9);
-    let meta = Meta {
-        key_input,
-        images_per_sec: ips,
-        secs,
-        stage: ctx.job.id.clone(),
-    };
-    fs_err::create_dir_all(&cache)?;
-    let tmp = cache.join(format!(".tmp-{digest}-{}", std::process::id()));
-    if tmp.exists() {
-        fs_err::remove_dir_all(&tmp)?;
-    }
-    fs_err::create_dir_all(&tmp)?;
-    let mut map = std::collections::HashMap::new();
-    map.insert("train".to_string(), splits[0].clone());
-    map.insert("val".to_string(), splits[1].clone());
-    candle_core::safetensors::save(&map, tmp.join(FEATURES_FILE))?;
-    crate::util::atomic::write_json(&tmp.join(META_FILE), &meta)?;
-    if fs_err::rename(&tmp, &dir).is_err() {
-        // Another stage finished the same entry first: use theirs.
-        let _ = fs_err::remove_dir_all(&tmp);
-        if let Some(f) = read_entry(&dir, &digest, &layers)? {
-            return Ok(f);
-        }
-        return Err(Error::stage(
-            &ctx.job.id,
-            format!("cannot move the features into {}", dir.display()),
-        ));
-    }
-    ctx.log(format!(
-        "extracted {total} images in {secs:.1} s ({ips:.1} images/s)"
-    ));
-    Ok(Features {
-        train: splits[0].clone(),
-        val: splits[1].clone(),
-        layers,
-        digest,
-        dir,
-        cached: false,
-        images_per_sec: ips,
-    })
-}
-
-fn read_entry(dir: &Path, digest: &str, layers: &[i64]) -> Result<Option<Features>> {
-    let (f, m) = (dir.join(FEATURES_FILE), dir.join(META_FILE));
-    if !f.is_file() || !m.is_file() {
-        return Ok(None);
-    }
-    let meta: Meta = match serde_json::from_slice(&fs_err::read(&m)?) {
-        Ok(m) => m,
-        Err(_) => return Ok(None),
-    };
-    let mut t = match candle_core::safetensors::load(&f, &Device::Cpu) {
-        Ok(t) => t,
-        Err(_) => return Ok(None),
-    };
-    let (Some(train), Some(val)) = (t.remove("train"), t.remove("val")) else {
-        return Ok(None);
-    };
-    Ok(Some(Features {
-        train,
-        val,
-        layers: layers.to_vec(),
-        digest: digest.to_string(),
-        dir: dir.to_path_buf(),
-        cached: true,
-        images_per_sec: meta.images_per_sec,
-    }))
+    let val = splits.pop().expect("two splits");
+    let train = splits.pop().expect("two splits");
+    Ok([train, val])
 }
 
 // ------------------------------------------------------------------------------------------------

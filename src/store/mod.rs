@@ -4,11 +4,15 @@
 //! holder keeps a readers' copy of the records ([`snapshot`]) so that `status`, `report`, `ls`
 //! and `show` work while a run holds the store ([`Store::open_read`]).
 //!
+//! Beside it, [`feature_cache`]: the frozen features the evaluation stages share
+//! (`<store>/cache/features/`).
+//!
 //! Commit protocol: artifacts are written to `tmp/`, renamed into place, and the record is
 //! written last; a lookup is a hit only if the record succeeded and every artifact is present
 //! with its recorded size. Nothing half-written is ever a hit.
 
 pub mod artifacts;
+pub mod feature_cache;
 pub mod lock;
 pub mod record;
 pub mod snapshot;
