@@ -37,264 +37,336 @@ pub fn run(
     rep: &mut dyn Reporter,
 ) -> Result<RunSummary> {
     let decisions = decide(plan, store, opts)?;
-    let n = plan.stages.len();
-    let mut outcome: Vec<Option<Outcome>> = vec![None; n];
-    let mut records: Vec<Option<Record>> = vec![None; n];
     let exe = match &opts.worker_exe {
         Some(p) => p.clone(),
         None => std::env::current_exe()?,
     };
-    // cached stages first (and warnings for unusable records)
-    for (i, d) in decisions.iter().enumerate() {
-        let s = &plan.stages[i];
-        match d {
-            Decision::Cached => {
-                if let Lookup::Hit(r) = store.lookup(&s.key)? {
-                    records[i] = Some(*r);
-                    outcome[i] = Some(Outcome::Cached);
-                    rep.event(Event::Cached {
-                        id: s.inst.id.clone(),
-                        key: s.key.clone(),
-                    });
-                }
-            }
-            Decision::Run(reasons) => {
-                for r in reasons {
-                    if r.starts_with("corrupt record") || r.starts_with("artifact") {
-                        rep.event(Event::Warning(format!(
-                            "{}: {r}; it will run again",
-                            s.inst.id
-                        )));
-                    }
-                }
-            }
-            Decision::NotSelected => {}
-        }
-    }
-    let mut pending: BTreeSet<usize> = decisions
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| matches!(d, Decision::Run(_)))
-        .map(|(i, _)| i)
-        .collect();
-    let mut pool = Pool::new(opts.threads, opts.gpus.clone(), opts.jobs);
-    let mut running: BTreeMap<usize, Running> = BTreeMap::new();
-    let (tx, rx) = mpsc::channel::<(usize, std::io::Result<std::process::ExitStatus>)>();
-    let mut stop_launching = false;
-    let mut signalled = false;
+    let mut run = Scheduler::new(plan, store, opts, rep, exe);
+    run.take_cached(&decisions)?;
     loop {
-        // interrupt: forward to children once, stop launching
-        if opts.interrupted.load(Ordering::SeqCst) && !signalled {
-            signalled = true;
-            stop_launching = true;
-            rep.event(Event::Stopping);
-            for r in running.values() {
-                crate::util::proc::terminate(r.pid);
-            }
+        run.forward_interrupt();
+        if !run.stop_launching {
+            run.launch_ready()?;
         }
-        // launch what is ready
-        if !stop_launching {
-            let ready: Vec<usize> = pending
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    plan.stages[i]
-                        .inst
-                        .upstream
-                        .iter()
-                        .all(|(_, u)| records[*u].is_some())
-                })
-                .collect();
-            for i in ready {
-                let s = &plan.stages[i];
-                let Some(grant) = pool.try_take(&s.resources, running.len()) else {
-                    break;
-                };
-                pending.remove(&i);
-                let job = make_job(plan, store, i, &records, &grant, opts)?;
-                match spawn(&exe, &job, i, tx.clone()) {
-                    Ok(pid) => {
-                        let resume_step =
-                            crate::kind::checkpoint::latest(&job.ckpt_dir())?.map(|c| c.step);
-                        rep.event(Event::Started {
-                            id: s.inst.id.clone(),
-                            key: s.key.clone(),
-                            attempt: 1,
-                            resume_step,
-                            log: job.log_file(),
-                        });
-                        running.insert(
-                            i,
-                            Running {
-                                grant,
-                                job,
-                                pid,
-                                attempt: 1,
-                                started: chrono::Utc::now(),
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        pool.give_back(grant);
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        // skip stages whose upstream failed
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for &i in pending.clone().iter() {
-                let failed_up =
-                    plan.stages[i]
-                        .inst
-                        .upstream
-                        .iter()
-                        .find_map(|(_, u)| match &outcome[*u] {
-                            Some(Outcome::Failed(_)) => Some(plan.stages[*u].inst.id.clone()),
-                            Some(Outcome::Skipped { because }) => Some(because.clone()),
-                            _ => None,
-                        });
-                if let Some(because) = failed_up {
-                    pending.remove(&i);
-                    rep.event(Event::Skipped {
-                        id: plan.stages[i].inst.id.clone(),
-                        because: because.clone(),
-                    });
-                    outcome[i] = Some(Outcome::Skipped { because });
-                    changed = true;
-                }
-            }
-        }
-        if running.is_empty() && (pending.is_empty() || stop_launching) {
+        run.skip_after_failures();
+        if run.running.is_empty() && (run.pending.is_empty() || run.stop_launching) {
             break;
         }
-        if running.is_empty() {
+        if run.running.is_empty() {
             // nothing running, nothing launchable: would deadlock (should not happen)
             return Err(Error::Usage("internal: no stage can start".into()));
         }
         // wait for a finished child, polling progress meanwhile
-        match rx.recv_timeout(Duration::from_millis(250)) {
-            Ok((i, _status)) => {
-                let r = running.remove(&i).expect("was running");
-                let s = &plan.stages[i];
-                match import::verdict(&r.job) {
-                    Verdict::Succeeded {
-                        output,
-                        secs,
-                        device,
-                    } => {
-                        let metrics = output.metrics.clone();
-                        let who = StageIdentity::of(plan, i);
-                        let rec = import::commit_success(
-                            store, &who, &r.job, output, secs, &device, r.started,
-                        )?;
-                        rep.event(Event::Finished {
-                            id: s.inst.id.clone(),
-                            secs,
-                            metrics,
-                        });
-                        records[i] = Some(rec);
-                        outcome[i] = Some(Outcome::Ran { secs });
-                        pool.give_back(r.grant);
-                    }
-                    Verdict::Interrupted | Verdict::Missing if signalled => {
-                        import::keep_checkpoint(store, &r.job)?;
-                        outcome[i] = Some(Outcome::Interrupted);
-                        pool.give_back(r.grant);
-                    }
-                    other => {
-                        let error = match other {
-                            Verdict::Failed(e) => e,
-                            Verdict::Interrupted => "interrupted".into(),
-                            _ => format!(
-                                "worker died without a verdict (see {})",
-                                r.job.log_file().display()
-                            ),
-                        };
-                        if r.attempt <= s.retries && !signalled {
-                            rep.event(Event::Failed {
-                                id: s.inst.id.clone(),
-                                error,
-                                retrying: true,
-                                log: r.job.log_file(),
-                            });
-                            let _ = fs_err::remove_file(r.job.exit_code_file());
-                            let pid = spawn(&exe, &r.job, i, tx.clone())?;
-                            rep.event(Event::Started {
-                                id: s.inst.id.clone(),
-                                key: s.key.clone(),
-                                attempt: r.attempt + 1,
-                                resume_step: crate::kind::checkpoint::latest(&r.job.ckpt_dir())?
-                                    .map(|c| c.step),
-                                log: r.job.log_file(),
-                            });
-                            running.insert(
-                                i,
-                                Running {
-                                    pid,
-                                    attempt: r.attempt + 1,
-                                    ..r
-                                },
-                            );
-                            continue;
-                        }
-                        rep.event(Event::Failed {
-                            id: s.inst.id.clone(),
-                            error: error.clone(),
-                            retrying: false,
-                            log: r.job.log_file(),
-                        });
-                        import::commit_failure(
-                            store,
-                            &StageIdentity::of(plan, i),
-                            &r.job,
-                            &error,
-                            r.started,
-                        )?;
-                        outcome[i] = Some(Outcome::Failed(error));
-                        pool.give_back(r.grant);
-                        if !opts.keep_going {
-                            stop_launching = true;
-                        }
-                    }
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                for (i, r) in &running {
-                    if let Some(p) = crate::kind::progress::read(&r.job.progress_file()) {
-                        rep.event(Event::Progress {
-                            id: plan.stages[*i].inst.id.clone(),
-                            step: p.step,
-                            total: p.total,
-                            msg: p.msg,
-                        });
-                    }
-                }
-            }
+        match run.rx.recv_timeout(Duration::from_millis(250)) {
+            Ok((i, _status)) => run.on_exit(i)?,
+            Err(mpsc::RecvTimeoutError::Timeout) => run.report_progress(),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    store.flush()?;
-    let sel = select::only(plan, &opts.only)?;
-    let outcomes: Vec<(String, Outcome)> = sel
-        .iter()
-        .map(|&i| {
-            (
-                plan.stages[i].inst.id.clone(),
-                outcome[i].clone().unwrap_or(Outcome::NotStarted),
-            )
+    run.finish()
+}
+
+/// A child's exit: (stage index, wait status).
+type Exit = (usize, std::io::Result<std::process::ExitStatus>);
+
+/// The state of one local run: what each stage came to, what waits and what runs.
+struct Scheduler<'a> {
+    plan: &'a Plan,
+    store: &'a Store,
+    opts: &'a RunOptions,
+    rep: &'a mut dyn Reporter,
+    exe: std::path::PathBuf,
+    outcome: Vec<Option<Outcome>>,
+    /// The record of each stage done (cached or run): its dependents may start.
+    records: Vec<Option<Record>>,
+    pending: BTreeSet<usize>,
+    running: BTreeMap<usize, Running>,
+    pool: Pool,
+    tx: mpsc::Sender<Exit>,
+    rx: mpsc::Receiver<Exit>,
+    stop_launching: bool,
+    signalled: bool,
+}
+
+impl<'a> Scheduler<'a> {
+    fn new(
+        plan: &'a Plan,
+        store: &'a Store,
+        opts: &'a RunOptions,
+        rep: &'a mut dyn Reporter,
+        exe: std::path::PathBuf,
+    ) -> Self {
+        let n = plan.stages.len();
+        let (tx, rx) = mpsc::channel::<Exit>();
+        Scheduler {
+            plan,
+            store,
+            opts,
+            rep,
+            exe,
+            outcome: vec![None; n],
+            records: vec![None; n],
+            pending: BTreeSet::new(),
+            running: BTreeMap::new(),
+            pool: Pool::new(opts.threads, opts.gpus.clone(), opts.jobs),
+            tx,
+            rx,
+            stop_launching: false,
+            signalled: false,
+        }
+    }
+
+    /// Cached stages are done at once (with warnings for unusable records); the stages to run
+    /// become pending.
+    fn take_cached(&mut self, decisions: &[Decision]) -> Result<()> {
+        for (i, d) in decisions.iter().enumerate() {
+            let s = &self.plan.stages[i];
+            match d {
+                Decision::Cached => {
+                    if let Lookup::Hit(r) = self.store.lookup(&s.key)? {
+                        self.records[i] = Some(*r);
+                        self.outcome[i] = Some(Outcome::Cached);
+                        self.rep.event(Event::Cached {
+                            id: s.inst.id.clone(),
+                            key: s.key.clone(),
+                        });
+                    }
+                }
+                Decision::Run(reasons) => {
+                    for r in reasons {
+                        if r.starts_with("corrupt record") || r.starts_with("artifact") {
+                            self.rep.event(Event::Warning(format!(
+                                "{}: {r}; it will run again",
+                                s.inst.id
+                            )));
+                        }
+                    }
+                    self.pending.insert(i);
+                }
+                Decision::NotSelected => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// On Ctrl-C / SIGTERM: forward it to the children once and stop launching.
+    fn forward_interrupt(&mut self) {
+        if self.opts.interrupted.load(Ordering::SeqCst) && !self.signalled {
+            self.signalled = true;
+            self.stop_launching = true;
+            self.rep.event(Event::Stopping);
+            for r in self.running.values() {
+                crate::util::proc::terminate(r.pid);
+            }
+        }
+    }
+
+    /// Start the pending stages whose upstream stages are done, while the pool has room.
+    fn launch_ready(&mut self) -> Result<()> {
+        let ready: Vec<usize> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|&i| {
+                self.plan.stages[i]
+                    .inst
+                    .upstream
+                    .iter()
+                    .all(|(_, u)| self.records[*u].is_some())
+            })
+            .collect();
+        let plan = self.plan;
+        for i in ready {
+            let s = &plan.stages[i];
+            let Some(grant) = self.pool.try_take(&s.resources, self.running.len()) else {
+                break;
+            };
+            self.pending.remove(&i);
+            let job = make_job(self.plan, self.store, i, &self.records, &grant, self.opts)?;
+            match spawn(&self.exe, &job, i, self.tx.clone()) {
+                Ok(pid) => {
+                    self.started(i, &job, 1)?;
+                    let started = chrono::Utc::now();
+                    let attempt = 1;
+                    let r = Running {
+                        grant,
+                        job,
+                        pid,
+                        attempt,
+                        started,
+                    };
+                    self.running.insert(i, r);
+                }
+                Err(e) => {
+                    self.pool.give_back(grant);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Report stage `i`'s attempt started (resuming from its newest checkpoint, if any).
+    fn started(&mut self, i: usize, job: &Job, attempt: u32) -> Result<()> {
+        let plan = self.plan;
+        let s = &plan.stages[i];
+        let resume_step = crate::kind::checkpoint::latest(&job.ckpt_dir())?.map(|c| c.step);
+        self.rep.event(Event::Started {
+            id: s.inst.id.clone(),
+            key: s.key.clone(),
+            attempt,
+            resume_step,
+            log: job.log_file(),
+        });
+        Ok(())
+    }
+
+    /// Pending stages below a failed or skipped stage are skipped, naming it.
+    fn skip_after_failures(&mut self) {
+        let plan = self.plan;
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for &i in self.pending.clone().iter() {
+                let failed_up =
+                    plan.stages[i].inst.upstream.iter().find_map(|(_, u)| {
+                        match &self.outcome[*u] {
+                            Some(Outcome::Failed(_)) => Some(plan.stages[*u].inst.id.clone()),
+                            Some(Outcome::Skipped { because }) => Some(because.clone()),
+                            _ => None,
+                        }
+                    });
+                if let Some(because) = failed_up {
+                    self.pending.remove(&i);
+                    self.rep.event(Event::Skipped {
+                        id: plan.stages[i].inst.id.clone(),
+                        because: because.clone(),
+                    });
+                    self.outcome[i] = Some(Outcome::Skipped { because });
+                    changed = true;
+                }
+            }
+        }
+    }
+
+    /// Stage `i`'s process exited: store its result, keep its checkpoint, retry it or record
+    /// its failure.
+    fn on_exit(&mut self, i: usize) -> Result<()> {
+        let r = self.running.remove(&i).expect("was running");
+        let plan = self.plan;
+        let s = &plan.stages[i];
+        match import::verdict(&r.job) {
+            Verdict::Succeeded {
+                output,
+                secs,
+                device,
+            } => {
+                let metrics = output.metrics.clone();
+                let who = StageIdentity::of(plan, i);
+                let rec = import::commit_success(
+                    self.store, &who, &r.job, output, secs, &device, r.started,
+                )?;
+                self.rep.event(Event::Finished {
+                    id: s.inst.id.clone(),
+                    secs,
+                    metrics,
+                });
+                self.records[i] = Some(rec);
+                self.outcome[i] = Some(Outcome::Ran { secs });
+                self.pool.give_back(r.grant);
+            }
+            Verdict::Interrupted | Verdict::Missing if self.signalled => {
+                import::keep_checkpoint(self.store, &r.job)?;
+                self.outcome[i] = Some(Outcome::Interrupted);
+                self.pool.give_back(r.grant);
+            }
+            other => {
+                let error = match other {
+                    Verdict::Failed(e) => e,
+                    Verdict::Interrupted => "interrupted".into(),
+                    _ => format!(
+                        "worker died without a verdict (see {})",
+                        r.job.log_file().display()
+                    ),
+                };
+                if r.attempt <= s.retries && !self.signalled {
+                    return self.retry(i, r, error);
+                }
+                self.rep.event(Event::Failed {
+                    id: s.inst.id.clone(),
+                    error: error.clone(),
+                    retrying: false,
+                    log: r.job.log_file(),
+                });
+                let who = StageIdentity::of(self.plan, i);
+                import::commit_failure(self.store, &who, &r.job, &error, r.started)?;
+                self.outcome[i] = Some(Outcome::Failed(error));
+                self.pool.give_back(r.grant);
+                if !self.opts.keep_going {
+                    self.stop_launching = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start stage `i` again after a failed attempt (it resumes from its checkpoint).
+    fn retry(&mut self, i: usize, r: Running, error: String) -> Result<()> {
+        self.rep.event(Event::Failed {
+            id: self.plan.stages[i].inst.id.clone(),
+            error,
+            retrying: true,
+            log: r.job.log_file(),
+        });
+        let _ = fs_err::remove_file(r.job.exit_code_file());
+        let pid = spawn(&self.exe, &r.job, i, self.tx.clone())?;
+        self.started(i, &r.job, r.attempt + 1)?;
+        let again = Running {
+            pid,
+            attempt: r.attempt + 1,
+            ..r
+        };
+        self.running.insert(i, again);
+        Ok(())
+    }
+
+    /// The running stages' progress files, as events.
+    fn report_progress(&mut self) {
+        for (i, r) in &self.running {
+            if let Some(p) = crate::kind::progress::read(&r.job.progress_file()) {
+                self.rep.event(Event::Progress {
+                    id: self.plan.stages[*i].inst.id.clone(),
+                    step: p.step,
+                    total: p.total,
+                    msg: p.msg,
+                });
+            }
+        }
+    }
+
+    /// Flush the store, log the invocation and say what each selected stage came to.
+    fn finish(self) -> Result<RunSummary> {
+        let (plan, outcome) = (self.plan, &self.outcome);
+        self.store.flush()?;
+        let sel = select::only(plan, &self.opts.only)?;
+        let outcomes: Vec<(String, Outcome)> = sel
+            .iter()
+            .map(|&i| {
+                (
+                    plan.stages[i].inst.id.clone(),
+                    outcome[i].clone().unwrap_or(Outcome::NotStarted),
+                )
+            })
+            .collect();
+        let selected: Vec<usize> = sel.iter().copied().collect();
+        import::log_invocation(self.store, plan, &selected, |i| {
+            outcome[i] == Some(Outcome::Cached)
+        })?;
+        Ok(RunSummary {
+            outcomes,
+            interrupted: self.signalled,
         })
-        .collect();
-    let selected: Vec<usize> = sel.iter().copied().collect();
-    import::log_invocation(store, plan, &selected, |i| {
-        outcome[i] == Some(Outcome::Cached)
-    })?;
-    Ok(RunSummary {
-        outcomes,
-        interrupted: signalled,
-    })
+    }
 }
 
 fn make_job(
