@@ -228,31 +228,16 @@ pub fn run(
         let log_now = s == 1 || finished || (cfg.log_every > 0 && s % cfg.log_every == 0);
         if log_now || save || stop || recipe.read_at(s) {
             let values = read(ranks, &mut unread, !cfg.rank_means)?;
+            let rate = |n: usize| {
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                ((s - resumed_from) as usize * n) as f64 / secs
+            };
             for (step, losses, host) in values {
-                if let (false, Some(hint)) = (losses[0].is_finite(), &cfg.nan_hint) {
-                    return Err(diverged(ctx, cfg, step, losses[0], hint));
-                }
-                let mut named: Vec<(&str, f64)> = cfg
-                    .names
-                    .iter()
-                    .copied()
-                    .zip(losses.iter().copied())
-                    .collect();
-                named.extend(host.iter().copied());
-                if step == s {
-                    named.extend(recipe.after_read(ctx, s, log_now)?);
-                }
-                let mut curves = named.clone();
-                if let (Some(n), true) = (cfg.images_per_step, step == s) {
-                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                    curves.push((
-                        "images_per_sec",
-                        ((s - resumed_from) as usize * n) as f64 / secs,
-                    ));
-                }
-                ctx.scalars(step, &curves);
-                last = curves.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-                add_point(&mut st, cfg, step, log_now && step == s, losses, &named);
+                let now = (step == s).then_some(Now {
+                    log_now,
+                    rate: &rate,
+                });
+                last = publish(ctx, cfg, recipe, &mut st, step, losses, &host, now)?;
             }
             msg = short_line(&last);
             if log_now {
@@ -278,6 +263,51 @@ pub fn run(
         last,
         reads_in_steps,
     })
+}
+
+/// What [`publish`] needs to know about the step just taken (absent for the earlier steps
+/// of the same read).
+struct Now<'a> {
+    /// The step is logged.
+    log_now: bool,
+    /// Images per second since the start of this process, given the images per step.
+    rate: &'a dyn Fn(usize) -> f64,
+}
+
+/// One read step's values: the NaN stop, the recipe's own values (at the step just taken),
+/// the throughput, the curves and the stage's series. Returns the values as curves hold them.
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    ctx: &mut StageContext,
+    cfg: &LoopConfig,
+    recipe: &mut dyn Recipe,
+    st: &mut LoopState,
+    step: u64,
+    losses: Vec<f64>,
+    host: &[(&'static str, f64)],
+    now: Option<Now>,
+) -> Result<BTreeMap<String, f64>> {
+    if let (false, Some(hint)) = (losses[0].is_finite(), &cfg.nan_hint) {
+        return Err(diverged(ctx, cfg, step, losses[0], hint));
+    }
+    let mut named: Vec<(&str, f64)> = cfg
+        .names
+        .iter()
+        .copied()
+        .zip(losses.iter().copied())
+        .collect();
+    named.extend(host.iter().copied());
+    if let Some(now) = &now {
+        named.extend(recipe.after_read(ctx, step, now.log_now)?);
+    }
+    let mut curves = named.clone();
+    if let (Some(n), Some(now)) = (cfg.images_per_step, &now) {
+        curves.push(("images_per_sec", (now.rate)(n)));
+    }
+    ctx.scalars(step, &curves);
+    let logged = now.as_ref().is_some_and(|n| n.log_now);
+    add_point(st, cfg, step, logged, losses, &named);
+    Ok(curves.iter().map(|(k, v)| (k.to_string(), *v)).collect())
 }
 
 /// The state of the newest checkpoint (its tensors restored into `recipe`), or a fresh one.
