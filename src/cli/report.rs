@@ -76,15 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         None => std::env::current_dir()?,
     };
     if let Some(f) = &a.html {
-        let parent = f.parent().filter(|d| !d.as_os_str().is_empty());
-        if parent.is_some_and(|d| !d.is_dir()) {
-            return Err(cjepa::Error::Usage(format!(
-                "--html {}: the folder {} does not exist",
-                f.display(),
-                parent.map(|d| d.display().to_string()).unwrap_or_default()
-            ))
-            .into());
-        }
+        check_folder_of(f)?;
     }
     let store = super::open_read(&store_dir, "cjepa report")?;
     let wanted: Option<BTreeSet<String>> = plan.as_ref().map(runs::plan_identities);
@@ -96,23 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     drop(store);
 
-    let which = match a.tables.as_str() {
-        "auto" => {
-            let pretrains = match &plan {
-                Some(p) => p
-                    .stages
-                    .iter()
-                    .any(|s| s.kind == cjepa::stages::StageKind::Pretrain),
-                None => records.iter().any(|r| r.kind == "pretrain"),
-            };
-            if pretrains {
-                "all"
-            } else {
-                "metrics"
-            }
-        }
-        t => t,
-    };
+    let which = which_tables(&a.tables, plan.as_ref(), &records);
     let mut tables: Vec<(String, Table)> = Vec::new();
     let published = baselines::load_all(&registry_start).map_err(cjepa::Error::Usage)?;
     let paper = paper_tables(&published, &records);
@@ -129,18 +105,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         tables.push(("metrics".into(), metrics_table(&title, &records)));
     }
     let texts: Vec<String> = tables.iter().map(|(_, t)| t.render(format)).collect();
-    if a.html.is_some() {
-        // the page holds the tables
-    } else if format == Format::Json {
-        // one JSON document on stdout: the list of tables (each file holds one table)
-        let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
-        if which == "metrics" {
-            outln!("{}", serde_json::to_string_pretty(&all[0])?)?;
-        } else {
-            outln!("{}", serde_json::to_string_pretty(&all)?)?;
-        }
-    } else {
-        out!("{}", texts.join("\n"))?;
+    if a.html.is_none() {
+        // (with --html, the page holds the tables)
+        print_tables(&tables, &texts, format, which)?;
     }
     let plots = if want_page {
         plots::plots(&records, &published)
@@ -179,6 +146,65 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         eprintln!("wrote {}", f.display());
     }
     Ok(0)
+}
+
+/// `--tables auto`: the paper's tables and the metrics (`all`) when the pipeline (or the store)
+/// pretrains, i.e. one of its stages' kinds reports pretraining facts; else the metrics alone.
+fn which_tables<'t>(
+    tables: &'t str,
+    plan: Option<&cjepa::plan::Plan>,
+    records: &[cjepa::store::Record],
+) -> &'t str {
+    if tables != "auto" {
+        return tables;
+    }
+    let pretrains = match plan {
+        Some(p) => p.stages.iter().any(|s| {
+            let facts = cjepa::stages::table(s.kind).report_facts(&s.config["params"]);
+            facts.pretrain.is_some()
+        }),
+        None => records.iter().any(|r| runs::facts(r).pretrain.is_some()),
+    };
+    if pretrains {
+        "all"
+    } else {
+        "metrics"
+    }
+}
+
+/// `--html FILE` into a folder that does not exist is a usage error, found before any work.
+fn check_folder_of(f: &Path) -> anyhow::Result<()> {
+    let parent = f.parent().filter(|d| !d.as_os_str().is_empty());
+    if parent.is_some_and(|d| !d.is_dir()) {
+        return Err(cjepa::Error::Usage(format!(
+            "--html {}: the folder {} does not exist",
+            f.display(),
+            parent.map(|d| d.display().to_string()).unwrap_or_default()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The tables on stdout: rendered one after the other, or one JSON document (the list of
+/// tables; `metrics` alone prints its one table object).
+fn print_tables(
+    tables: &[(String, Table)],
+    texts: &[String],
+    format: Format,
+    which: &str,
+) -> anyhow::Result<()> {
+    if format == Format::Json {
+        let all: Vec<serde_json::Value> = tables.iter().map(|(_, t)| t.json()).collect();
+        if which == "metrics" {
+            outln!("{}", serde_json::to_string_pretty(&all[0])?)?;
+        } else {
+            outln!("{}", serde_json::to_string_pretty(&all)?)?;
+        }
+    } else {
+        out!("{}", texts.join("\n"))?;
+    }
+    Ok(())
 }
 
 /// PNG plots are drawn at twice the SVG's pixel size (print, high-density screens).

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use cjepa::exec::core::{self, Decision, Outcome, RunOptions};
+use cjepa::exec::core::{self, Decision, Outcome, RunOptions, RunSummary};
 use cjepa::exec::local;
 use cjepa::exec::slurm::{self, DetachedOutcome, DetachedSummary, SlurmOptions};
 use cjepa::spec::ExecutorKind;
@@ -91,41 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         &format!("cjepa run {}", pipeline.file.display()),
     )?;
     if a.dry_run {
-        let d = core::decide(&plan, &store, &opts)?;
-        let est = cjepa::plan::cost::plan_estimates(&plan);
-        let gpuh = |e: Option<f64>| match e {
-            Some(h) if h > 0.0 => format!("{h:.3} GPU-h"),
-            Some(_) => "-".to_string(),
-            None => "? GPU-h".to_string(),
-        };
-        let (mut n_run, mut total) = (0, 0.0);
-        for ((s, d), e) in plan.stages.iter().zip(&d).zip(&est) {
-            match d {
-                Decision::Cached => outln!(
-                    "cached  {:<40} {}  {:>14}",
-                    s.inst.id,
-                    &s.key[..12],
-                    gpuh(*e)
-                )?,
-                Decision::Run(why) => {
-                    n_run += 1;
-                    total += e.unwrap_or(0.0);
-                    outln!(
-                        "run     {:<40} {}  {:>14}  {}",
-                        s.inst.id,
-                        &s.key[..12],
-                        gpuh(*e),
-                        why.join("; ")
-                    )?;
-                }
-                Decision::NotSelected => {}
-            }
-        }
-        outln!(
-            "{n_run} of {} stages would run (~{total:.1} H100 GPU-hours at {:.0}% of the bf16 peak, of the TF32 peak for f32 stages; see plan::cost)",
-            plan.stages.len(),
-            cjepa::plan::cost::ASSUMED_UTILISATION * 100.0
-        )?;
+        print_dry_run(&plan, &store, &opts)?;
         return Ok(0);
     }
     if a.detach && !on_slurm {
@@ -148,6 +114,67 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         local::run(&plan, &store, &opts, &mut printer)?
     };
     printer.finish();
+    let failed = print_summary(&pipeline, &summary);
+    if summary.interrupted {
+        return Ok(130);
+    }
+    if failed > 0 {
+        return Ok(1);
+    }
+    if a.report {
+        drop(store);
+        return super::report::run(super::report::Args::for_pipeline(
+            a.p.pipeline.clone(),
+            pipeline.store_dir.clone(),
+            a.p.sets.clone(),
+        ));
+    }
+    Ok(0)
+}
+
+/// `--dry-run`: what each stage would do (cached or run, and why) with its cost estimate.
+fn print_dry_run(plan: &cjepa::plan::Plan, store: &Store, opts: &RunOptions) -> anyhow::Result<()> {
+    let d = core::decide(plan, store, opts)?;
+    let est = cjepa::plan::cost::plan_estimates(plan);
+    let gpuh = |e: Option<f64>| match e {
+        Some(h) if h > 0.0 => format!("{h:.3} GPU-h"),
+        Some(_) => "-".to_string(),
+        None => "? GPU-h".to_string(),
+    };
+    let (mut n_run, mut total) = (0, 0.0);
+    for ((s, d), e) in plan.stages.iter().zip(&d).zip(&est) {
+        match d {
+            Decision::Cached => outln!(
+                "cached  {:<40} {}  {:>14}",
+                s.inst.id,
+                &s.key[..12],
+                gpuh(*e)
+            )?,
+            Decision::Run(why) => {
+                n_run += 1;
+                total += e.unwrap_or(0.0);
+                outln!(
+                    "run     {:<40} {}  {:>14}  {}",
+                    s.inst.id,
+                    &s.key[..12],
+                    gpuh(*e),
+                    why.join("; ")
+                )?;
+            }
+            Decision::NotSelected => {}
+        }
+    }
+    outln!(
+        "{n_run} of {} stages would run (~{total:.1} H100 GPU-hours at {:.0}% of the bf16 peak, of the TF32 peak for f32 stages; see plan::cost)",
+        plan.stages.len(),
+        cjepa::plan::cost::ASSUMED_UTILISATION * 100.0
+    )?;
+    Ok(())
+}
+
+/// The end of a run: the skipped and interrupted stages by name, then the counts. Returns the
+/// number of failed stages.
+fn print_summary(pipeline: &cjepa::spec::Pipeline, summary: &RunSummary) -> usize {
     let (mut cached, mut ran, mut failed, mut skipped, mut not_started) = (0, 0, 0, 0, 0);
     for (id, o) in &summary.outcomes {
         match o {
@@ -174,21 +201,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if not_started > 0 && !summary.interrupted {
         eprintln!("{not_started} stages not started after the failure (pass --keep-going to run independent stages anyway)");
     }
-    if summary.interrupted {
-        return Ok(130);
-    }
-    if failed > 0 {
-        return Ok(1);
-    }
-    if a.report {
-        drop(store);
-        return super::report::run(super::report::Args::for_pipeline(
-            a.p.pipeline.clone(),
-            pipeline.store_dir.clone(),
-            a.p.sets.clone(),
-        ));
-    }
-    Ok(0)
+    failed
 }
 
 fn print_detached(pipeline: &cjepa::spec::Pipeline, d: &DetachedSummary) -> i32 {
