@@ -289,34 +289,7 @@ pub fn train_sweep(
     let train_y = labels_of(data.train_labels)?;
     let val_y = labels_of(data.val_labels)?;
     let mut rng = crate::util::rng::stage_rng(&ctx.job.key, ctx.job.seed, "heads");
-    let mut banks = Vec::new();
-    for &set in &sw.feature_sets {
-        let din = val_sets[&set].dim(1)?;
-        for &kind in &sw.heads {
-            let idx: Vec<usize> = specs
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.set == set && s.kind == kind)
-                .map(|(i, _)| i)
-                .collect();
-            let lr_mults: Vec<f64> = idx.iter().map(|&i| specs[i].lr_mult).collect();
-            let wds: Vec<f64> = idx.iter().map(|&i| specs[i].wd).collect();
-            let tag = format!("{}_{}", set.name(), kind.name());
-            let bn = kind == HeadKind::BnLinear;
-            let bank = HeadBank::new(
-                tag,
-                bn,
-                idx,
-                &lr_mults,
-                &wds,
-                din,
-                data.classes,
-                &mut rng,
-                dev,
-            )?;
-            banks.push((set, bank));
-        }
-    }
+    let banks = head_banks(sw, &specs, &val_sets, data.classes, &mut rng, dev)?;
     let t0 = std::time::Instant::now();
     ctx.log(format!(
         "training {} heads in {} banks: {} epochs x {nb} batches of {bs}, {:?}",
@@ -347,36 +320,7 @@ pub fn train_sweep(
     };
     let done = run_loop::run(ctx, &mut Ranks::single(dev), &cfg, &mut recipe)?;
     let mut banks = recipe.banks;
-    // Evaluate every head on val.
-    let mut hits1 = vec![0f64; specs.len()];
-    let mut hits5 = vec![0f64; specs.len()];
-    let nv = data.val_labels.len();
-    for (set, bank) in banks.iter_mut() {
-        let xv = &val_sets[set];
-        let mut start = 0;
-        while start < nv {
-            let len = 1024.min(nv - start);
-            let x = xv.narrow(0, start, len)?;
-            let y = val_y.narrow(0, start, len)?;
-            let logits = bank.forward(&x, false)?;
-            let (t1, t5) = features::topk_hits(&logits, &y)?;
-            let (t1, t5) = (t1.to_vec1::<f32>()?, t5.to_vec1::<f32>()?);
-            for (j, &hi) in bank.heads.iter().enumerate() {
-                hits1[hi] += t1[j] as f64;
-                hits5[hi] += t5[j] as f64;
-            }
-            start += len;
-        }
-    }
-    let heads: Vec<HeadResult> = specs
-        .into_iter()
-        .enumerate()
-        .map(|(i, spec)| HeadResult {
-            spec,
-            top1: 100.0 * hits1[i] / nv as f64,
-            top5: 100.0 * hits5[i] / nv as f64,
-        })
-        .collect();
+    let heads = score_heads(&mut banks, specs, &val_sets, &val_y)?;
     let mut best = 0;
     for (i, h) in heads.iter().enumerate() {
         if h.top1 > heads[best].top1 {
@@ -400,6 +344,75 @@ pub fn train_sweep(
         resumed_from: done.resumed_from,
         secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// One bank per (feature set, head kind): the heads of `specs` that read that set with that kind,
+/// each with its lr multiplier and weight decay.
+fn head_banks(
+    sw: &Sweep,
+    specs: &[HeadSpec],
+    val_sets: &HashMap<FeatureSet, Tensor>,
+    classes: usize,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    dev: &Device,
+) -> Result<Vec<(FeatureSet, HeadBank)>> {
+    let mut banks = Vec::new();
+    for &set in &sw.feature_sets {
+        let din = val_sets[&set].dim(1)?;
+        for &kind in &sw.heads {
+            let idx: Vec<usize> = specs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.set == set && s.kind == kind)
+                .map(|(i, _)| i)
+                .collect();
+            let lr_mults: Vec<f64> = idx.iter().map(|&i| specs[i].lr_mult).collect();
+            let wds: Vec<f64> = idx.iter().map(|&i| specs[i].wd).collect();
+            let tag = format!("{}_{}", set.name(), kind.name());
+            let bn = kind == HeadKind::BnLinear;
+            let bank = HeadBank::new(tag, bn, idx, &lr_mults, &wds, din, classes, rng, dev)?;
+            banks.push((set, bank));
+        }
+    }
+    Ok(banks)
+}
+
+/// Every head's top-1 / top-5 on the validation features (in chunks of 1024 rows).
+fn score_heads(
+    banks: &mut [(FeatureSet, HeadBank)],
+    specs: Vec<HeadSpec>,
+    val_sets: &HashMap<FeatureSet, Tensor>,
+    val_y: &Tensor,
+) -> Result<Vec<HeadResult>> {
+    let mut hits1 = vec![0f64; specs.len()];
+    let mut hits5 = vec![0f64; specs.len()];
+    let nv = val_y.dim(0)?;
+    for (set, bank) in banks.iter_mut() {
+        let xv = &val_sets[set];
+        let mut start = 0;
+        while start < nv {
+            let len = 1024.min(nv - start);
+            let x = xv.narrow(0, start, len)?;
+            let y = val_y.narrow(0, start, len)?;
+            let logits = bank.forward(&x, false)?;
+            let (t1, t5) = features::topk_hits(&logits, &y)?;
+            let (t1, t5) = (t1.to_vec1::<f32>()?, t5.to_vec1::<f32>()?);
+            for (j, &hi) in bank.heads.iter().enumerate() {
+                hits1[hi] += t1[j] as f64;
+                hits5[hi] += t5[j] as f64;
+            }
+            start += len;
+        }
+    }
+    Ok(specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| HeadResult {
+            spec,
+            top1: 100.0 * hits1[i] / nv as f64,
+            top5: 100.0 * hits5[i] / nv as f64,
+        })
+        .collect())
 }
 
 /// One step of a probe sweep: a batch through every head bank.
