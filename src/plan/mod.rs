@@ -276,19 +276,18 @@ fn view_of<'a>(
 
 /// A kind's plan issue as an error at the field's line in the pipeline file.
 fn issue_error(p: &Pipeline, inst: &crate::spec::Instance, issue: PlanIssue) -> Error {
-    // `checkpoint:` on the stage is the shorthand of `params.checkpoint`
-    let shorthand = p
-        .spec
-        .stages
-        .get(&inst.stage)
-        .is_some_and(|s| s.checkpoint.is_some());
-    let field: Vec<String> = if issue.field == ["params", "checkpoint"] && shorthand {
-        vec!["checkpoint".into()]
-    } else {
-        issue.field
-    };
-    let mut path = vec!["stages", inst.stage.as_str()];
-    path.extend(field.iter().map(String::as_str));
+    let stage = ["stages", inst.stage.as_str()];
+    let mut path: Vec<&str> = stage.to_vec();
+    path.extend(issue.field.iter().map(String::as_str));
+    // a field written on the stage itself as the shorthand of `params.<field>` (`checkpoint:`,
+    // a dataset's `path:`, `format:`, `source:`) is where the error points
+    if let ["params", f] = &path[2..] {
+        let written = |at: &[&str]| crate::spec::locate::locate_exact(&p.text, at).is_some();
+        let top = [stage[0], stage[1], *f];
+        if !written(&path) && written(&top) {
+            path = top.to_vec();
+        }
+    }
     p.err_at(&path, format!("stage `{}`: {}", inst.id, issue.msg))
 }
 

@@ -7,6 +7,20 @@ use crate::error::Pos;
 
 /// Position of the last key of `path` in `text`, or of the deepest prefix found.
 pub fn locate(text: &str, path: &[&str]) -> Option<Pos> {
+    scan(text, path).0
+}
+
+/// Position of the last key of `path` in `text`, only if every key of it is written there.
+pub fn locate_exact(text: &str, path: &[&str]) -> Option<Pos> {
+    match scan(text, path) {
+        (found, depth) if depth == path.len() => found,
+        _ => None,
+    }
+}
+
+/// The deepest prefix of `path` found in `text`: its last key's position and its length.
+fn scan(text: &str, path: &[&str]) -> (Option<Pos>, usize) {
+    let mut depth = 0;
     let mut found: Option<Pos> = None;
     let mut min_indent: isize = -1;
     let mut start_line = 0usize;
@@ -44,11 +58,12 @@ pub fn locate(text: &str, path: &[&str]) -> Option<Pos> {
                 });
                 min_indent = indent;
                 start_line = i;
+                depth += 1;
             }
             None => break,
         }
     }
-    found
+    (found, depth)
 }
 
 fn key_col(t: &str, key: &str) -> Option<usize> {
@@ -112,5 +127,13 @@ mod tests {
             Some(Pos { line: 5, column: 3 })
         );
         assert_eq!(locate(Y, &["zzz"]), None);
+    }
+
+    #[test]
+    fn exact_finds_only_what_is_written() {
+        let batch = ["stages", "pretrain", "params", "batch"];
+        assert_eq!(locate_exact(Y, &batch), locate(Y, &batch));
+        assert_eq!(locate_exact(Y, &["stages", "pretrain", "nope"]), None);
+        assert_eq!(locate_exact(Y, &["stages", "data", "params"]), None);
     }
 }

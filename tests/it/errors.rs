@@ -225,3 +225,100 @@ fn missing_checkpoint_path_fails_when_planning() {
     let o = c.run(&["dag", "p.yaml"]);
     assert_eq!(o.code, 0, "{}", o.all());
 }
+
+/// The nine malformed files that used to start running and fail only when their stage started
+/// (exit 1): each now exits 2 when the plan is built, naming the file, the line, the field and
+/// the fix, with nothing started and no store written. The dataset folder is checked before the
+/// run starts on this machine (`run`; `dag` and `status` do not need the data).
+#[test]
+fn nine_late_failures_now_fail_when_planning() {
+    let data = "  d: {kind: dataset, source: synth, format: imagefolder}\n";
+    let cases: [(&str, String, &[&str]); 8] = [
+        (
+            "classes: \"many\"",
+            "stages:\n  d:\n    kind: dataset\n    source: synth\n    format: imagefolder\n    params: {classes: \"many\"}\n".into(),
+            &["p.yaml:6", "stage `d`", "`classes`", "give a value like the default"],
+        ),
+        (
+            "img_size not a multiple of patch_size",
+            format!("stages:\n{data}  p:\n    kind: pretrain\n    needs: [d]\n    model: {{preset: vit_tiny, img_size: 100}}\n"),
+            &["p.yaml:6", "stage `p`", "`img_size`", "multiple of patch_size 16"],
+        ),
+        (
+            "pred_embed_dim not divisible by the heads",
+            format!("stages:\n{data}  p:\n    kind: pretrain\n    needs: [d]\n    model: {{preset: vit_tiny, pred_num_heads: 5}}\n"),
+            &["p.yaml:6", "stage `p`", "`pred_embed_dim`", "`pred_num_heads`"],
+        ),
+        (
+            "a checkpoint file that does not exist",
+            format!("stages:\n{data}  k:\n    kind: linear_probe\n    needs: [d]\n    checkpoint: no/such/encoder.safetensors\n    model: vit_tiny\n"),
+            &["p.yaml:6", "stage `k`", "`checkpoint`", "does not exist"],
+        ),
+        (
+            "knn with no dataset upstream",
+            "stages:\n  k:\n    kind: knn\n    checkpoint: random\n    model: vit_tiny\n".into(),
+            &["p.yaml:2", "stage `k`", "`needs`", "dataset"],
+        ),
+        (
+            "clevr_count with no dataset upstream",
+            "stages:\n  c:\n    kind: clevr_count\n    checkpoint: random\n    model: vit_tiny\n".into(),
+            &["p.yaml:2", "stage `c`", "`needs`", "clevr"],
+        ),
+        (
+            "davis_vos with size: 0",
+            "stages:\n  v:\n    kind: davis_vos\n    checkpoint: random\n    model: vit_tiny\n    params: {size: 0}\n".into(),
+            &["p.yaml:6", "stage `v`", "`size` (0)", "set `params.size`"],
+        ),
+        (
+            "linear_probe with needs: [d, d] and no encoder",
+            format!("stages:\n{data}  l:\n    kind: linear_probe\n    needs: [d, d]\n    model: vit_tiny\n"),
+            &["p.yaml:", "stage `l`", "`needs`"],
+        ),
+    ];
+    for (what, yaml, expect) in cases {
+        let c = Ctx::new();
+        c.write("p.yaml", &yaml);
+        for args in [&["run", "p.yaml"][..], &["dag", "p.yaml"][..]] {
+            let o = c.run(args);
+            assert_eq!(o.code, 2, "{what}, {args:?}: {}", o.all());
+            for e in expect {
+                assert!(
+                    o.stderr.contains(e),
+                    "{what}: expected `{e}` in: {}",
+                    o.stderr
+                );
+            }
+        }
+        assert!(
+            !c.store().exists(),
+            "{what}: no store folder for a bad plan"
+        );
+    }
+    // a dataset folder that does not exist: refused before the run starts
+    let c = Ctx::new();
+    c.write(
+        "p.yaml",
+        "stages:\n  d:\n    kind: dataset\n    format: imagefolder\n    path: no/such/folder\n",
+    );
+    let o = c.run(&["run", "p.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.all());
+    for e in [
+        "p.yaml:5",
+        "stage `d`",
+        "`path`",
+        "is not a folder",
+        "source: synth",
+    ] {
+        assert!(
+            o.stderr.contains(e),
+            "missing path: expected `{e}` in: {}",
+            o.stderr
+        );
+    }
+    assert!(!c.store().exists(), "missing path: no store folder");
+    // a stage id written twice: both lines named (see duplicate_stage_id_names_both_lines)
+    bad_plan(
+        "stages:\n  x: {kind: command, cmd: 'true'}\n  x: {kind: command, cmd: 'false'}\n",
+        &["p.yaml:3", "duplicate stage id `x`"],
+    );
+}
