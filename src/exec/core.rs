@@ -3,11 +3,12 @@
 //! executor ([`super::local`]) and the Slurm executor ([`super::slurm`]) build on it; neither
 //! owns it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use super::import;
 use crate::error::Result;
 use crate::kind::job::{Job, UpstreamRef};
 use crate::plan::{select, Plan};
@@ -156,6 +157,113 @@ impl RunSummary {
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
             .count()
+    }
+}
+
+/// The pending stages whose upstream stages are all done (have a record).
+pub fn ready(plan: &Plan, pending: &BTreeSet<usize>, records: &[Option<Record>]) -> Vec<usize> {
+    pending
+        .iter()
+        .copied()
+        .filter(|&i| {
+            plan.stages[i]
+                .inst
+                .upstream
+                .iter()
+                .all(|(_, u)| records[*u].is_some())
+        })
+        .collect()
+}
+
+/// Pending stages below a failed or skipped stage are skipped, naming the failed one.
+pub fn skip_below_failures(
+    plan: &Plan,
+    pending: &mut BTreeSet<usize>,
+    outcome: &mut [Option<Outcome>],
+    rep: &mut dyn Reporter,
+) {
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for &i in pending.clone().iter() {
+            let failed_up =
+                plan.stages[i]
+                    .inst
+                    .upstream
+                    .iter()
+                    .find_map(|(_, u)| match &outcome[*u] {
+                        Some(Outcome::Failed(_)) => Some(plan.stages[*u].inst.id.clone()),
+                        Some(Outcome::Skipped { because }) => Some(because.clone()),
+                        _ => None,
+                    });
+            if let Some(because) = failed_up {
+                pending.remove(&i);
+                rep.event(Event::Skipped {
+                    id: plan.stages[i].inst.id.clone(),
+                    because: because.clone(),
+                });
+                outcome[i] = Some(Outcome::Skipped { because });
+                changed = true;
+            }
+        }
+    }
+}
+
+/// The end of a run: flush the store, log the invocation and say what each selected stage
+/// came to.
+pub fn finish(
+    plan: &Plan,
+    store: &Store,
+    opts: &RunOptions,
+    outcome: &[Option<Outcome>],
+    interrupted: bool,
+) -> Result<RunSummary> {
+    store.flush()?;
+    let sel = select::only(plan, &opts.only)?;
+    let selected: Vec<usize> = sel.iter().copied().collect();
+    import::log_invocation(store, plan, &selected, |i| {
+        outcome[i] == Some(Outcome::Cached)
+    })?;
+    Ok(RunSummary {
+        outcomes: selected
+            .iter()
+            .map(|&i| {
+                (
+                    plan.stages[i].inst.id.clone(),
+                    outcome[i].clone().unwrap_or(Outcome::NotStarted),
+                )
+            })
+            .collect(),
+        interrupted,
+    })
+}
+
+/// A stage decided [`Decision::Cached`]: its record, announced as cached (`None` if the record
+/// went away since the decision).
+pub fn take_cached(
+    plan: &Plan,
+    store: &Store,
+    i: usize,
+    rep: &mut dyn Reporter,
+) -> Result<Option<Record>> {
+    let s = &plan.stages[i];
+    let Lookup::Hit(r) = store.lookup(&s.key)? else {
+        return Ok(None);
+    };
+    rep.event(Event::Cached {
+        id: s.inst.id.clone(),
+        key: s.key.clone(),
+    });
+    Ok(Some(*r))
+}
+
+/// A stage decided [`Decision::Run`]: a warning for each reason that is a damaged record (a
+/// corrupt record, a missing artifact), which the run replaces.
+pub fn warn_damaged(id: &str, reasons: &[String], rep: &mut dyn Reporter) {
+    for r in reasons {
+        if r.starts_with("corrupt record") || r.starts_with("artifact") {
+            rep.event(Event::Warning(format!("{id}: {r}; it will run again")));
+        }
     }
 }
 

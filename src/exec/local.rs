@@ -11,15 +11,15 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::core::{
-    decide, device_for, prepare_job, upstream_ref, Decision, Event, Outcome, Reporter, RunOptions,
-    RunSummary,
+    self, decide, device_for, prepare_job, upstream_ref, Decision, Event, Outcome, Reporter,
+    RunOptions, RunSummary,
 };
 use super::import::{self, StageIdentity, Verdict};
 use super::pool::{Grant, Pool};
 use crate::error::{Error, Result};
 use crate::kind::job::Job;
-use crate::plan::{select, Plan};
-use crate::store::{Lookup, Record, Store};
+use crate::plan::Plan;
+use crate::store::{Record, Store};
 
 struct Running {
     grant: Grant,
@@ -48,7 +48,7 @@ pub fn run(
         if !run.stop_launching {
             run.launch_ready()?;
         }
-        run.skip_after_failures();
+        core::skip_below_failures(plan, &mut run.pending, &mut run.outcome, run.rep);
         if run.running.is_empty() && (run.pending.is_empty() || run.stop_launching) {
             break;
         }
@@ -63,7 +63,7 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    run.finish()
+    core::finish(plan, store, opts, &run.outcome, run.signalled)
 }
 
 /// A child's exit: (stage index, wait status).
@@ -120,27 +120,15 @@ impl<'a> Scheduler<'a> {
     /// become pending.
     fn take_cached(&mut self, decisions: &[Decision]) -> Result<()> {
         for (i, d) in decisions.iter().enumerate() {
-            let s = &self.plan.stages[i];
             match d {
                 Decision::Cached => {
-                    if let Lookup::Hit(r) = self.store.lookup(&s.key)? {
-                        self.records[i] = Some(*r);
+                    if let Some(r) = core::take_cached(self.plan, self.store, i, self.rep)? {
+                        self.records[i] = Some(r);
                         self.outcome[i] = Some(Outcome::Cached);
-                        self.rep.event(Event::Cached {
-                            id: s.inst.id.clone(),
-                            key: s.key.clone(),
-                        });
                     }
                 }
                 Decision::Run(reasons) => {
-                    for r in reasons {
-                        if r.starts_with("corrupt record") || r.starts_with("artifact") {
-                            self.rep.event(Event::Warning(format!(
-                                "{}: {r}; it will run again",
-                                s.inst.id
-                            )));
-                        }
-                    }
+                    core::warn_damaged(&self.plan.stages[i].inst.id, reasons, self.rep);
                     self.pending.insert(i);
                 }
                 Decision::NotSelected => {}
@@ -163,18 +151,7 @@ impl<'a> Scheduler<'a> {
 
     /// Start the pending stages whose upstream stages are done, while the pool has room.
     fn launch_ready(&mut self) -> Result<()> {
-        let ready: Vec<usize> = self
-            .pending
-            .iter()
-            .copied()
-            .filter(|&i| {
-                self.plan.stages[i]
-                    .inst
-                    .upstream
-                    .iter()
-                    .all(|(_, u)| self.records[*u].is_some())
-            })
-            .collect();
+        let ready = core::ready(self.plan, &self.pending, &self.records);
         let plan = self.plan;
         for i in ready {
             let s = &plan.stages[i];
@@ -219,34 +196,6 @@ impl<'a> Scheduler<'a> {
             log: job.log_file(),
         });
         Ok(())
-    }
-
-    /// Pending stages below a failed or skipped stage are skipped, naming it.
-    fn skip_after_failures(&mut self) {
-        let plan = self.plan;
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for &i in self.pending.clone().iter() {
-                let failed_up =
-                    plan.stages[i].inst.upstream.iter().find_map(|(_, u)| {
-                        match &self.outcome[*u] {
-                            Some(Outcome::Failed(_)) => Some(plan.stages[*u].inst.id.clone()),
-                            Some(Outcome::Skipped { because }) => Some(because.clone()),
-                            _ => None,
-                        }
-                    });
-                if let Some(because) = failed_up {
-                    self.pending.remove(&i);
-                    self.rep.event(Event::Skipped {
-                        id: plan.stages[i].inst.id.clone(),
-                        because: because.clone(),
-                    });
-                    self.outcome[i] = Some(Outcome::Skipped { because });
-                    changed = true;
-                }
-            }
-        }
     }
 
     /// Stage `i`'s process exited: store its result, keep its checkpoint, retry it or record
@@ -342,30 +291,6 @@ impl<'a> Scheduler<'a> {
                 });
             }
         }
-    }
-
-    /// Flush the store, log the invocation and say what each selected stage came to.
-    fn finish(self) -> Result<RunSummary> {
-        let (plan, outcome) = (self.plan, &self.outcome);
-        self.store.flush()?;
-        let sel = select::only(plan, &self.opts.only)?;
-        let outcomes: Vec<(String, Outcome)> = sel
-            .iter()
-            .map(|&i| {
-                (
-                    plan.stages[i].inst.id.clone(),
-                    outcome[i].clone().unwrap_or(Outcome::NotStarted),
-                )
-            })
-            .collect();
-        let selected: Vec<usize> = sel.iter().copied().collect();
-        import::log_invocation(self.store, plan, &selected, |i| {
-            outcome[i] == Some(Outcome::Cached)
-        })?;
-        Ok(RunSummary {
-            outcomes,
-            interrupted: self.signalled,
-        })
     }
 }
 

@@ -11,9 +11,8 @@ use super::track::{Settled, Tracker};
 use super::{available, script, submit, SlurmOptions};
 use crate::error::{Error, Result};
 use crate::exec::core::{self, Decision, Event, Outcome, Reporter, RunOptions, RunSummary};
-use crate::exec::import;
-use crate::plan::{select, Plan};
-use crate::store::{Lookup, Record, Store};
+use crate::plan::Plan;
+use crate::store::{Record, Store};
 
 /// The driver's state over a plan.
 pub(super) struct Driver<'a, 'b> {
@@ -91,13 +90,9 @@ impl<'a, 'b> Driver<'a, 'b> {
                     if self.outcome[i].is_some() {
                         continue; // imported just now
                     }
-                    if let Lookup::Hit(r) = self.store.lookup(&s.key)? {
-                        self.records[i] = Some(*r);
+                    if let Some(r) = core::take_cached(self.plan, self.store, i, self.rep)? {
+                        self.records[i] = Some(r);
                         self.outcome[i] = Some(Outcome::Cached);
-                        self.rep.event(Event::Cached {
-                            id: s.inst.id.clone(),
-                            key: s.key.clone(),
-                        });
                     }
                 }
                 Decision::Run(reasons) => {
@@ -110,14 +105,7 @@ impl<'a, 'b> Driver<'a, 'b> {
                         });
                         continue;
                     }
-                    for r in reasons {
-                        if r.starts_with("corrupt record") || r.starts_with("artifact") {
-                            self.rep.event(Event::Warning(format!(
-                                "{}: {r}; it will run again",
-                                s.inst.id
-                            )));
-                        }
-                    }
+                    core::warn_damaged(&s.inst.id, reasons, self.rep);
                     pending.insert(i);
                 }
                 Decision::NotSelected => {}
@@ -234,17 +222,7 @@ impl<'a, 'b> Driver<'a, 'b> {
                 self.tr.backoff.now();
             }
             if !self.stop_launching {
-                let ready: Vec<usize> = pending
-                    .iter()
-                    .copied()
-                    .filter(|&i| {
-                        self.plan.stages[i]
-                            .inst
-                            .upstream
-                            .iter()
-                            .all(|(_, u)| self.records[*u].is_some())
-                    })
-                    .collect();
+                let ready = core::ready(self.plan, pending, &self.records);
                 for group in submit::group(self.plan, &ready, |_| Vec::new()) {
                     for i in &group {
                         pending.remove(i);
@@ -299,49 +277,17 @@ impl<'a, 'b> Driver<'a, 'b> {
 
     /// Stages whose upstream failed or was skipped are skipped (reported by name).
     pub(super) fn skip_dependents(&mut self, pending: &mut BTreeSet<usize>) {
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for &i in pending.clone().iter() {
-                let failed_up = self.plan.stages[i].inst.upstream.iter().find_map(|(_, u)| {
-                    match &self.outcome[*u] {
-                        Some(Outcome::Failed(_)) => Some(self.plan.stages[*u].inst.id.clone()),
-                        Some(Outcome::Skipped { because }) => Some(because.clone()),
-                        _ => None,
-                    }
-                });
-                if let Some(because) = failed_up {
-                    pending.remove(&i);
-                    self.rep.event(Event::Skipped {
-                        id: self.plan.stages[i].inst.id.clone(),
-                        because: because.clone(),
-                    });
-                    self.outcome[i] = Some(Outcome::Skipped { because });
-                    changed = true;
-                }
-            }
-        }
+        core::skip_below_failures(self.plan, pending, &mut self.outcome, self.rep);
     }
 
     /// Flush, log the invocation, and say what happened to every selected stage.
     pub(super) fn finish(self) -> Result<RunSummary> {
-        self.store.flush()?;
-        let sel = select::only(self.plan, &self.opts.only)?;
-        let selected: Vec<usize> = sel.iter().copied().collect();
-        import::log_invocation(self.store, self.plan, &selected, |i| {
-            self.outcome[i] == Some(Outcome::Cached)
-        })?;
-        Ok(RunSummary {
-            outcomes: selected
-                .iter()
-                .map(|&i| {
-                    (
-                        self.plan.stages[i].inst.id.clone(),
-                        self.outcome[i].clone().unwrap_or(Outcome::NotStarted),
-                    )
-                })
-                .collect(),
-            interrupted: self.interrupted,
-        })
+        core::finish(
+            self.plan,
+            self.store,
+            self.opts,
+            &self.outcome,
+            self.interrupted,
+        )
     }
 }
