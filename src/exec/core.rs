@@ -1,7 +1,8 @@
 //! The executors' shared core: what `cjepa run` decides for each planned stage (cache hit, run,
-//! resume), the job a stage process is handed, and the events both executors report. The local
-//! executor ([`super::local`]) and the Slurm executor ([`super::slurm`]) build on it; neither
-//! owns it.
+//! resume), the job a stage process is handed, the steps of a run both executors take (cached
+//! stages taken over, the ready set, skips below a failure, the run's end) and the events they
+//! report. The local executor ([`super::local`]) and the Slurm executor ([`super::slurm`])
+//! build on it; neither owns it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
