@@ -127,6 +127,28 @@ impl Mirror {
     }
 }
 
+/// How long [`open_db`] waits for a closing database of this process to let go of its file.
+const DB_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Open the sled database under `root`. The caller holds the store lock, so a database file
+/// that is still locked belongs to a handle of this process that is closing (sled's background
+/// thread lets go of the file a moment after the last handle is dropped): wait for it.
+fn open_db(root: &Path) -> sled::Result<sled::Db> {
+    let start = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(root.join("db")).open() {
+            // (sled reports it as `ErrorKind::Other` with this text)
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && start.elapsed() < DB_RELEASE_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Store {
     /// Open (creating if needed) the store at `root`, taking its lock. With `wait`, block until
     /// the holder releases it; otherwise fail at once naming the holder.
@@ -177,13 +199,10 @@ impl Store {
     }
 
     fn with_lock(root: &Path, lock: lock::StoreLock) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(root.join("db"))
-            .open()
-            .map_err(|e| Error::Store {
-                path: root.to_path_buf(),
-                msg: format!("cannot open the database: {e}"),
-            })?;
+        let db = open_db(root).map_err(|e| Error::Store {
+            path: root.to_path_buf(),
+            msg: format!("cannot open the database: {e}"),
+        })?;
         let records = db.open_tree("records")?;
         let latest = db.open_tree("latest")?;
         let checkpoints = db.open_tree("checkpoints")?;
@@ -478,6 +497,22 @@ fn latest_key(pipeline: &str, stage_id: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database still held by a closing handle of this process is waited for, not refused.
+    #[test]
+    fn opening_waits_for_a_closing_database() {
+        let d = tempfile::tempdir().unwrap();
+        let held = sled::Config::new().path(d.path().join("db")).open().unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        let db = open_db(d.path()).unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        closer.join().unwrap();
+        drop(db);
+    }
 
     fn record(key: &str, stage: &str) -> Record {
         let now = chrono::Utc::now();
