@@ -502,7 +502,10 @@ mod tests {
     #[test]
     fn opening_waits_for_a_closing_database() {
         let d = tempfile::tempdir().unwrap();
-        let held = sled::Config::new().path(d.path().join("db")).open().unwrap();
+        let held = sled::Config::new()
+            .path(d.path().join("db"))
+            .open()
+            .unwrap();
         let closer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
             drop(held);
