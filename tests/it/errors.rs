@@ -228,8 +228,9 @@ fn missing_checkpoint_path_fails_when_planning() {
 
 /// The nine malformed files that used to start running and fail only when their stage started
 /// (exit 1): each now exits 2 when the plan is built, naming the file, the line, the field and
-/// the fix, with nothing started and no store written. The dataset folder is checked before the
-/// run starts on this machine (`run`; `dag` and `status` do not need the data).
+/// the fix, with nothing started and no store written (`run`, `status` and `dag` alike). The
+/// dataset folder is checked before the run starts on this machine (`run`; `dag` and `status`
+/// do not need the data).
 #[test]
 fn nine_late_failures_now_fail_when_planning() {
     let data = "  d: {kind: dataset, source: synth, format: imagefolder}\n";
@@ -276,23 +277,8 @@ fn nine_late_failures_now_fail_when_planning() {
         ),
     ];
     for (what, yaml, expect) in cases {
-        let c = Ctx::new();
-        c.write("p.yaml", &yaml);
-        for args in [&["run", "p.yaml"][..], &["dag", "p.yaml"][..]] {
-            let o = c.run(args);
-            assert_eq!(o.code, 2, "{what}, {args:?}: {}", o.all());
-            for e in expect {
-                assert!(
-                    o.stderr.contains(e),
-                    "{what}: expected `{e}` in: {}",
-                    o.stderr
-                );
-            }
-        }
-        assert!(
-            !c.store().exists(),
-            "{what}: no store folder for a bad plan"
-        );
+        eprintln!("case: {what}");
+        bad_plan(&yaml, expect);
     }
     // a dataset folder that does not exist: refused before the run starts
     let c = Ctx::new();
